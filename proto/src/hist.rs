@@ -1,0 +1,557 @@
+//! One histogram configuration per metric, and the HdrHistogram V2 (+DEFLATE) codec.
+//!
+//! Every agent and the collector build a metric's histograms from [`Metric::config`], so any
+//! two merge exactly by bucket-wise addition. Decoding refuses a histogram of any other
+//! configuration, and checks a blob completely (cookie, header, varints, bucket indices,
+//! total count) before the `hdrhistogram` crate reads it: that crate trusts the header's
+//! payload length (allocating up to 4 GiB) and negates zig-zag values without a check.
+
+use std::borrow::Cow;
+use std::io::Read;
+use std::sync::OnceLock;
+
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2DeflateSerializer};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// A V2 uncompressed histogram, as every HdrHistogram implementation writes it: the base
+/// cookie 0x1c849303 with the word-size bits 0x10 set. Readers mask those bits (`& !0xf0`),
+/// so both forms are accepted.
+pub const V2_COOKIE: u32 = 0x1c84_9313;
+/// A V2 histogram compressed with zlib (DEFLATE): base 0x1c849304 with 0x10 set.
+pub const V2_COMPRESSED_COOKIE: u32 = 0x1c84_9314;
+
+/// A cookie without its word-size bits.
+const fn cookie_base(cookie: u32) -> u32 {
+    cookie & !0xf0
+}
+/// Length of the V2 header: cookie, payload length, normalizing index offset, significant
+/// digits, lowest discernible value, highest trackable value, integer-to-double ratio.
+pub const V2_HEADER_LEN: usize = 40;
+/// The longest LEB128 varint HdrHistogram writes (the ninth octet carries eight bits).
+const MAX_VARINT_LEN: usize = 9;
+
+/// What a histogram measures. Its serde name carries the unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Metric {
+    /// Round-trip time, from the monotonic clock, in nanoseconds.
+    #[serde(rename = "rtt_ns")]
+    Rtt,
+    /// Magnitude of IP packet delay variation between consecutive packets (RFC 3393), ns.
+    #[serde(rename = "ipdv_ns")]
+    Ipdv,
+    /// Forward (sender to reflector) one-way delay, ns; only with a clock state.
+    #[serde(rename = "owd_fwd_ns")]
+    OwdForward,
+    /// Reverse (reflector to sender) one-way delay, ns; only with a clock state.
+    #[serde(rename = "owd_rev_ns")]
+    OwdReverse,
+    /// Lengths of runs of consecutive lost packets, in packets.
+    #[serde(rename = "loss_run_packets")]
+    LossRun,
+    /// Throughput samples, in bits per second.
+    #[serde(rename = "throughput_bps")]
+    Throughput,
+}
+
+/// Bounds and precision of a metric's histograms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistogramConfig {
+    /// Lowest discernible value.
+    pub lowest: u64,
+    /// Highest trackable value; larger samples are recorded at this value (saturating).
+    pub highest: u64,
+    /// Significant decimal digits: 3 keeps every value within 0.1%.
+    pub sigfig: u8,
+    /// Unit of the recorded values.
+    pub unit: &'static str,
+}
+
+/// Latency bounds: 1 ns to 100 s. 100 s is above any RTT a sender waits for (an Azure VM
+/// paused for maintenance stalls up to 30 s) and costs 27 bucket halves (about 220 KiB).
+const LATENCY: HistogramConfig = HistogramConfig {
+    lowest: 1,
+    highest: 100_000_000_000,
+    sigfig: 3,
+    unit: "ns",
+};
+
+impl Metric {
+    /// Every metric, in a fixed order.
+    pub const ALL: [Self; 6] = [
+        Self::Rtt,
+        Self::Ipdv,
+        Self::OwdForward,
+        Self::OwdReverse,
+        Self::LossRun,
+        Self::Throughput,
+    ];
+
+    /// The name used as the JSON key (and in messages).
+    pub const fn key(self) -> &'static str {
+        match self {
+            Self::Rtt => "rtt_ns",
+            Self::Ipdv => "ipdv_ns",
+            Self::OwdForward => "owd_fwd_ns",
+            Self::OwdReverse => "owd_rev_ns",
+            Self::LossRun => "loss_run_packets",
+            Self::Throughput => "throughput_bps",
+        }
+    }
+
+    /// The one configuration of this metric's histograms.
+    pub const fn config(self) -> HistogramConfig {
+        match self {
+            Self::Rtt | Self::Ipdv | Self::OwdForward | Self::OwdReverse => LATENCY,
+            // Ten million lost packets in a row: almost three hours at 1,000 probes/s.
+            Self::LossRun => HistogramConfig {
+                lowest: 1,
+                highest: 10_000_000,
+                sigfig: 3,
+                unit: "packets",
+            },
+            // Up to 1 Tbit/s, far above the largest ExpressRoute Direct port (100 Gbit/s).
+            Self::Throughput => HistogramConfig {
+                lowest: 1,
+                highest: 1_000_000_000_000,
+                sigfig: 3,
+                unit: "bit/s",
+            },
+        }
+    }
+
+    /// An empty histogram of this metric's configuration. Recording into it never
+    /// allocates (auto-resize stays off).
+    pub fn new_histogram(self) -> Histogram<u64> {
+        let c = self.config();
+        match Histogram::new_with_bounds(c.lowest, c.highest, c.sigfig) {
+            Ok(h) => h,
+            // The configurations above are constants that the tests construct.
+            Err(e) => unreachable!("metric {} has an invalid configuration: {e:?}", self.key()),
+        }
+    }
+
+    /// Number of buckets (counts) in this metric's histograms.
+    fn counts_len(self) -> usize {
+        static LENS: OnceLock<[usize; 6]> = OnceLock::new();
+        let lens = LENS.get_or_init(|| Metric::ALL.map(|m| m.new_histogram().distinct_values()));
+        lens[self as usize]
+    }
+
+    /// Longest uncompressed V2 encoding a histogram of this metric can have.
+    fn max_v2_len(self) -> usize {
+        V2_HEADER_LEN + self.counts_len() * MAX_VARINT_LEN
+    }
+
+    /// Checks that `h` has this metric's configuration.
+    pub fn check(self, h: &Histogram<u64>) -> Result<()> {
+        let c = self.config();
+        if h.low() != c.lowest || h.high() != c.highest || h.sigfig() != c.sigfig {
+            return Err(self.error(format!(
+                "configured as {}..={} with {} digits, expected {}..={} {} with {} digits",
+                h.low(),
+                h.high(),
+                h.sigfig(),
+                c.lowest,
+                c.highest,
+                c.unit,
+                c.sigfig
+            )));
+        }
+        Ok(())
+    }
+
+    fn error(self, reason: impl Into<String>) -> Error {
+        Error::Histogram {
+            metric: self.key(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Encodes `h` as compressed V2 (cookie 0x1c849304), readable by every HdrHistogram
+/// implementation.
+pub fn encode(metric: Metric, h: &Histogram<u64>) -> Result<Vec<u8>> {
+    metric.check(h)?;
+    let mut out = Vec::new();
+    V2DeflateSerializer::new()
+        .serialize(h, &mut out)
+        .map_err(|e| metric.error(format!("cannot serialize: {e:?}")))?;
+    Ok(out)
+}
+
+/// Decodes a V2 histogram, compressed or not, of `metric`'s configuration.
+pub fn decode(metric: Metric, bytes: &[u8]) -> Result<Histogram<u64>> {
+    let cookie = be_u32(bytes, 0).ok_or_else(|| metric.error("shorter than a 4-octet cookie"))?;
+    let mut v2: Cow<'_, [u8]> = match cookie_base(cookie) {
+        base if base == cookie_base(V2_COOKIE) => Cow::Borrowed(bytes),
+        base if base == cookie_base(V2_COMPRESSED_COOKIE) => {
+            let len =
+                be_u32(bytes, 4).ok_or_else(|| metric.error("compressed header is cut short"))?;
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            let body = &bytes[8..];
+            if body.len() != len {
+                return Err(metric.error(format!(
+                    "compressed length field says {len} octets but {} follow",
+                    body.len()
+                )));
+            }
+            Cow::Owned(inflate_bounded(metric, body)?)
+        }
+        other => {
+            return Err(metric.error(format!(
+                "cookie {other:#010x} is not HdrHistogram V2 ({V2_COOKIE:#010x}) or V2+DEFLATE ({V2_COMPRESSED_COOKIE:#010x})"
+            )));
+        }
+    };
+    validate_v2(metric, &v2)?;
+    // The crate reads only the cookie with the word-size bits set.
+    if be_u32(&v2, 0) != Some(V2_COOKIE) {
+        v2.to_mut()[..4].copy_from_slice(&V2_COOKIE.to_be_bytes());
+    }
+    Deserializer::new()
+        .deserialize(&mut &v2[..])
+        .map_err(|e| metric.error(format!("cannot deserialize: {e:?}")))
+}
+
+/// Adds `from` into `into`, exactly. Both must have `metric`'s configuration, and the total
+/// count must fit in 64 bits.
+pub fn merge(metric: Metric, into: &mut Histogram<u64>, from: &Histogram<u64>) -> Result<()> {
+    metric.check(into)?;
+    metric.check(from)?;
+    if into.len().checked_add(from.len()).is_none() {
+        return Err(Error::Merge {
+            what: metric.key(),
+            reason: "the total count would exceed 2^64".to_string(),
+        });
+    }
+    into.add(from).map_err(|e| Error::Merge {
+        what: metric.key(),
+        reason: format!("{e:?}"),
+    })
+}
+
+/// Percentiles of a histogram, in its unit.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub count: u64,
+    pub min: u64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    pub mean: f64,
+}
+
+impl Summary {
+    /// The summary of `h`; `None` when it is empty.
+    pub fn of(h: &Histogram<u64>) -> Option<Self> {
+        if h.is_empty() {
+            return None;
+        }
+        Some(Self {
+            count: h.len(),
+            min: h.min(),
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            mean: h.mean(),
+        })
+    }
+}
+
+fn be_u32(b: &[u8], at: usize) -> Option<u32> {
+    let s = b.get(at..at + 4)?;
+    Some(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+fn be_u64(b: &[u8], at: usize) -> Option<u64> {
+    let s = b.get(at..at + 8)?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(s);
+    Some(u64::from_be_bytes(a))
+}
+
+/// Inflates a zlib stream, refusing one that grows past the longest valid V2 encoding.
+fn inflate_bounded(metric: Metric, body: &[u8]) -> Result<Vec<u8>> {
+    let limit = metric.max_v2_len();
+    let mut out = Vec::new();
+    flate2::read::ZlibDecoder::new(body)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| metric.error(format!("zlib stream is corrupt: {e}")))?;
+    if out.len() > limit {
+        return Err(metric.error(format!(
+            "inflates past {limit} octets, the most a valid histogram needs"
+        )));
+    }
+    Ok(out)
+}
+
+/// Reads one HdrHistogram varint: LEB128, with the ninth octet carrying 8 bits.
+fn read_varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, &byte) in b.iter().take(MAX_VARINT_LEN).enumerate() {
+        if i == MAX_VARINT_LEN - 1 {
+            return Some((value | (u64::from(byte) << 56), MAX_VARINT_LEN));
+        }
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+/// Checks an uncompressed V2 blob completely against `metric`'s configuration.
+fn validate_v2(metric: Metric, v2: &[u8]) -> Result<()> {
+    if v2.len() < V2_HEADER_LEN {
+        return Err(metric.error(format!(
+            "V2 header is cut short: {} of {V2_HEADER_LEN} octets",
+            v2.len()
+        )));
+    }
+    let header = |at| be_u32(v2, at).ok_or_else(|| metric.error("V2 header is cut short"));
+    if cookie_base(header(0)?) != cookie_base(V2_COOKIE) {
+        return Err(metric.error("inner cookie is not V2"));
+    }
+    let payload_len = usize::try_from(header(4)?).unwrap_or(usize::MAX);
+    if v2.len() - V2_HEADER_LEN != payload_len {
+        return Err(metric.error(format!(
+            "header says {payload_len} octets of counts but {} follow",
+            v2.len().saturating_sub(V2_HEADER_LEN)
+        )));
+    }
+    if header(8)? != 0 {
+        return Err(metric.error("normalizing index offset is not supported"));
+    }
+    let c = metric.config();
+    let (digits, low, high) = (
+        header(12)?,
+        be_u64(v2, 16).unwrap_or_default(),
+        be_u64(v2, 24).unwrap_or_default(),
+    );
+    if digits != u32::from(c.sigfig) || low != c.lowest || high != c.highest {
+        return Err(metric.error(format!(
+            "configured as {low}..={high} with {digits} digits, expected {}..={} {} with {} digits: it cannot be merged exactly",
+            c.lowest, c.highest, c.unit, c.sigfig
+        )));
+    }
+    if be_u64(v2, 32) != Some(1.0f64.to_bits()) {
+        return Err(metric.error("integer-to-double ratio is not 1 (a DoubleHistogram?)"));
+    }
+    let counts_len = metric.counts_len();
+    let mut payload = &v2[V2_HEADER_LEN..];
+    let (mut index, mut total) = (0usize, 0u64);
+    while !payload.is_empty() {
+        let (zz, used) =
+            read_varint(payload).ok_or_else(|| metric.error("counts end inside a varint"))?;
+        payload = &payload[used..];
+        #[allow(clippy::cast_possible_wrap)] // zig-zag decoding reinterprets the bits
+        let value = ((zz >> 1) as i64) ^ -((zz & 1) as i64);
+        if value < 0 {
+            let run = usize::try_from(value.unsigned_abs()).unwrap_or(usize::MAX);
+            index = index.saturating_add(run);
+            if index > counts_len {
+                return Err(metric.error("a run of empty buckets goes past the last bucket"));
+            }
+        } else {
+            if index >= counts_len {
+                return Err(metric.error("more counts than the configuration has buckets"));
+            }
+            total = total
+                .checked_add(value.unsigned_abs())
+                .ok_or_else(|| metric.error("total count exceeds 2^64"))?;
+            index += 1;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn recorded(metric: Metric, values: &[u64]) -> Histogram<u64> {
+        let mut h = metric.new_histogram();
+        for &v in values {
+            h.saturating_record(v);
+        }
+        h
+    }
+
+    #[test]
+    fn every_metric_config_builds_and_stays_small() {
+        for m in Metric::ALL {
+            let h = m.new_histogram();
+            assert!(!h.is_auto_resize());
+            // Bounded memory per histogram: under 256 KiB of u64 counts.
+            assert!(h.distinct_values() * 8 < 256 * 1024, "{}", m.key());
+        }
+    }
+
+    #[test]
+    fn encoding_starts_with_the_compressed_cookie_and_round_trips() {
+        let h = recorded(
+            Metric::Rtt,
+            &[1, 2, 3, 1_000, 25_000, 25_001, 99_000_000_000],
+        );
+        let bytes = encode(Metric::Rtt, &h).unwrap();
+        assert_eq!(bytes[..4], [0x1c, 0x84, 0x93, 0x14]);
+        let back = decode(Metric::Rtt, &bytes).unwrap();
+        assert_eq!(back, h);
+        assert_eq!(back.max(), h.max());
+        assert_eq!(back.len(), 7);
+    }
+
+    #[test]
+    fn uncompressed_v2_is_accepted() {
+        let h = recorded(Metric::LossRun, &[1, 1, 2, 40]);
+        let mut v2 = Vec::new();
+        hdrhistogram::serialization::V2Serializer::new()
+            .serialize(&h, &mut v2)
+            .unwrap();
+        assert_eq!(v2[..4], [0x1c, 0x84, 0x93, 0x13]);
+        assert_eq!(decode(Metric::LossRun, &v2).unwrap(), h);
+        // The base cookie without word-size bits is read too.
+        v2[3] = 0x03;
+        assert_eq!(decode(Metric::LossRun, &v2).unwrap(), h);
+    }
+
+    #[test]
+    fn another_configuration_is_refused() {
+        let mut other = Histogram::<u64>::new_with_bounds(1, 1_000_000, 2).unwrap();
+        other.record(5).unwrap();
+        let mut bytes = Vec::new();
+        V2DeflateSerializer::new()
+            .serialize(&other, &mut bytes)
+            .unwrap();
+        let err = decode(Metric::Rtt, &bytes).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot be merged exactly"),
+            "{err}"
+        );
+        assert!(encode(Metric::Rtt, &other).is_err());
+    }
+
+    #[test]
+    fn a_histogram_of_one_metric_is_not_another() {
+        let bytes = encode(Metric::LossRun, &recorded(Metric::LossRun, &[3])).unwrap();
+        assert!(decode(Metric::Rtt, &bytes).is_err());
+    }
+
+    #[test]
+    fn garbage_is_refused_with_a_reason() {
+        for (bytes, needle) in [
+            (&b""[..], "cookie"),
+            (&b"\x1c\x84\x93\x14"[..], "cut short"),
+            (&b"\x1c\x84\x93\x14\x00\x00\x00\x05abc"[..], "5 octets"),
+            (&b"\x1c\x84\x93\x14\x00\x00\x00\x03abc"[..], "zlib"),
+            (&b"\x12\x34\x56\x78"[..], "not HdrHistogram"),
+            (&b"\x1c\x84\x93\x13\x00\x00\x00\x00"[..], "cut short"),
+        ] {
+            let err = decode(Metric::Rtt, bytes).unwrap_err().to_string();
+            assert!(err.contains(needle), "{bytes:?}: {err}");
+        }
+    }
+
+    fn v2_with_payload(payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&V2_COOKIE.to_be_bytes());
+        v.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        v.extend_from_slice(&0u32.to_be_bytes());
+        v.extend_from_slice(&3u32.to_be_bytes());
+        v.extend_from_slice(&1u64.to_be_bytes());
+        v.extend_from_slice(&100_000_000_000u64.to_be_bytes());
+        v.extend_from_slice(&1.0f64.to_bits().to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn hostile_varints_are_refused_not_panicked_on() {
+        // Zig-zag of u64::MAX is i64::MIN: the crate would negate it.
+        let min = [0xff; 9];
+        assert!(decode(Metric::Rtt, &v2_with_payload(&min)).is_err());
+        // A zero run far past the last bucket.
+        let run = [0xff, 0xff, 0xff, 0xff, 0x0f];
+        assert!(decode(Metric::Rtt, &v2_with_payload(&run)).is_err());
+        // Counts near 2^62: four fit in 64 bits, five overflow the total.
+        let big = [0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+        assert!(decode(Metric::Rtt, &v2_with_payload(&[big; 5].concat())).is_err());
+        assert!(decode(Metric::Rtt, &v2_with_payload(&[big; 4].concat())).is_ok());
+        // A varint cut short.
+        assert!(decode(Metric::Rtt, &v2_with_payload(&[0x80])).is_err());
+        // A header whose payload length is larger than what follows.
+        let mut lying = v2_with_payload(&[2]);
+        lying[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode(Metric::Rtt, &lying).is_err());
+        // A valid one built the same way decodes: one count of 1 in bucket 0 (value 0).
+        let ok = decode(Metric::Rtt, &v2_with_payload(&[2])).unwrap();
+        assert_eq!(ok.len(), 1);
+    }
+
+    #[test]
+    fn zip_bomb_is_cut_off() {
+        let zeros = vec![0u8; Metric::Rtt.max_v2_len() * 4];
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut z, &zeros).unwrap();
+        let body = z.finish().unwrap();
+        let mut bytes = V2_COMPRESSED_COOKIE.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+        bytes.extend_from_slice(&body);
+        let err = decode(Metric::Rtt, &bytes).unwrap_err().to_string();
+        assert!(err.contains("inflates past"), "{err}");
+    }
+
+    #[test]
+    fn summary_of_known_values() {
+        let h = recorded(Metric::Rtt, &(1..=1000).collect::<Vec<_>>());
+        let s = Summary::of(&h).unwrap();
+        assert_eq!(
+            (s.count, s.min, s.p50, s.p90, s.max),
+            (1000, 1, 500, 900, 1000)
+        );
+        assert_eq!(s.p99, 990);
+        assert_eq!(s.p999, 999);
+        assert!(Summary::of(&Metric::Rtt.new_histogram()).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip_any_samples(metric in prop::sample::select(Metric::ALL.to_vec()),
+                                  values in proptest::collection::vec(any::<u64>(), 0..200)) {
+            let h = recorded(metric, &values);
+            let back = decode(metric, &encode(metric, &h).unwrap()).unwrap();
+            prop_assert_eq!(back, h);
+        }
+
+        #[test]
+        fn merge_equals_recording_both(a in proptest::collection::vec(1u64..200_000_000_000, 0..200),
+                                       b in proptest::collection::vec(1u64..200_000_000_000, 0..200)) {
+            let mut merged = decode(Metric::Rtt, &encode(Metric::Rtt, &recorded(Metric::Rtt, &a)).unwrap()).unwrap();
+            let hb = decode(Metric::Rtt, &encode(Metric::Rtt, &recorded(Metric::Rtt, &b)).unwrap()).unwrap();
+            merge(Metric::Rtt, &mut merged, &hb).unwrap();
+            let both = recorded(Metric::Rtt, &[a, b].concat());
+            prop_assert_eq!(&merged, &both);
+            for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
+                prop_assert_eq!(merged.value_at_quantile(q), both.value_at_quantile(q));
+            }
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode(Metric::Rtt, &bytes);
+            let mut v2 = v2_with_payload(&bytes);
+            let _ = decode(Metric::Rtt, &v2);
+            v2[3] = 0x14;
+            let _ = decode(Metric::LossRun, &v2);
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! `pathprobe-proto`: the wire formats of pathprobe and nothing else.
+//!
+//! - [`stamp`]: STAMP test packets (RFC 8762, RFC 8972 TLVs), checked zero-copy views,
+//!   validated representations and the reflector's packet logic.
+//! - [`hist`]: the one histogram configuration per metric and the V2+DEFLATE codec.
+//! - [`report`]: the versioned window report an agent sends to the collector.
+//!
+//! No sockets, threads or clock reads: time is always an argument.
+
+mod error;
+pub mod hist;
+pub mod report;
+pub mod stamp;
+
+pub use error::{Error, Result};
