@@ -1,0 +1,10 @@
+//! `pathprobe-agent`: what runs on each site's servers and Azure VMs.
+//!
+//! So far: reading STAMP packets ([`decode`]) and STAMP keys ([`keyfile`]).
+
+pub mod decode;
+mod error;
+pub mod hexbytes;
+pub mod keyfile;
+
+pub use error::{Error, Result};

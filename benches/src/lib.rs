@@ -1,0 +1,1 @@
+//! pathprobe benchmarks: see `benches/` and BENCHMARKS.md.

@@ -1,0 +1,8 @@
+//! `pathprobe-collector`: receives agents' window reports and answers how paths compare.
+//!
+//! So far: exact per-path summaries of report files ([`inspect`]).
+
+mod error;
+pub mod inspect;
+
+pub use error::{Error, Result};

@@ -1,0 +1,30 @@
+//! Any TLV area: iteration stays in bounds, reflection keeps the length and the TLV
+//! boundaries, typed values never panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use pathprobe_proto::stamp::tlv::{
+    ClassOfService, TimestampInformation, TlvIter, TlvReflectInfo, reflect_tlvs,
+};
+
+fuzz_target!(|data: &[u8]| {
+    let mut bounds = Vec::new();
+    for tlv in TlvIter::new(data) {
+        let Ok(t) = tlv else { break };
+        assert!(t.offset + 4 + t.value.len() <= data.len());
+        let _ = ClassOfService::parse(t.value);
+        let _ = TimestampInformation::parse(t.value);
+        bounds.push((t.offset, t.tlv_type, t.value.len()));
+    }
+    let info = TlvReflectInfo {
+        received_tos: data.first().copied().unwrap_or(0),
+        ..TlvReflectInfo::default()
+    };
+    let mut reply = vec![0u8; data.len()];
+    reflect_tlvs(data, &mut reply, &info);
+    let back: Vec<_> = TlvIter::new(&reply)
+        .map_while(Result::ok)
+        .map(|t| (t.offset, t.tlv_type, t.value.len()))
+        .collect();
+    assert_eq!(bounds, back);
+});
