@@ -176,6 +176,75 @@ fn sign_hmac(buf: &mut [u8], mode: Mode, key: &AuthKey) {
     }
 }
 
+/// The methods both views share: construction, the sequence number, the TLV area, the HMAC.
+macro_rules! common_view {
+    ($view:ident, $what:literal) => {
+        impl<T: AsRef<[u8]>> $view<T> {
+            /// Wraps a buffer without checking its length; accessors panic on a short buffer.
+            pub const fn new_unchecked(buffer: T, mode: Mode) -> Self {
+                Self { buffer, mode }
+            }
+
+            /// Wraps a received buffer, checking that it holds a whole base packet.
+            pub fn new_checked(buffer: T, mode: Mode) -> Result<Self> {
+                check_len($what, buffer.as_ref().len(), mode)?;
+                Ok(Self { buffer, mode })
+            }
+
+            /// The buffer.
+            pub fn into_inner(self) -> T {
+                self.buffer
+            }
+
+            /// The mode the packet was read in.
+            pub const fn mode(&self) -> Mode {
+                self.mode
+            }
+
+            /// Sequence Number (a reflector's own in stateful mode, a copy of the sender's
+            /// in stateless mode).
+            pub fn sequence_number(&self) -> u32 {
+                read_u32(self.buffer.as_ref(), SEQUENCE_NUMBER)
+            }
+
+            /// The octets after the base packet: TLVs, or zero padding from an RFC 8762
+            /// peer.
+            pub fn tlvs(&self) -> &[u8] {
+                &self.buffer.as_ref()[self.mode.base_len()..]
+            }
+
+            /// The whole packet.
+            pub fn as_bytes(&self) -> &[u8] {
+                self.buffer.as_ref()
+            }
+
+            /// Checks the HMAC in constant time. An unauthenticated packet never verifies.
+            pub fn verify(&self, key: &AuthKey) -> Result<()> {
+                verify_hmac(self.buffer.as_ref(), self.mode, key)
+            }
+        }
+
+        impl<T: AsRef<[u8]> + AsMut<[u8]>> $view<T> {
+            /// Sets the Sequence Number.
+            pub fn set_sequence_number(&mut self, value: u32) {
+                write(self.buffer.as_mut(), SEQUENCE_NUMBER, &value.to_be_bytes());
+            }
+
+            /// The TLV area, to be written by a [`super::tlv::TlvWriter`].
+            pub fn tlvs_mut(&mut self) -> &mut [u8] {
+                let base = self.mode.base_len();
+                &mut self.buffer.as_mut()[base..]
+            }
+
+            /// Writes the HMAC over the base packet (authenticated mode; no-op otherwise).
+            /// Call it after the last change to the base packet, T3 included.
+            pub fn sign(&mut self, key: &AuthKey) {
+                sign_hmac(self.buffer.as_mut(), self.mode, key);
+            }
+        }
+    };
+}
+
 /// A Session-Sender test packet: base packet, then TLVs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SenderPacket<T: AsRef<[u8]>> {
@@ -183,33 +252,9 @@ pub struct SenderPacket<T: AsRef<[u8]>> {
     mode: Mode,
 }
 
+common_view!(SenderPacket, "STAMP Session-Sender packet");
+
 impl<T: AsRef<[u8]>> SenderPacket<T> {
-    /// Wraps a buffer without checking its length; accessors panic on a short buffer.
-    pub const fn new_unchecked(buffer: T, mode: Mode) -> Self {
-        Self { buffer, mode }
-    }
-
-    /// Wraps a received buffer, checking that it holds a whole base packet.
-    pub fn new_checked(buffer: T, mode: Mode) -> Result<Self> {
-        check_len("STAMP Session-Sender packet", buffer.as_ref().len(), mode)?;
-        Ok(Self { buffer, mode })
-    }
-
-    /// The buffer.
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
-    /// The mode the packet was read in.
-    pub const fn mode(&self) -> Mode {
-        self.mode
-    }
-
-    /// Sequence Number.
-    pub fn sequence_number(&self) -> u32 {
-        read_u32(self.buffer.as_ref(), SEQUENCE_NUMBER)
-    }
-
     /// Timestamp T1 as the raw 64-bit field; its format is `error_estimate().format`.
     pub fn timestamp(&self) -> u64 {
         read_u64(self.buffer.as_ref(), sender_layout(self.mode).timestamp)
@@ -227,29 +272,9 @@ impl<T: AsRef<[u8]>> SenderPacket<T> {
     pub fn ssid(&self) -> u16 {
         read_u16(self.buffer.as_ref(), sender_layout(self.mode).ssid)
     }
-
-    /// The octets after the base packet: TLVs, or zero padding from an RFC 8762 sender.
-    pub fn tlvs(&self) -> &[u8] {
-        &self.buffer.as_ref()[self.mode.base_len()..]
-    }
-
-    /// The whole packet.
-    pub fn as_bytes(&self) -> &[u8] {
-        self.buffer.as_ref()
-    }
-
-    /// Checks the HMAC in constant time. An unauthenticated packet never verifies.
-    pub fn verify(&self, key: &AuthKey) -> Result<()> {
-        verify_hmac(self.buffer.as_ref(), self.mode, key)
-    }
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> SenderPacket<T> {
-    /// Sets the Sequence Number.
-    pub fn set_sequence_number(&mut self, value: u32) {
-        write(self.buffer.as_mut(), SEQUENCE_NUMBER, &value.to_be_bytes());
-    }
-
     /// Sets the raw Timestamp field.
     pub fn set_timestamp(&mut self, raw: u64) {
         let at = sender_layout(self.mode).timestamp;
@@ -266,18 +291,6 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> SenderPacket<T> {
     pub fn set_ssid(&mut self, value: u16) {
         let at = sender_layout(self.mode).ssid;
         write(self.buffer.as_mut(), at, &value.to_be_bytes());
-    }
-
-    /// The TLV area, to be written by a [`super::tlv::TlvWriter`].
-    pub fn tlvs_mut(&mut self) -> &mut [u8] {
-        let base = self.mode.base_len();
-        &mut self.buffer.as_mut()[base..]
-    }
-
-    /// Writes the HMAC over the base packet (authenticated mode; no-op otherwise). Call it
-    /// after the last change to the base packet.
-    pub fn sign(&mut self, key: &AuthKey) {
-        sign_hmac(self.buffer.as_mut(), self.mode, key);
     }
 }
 
@@ -326,37 +339,9 @@ pub struct ReflectorPacket<T: AsRef<[u8]>> {
     mode: Mode,
 }
 
+common_view!(ReflectorPacket, "STAMP Session-Reflector packet");
+
 impl<T: AsRef<[u8]>> ReflectorPacket<T> {
-    /// Wraps a buffer without checking its length; accessors panic on a short buffer.
-    pub const fn new_unchecked(buffer: T, mode: Mode) -> Self {
-        Self { buffer, mode }
-    }
-
-    /// Wraps a received buffer, checking that it holds a whole base packet.
-    pub fn new_checked(buffer: T, mode: Mode) -> Result<Self> {
-        check_len(
-            "STAMP Session-Reflector packet",
-            buffer.as_ref().len(),
-            mode,
-        )?;
-        Ok(Self { buffer, mode })
-    }
-
-    /// The buffer.
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
-    /// The mode the packet was read in.
-    pub const fn mode(&self) -> Mode {
-        self.mode
-    }
-
-    /// The reflector's Sequence Number (a copy of the sender's in stateless mode).
-    pub fn sequence_number(&self) -> u32 {
-        read_u32(self.buffer.as_ref(), SEQUENCE_NUMBER)
-    }
-
     /// Timestamp T3 (transmit), raw; its format is `error_estimate().format`.
     pub fn timestamp(&self) -> u64 {
         read_u64(self.buffer.as_ref(), reflector_layout(self.mode).timestamp)
@@ -411,29 +396,9 @@ impl<T: AsRef<[u8]>> ReflectorPacket<T> {
     pub fn sender_ttl(&self) -> u8 {
         self.buffer.as_ref()[reflector_layout(self.mode).sender_ttl]
     }
-
-    /// The octets after the base packet.
-    pub fn tlvs(&self) -> &[u8] {
-        &self.buffer.as_ref()[self.mode.base_len()..]
-    }
-
-    /// The whole packet.
-    pub fn as_bytes(&self) -> &[u8] {
-        self.buffer.as_ref()
-    }
-
-    /// Checks the HMAC in constant time. An unauthenticated packet never verifies.
-    pub fn verify(&self, key: &AuthKey) -> Result<()> {
-        verify_hmac(self.buffer.as_ref(), self.mode, key)
-    }
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> ReflectorPacket<T> {
-    /// Sets the Sequence Number.
-    pub fn set_sequence_number(&mut self, value: u32) {
-        write(self.buffer.as_mut(), SEQUENCE_NUMBER, &value.to_be_bytes());
-    }
-
     /// Sets the raw transmit Timestamp T3.
     pub fn set_timestamp(&mut self, raw: u64) {
         let at = reflector_layout(self.mode).timestamp;
@@ -480,18 +445,6 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> ReflectorPacket<T> {
     pub fn set_sender_ttl(&mut self, value: u8) {
         let at = reflector_layout(self.mode).sender_ttl;
         self.buffer.as_mut()[at] = value;
-    }
-
-    /// The TLV area.
-    pub fn tlvs_mut(&mut self) -> &mut [u8] {
-        let base = self.mode.base_len();
-        &mut self.buffer.as_mut()[base..]
-    }
-
-    /// Writes the HMAC over the base packet (authenticated mode; no-op otherwise). Call it
-    /// after the last change to the base packet, T3 included.
-    pub fn sign(&mut self, key: &AuthKey) {
-        sign_hmac(self.buffer.as_mut(), self.mode, key);
     }
 }
 
