@@ -6,5 +6,7 @@ pub mod decode;
 mod error;
 pub mod hexbytes;
 pub mod keyfile;
+pub mod session;
+pub mod sys;
 
 pub use error::{Error, Result};

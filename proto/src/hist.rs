@@ -39,6 +39,10 @@ pub enum Metric {
     /// Round-trip time, from the monotonic clock, in nanoseconds.
     #[serde(rename = "rtt_ns")]
     Rtt,
+    /// Round-trip time measured from the scheduled send time rather than the actual one, so
+    /// that a sender stall shows as latency (coordinated omission), ns.
+    #[serde(rename = "rtt_sched_ns")]
+    RttScheduled,
     /// Magnitude of IP packet delay variation between consecutive packets (RFC 3393), ns.
     #[serde(rename = "ipdv_ns")]
     Ipdv,
@@ -80,8 +84,9 @@ const LATENCY: HistogramConfig = HistogramConfig {
 
 impl Metric {
     /// Every metric, in a fixed order.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Rtt,
+        Self::RttScheduled,
         Self::Ipdv,
         Self::OwdForward,
         Self::OwdReverse,
@@ -93,6 +98,7 @@ impl Metric {
     pub const fn key(self) -> &'static str {
         match self {
             Self::Rtt => "rtt_ns",
+            Self::RttScheduled => "rtt_sched_ns",
             Self::Ipdv => "ipdv_ns",
             Self::OwdForward => "owd_fwd_ns",
             Self::OwdReverse => "owd_rev_ns",
@@ -104,7 +110,9 @@ impl Metric {
     /// The one configuration of this metric's histograms.
     pub const fn config(self) -> HistogramConfig {
         match self {
-            Self::Rtt | Self::Ipdv | Self::OwdForward | Self::OwdReverse => LATENCY,
+            Self::Rtt | Self::RttScheduled | Self::Ipdv | Self::OwdForward | Self::OwdReverse => {
+                LATENCY
+            }
             // Ten million lost packets in a row: almost three hours at 1,000 probes/s.
             Self::LossRun => HistogramConfig {
                 lowest: 1,
@@ -135,7 +143,7 @@ impl Metric {
 
     /// Number of buckets (counts) in this metric's histograms.
     fn counts_len(self) -> usize {
-        static LENS: OnceLock<[usize; 6]> = OnceLock::new();
+        static LENS: OnceLock<[usize; Metric::ALL.len()]> = OnceLock::new();
         let lens = LENS.get_or_init(|| Metric::ALL.map(|m| m.new_histogram().distinct_values()));
         lens[self as usize]
     }

@@ -180,8 +180,12 @@ pub struct Counters {
     pub send_slots_missed: u64,
     /// Records dropped because a ring between threads was full.
     pub ring_drops: u64,
-    /// Answers that could not be parsed or authenticated.
+    /// Answers that could not be parsed or authenticated, or that echo a sequence number
+    /// never sent.
     pub malformed: u64,
+    /// One-way delays that came out negative (clock error larger than the delay) and were
+    /// recorded as 0.
+    pub owd_clamped: u64,
     /// Probe octets sent (UDP payload).
     pub bytes_sent: u64,
     /// Probe octets received (UDP payload).
@@ -211,6 +215,7 @@ impl Counters {
             )?,
             ring_drops: add(self.ring_drops, other.ring_drops, "ring_drops")?,
             malformed: add(self.malformed, other.malformed, "malformed")?,
+            owd_clamped: add(self.owd_clamped, other.owd_clamped, "owd_clamped")?,
             bytes_sent: add(self.bytes_sent, other.bytes_sent, "bytes_sent")?,
             bytes_received: add(self.bytes_received, other.bytes_received, "bytes_received")?,
         };

@@ -1,0 +1,687 @@
+//! The agent's only `unsafe` code: batched UDP I/O with control messages (`recvmmsg`,
+//! `sendmmsg`, the error queue for transmit timestamps), clocks, timer slack and the kernel's
+//! NTP state. Everything above this module is safe Rust.
+//!
+//! Buffers are allocated once per batch object and reused; no call here allocates.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem::{MaybeUninit, size_of, zeroed};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, RawFd};
+
+use pathprobe_proto::report::TimestampSource;
+use socket2::Socket;
+
+/// Largest datagram a batch slot holds; longer ones arrive truncated and are dropped.
+pub const MAX_DATAGRAM: usize = 9216;
+/// Room for the control messages of one datagram (timestamps, TTL, TOS, extended error).
+const CONTROL_LEN: usize = 256;
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = MaybeUninit::<libc::timespec>::uninit();
+    // SAFETY: clock_gettime writes a whole timespec to the valid pointer it is given; the
+    // clocks used here always exist on Linux, so it cannot fail.
+    let ts = unsafe {
+        libc::clock_gettime(clock, ts.as_mut_ptr());
+        ts.assume_init()
+    };
+    timespec_ns(&ts)
+}
+
+fn timespec_ns(ts: &libc::timespec) -> u64 {
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// `CLOCK_REALTIME` in nanoseconds since 1970: for timestamps that leave this host.
+pub fn realtime_ns() -> u64 {
+    clock_ns(libc::CLOCK_REALTIME)
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: for intervals (RTT, schedules), immune to clock steps.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// Sleeps until `deadline_ns` on `CLOCK_MONOTONIC` (absolute, so no drift accumulates).
+pub fn sleep_until(deadline_ns: u64) {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(deadline_ns / 1_000_000_000).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::try_from(deadline_ns % 1_000_000_000).unwrap_or(0),
+    };
+    // SAFETY: the timespec is valid for the call; a null remainder is allowed with
+    // TIMER_ABSTIME. EINTR simply returns early; the caller re-checks the time.
+    unsafe {
+        libc::clock_nanosleep(
+            libc::CLOCK_MONOTONIC,
+            libc::TIMER_ABSTIME,
+            &raw const ts,
+            std::ptr::null_mut(),
+        );
+    }
+}
+
+/// Lowers this thread's timer slack to 1 ns so that sleeps end when asked, not up to the
+/// default 50 µs later.
+pub fn lower_timer_slack() -> io::Result<()> {
+    // SAFETY: PR_SET_TIMERSLACK takes one integer argument and touches no memory.
+    let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// What the kernel says about the system clock's synchronization (NTP/PTP daemons set it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockSync {
+    /// Not `STA_UNSYNC` and not `TIME_ERROR`.
+    pub synchronized: bool,
+    /// The kernel's maximum error estimate.
+    pub max_error_ns: u64,
+}
+
+/// Reads the clock state with `ntp_adjtime` (read only: no mode bits set).
+pub fn clock_sync() -> io::Result<ClockSync> {
+    // SAFETY: timex is plain old data; all-zero (modes = 0) asks for a read only.
+    let mut tx: libc::timex = unsafe { zeroed() };
+    // SAFETY: the pointer is valid and the kernel writes only within the struct.
+    let state = unsafe { libc::ntp_adjtime(&raw mut tx) };
+    if state < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ClockSync {
+        synchronized: state != libc::TIME_ERROR && tx.status & libc::STA_UNSYNC == 0,
+        max_error_ns: u64::try_from(tx.maxerror).unwrap_or(u64::MAX / 1000) * 1000,
+    })
+}
+
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the option value is a c_int that lives for the call, and its size is given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(4),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Asks the kernel for the TTL / Hop Limit and the TOS / Traffic Class of every datagram.
+pub fn enable_rx_metadata(sock: &Socket, ipv6: bool) -> io::Result<()> {
+    let fd = sock.as_raw_fd();
+    if ipv6 {
+        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT, 1)?;
+        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 1)?;
+        // An IPv6 socket may carry IPv4-mapped traffic too.
+        let _ = setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVTTL, 1);
+        let _ = setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, 1);
+    } else {
+        setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVTTL, 1)?;
+        setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, 1)?;
+    }
+    Ok(())
+}
+
+/// Turns on the best kernel timestamps available: `SO_TIMESTAMPING` (software receive and,
+/// with `tx`, software transmit stamps on the error queue, numbered per datagram), else
+/// `SO_TIMESTAMPNS` (receive only), else none. Returns where each side's stamps come from.
+pub fn enable_timestamping(sock: &Socket, tx: bool) -> (TimestampSource, TimestampSource) {
+    let fd = sock.as_raw_fd();
+    let mut flags = libc::SOF_TIMESTAMPING_RX_SOFTWARE | libc::SOF_TIMESTAMPING_SOFTWARE;
+    if tx {
+        flags |= libc::SOF_TIMESTAMPING_TX_SOFTWARE
+            | libc::SOF_TIMESTAMPING_OPT_ID
+            | libc::SOF_TIMESTAMPING_OPT_TSONLY;
+    }
+    let flags = libc::c_int::try_from(flags).unwrap_or(0);
+    if setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPING, flags).is_ok() {
+        let tx_source = if tx {
+            TimestampSource::Kernel
+        } else {
+            TimestampSource::Userspace
+        };
+        return (TimestampSource::Kernel, tx_source);
+    }
+    if setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1).is_ok() {
+        return (TimestampSource::Kernel, TimestampSource::Userspace);
+    }
+    (TimestampSource::Userspace, TimestampSource::Userspace)
+}
+
+/// What the kernel said about one received datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RecvMeta {
+    pub len: usize,
+    pub src: Option<SocketAddr>,
+    /// Kernel receive time, `CLOCK_REALTIME` nanoseconds.
+    pub kernel_rx_ns: Option<u64>,
+    pub ttl: Option<u8>,
+    pub tos: Option<u8>,
+    /// The datagram was longer than [`MAX_DATAGRAM`] and was cut.
+    pub truncated: bool,
+}
+
+fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match libc::c_int::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in, which fits in it.
+            let sin: &libc::sockaddr_in = unsafe { &*(std::ptr::from_ref(ss).cast()) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6: &libc::sockaddr_in6 = unsafe { &*(std::ptr::from_ref(ss).cast()) };
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn std_to_sockaddr(addr: &SocketAddr, ss: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    // SAFETY: sockaddr_storage is plain old data; zero is a valid value.
+    *ss = unsafe { zeroed() };
+    match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for a sockaddr_in.
+            let sin: &mut libc::sockaddr_in = unsafe { &mut *(std::ptr::from_mut(ss).cast()) };
+            sin.sin_family = libc::sa_family_t::try_from(libc::AF_INET).unwrap_or(2);
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+            libc::socklen_t::try_from(size_of::<libc::sockaddr_in>()).unwrap_or(16)
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6: &mut libc::sockaddr_in6 = unsafe { &mut *(std::ptr::from_mut(ss).cast()) };
+            sin6.sin6_family = libc::sa_family_t::try_from(libc::AF_INET6).unwrap_or(10);
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_scope_id = a.scope_id();
+            libc::socklen_t::try_from(size_of::<libc::sockaddr_in6>()).unwrap_or(28)
+        }
+    }
+}
+
+/// Reads the control messages of one received datagram into `meta`.
+///
+/// # Safety
+/// `msg` must be a `msghdr` the kernel just filled, whose control buffer is still alive.
+unsafe fn parse_control(msg: &libc::msghdr, meta: &mut RecvMeta) {
+    // SAFETY: the caller guarantees msg and its control buffer are valid; CMSG_* walk it
+    // within msg_controllen.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(msg) };
+    while !cmsg.is_null() {
+        // SAFETY: a non-null cmsg from CMSG_FIRSTHDR/NXTHDR points inside the buffer.
+        let c = unsafe { &*cmsg };
+        // SAFETY: the data of a cmsg starts at CMSG_DATA and is at least as long as the
+        // kernel's type for (level, type); unaligned reads are used for every type.
+        let data = unsafe { libc::CMSG_DATA(cmsg) };
+        match (c.cmsg_level, c.cmsg_type) {
+            (libc::SOL_SOCKET, libc::SCM_TIMESTAMPING) => {
+                // Three timespecs: software, (deprecated), hardware.
+                let ts: libc::timespec = unsafe { std::ptr::read_unaligned(data.cast()) };
+                if ts.tv_sec != 0 || ts.tv_nsec != 0 {
+                    meta.kernel_rx_ns = Some(timespec_ns(&ts));
+                }
+            }
+            (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS) => {
+                let ts: libc::timespec = unsafe { std::ptr::read_unaligned(data.cast()) };
+                meta.kernel_rx_ns = Some(timespec_ns(&ts));
+            }
+            (libc::IPPROTO_IP, libc::IP_TTL) | (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT) => {
+                let v: libc::c_int = unsafe { std::ptr::read_unaligned(data.cast()) };
+                meta.ttl = u8::try_from(v).ok();
+            }
+            (libc::IPPROTO_IP, libc::IP_TOS) => {
+                // IP_TOS arrives as a single octet.
+                meta.tos = Some(unsafe { *data });
+            }
+            (libc::IPPROTO_IPV6, libc::IPV6_TCLASS) => {
+                let v: libc::c_int = unsafe { std::ptr::read_unaligned(data.cast()) };
+                meta.tos = u8::try_from(v).ok();
+            }
+            _ => {}
+        }
+        // SAFETY: msg and cmsg are valid as above.
+        cmsg = unsafe { libc::CMSG_NXTHDR(msg, cmsg) };
+    }
+}
+
+/// Buffers for receiving up to `capacity` datagrams with one `recvmmsg`.
+pub struct RecvBatch {
+    bufs: Vec<[u8; MAX_DATAGRAM]>,
+    names: Vec<libc::sockaddr_storage>,
+    controls: Vec<[u8; CONTROL_LEN]>,
+    iovecs: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+    metas: Vec<RecvMeta>,
+    filled: usize,
+}
+
+impl std::fmt::Debug for RecvBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBatch")
+            .field("capacity", &self.bufs.len())
+            .field("filled", &self.filled)
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: the raw pointers inside iovecs and msgs only ever point into this struct's own
+// buffers and are rebuilt before each use, so moving the batch to another thread is sound.
+unsafe impl Send for RecvBatch {}
+
+impl RecvBatch {
+    /// Allocates room for `capacity` datagrams.
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            bufs: vec![[0u8; MAX_DATAGRAM]; capacity],
+            // SAFETY: these libc structs are plain old data; zero is valid for each.
+            names: vec![unsafe { zeroed() }; capacity],
+            controls: vec![[0u8; CONTROL_LEN]; capacity],
+            iovecs: vec![unsafe { zeroed() }; capacity],
+            msgs: vec![unsafe { zeroed() }; capacity],
+            metas: vec![RecvMeta::default(); capacity],
+            filled: 0,
+        }
+    }
+
+    /// Receives at least one datagram (blocking, up to the socket's receive timeout) and
+    /// as many more as are queued, up to the capacity. Returns how many.
+    pub fn recv(&mut self, sock: &Socket) -> io::Result<usize> {
+        let n = self.bufs.len();
+        for i in 0..n {
+            self.iovecs[i] = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr().cast(),
+                iov_len: MAX_DATAGRAM,
+            };
+            let hdr = &mut self.msgs[i].msg_hdr;
+            hdr.msg_name = (&raw mut self.names[i]).cast();
+            hdr.msg_namelen =
+                libc::socklen_t::try_from(size_of::<libc::sockaddr_storage>()).unwrap_or(128);
+            hdr.msg_iov = &raw mut self.iovecs[i];
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = self.controls[i].as_mut_ptr().cast();
+            hdr.msg_controllen = CONTROL_LEN;
+            hdr.msg_flags = 0;
+            self.msgs[i].msg_len = 0;
+        }
+        // SAFETY: every msghdr points at live buffers of the stated sizes owned by self,
+        // which outlives the call; vlen is the number of initialized entries.
+        let rc = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                self.msgs.as_mut_ptr(),
+                libc::c_uint::try_from(n).unwrap_or(1),
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            self.filled = 0;
+            return Err(io::Error::last_os_error());
+        }
+        let got = usize::try_from(rc).unwrap_or(0);
+        for i in 0..got {
+            let hdr = &self.msgs[i].msg_hdr;
+            let mut meta = RecvMeta {
+                len: usize::try_from(self.msgs[i].msg_len)
+                    .unwrap_or(0)
+                    .min(MAX_DATAGRAM),
+                src: sockaddr_to_std(&self.names[i]),
+                truncated: hdr.msg_flags & libc::MSG_TRUNC != 0,
+                ..RecvMeta::default()
+            };
+            // SAFETY: the kernel just filled this msghdr and its control buffer is alive.
+            unsafe { parse_control(hdr, &mut meta) };
+            self.metas[i] = meta;
+        }
+        self.filled = got;
+        Ok(got)
+    }
+
+    /// The `i`th datagram of the last `recv` and what the kernel said about it.
+    pub fn get(&self, i: usize) -> Option<(&[u8], &RecvMeta)> {
+        (i < self.filled).then(|| (&self.bufs[i][..self.metas[i].len], &self.metas[i]))
+    }
+}
+
+/// Buffers for sending up to `capacity` datagrams with one `sendmmsg`.
+pub struct SendBatch {
+    bufs: Vec<[u8; MAX_DATAGRAM]>,
+    lens: Vec<usize>,
+    dests: Vec<Option<SocketAddr>>,
+    tos: Vec<Option<(bool, u8)>>,
+    names: Vec<libc::sockaddr_storage>,
+    controls: Vec<[u8; CONTROL_LEN]>,
+    iovecs: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+    queued: usize,
+}
+
+impl std::fmt::Debug for SendBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendBatch")
+            .field("capacity", &self.bufs.len())
+            .field("queued", &self.queued)
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: as for RecvBatch: pointers are rebuilt from owned buffers before each send.
+unsafe impl Send for SendBatch {}
+
+impl SendBatch {
+    /// Allocates room for `capacity` datagrams.
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            bufs: vec![[0u8; MAX_DATAGRAM]; capacity],
+            lens: vec![0; capacity],
+            dests: vec![None; capacity],
+            tos: vec![None; capacity],
+            // SAFETY: plain old data; zero is valid.
+            names: vec![unsafe { zeroed() }; capacity],
+            controls: vec![[0u8; CONTROL_LEN]; capacity],
+            iovecs: vec![unsafe { zeroed() }; capacity],
+            msgs: vec![unsafe { zeroed() }; capacity],
+            queued: 0,
+        }
+    }
+
+    /// Datagrams queued.
+    pub const fn len(&self) -> usize {
+        self.queued
+    }
+
+    /// True when nothing is queued.
+    pub const fn is_empty(&self) -> bool {
+        self.queued == 0
+    }
+
+    /// True when no more datagrams fit.
+    pub fn is_full(&self) -> bool {
+        self.queued == self.bufs.len()
+    }
+
+    /// Queues a datagram of `len` octets, written by `fill` into the slot's buffer, to
+    /// `dest` (or the connected peer) with an optional per-datagram TOS / Traffic Class
+    /// (`(is_ipv6, value)`). Returns false when the batch is full or `len` is too large.
+    pub fn push(
+        &mut self,
+        len: usize,
+        dest: Option<SocketAddr>,
+        tos: Option<(bool, u8)>,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> bool {
+        if self.is_full() || len > MAX_DATAGRAM {
+            return false;
+        }
+        let i = self.queued;
+        fill(&mut self.bufs[i][..len]);
+        self.lens[i] = len;
+        self.dests[i] = dest;
+        self.tos[i] = tos;
+        self.queued += 1;
+        true
+    }
+
+    /// The payload of the `i`th queued datagram, for last-moment changes (T3, HMAC).
+    pub fn payload_mut(&mut self, i: usize) -> Option<&mut [u8]> {
+        (i < self.queued).then(|| &mut self.bufs[i][..self.lens[i]])
+    }
+
+    /// Sends what is queued and empties the batch. Returns how many datagrams the kernel
+    /// took; the rest are dropped (the caller counts them).
+    pub fn send(&mut self, sock: &Socket) -> io::Result<usize> {
+        let n = self.queued;
+        self.queued = 0;
+        if n == 0 {
+            return Ok(0);
+        }
+        for i in 0..n {
+            self.iovecs[i] = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr().cast(),
+                iov_len: self.lens[i],
+            };
+            let (name, namelen) = match &self.dests[i] {
+                Some(addr) => {
+                    let len = std_to_sockaddr(addr, &mut self.names[i]);
+                    ((&raw mut self.names[i]).cast::<libc::c_void>(), len)
+                }
+                None => (std::ptr::null_mut(), 0),
+            };
+            let mut controllen = 0;
+            if let Some((ipv6, tos)) = self.tos[i] {
+                let (level, kind) = if ipv6 {
+                    (libc::IPPROTO_IPV6, libc::IPV6_TCLASS)
+                } else {
+                    (libc::IPPROTO_IP, libc::IP_TOS)
+                };
+                let value = libc::c_int::from(tos);
+                let data_len = u32::try_from(size_of::<libc::c_int>()).unwrap_or(4);
+                // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic.
+                let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
+                let buf = &mut self.controls[i];
+                buf[..space].fill(0);
+                let hdr = libc::msghdr {
+                    msg_control: buf.as_mut_ptr().cast(),
+                    msg_controllen: space,
+                    // SAFETY: plain old data; the rest of this temporary is unused.
+                    ..unsafe { zeroed() }
+                };
+                // SAFETY: the control buffer holds `space` octets, enough for one cmsg
+                // carrying a c_int; CMSG_FIRSTHDR of a non-empty buffer is non-null.
+                unsafe {
+                    let cmsg = libc::CMSG_FIRSTHDR(&raw const hdr);
+                    (*cmsg).cmsg_level = level;
+                    (*cmsg).cmsg_type = kind;
+                    (*cmsg).cmsg_len = libc::CMSG_LEN(data_len) as usize;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), value);
+                }
+                controllen = space;
+            }
+            let hdr = &mut self.msgs[i].msg_hdr;
+            hdr.msg_name = name;
+            hdr.msg_namelen = namelen;
+            hdr.msg_iov = &raw mut self.iovecs[i];
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = if controllen > 0 {
+                self.controls[i].as_mut_ptr().cast()
+            } else {
+                std::ptr::null_mut()
+            };
+            hdr.msg_controllen = controllen;
+            hdr.msg_flags = 0;
+        }
+        // SAFETY: every msghdr points at live buffers owned by self of the stated sizes.
+        let rc = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                self.msgs.as_mut_ptr(),
+                libc::c_uint::try_from(n).unwrap_or(1),
+                0,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(usize::try_from(rc).unwrap_or(0))
+    }
+}
+
+/// Reads every transmit timestamp waiting on the socket's error queue (non-blocking) and
+/// hands each to `f` as (datagram number since timestamping was enabled, `CLOCK_REALTIME`
+/// ns). Returns how many were read.
+pub fn drain_tx_timestamps(sock: &Socket, mut f: impl FnMut(u32, u64)) -> usize {
+    let mut control = [0u8; CONTROL_LEN];
+    let mut count = 0;
+    loop {
+        // SAFETY: plain old data.
+        let mut msg: libc::msghdr = unsafe { zeroed() };
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = CONTROL_LEN;
+        // SAFETY: msg points at a live control buffer of the stated size; no data buffer
+        // is needed with SOF_TIMESTAMPING_OPT_TSONLY.
+        let rc = unsafe {
+            libc::recvmsg(
+                sock.as_raw_fd(),
+                &raw mut msg,
+                libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+            )
+        };
+        if rc < 0 {
+            return count;
+        }
+        let mut stamp = None;
+        let mut id = None;
+        // SAFETY: the kernel just filled msg and its control buffer.
+        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
+        while !cmsg.is_null() {
+            // SAFETY: non-null cmsg inside the buffer; data read unaligned at its type.
+            unsafe {
+                let c = &*cmsg;
+                let data = libc::CMSG_DATA(cmsg);
+                match (c.cmsg_level, c.cmsg_type) {
+                    (libc::SOL_SOCKET, libc::SCM_TIMESTAMPING) => {
+                        let ts: libc::timespec = std::ptr::read_unaligned(data.cast());
+                        stamp = Some(timespec_ns(&ts));
+                    }
+                    (libc::IPPROTO_IP, libc::IP_RECVERR)
+                    | (libc::IPPROTO_IPV6, libc::IPV6_RECVERR) => {
+                        let err: libc::sock_extended_err = std::ptr::read_unaligned(data.cast());
+                        if err.ee_origin == libc::SO_EE_ORIGIN_TIMESTAMPING {
+                            id = Some(err.ee_data);
+                        }
+                    }
+                    _ => {}
+                }
+                cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+            }
+        }
+        if let (Some(id), Some(ns)) = (id, stamp) {
+            f(id, ns);
+            count += 1;
+        }
+    }
+}
+
+/// Waits up to `timeout_ms` for the socket to be readable or to have an error queued.
+pub fn poll_readable(sock: &Socket, timeout_ms: i32) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let rc = unsafe { libc::poll(&raw mut pfd, 1, timeout_ms) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use socket2::{Domain, Protocol, Type};
+
+    fn udp() -> Socket {
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        s
+    }
+
+    #[test]
+    fn batch_round_trip_carries_metadata_and_timestamps() {
+        let rx = udp();
+        enable_rx_metadata(&rx, false).unwrap();
+        let (rx_src, _) = enable_timestamping(&rx, false);
+        let tx = udp();
+        let (_, tx_src) = enable_timestamping(&tx, true);
+        tx.set_ttl_v4(42).unwrap();
+        let dest = rx.local_addr().unwrap().as_socket().unwrap();
+        let mut out = SendBatch::new(4);
+        for i in 0..3u8 {
+            assert!(
+                out.push(10 + usize::from(i), Some(dest), Some((false, 0xb8)), |b| b
+                    .fill(i))
+            );
+        }
+        let before = realtime_ns();
+        assert_eq!(out.send(&tx).unwrap(), 3);
+        let mut inb = RecvBatch::new(8);
+        let mut got = 0;
+        while got < 3 {
+            let n = inb.recv(&rx).unwrap();
+            for i in 0..n {
+                let (payload, meta) = inb.get(i).unwrap();
+                assert_eq!(payload.len(), 10 + payload[0] as usize);
+                assert_eq!(meta.ttl, Some(42));
+                assert_eq!(meta.tos, Some(0xb8), "per-datagram TOS from the cmsg");
+                assert_eq!(meta.src, tx.local_addr().unwrap().as_socket());
+                if rx_src == TimestampSource::Kernel {
+                    let ts = meta.kernel_rx_ns.unwrap();
+                    assert!(ts >= before && ts <= realtime_ns());
+                }
+            }
+            got += n;
+        }
+        if tx_src == TimestampSource::Kernel {
+            let mut ids = Vec::new();
+            for _ in 0..100 {
+                drain_tx_timestamps(&tx, |id, ns| {
+                    assert!(ns >= before);
+                    ids.push(id);
+                });
+                if ids.len() == 3 {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert_eq!(ids, [0, 1, 2], "one numbered transmit stamp per datagram");
+        }
+    }
+
+    #[test]
+    fn clocks_move_forward() {
+        let a = monotonic_ns();
+        sleep_until(a + 1_000_000);
+        assert!(monotonic_ns() >= a + 1_000_000);
+        assert!(realtime_ns() > 1_700_000_000_000_000_000);
+    }
+
+    #[test]
+    fn clock_sync_reads() {
+        let s = clock_sync().unwrap();
+        assert!(s.max_error_ns > 0 || s.synchronized);
+    }
+}
