@@ -6,6 +6,9 @@ pub mod decode;
 mod error;
 pub mod hexbytes;
 pub mod keyfile;
+pub mod output;
+pub mod probe;
+pub mod reflector;
 pub mod session;
 pub mod sys;
 

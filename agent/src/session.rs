@@ -162,7 +162,7 @@ pub struct Tracker {
     cursor: u64,
     highest_received: Option<u64>,
     loss_run: u64,
-    /// tx_id -> seq64 for recent sends.
+    /// `tx_id` to 64-bit sequence number, for recent sends.
     tx_ids: Vec<u64>,
     windows: VecDeque<WindowAcc>,
     closed: Vec<WindowStats>,
@@ -529,12 +529,11 @@ fn owd(
             (f.saturating_sub(offset), &mut fwd),
             (r.saturating_add(offset), &mut rev),
         ] {
-            match u64::try_from(value) {
-                Ok(v) => h.saturating_record(v),
-                Err(_) => {
-                    counters.owd_clamped += 1;
-                    h.saturating_record(0);
-                }
+            if let Ok(v) = u64::try_from(value) {
+                h.saturating_record(v);
+            } else {
+                counters.owd_clamped += 1;
+                h.saturating_record(0);
             }
         }
     }
@@ -821,7 +820,7 @@ mod tests {
     #[test]
     fn owd_offset_is_estimated_from_the_fastest_probes() {
         let mut s = Sim::new(cfg());
-        s.reflector_offset = -250 * MS as i64; // the reflector's clock is 250 ms behind
+        s.reflector_offset = -250_000_000; // the reflector's clock is 250 ms behind
         for i in 0..200 {
             s.send(i, 0);
             // Asymmetric queueing on most probes; the path itself is 4 ms out, 1 ms back.
@@ -850,7 +849,7 @@ mod tests {
         let mut c = cfg();
         c.local_sync = Some(1_000 * US);
         let mut s = Sim::new(c);
-        s.reflector_offset = -2 * MS as i64; // a 2 ms error though both claim sync
+        s.reflector_offset = -2_000_000; // a 2 ms error though both claim sync
         s.send(0, 0);
         let sent = s.sched(0);
         s.t.on_reply(&Reply {

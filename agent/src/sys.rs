@@ -429,21 +429,26 @@ impl SendBatch {
         self.queued == self.bufs.len()
     }
 
-    /// Queues a datagram of `len` octets, written by `fill` into the slot's buffer, to
-    /// `dest` (or the connected peer) with an optional per-datagram TOS / Traffic Class
+    /// The buffer of the next free slot, to write a datagram into before [`Self::commit`];
+    /// `None` when the batch is full.
+    pub fn next_slot(&mut self) -> Option<&mut [u8]> {
+        let i = self.queued;
+        self.bufs.get_mut(i).map(|b| &mut b[..])
+    }
+
+    /// Queues the datagram written into [`Self::next_slot`]: `len` octets to `dest` (or the
+    /// connected peer), with an optional per-datagram TOS / Traffic Class
     /// (`(is_ipv6, value)`). Returns false when the batch is full or `len` is too large.
-    pub fn push(
+    pub fn commit(
         &mut self,
         len: usize,
         dest: Option<SocketAddr>,
         tos: Option<(bool, u8)>,
-        fill: impl FnOnce(&mut [u8]),
     ) -> bool {
         if self.is_full() || len > MAX_DATAGRAM {
             return false;
         }
         let i = self.queued;
-        fill(&mut self.bufs[i][..len]);
         self.lens[i] = len;
         self.dests[i] = dest;
         self.tos[i] = tos;
@@ -625,16 +630,20 @@ mod tests {
         let rx = udp();
         enable_rx_metadata(&rx, false).unwrap();
         let (rx_src, _) = enable_timestamping(&rx, false);
+        assert_eq!(
+            rx_src,
+            TimestampSource::Kernel,
+            "Linux always has software stamps"
+        );
         let tx = udp();
         let (_, tx_src) = enable_timestamping(&tx, true);
+        assert_eq!(tx_src, TimestampSource::Kernel);
         tx.set_ttl_v4(42).unwrap();
         let dest = rx.local_addr().unwrap().as_socket().unwrap();
         let mut out = SendBatch::new(4);
         for i in 0..3u8 {
-            assert!(
-                out.push(10 + usize::from(i), Some(dest), Some((false, 0xb8)), |b| b
-                    .fill(i))
-            );
+            out.next_slot().unwrap()[..10 + usize::from(i)].fill(i);
+            assert!(out.commit(10 + usize::from(i), Some(dest), Some((false, 0xb8))));
         }
         let before = realtime_ns();
         assert_eq!(out.send(&tx).unwrap(), 3);

@@ -1,13 +1,22 @@
 //! The `pathprobe-agent` command.
 
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use pathprobe_agent::decode::{self, Direction};
-use pathprobe_agent::{hexbytes, keyfile};
+use pathprobe_agent::output::{self, Labels};
+use pathprobe_agent::probe::{self, ProbeConfig};
+use pathprobe_agent::reflector::{self, ReflectorConfig, ReflectorStats};
+use pathprobe_agent::{Error, hexbytes, keyfile};
+use pathprobe_proto::report::{PathInfo, PathKind, ProbeProtocol};
+use pathprobe_proto::stamp::TimestampFormat;
 
 /// pathprobe agent: measures network paths (ExpressRoute, VPN, ...) with STAMP probes.
 #[derive(Debug, Parser)]
@@ -19,6 +28,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Answer STAMP probes: an RFC 8762 Session-Reflector (any RFC 8762 sender works).
+    Reflect(ReflectArgs),
+    /// Probe a reflector: an RFC 8762 Session-Sender that measures the path.
+    Probe(Box<ProbeArgs>),
     /// Decode a STAMP test packet (the UDP payload, in hex) field by field.
     ///
     /// Paste the payload from a capture (Wireshark: Copy > as Hex Stream; tcpdump -X) to see
@@ -51,6 +64,335 @@ struct DecodeArgs {
     /// The payload in hexadecimal; spaces and colons are ignored. Omit or give `-` to read
     /// standard input.
     hex: Option<String>,
+}
+
+/// A duration written like `10s`, `500ms`, `1h`, `1m30s`.
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration ({e}): write it like 10s, 500ms or 1h"))
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FormatArg {
+    /// 64-bit NTP (RFC 8762 default).
+    Ntp,
+    /// PTPv2 truncated.
+    Ptp,
+}
+
+#[derive(Debug, clap::Args)]
+struct ReflectArgs {
+    /// Address and UDP port to answer on.
+    #[arg(long, default_value = "0.0.0.0:862", env = "PATHPROBE_LISTEN")]
+    listen: SocketAddr,
+    /// Number replies per session (source address, port and SSID) instead of copying the
+    /// sender's sequence number (stateless, the default).
+    #[arg(long, env = "PATHPROBE_STATEFUL")]
+    stateful: bool,
+    /// Authenticated mode, with the key in this file (hexadecimal digits). Requests without
+    /// a valid HMAC are dropped unanswered.
+    #[arg(long, env = "PATHPROBE_AUTH_KEY_FILE")]
+    auth_key_file: Option<PathBuf>,
+    /// Most requests answered per second per source address (0: no cap). Keeps the reflector
+    /// from being used to flood a third party with spoofed requests.
+    #[arg(long, default_value_t = 250_000, env = "PATHPROBE_MAX_RATE_PER_SOURCE")]
+    max_rate_per_source: u32,
+    /// Timestamp format of T2 and T3.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "ntp",
+        env = "PATHPROBE_TIMESTAMP_FORMAT"
+    )]
+    timestamp_format: FormatArg,
+    /// Log the counters this often (0s: only at exit).
+    #[arg(long, default_value = "60s", value_parser = duration, env = "PATHPROBE_STATS_INTERVAL")]
+    stats_interval: Duration,
+    /// Stop after this long (default: run until SIGINT or SIGTERM).
+    #[arg(long, value_parser = duration, env = "PATHPROBE_DURATION")]
+    duration: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KindArg {
+    Expressroute,
+    Vpn,
+    Internet,
+    Other,
+}
+
+impl From<KindArg> for PathKind {
+    fn from(k: KindArg) -> Self {
+        match k {
+            KindArg::Expressroute => Self::Expressroute,
+            KindArg::Vpn => Self::Vpn,
+            KindArg::Internet => Self::Internet,
+            KindArg::Other => Self::Other,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+#[allow(clippy::struct_excessive_bools)]
+struct ProbeArgs {
+    /// The reflector, HOST:PORT (STAMP's port is 862).
+    #[arg(long, env = "PATHPROBE_TARGET")]
+    target: String,
+    /// Probes per second (1 to 1,000,000) [default: 10].
+    #[arg(long, conflicts_with = "interval", value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "PATHPROBE_RATE")]
+    rate: Option<u32>,
+    /// Time between probes, instead of --rate.
+    #[arg(long, value_parser = duration, env = "PATHPROBE_INTERVAL")]
+    interval: Option<Duration>,
+    /// Stop after this many probes.
+    #[arg(long, env = "PATHPROBE_COUNT")]
+    count: Option<u64>,
+    /// Stop after this long (default: until --count, or Ctrl-C).
+    #[arg(long, value_parser = duration, env = "PATHPROBE_DURATION")]
+    duration: Option<Duration>,
+    /// UDP payload octets: 44 to 1472 (112 to 1472 authenticated) [default: the minimum].
+    #[arg(long, env = "PATHPROBE_SIZE")]
+    size: Option<usize>,
+    /// DSCP of the probes (0 to 63; 46 is EF).
+    #[arg(long, default_value_t = 0, env = "PATHPROBE_DSCP")]
+    dscp: u8,
+    /// IP TTL / hop limit of the probes.
+    #[arg(long, env = "PATHPROBE_TTL")]
+    ttl: Option<u8>,
+    /// Local address to send from (pins the path by source address).
+    #[arg(long, env = "PATHPROBE_BIND")]
+    bind: Option<SocketAddr>,
+    /// Interface to send through (SO_BINDTODEVICE; needs CAP_NET_RAW).
+    #[arg(long, env = "PATHPROBE_INTERFACE")]
+    interface: Option<String>,
+    /// Firewall mark for policy routing (SO_MARK; needs CAP_NET_ADMIN).
+    #[arg(long, env = "PATHPROBE_FWMARK")]
+    fwmark: Option<u32>,
+    /// Name of the path, for reports.
+    #[arg(long, default_value = "path", env = "PATHPROBE_PATH_NAME")]
+    path_name: String,
+    /// Kind of the path.
+    #[arg(long, value_enum, default_value = "other", env = "PATHPROBE_PATH_KIND")]
+    path_kind: KindArg,
+    /// Authenticated mode with the key in this file (hexadecimal digits).
+    #[arg(long, env = "PATHPROBE_AUTH_KEY_FILE")]
+    auth_key_file: Option<PathBuf>,
+    /// Window length: one line (or JSON object) and one report per window.
+    #[arg(long, default_value = "10s", value_parser = duration, env = "PATHPROBE_WINDOW")]
+    window: Duration,
+    /// How long a probe may wait for its reply before it counts as lost.
+    #[arg(long, default_value = "1s", value_parser = duration, env = "PATHPROBE_TIMEOUT")]
+    timeout: Duration,
+    /// Give up (exit code 2) if nothing at all answers for this long [default: the larger
+    /// of 3 s and --timeout].
+    #[arg(long, value_parser = duration, env = "PATHPROBE_NO_REPLY_TIMEOUT")]
+    no_reply_timeout: Option<Duration>,
+    /// SSID to put in the probes (RFC 8972).
+    #[arg(long, default_value_t = 0, env = "PATHPROBE_SSID")]
+    ssid: u16,
+    /// Print one JSON object per window and a final summary object.
+    #[arg(long)]
+    json: bool,
+    /// Also write each window's report (the collector's format) into this folder.
+    #[arg(long, env = "PATHPROBE_REPORT_DIR")]
+    report_dir: Option<PathBuf>,
+    /// Agent id for reports [default: the host name].
+    #[arg(long, env = "PATHPROBE_AGENT_ID")]
+    agent_id: Option<String>,
+    /// Site name for reports.
+    #[arg(long, env = "PATHPROBE_SITE")]
+    site: Option<String>,
+}
+
+fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("cannot install a signal handler")?;
+    }
+    Ok(stop)
+}
+
+fn run_reflect(args: &ReflectArgs) -> anyhow::Result<ExitCode> {
+    let key = args
+        .auth_key_file
+        .as_deref()
+        .map(keyfile::load)
+        .transpose()?;
+    let cfg = ReflectorConfig {
+        listen: args.listen,
+        key,
+        stateful: args.stateful,
+        max_rate_per_source: args.max_rate_per_source,
+        timestamp_format: match args.timestamp_format {
+            FormatArg::Ntp => TimestampFormat::Ntp,
+            FormatArg::Ptp => TimestampFormat::Ptp,
+        },
+    };
+    let sock = reflector::bind(cfg.listen)?;
+    let stop = stop_on_signals()?;
+    let stats = ReflectorStats::default();
+    let bound = sock
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or(cfg.listen);
+    tracing::info!(
+        listen = %bound,
+        mode = if cfg.key.is_some() { "authenticated" } else { "unauthenticated" },
+        numbering = if cfg.stateful { "stateful" } else { "stateless" },
+        max_rate_per_source = cfg.max_rate_per_source,
+        "reflecting"
+    );
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let worker = s.spawn(|| reflector::run(&sock, &cfg, &stop, &stats));
+        let started = std::time::Instant::now();
+        let mut last = started;
+        while !worker.is_finished() {
+            std::thread::sleep(Duration::from_millis(50));
+            if args.duration.is_some_and(|d| started.elapsed() >= d) {
+                stop.store(true, Ordering::Relaxed);
+            }
+            if !args.stats_interval.is_zero() && last.elapsed() >= args.stats_interval {
+                tracing::info!("{}", stats.line());
+                last = std::time::Instant::now();
+            }
+        }
+        worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("the reflector thread panicked"))??;
+        Ok(())
+    })?;
+    tracing::info!("stopped: {}", stats.line());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn resolve(target: &str) -> anyhow::Result<SocketAddr> {
+    let mut addrs = target.to_socket_addrs().with_context(|| {
+        format!("cannot resolve --target {target}: write it as HOST:PORT, e.g. 10.1.0.4:862 or [2001:db8::4]:862")
+    })?;
+    addrs
+        .next()
+        .with_context(|| format!("--target {target} resolves to no address"))
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "agent".to_string())
+}
+
+fn probe_config(args: &ProbeArgs) -> anyhow::Result<ProbeConfig> {
+    let target = resolve(&args.target)?;
+    let key = args
+        .auth_key_file
+        .as_deref()
+        .map(keyfile::load)
+        .transpose()?;
+    let interval = match (args.rate, args.interval) {
+        (_, Some(i)) => i,
+        (Some(r), None) => Duration::from_nanos(1_000_000_000 / u64::from(r)),
+        (None, None) => Duration::from_millis(100),
+    };
+    let base = if key.is_some() { 112 } else { 44 };
+    let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    let cfg = ProbeConfig {
+        target,
+        bind: args.bind,
+        interface: args.interface.clone(),
+        fwmark: args.fwmark,
+        interval_ns: nanos(interval),
+        count: args.count,
+        duration_ns: args.duration.map(nanos),
+        size: args.size.unwrap_or(base),
+        dscp: args.dscp,
+        ttl: args.ttl,
+        key,
+        window_ns: nanos(args.window).max(1),
+        late_timeout_ns: nanos(args.timeout),
+        no_reply_ns: nanos(
+            args.no_reply_timeout
+                .unwrap_or(args.timeout.max(Duration::from_secs(3))),
+        ),
+        ssid: args.ssid,
+    };
+    Ok(cfg)
+}
+
+/// Prints one window (line or JSON) and writes its report when asked.
+fn emit_window(
+    args: &ProbeArgs,
+    labels: &Labels,
+    w: &pathprobe_agent::session::WindowStats,
+) -> anyhow::Result<()> {
+    let f = output::figures(labels, w, "window", 1);
+    let mut o = std::io::stdout().lock();
+    if args.json {
+        writeln!(o, "{}", serde_json::to_string(&f)?)?;
+    } else {
+        writeln!(o, "{}", output::line(&f))?;
+    }
+    if let Some(dir) = &args.report_dir {
+        let r = output::report(labels, w)?;
+        let file = dir.join(format!("{}.json", r.report_id));
+        std::fs::write(&file, r.to_json()?)
+            .with_context(|| format!("cannot write {}", file.display()))?;
+    }
+    Ok(())
+}
+
+fn run_probe(args: &ProbeArgs) -> anyhow::Result<ExitCode> {
+    let cfg = probe_config(args)?;
+    let target = cfg.target;
+    if let Some(dir) = &args.report_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create --report-dir {}", dir.display()))?;
+    }
+    let packet_size = u16::try_from(cfg.size).unwrap_or(u16::MAX);
+    let prober = probe::Prober::open(cfg)?;
+    let stop = stop_on_signals()?;
+    let labels = Labels {
+        path: PathInfo {
+            name: args.path_name.clone(),
+            kind: args.path_kind.into(),
+            local: prober.local,
+            remote: target,
+            protocol: ProbeProtocol::Stamp,
+            dscp: args.dscp,
+            packet_size,
+        },
+        agent_id: args.agent_id.clone().unwrap_or_else(host_name),
+        site: args.site.clone(),
+        timestamping: prober.timestamping,
+    };
+    let mut failure: Option<anyhow::Error> = None;
+    let result = prober.run(&stop, |w| {
+        if let Err(e) = emit_window(args, &labels, w) {
+            failure.get_or_insert(e);
+        }
+    });
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e @ (Error::NoReply { .. } | Error::Unreachable { .. })) => {
+            eprintln!("pathprobe-agent: {e}");
+            return Ok(ExitCode::from(2));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if let Some(all) = output::merge(&outcome.windows)? {
+        let f = output::figures(&labels, &all, "summary", outcome.windows.len() as u64);
+        if args.json {
+            println!("{}", serde_json::to_string(&f)?);
+        } else {
+            println!("{}", output::table(&f));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_decode(args: &DecodeArgs) -> anyhow::Result<ExitCode> {
@@ -91,8 +433,18 @@ fn run_decode(args: &DecodeArgs) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PATHPROBE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let result = match cli.command {
         Command::Decode(args) => run_decode(&args),
+        Command::Reflect(args) => run_reflect(&args),
+        Command::Probe(args) => run_probe(&args),
     };
     match result {
         Ok(code) => code,

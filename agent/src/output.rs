@@ -1,0 +1,329 @@
+//! What `probe` prints: a line (or a JSON object) per window, and a summary of all windows
+//! merged exactly; and the `proto` window report of each window.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, UNIX_EPOCH};
+
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use hdrhistogram::Histogram;
+use pathprobe_proto::hist::{self, Metric, Summary};
+use pathprobe_proto::report::{
+    ClockState, Counters, PathInfo, ReportId, Timestamping, Window, WindowReport,
+};
+use serde::Serialize;
+
+use crate::Result;
+use crate::session::WindowStats;
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub min: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+/// Jitter (IPDV magnitude) percentiles in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Jitter {
+    pub p50: f64,
+    pub p99: f64,
+}
+
+/// One-way delay percentiles in microseconds, with the clock state behind them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Owd {
+    pub min: f64,
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+    /// `synchronized` or `estimated`.
+    pub clock: &'static str,
+    /// The clock offset removed, when estimated.
+    pub offset_us: Option<f64>,
+}
+
+#[allow(clippy::cast_precision_loss)] // display: microseconds of at most 100 s
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1_000.0
+}
+
+fn percentiles(h: Option<&Histogram<u64>>) -> Option<Percentiles> {
+    let s = Summary::of(h?)?;
+    Some(Percentiles {
+        min: us(s.min),
+        p50: us(s.p50),
+        p90: us(s.p90),
+        p99: us(s.p99),
+        p999: us(s.p999),
+        max: us(s.max),
+        mean: s.mean / 1_000.0,
+    })
+}
+
+/// A window, or the summary of all windows, as printed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Figures {
+    /// `window` or `summary`.
+    #[serde(rename = "type")]
+    pub record: &'static str,
+    pub path: String,
+    pub path_kind: String,
+    pub start: String,
+    pub end: String,
+    pub windows: u64,
+    pub sent: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub loss_pct: Option<f64>,
+    pub duplicated: u64,
+    pub reordered: u64,
+    pub late: u64,
+    pub send_slots_missed: u64,
+    pub ring_drops: u64,
+    pub malformed: u64,
+    pub owd_clamped: u64,
+    pub longest_loss_run: Option<u64>,
+    pub rtt_us: Option<Percentiles>,
+    /// RTT from the scheduled send time (coordinated omission).
+    pub rtt_sched_us: Option<Percentiles>,
+    pub ipdv_us: Option<Jitter>,
+    pub owd_fwd_us: Option<Owd>,
+    pub owd_rev_us: Option<Owd>,
+    pub timestamping: Timestamping,
+}
+
+fn rfc3339(ns: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
+}
+
+/// How a probe run is labelled in its output.
+#[derive(Debug, Clone)]
+pub struct Labels {
+    pub path: PathInfo,
+    pub agent_id: String,
+    pub site: Option<String>,
+    pub timestamping: Timestamping,
+}
+
+/// The printed figures of `w` (`record` is `window` or `summary`; `windows` how many were
+/// merged into it).
+pub fn figures(labels: &Labels, w: &WindowStats, record: &'static str, windows: u64) -> Figures {
+    let c = &w.counters;
+    let h = |m| w.histograms.get(&m);
+    let (clock, offset_us) = match w.owd_clock {
+        ClockState::Synchronized { .. } => ("synchronized", None),
+        ClockState::Estimated { offset_ns, .. } => {
+            #[allow(clippy::cast_precision_loss)]
+            let o = offset_ns as f64 / 1_000.0;
+            ("estimated", Some(o))
+        }
+        ClockState::Unavailable => ("unavailable", None),
+    };
+    let owd = |m| {
+        let s = Summary::of(h(m)?)?;
+        Some(Owd {
+            min: us(s.min),
+            p50: us(s.p50),
+            p99: us(s.p99),
+            max: us(s.max),
+            clock,
+            offset_us,
+        })
+    };
+    Figures {
+        record,
+        path: labels.path.name.clone(),
+        path_kind: labels.path.kind.to_string(),
+        start: rfc3339(w.start_wall_ns),
+        end: rfc3339(w.end_wall_ns),
+        windows,
+        sent: c.sent,
+        received: c.received,
+        lost: c.lost,
+        loss_pct: c.loss_pct(),
+        duplicated: c.duplicated,
+        reordered: c.reordered,
+        late: c.late,
+        send_slots_missed: c.send_slots_missed,
+        ring_drops: c.ring_drops,
+        malformed: c.malformed,
+        owd_clamped: c.owd_clamped,
+        longest_loss_run: h(Metric::LossRun).and_then(Summary::of).map(|s| s.max),
+        rtt_us: percentiles(h(Metric::Rtt)),
+        rtt_sched_us: percentiles(h(Metric::RttScheduled)),
+        ipdv_us: h(Metric::Ipdv).and_then(Summary::of).map(|s| Jitter {
+            p50: us(s.p50),
+            p99: us(s.p99),
+        }),
+        owd_fwd_us: owd(Metric::OwdForward),
+        owd_rev_us: owd(Metric::OwdReverse),
+        timestamping: labels.timestamping,
+    }
+}
+
+/// All windows merged exactly: counters added, histograms added bucket by bucket. The clock
+/// state is `synchronized` only if every window's was.
+pub fn merge(windows: &[WindowStats]) -> Result<Option<WindowStats>> {
+    let (Some(first), Some(last)) = (windows.first(), windows.last()) else {
+        return Ok(None);
+    };
+    let mut counters = Counters::default();
+    let mut histograms: BTreeMap<Metric, Histogram<u64>> = BTreeMap::new();
+    let mut clock = ClockState::Unavailable;
+    for w in windows {
+        counters.merge(&w.counters)?;
+        for (&m, h) in &w.histograms {
+            let into = histograms.entry(m).or_insert_with(|| m.new_histogram());
+            hist::merge(m, into, h)?;
+        }
+        clock = match (clock, w.owd_clock) {
+            (c, ClockState::Unavailable) | (ClockState::Unavailable, c) => c,
+            (
+                ClockState::Synchronized { max_error_ns: a },
+                ClockState::Synchronized { max_error_ns: b },
+            ) => ClockState::Synchronized {
+                max_error_ns: a.max(b),
+            },
+            (
+                ClockState::Estimated { samples: a, .. },
+                ClockState::Estimated {
+                    offset_ns,
+                    samples: b,
+                },
+            ) => ClockState::Estimated {
+                offset_ns,
+                samples: a.saturating_add(b),
+            },
+            (ClockState::Synchronized { .. }, e @ ClockState::Estimated { .. })
+            | (e @ ClockState::Estimated { .. }, ClockState::Synchronized { .. }) => e,
+        };
+    }
+    Ok(Some(WindowStats {
+        index: first.index,
+        start_wall_ns: first.start_wall_ns,
+        end_wall_ns: last.end_wall_ns,
+        counters,
+        histograms,
+        owd_clock: clock,
+    }))
+}
+
+fn cell(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"))
+}
+
+/// One line per window for a terminal.
+pub fn line(f: &Figures) -> String {
+    let loss = f
+        .loss_pct
+        .map_or_else(|| "-".to_string(), |p| format!("{p:.3}%"));
+    let rtt = f.rtt_us.as_ref().map_or_else(
+        || "rtt -".to_string(),
+        |r| {
+            format!(
+                "rtt min/p50/p99/max {:.1}/{:.1}/{:.1}/{:.1} µs",
+                r.min, r.p50, r.p99, r.max
+            )
+        },
+    );
+    let ipdv = f.ipdv_us.as_ref().map_or_else(String::new, |j| {
+        format!(" ipdv p50/p99 {:.1}/{:.1} µs", j.p50, j.p99)
+    });
+    let owd = match (&f.owd_fwd_us, &f.owd_rev_us) {
+        (Some(a), Some(b)) => format!(
+            " owd p50 fwd/rev {:.1}/{:.1} µs ({})",
+            a.p50, b.p50, a.clock
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "{} {} sent {} recv {} lost {} ({loss}) reord {} dup {} late {} | {rtt}{ipdv}{owd}",
+        f.end, f.path, f.sent, f.received, f.lost, f.reordered, f.duplicated, f.late
+    )
+}
+
+/// The summary as a two-column table.
+pub fn table(f: &Figures) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY);
+    t.set_header(vec![
+        format!("{} ({})", f.path, f.path_kind),
+        format!("{} to {}", f.start, f.end),
+    ]);
+    let count = |v: u64| v.to_string();
+    let rows: Vec<(&str, String)> = vec![
+        ("windows", count(f.windows)),
+        ("probes sent", count(f.sent)),
+        ("received", count(f.received)),
+        ("lost", count(f.lost)),
+        (
+            "loss %",
+            f.loss_pct.map_or("-".into(), |p| format!("{p:.3}")),
+        ),
+        (
+            "longest loss run",
+            f.longest_loss_run.map_or("-".into(), count),
+        ),
+        ("reordered", count(f.reordered)),
+        ("duplicated", count(f.duplicated)),
+        ("late", count(f.late)),
+        ("send slots missed", count(f.send_slots_missed)),
+        ("ring drops", count(f.ring_drops)),
+        ("malformed replies", count(f.malformed)),
+        ("RTT min µs", cell(f.rtt_us.map(|r| r.min))),
+        ("RTT p50 µs", cell(f.rtt_us.map(|r| r.p50))),
+        ("RTT p90 µs", cell(f.rtt_us.map(|r| r.p90))),
+        ("RTT p99 µs", cell(f.rtt_us.map(|r| r.p99))),
+        ("RTT p99.9 µs", cell(f.rtt_us.map(|r| r.p999))),
+        ("RTT max µs", cell(f.rtt_us.map(|r| r.max))),
+        ("RTT mean µs", cell(f.rtt_us.map(|r| r.mean))),
+        (
+            "RTT from schedule p99 µs",
+            cell(f.rtt_sched_us.map(|r| r.p99)),
+        ),
+        ("IPDV p50 µs", cell(f.ipdv_us.map(|j| j.p50))),
+        ("IPDV p99 µs", cell(f.ipdv_us.map(|j| j.p99))),
+        ("OWD forward p50 µs", cell(f.owd_fwd_us.map(|o| o.p50))),
+        ("OWD reverse p50 µs", cell(f.owd_rev_us.map(|o| o.p50))),
+        (
+            "OWD clock",
+            f.owd_fwd_us.map_or("unavailable", |o| o.clock).to_string(),
+        ),
+        (
+            "timestamps rx / tx",
+            format!("{:?} / {:?}", f.timestamping.rx, f.timestamping.tx).to_lowercase(),
+        ),
+    ];
+    for (k, v) in rows {
+        t.add_row(vec![k.to_string(), v]);
+    }
+    t.to_string()
+}
+
+/// The `proto` report of a window, with a fresh random id.
+pub fn report(labels: &Labels, w: &WindowStats) -> Result<WindowReport> {
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id)
+        .map_err(|e| crate::Error::Config(format!("no randomness for a report id: {e}")))?;
+    let report = WindowReport {
+        report_id: ReportId(id),
+        agent_id: labels.agent_id.clone(),
+        site: labels.site.clone(),
+        path: labels.path.clone(),
+        window: Window {
+            start_unix_ns: w.start_wall_ns,
+            end_unix_ns: w.end_wall_ns.max(w.start_wall_ns + 1),
+        },
+        timestamping: labels.timestamping,
+        owd_clock: w.owd_clock,
+        counters: w.counters,
+        histograms: w.histograms.clone(),
+    };
+    report.validate()?;
+    Ok(report)
+}

@@ -1,0 +1,626 @@
+//! The STAMP Session-Sender: three threads and two lock-free rings.
+//!
+//! ```text
+//! sender thread --sendmmsg--> socket --> reflector --> socket --recvmmsg--> receiver thread
+//!      | TxEvent (Sent / Failed / Missed)                  RxEvent (TxStamp / Reply) |
+//!      +-----------> ArrayQueue ----> aggregator (caller's thread) <---- ArrayQueue <--+
+//!                                      Tracker: windows, histograms, counters
+//! ```
+//!
+//! The sender keeps an isochronous schedule with absolute deadlines (sleep to just before
+//! the deadline with 1 ns timer slack, then spin), sends every due probe in one batch, and
+//! skips (counting them) only slots it reaches far too late. The I/O threads never block on
+//! the rings, log or allocate per packet: a full ring drops the record and counts it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use crossbeam_queue::ArrayQueue;
+use crossbeam_utils::CachePadded;
+use pathprobe_proto::report::Timestamping;
+use pathprobe_proto::stamp::tlv::{HEADER_LEN, TlvWriter};
+use pathprobe_proto::stamp::{
+    AuthKey, ErrorEstimate, Mode, ReflectorPacket, ReflectorRepr, SenderPacket, SenderRepr,
+    TimestampFormat,
+};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::session::{MAX_IN_FLIGHT, Reply, Sent, Tracker, TrackerConfig, WindowStats};
+use crate::sys::{self, RecvBatch, SendBatch};
+use crate::{Error, Result};
+
+/// Probes per `sendmmsg`, replies per `recvmmsg`.
+const BATCH: usize = 64;
+/// Records each ring holds: over a second at 50,000 probes/s.
+const RING: usize = 1 << 16;
+/// The sender sleeps until a margin before each deadline, then spins. The margin follows
+/// how late this machine's sleeps actually end (twice the smoothed oversleep plus 20 µs,
+/// kept between these bounds), so a VM with slow wake-ups spins longer and a quiet host
+/// spends little CPU spinning.
+const SPIN_MIN_NS: u64 = 20_000;
+const SPIN_MAX_NS: u64 = 2_000_000;
+
+/// Largest probe: a 1,500-octet MTU less the IPv4 and UDP headers.
+pub const MAX_SIZE: usize = 1472;
+
+/// How to probe.
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
+    pub target: SocketAddr,
+    pub bind: Option<SocketAddr>,
+    pub interface: Option<String>,
+    pub fwmark: Option<u32>,
+    pub interval_ns: u64,
+    pub count: Option<u64>,
+    pub duration_ns: Option<u64>,
+    /// UDP payload octets.
+    pub size: usize,
+    pub dscp: u8,
+    pub ttl: Option<u8>,
+    pub key: Option<AuthKey>,
+    pub window_ns: u64,
+    pub late_timeout_ns: u64,
+    /// Give up when nothing at all has answered this long after the first probe.
+    pub no_reply_ns: u64,
+    pub ssid: u16,
+}
+
+impl ProbeConfig {
+    const fn mode(&self) -> Mode {
+        if self.key.is_some() {
+            Mode::Authenticated
+        } else {
+            Mode::Unauthenticated
+        }
+    }
+
+    /// Checks the settings against each other.
+    pub fn validate(&self) -> Result<()> {
+        let base = self.mode().base_len();
+        if self.size < base || self.size > MAX_SIZE {
+            return Err(Error::Config(format!(
+                "--size {} is out of range: a {} STAMP probe is {base} to {MAX_SIZE} octets",
+                self.size,
+                if self.key.is_some() {
+                    "authenticated"
+                } else {
+                    "unauthenticated"
+                }
+            )));
+        }
+        if self.dscp > 63 {
+            return Err(Error::Config(format!(
+                "--dscp {} is not a DSCP: use 0 to 63",
+                self.dscp
+            )));
+        }
+        if self.interval_ns == 0 {
+            return Err(Error::Config(
+                "the probe interval must be above zero".to_string(),
+            ));
+        }
+        if self.late_timeout_ns / self.interval_ns > MAX_IN_FLIGHT {
+            return Err(Error::Config(format!(
+                "--timeout {:?} at this rate keeps over {MAX_IN_FLIGHT} probes in flight: lower the timeout or the rate",
+                Duration::from_nanos(self.late_timeout_ns)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Scheduled probes: the smaller of --count and --duration / interval; `None` runs until
+    /// stopped.
+    fn slots(&self) -> Option<u64> {
+        let by_time = self
+            .duration_ns
+            .map(|d| d.div_ceil(self.interval_ns).max(1));
+        match (self.count, by_time) {
+            (Some(c), Some(t)) => Some(c.min(t)),
+            (c, t) => c.or(t),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum TxEvent {
+    Sent(Sent),
+    Failed(u32),
+    Missed { scheduled_ns: u64, count: u64 },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum RxEvent {
+    TxStamp { id: u32, mono_ns: u64, wall_ns: u64 },
+    Reply(Reply),
+}
+
+/// State shared by the three threads.
+#[derive(Debug, Default)]
+struct Shared {
+    stop_tx: AtomicBool,
+    sender_done: AtomicBool,
+    stop_rx: AtomicBool,
+    tx_drops: CachePadded<AtomicU64>,
+    rx_drops: CachePadded<AtomicU64>,
+    malformed: CachePadded<AtomicU64>,
+    unreachable: AtomicBool,
+}
+
+/// What a finished run measured.
+#[derive(Debug, Clone)]
+pub struct ProbeOutcome {
+    pub windows: Vec<WindowStats>,
+    pub timestamping: Timestamping,
+    pub local: SocketAddr,
+}
+
+fn io_err(what: &str) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        what: what.to_string(),
+        source,
+    }
+}
+
+/// Opens and pins the probing socket; returns it with its timestamping sources.
+fn open(cfg: &ProbeConfig) -> Result<(Socket, Timestamping)> {
+    let v6 = cfg.target.is_ipv6();
+    let sock = Socket::new(
+        Domain::for_address(cfg.target),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )
+    .map_err(io_err("create a UDP socket"))?;
+    if let Some(name) = &cfg.interface {
+        sock.bind_device(Some(name.as_bytes())).map_err(|e| match e.kind() {
+            io::ErrorKind::PermissionDenied => Error::Config(format!(
+                "--interface {name} needs CAP_NET_RAW (run as root), or pin the path with --bind instead"
+            )),
+            _ => Error::Io {
+                what: format!("bind to interface {name}"),
+                source: e,
+            },
+        })?;
+    }
+    if let Some(mark) = cfg.fwmark {
+        sock.set_mark(mark).map_err(|e| match e.kind() {
+            io::ErrorKind::PermissionDenied => {
+                Error::Config(format!("--fwmark {mark} needs CAP_NET_ADMIN (run as root)"))
+            }
+            _ => Error::Io {
+                what: format!("set fwmark {mark}"),
+                source: e,
+            },
+        })?;
+    }
+    let local = cfg.bind.unwrap_or_else(|| {
+        if v6 {
+            "[::]:0".parse().unwrap_or(cfg.target)
+        } else {
+            "0.0.0.0:0".parse().unwrap_or(cfg.target)
+        }
+    });
+    sock.bind(&local.into())
+        .map_err(io_err(&format!("bind {local} (--bind)")))?;
+    let tos = u32::from(cfg.dscp) << 2;
+    if v6 {
+        sock.set_tclass_v6(tos)
+            .map_err(io_err("set the traffic class"))?;
+        if let Some(ttl) = cfg.ttl {
+            sock.set_unicast_hops_v6(u32::from(ttl))
+                .map_err(io_err("set the hop limit"))?;
+        }
+    } else {
+        sock.set_tos_v4(tos).map_err(io_err("set the TOS"))?;
+        if let Some(ttl) = cfg.ttl {
+            sock.set_ttl_v4(u32::from(ttl))
+                .map_err(io_err("set the TTL"))?;
+        }
+    }
+    sock.connect(&cfg.target.into())
+        .map_err(io_err(&format!("reach {}", cfg.target)))?;
+    let _ = sock.set_recv_buffer_size(8 << 20);
+    let _ = sock.set_send_buffer_size(8 << 20);
+    sys::enable_rx_metadata(&sock, v6).map_err(io_err("ask for TTL and TOS"))?;
+    sock.set_read_timeout(Some(Duration::from_millis(20)))
+        .map_err(io_err("set a receive timeout"))?;
+    let (rx, tx) = sys::enable_timestamping(&sock, true);
+    Ok((sock, Timestamping { rx, tx }))
+}
+
+/// Writes probe `seq` with T1 into `buf` (exactly `cfg.size` octets): base packet, one
+/// Extra Padding TLV for the rest (zero fill when fewer than 4 octets remain), HMAC.
+fn build_probe(cfg: &ProbeConfig, buf: &mut [u8], seq: u32, t1: u64, ee: ErrorEstimate) {
+    let mode = cfg.mode();
+    let mut p = SenderPacket::new_unchecked(&mut buf[..cfg.size], mode);
+    SenderRepr {
+        sequence_number: seq,
+        timestamp: t1,
+        error_estimate: ee,
+        ssid: cfg.ssid,
+    }
+    .emit(&mut p);
+    let area = p.tlvs_mut();
+    area.fill(0);
+    if area.len() >= HEADER_LEN {
+        let len = area.len();
+        // Cannot fail: the area is exactly `len` octets.
+        let _ = TlvWriter::new(area).extra_padding(len);
+    }
+    if let Some(k) = &cfg.key {
+        p.sign(k);
+    }
+}
+
+fn push<T>(q: &ArrayQueue<T>, v: T, drops: &AtomicU64) {
+    if q.push(v).is_err() {
+        drops.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn sender(
+    sock: &Socket,
+    cfg: &ProbeConfig,
+    start_ns: u64,
+    ee: ErrorEstimate,
+    q: &ArrayQueue<TxEvent>,
+    shared: &Shared,
+) {
+    let stop = &shared.stop_tx;
+    let _ = sys::lower_timer_slack();
+    let slots = cfg.slots();
+    let miss_after = (cfg.interval_ns.saturating_mul(BATCH as u64)).max(10_000_000);
+    let mut batch = SendBatch::new(BATCH);
+    let mut pending: Vec<(u32, u64)> = Vec::with_capacity(BATCH);
+    let (mut slot, mut seq, mut tx_id) = (0u64, 0u32, 0u32);
+    // Smoothed oversleep (ns, exponential average over about 8 sleeps).
+    let mut oversleep = 50_000u64;
+    while !stop.load(Ordering::Relaxed) && slots.is_none_or(|n| slot < n) {
+        let deadline = start_ns + slot * cfg.interval_ns;
+        // Sleep to just before the deadline, waking at least every 100 ms to see a stop.
+        let margin = (2 * oversleep + SPIN_MIN_NS).clamp(SPIN_MIN_NS, SPIN_MAX_NS);
+        loop {
+            let now = sys::monotonic_ns();
+            if stop.load(Ordering::Relaxed) || now + margin >= deadline {
+                break;
+            }
+            let wake = (deadline - margin).min(now + 100_000_000);
+            sys::sleep_until(wake);
+            let late = sys::monotonic_ns().saturating_sub(wake);
+            oversleep = (oversleep * 7 + late) / 8;
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        while sys::monotonic_ns() < deadline {
+            std::hint::spin_loop();
+        }
+        let now = sys::monotonic_ns();
+        let t1_wall = sys::realtime_ns();
+        let t1 = TimestampFormat::Ntp.encode(t1_wall).unwrap_or_default();
+        let mut missed = 0;
+        pending.clear();
+        while slots.is_none_or(|n| slot < n) && !batch.is_full() {
+            let scheduled = start_ns + slot * cfg.interval_ns;
+            if scheduled > now {
+                break;
+            }
+            slot += 1;
+            if now - scheduled > miss_after {
+                missed += 1;
+                continue;
+            }
+            if let Some(buf) = batch.next_slot() {
+                build_probe(cfg, buf, seq, t1, ee);
+                batch.commit(cfg.size, None, None);
+                push(
+                    q,
+                    TxEvent::Sent(Sent {
+                        seq,
+                        scheduled_ns: scheduled,
+                        sent_ns: now,
+                        t1_wall_ns: t1_wall,
+                        tx_id,
+                        bytes: u32::try_from(cfg.size).unwrap_or(u32::MAX),
+                    }),
+                    &shared.tx_drops,
+                );
+                pending.push((seq, scheduled));
+                seq = seq.wrapping_add(1);
+                tx_id = tx_id.wrapping_add(1);
+            }
+        }
+        if missed > 0 {
+            push(
+                q,
+                TxEvent::Missed {
+                    scheduled_ns: now,
+                    count: missed,
+                },
+                &shared.tx_drops,
+            );
+        }
+        let queued = batch.len();
+        let sent = match batch.send(sock) {
+            Ok(n) => n,
+            Err(e) => {
+                if e.kind() == io::ErrorKind::ConnectionRefused {
+                    shared.unreachable.store(true, Ordering::Relaxed);
+                }
+                0
+            }
+        };
+        // The kernel took the first `sent`; give back the numbers of the rest, last first.
+        for &(s, _) in pending[sent..queued].iter().rev() {
+            push(q, TxEvent::Failed(s), &shared.tx_drops);
+            seq = seq.wrapping_sub(1);
+            tx_id = tx_id.wrapping_sub(1);
+        }
+    }
+    shared.sender_done.store(true, Ordering::Release);
+}
+
+fn receiver(
+    sock: &Socket,
+    mode: Mode,
+    key: Option<&AuthKey>,
+    ring: &ArrayQueue<RxEvent>,
+    shared: &Shared,
+) {
+    let mut batch = RecvBatch::new(BATCH);
+    while !shared.stop_rx.load(Ordering::Relaxed) {
+        let result = batch.recv(sock);
+        let mono = sys::monotonic_ns();
+        let wall = sys::realtime_ns();
+        // Kernel stamps are CLOCK_REALTIME; this offset, read right after the call, turns
+        // them into monotonic time without a clock step in between.
+        let offset = i128::from(wall) - i128::from(mono);
+        let to_mono = |w: u64| u64::try_from(i128::from(w) - offset).unwrap_or(mono);
+        // Transmit stamps first: they precede the replies to the probes they time.
+        sys::drain_tx_timestamps(sock, |id, ns| {
+            push(
+                ring,
+                RxEvent::TxStamp {
+                    id,
+                    mono_ns: to_mono(ns),
+                    wall_ns: ns,
+                },
+                &shared.rx_drops,
+            );
+        });
+        let got = match result {
+            Ok(got) => got,
+            Err(e) => {
+                if e.kind() == io::ErrorKind::ConnectionRefused {
+                    shared.unreachable.store(true, Ordering::Relaxed);
+                }
+                continue;
+            }
+        };
+        for i in 0..got {
+            let Some((payload, meta)) = batch.get(i) else {
+                break;
+            };
+            let parsed = ReflectorPacket::new_checked(payload, mode)
+                .ok()
+                .filter(|p| !meta.truncated && key.is_none_or(|k| p.verify(k).is_ok()));
+            let Some(packet) = parsed else {
+                shared.malformed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let r = ReflectorRepr::parse(&packet);
+            let f = r.error_estimate.format;
+            let (Ok(t2), Ok(t3)) = (f.decode(r.receive_timestamp), f.decode(r.timestamp)) else {
+                shared.malformed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let (rx_ns, rx_wall_ns) = match meta.kernel_rx_ns {
+                Some(k) => (to_mono(k), k),
+                None => (mono, wall),
+            };
+            let reflector_sync = if r.error_estimate.synchronized {
+                r.error_estimate.error_nanos()
+            } else {
+                None
+            };
+            push(
+                ring,
+                RxEvent::Reply(Reply {
+                    seq: r.sender_sequence_number,
+                    rx_ns,
+                    rx_wall_ns,
+                    t2_wall_ns: t2,
+                    t3_wall_ns: t3,
+                    reflector_sync,
+                    bytes: u32::try_from(payload.len()).unwrap_or(u32::MAX),
+                }),
+                &shared.rx_drops,
+            );
+        }
+    }
+}
+
+/// An opened, pinned probing socket, ready to run.
+#[derive(Debug)]
+pub struct Prober {
+    cfg: ProbeConfig,
+    sock: Socket,
+    /// Where receive and transmit timestamps come from.
+    pub timestamping: Timestamping,
+    /// The local address probes leave from.
+    pub local: SocketAddr,
+}
+
+impl Prober {
+    /// Checks `cfg` and opens its socket.
+    pub fn open(cfg: ProbeConfig) -> Result<Self> {
+        cfg.validate()?;
+        let (sock, timestamping) = open(&cfg)?;
+        let local = sock
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or(cfg.target);
+        Ok(Self {
+            cfg,
+            sock,
+            timestamping,
+            local,
+        })
+    }
+
+    /// Probes until the count or duration is reached or `stop` is set, calling `on_window`
+    /// as each window closes.
+    pub fn run(
+        &self,
+        stop: &AtomicBool,
+        on_window: impl FnMut(&WindowStats),
+    ) -> Result<ProbeOutcome> {
+        run(
+            &self.cfg,
+            &self.sock,
+            self.timestamping,
+            self.local,
+            stop,
+            on_window,
+        )
+    }
+}
+
+fn run(
+    cfg: &ProbeConfig,
+    sock: &Socket,
+    timestamping: Timestamping,
+    local: SocketAddr,
+    stop: &AtomicBool,
+    mut on_window: impl FnMut(&WindowStats),
+) -> Result<ProbeOutcome> {
+    let sync = sys::clock_sync().ok();
+    let local_sync = sync.filter(|s| s.synchronized).map(|s| s.max_error_ns);
+    let ee = ErrorEstimate::from_error_nanos(
+        local_sync.is_some(),
+        TimestampFormat::Ntp,
+        sync.map_or(1_000_000_000, |s| s.max_error_ns.max(1)),
+    );
+    let tx_q = ArrayQueue::new(RING);
+    let rx_q = ArrayQueue::new(RING);
+    let shared = Shared::default();
+    let mut windows = Vec::new();
+    // The schedule starts once everything is allocated, 2 ms ahead for the threads to start.
+    let start_ns = sys::monotonic_ns() + 2_000_000;
+    let start_wall = sys::realtime_ns() + 2_000_000;
+    let mut tracker = Tracker::new(TrackerConfig {
+        interval_ns: cfg.interval_ns,
+        late_timeout_ns: cfg.late_timeout_ns,
+        window_ns: cfg.window_ns,
+        start_mono_ns: start_ns,
+        start_wall_ns: start_wall,
+        local_sync,
+    });
+    let result = thread::scope(|s| {
+        let tx = s.spawn(|| sender(sock, cfg, start_ns, ee, &tx_q, &shared));
+        let rx = s.spawn(|| receiver(sock, cfg.mode(), cfg.key.as_ref(), &rx_q, &shared));
+        let outcome = aggregate(cfg, stop, &mut tracker, &tx_q, &rx_q, &shared, &mut |w| {
+            on_window(w);
+            windows.push(w.clone());
+        });
+        shared.stop_tx.store(true, Ordering::Relaxed);
+        shared.stop_rx.store(true, Ordering::Relaxed);
+        let _ = tx.join();
+        let _ = rx.join();
+        outcome
+    });
+    result?;
+    tracker.finish(sys::realtime_ns());
+    for w in tracker.take_closed() {
+        on_window(&w);
+        windows.push(w);
+    }
+    Ok(ProbeOutcome {
+        windows,
+        timestamping,
+        local,
+    })
+}
+
+/// The caller's thread: feeds the tracker from the rings until the run is over.
+fn aggregate(
+    cfg: &ProbeConfig,
+    stop: &AtomicBool,
+    tracker: &mut Tracker,
+    tx_q: &ArrayQueue<TxEvent>,
+    rx_q: &ArrayQueue<RxEvent>,
+    shared: &Shared,
+    on_window: &mut dyn FnMut(&WindowStats),
+) -> Result<()> {
+    let mut first_sent: Option<u64> = None;
+    let mut last_scheduled = 0;
+    let mut answered = false;
+    loop {
+        // All of the sender's records first: a reply is never seen before its probe.
+        while let Some(ev) = tx_q.pop() {
+            match ev {
+                TxEvent::Sent(s) => {
+                    first_sent.get_or_insert(s.sent_ns);
+                    last_scheduled = s.scheduled_ns;
+                    tracker.on_sent(s);
+                }
+                TxEvent::Failed(seq) => tracker.on_send_failed(seq),
+                TxEvent::Missed {
+                    scheduled_ns,
+                    count,
+                } => tracker.on_slots_missed(scheduled_ns, count),
+            }
+        }
+        while let Some(ev) = rx_q.pop() {
+            match ev {
+                RxEvent::TxStamp {
+                    id,
+                    mono_ns,
+                    wall_ns,
+                } => tracker.on_tx_stamp(id, mono_ns, wall_ns),
+                RxEvent::Reply(r) => {
+                    answered = true;
+                    tracker.on_reply(&r);
+                }
+            }
+        }
+        let now = sys::monotonic_ns();
+        let drops =
+            shared.tx_drops.swap(0, Ordering::Relaxed) + shared.rx_drops.swap(0, Ordering::Relaxed);
+        let malformed = shared.malformed.swap(0, Ordering::Relaxed);
+        if drops + malformed > 0 {
+            tracker.on_dropped(now, drops, malformed);
+        }
+        tracker.poll(now);
+        for w in tracker.take_closed() {
+            on_window(&w);
+        }
+        if !answered {
+            if shared.unreachable.load(Ordering::Relaxed) {
+                return Err(Error::Unreachable { target: cfg.target });
+            }
+            if let Some(first) = first_sent
+                && now.saturating_sub(first) >= cfg.no_reply_ns
+            {
+                return Err(Error::NoReply {
+                    target: cfg.target,
+                    after: Duration::from_nanos(cfg.no_reply_ns),
+                });
+            }
+        }
+        if stop.load(Ordering::Relaxed) {
+            shared.stop_tx.store(true, Ordering::Relaxed);
+        }
+        let sending_over = shared.sender_done.load(Ordering::Acquire);
+        if sending_over
+            && tx_q.is_empty()
+            && now >= last_scheduled.saturating_add(cfg.late_timeout_ns)
+        {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
