@@ -9,7 +9,7 @@
 //!
 //! The sender keeps an isochronous schedule with absolute deadlines (sleep to just before
 //! the deadline with 1 ns timer slack, then spin), sends every due probe in one batch, and
-//! skips (counting them) only slots it reaches far too late. The I/O threads never block on
+//! skips (counting them) only slots it reaches more than half the late timeout too late. The I/O threads never block on
 //! the rings, log or allocate per packet: a full ring drops the record and counts it.
 
 use std::io;
@@ -271,7 +271,10 @@ fn sender(
     let stop = &shared.stop_tx;
     let _ = sys::lower_timer_slack();
     let slots = cfg.slots();
-    let miss_after = (cfg.interval_ns.saturating_mul(BATCH as u64)).max(10_000_000);
+    // A slot reached later than half the late timeout is skipped and counted: its probe
+    // could be decided lost before its reply had time to come back. Any less late and it
+    // is sent, its lateness showing in the RTT from the schedule.
+    let miss_after = cfg.late_timeout_ns / 2;
     let mut batch = SendBatch::new(BATCH);
     let mut pending: Vec<(u32, u64)> = Vec::with_capacity(BATCH);
     let (mut slot, mut seq, mut tx_id) = (0u64, 0u32, 0u32);
@@ -558,8 +561,17 @@ fn aggregate(
     let mut first_sent: Option<u64> = None;
     let mut last_scheduled = 0;
     let mut answered = false;
+    // Reused across iterations: at most one ring's worth.
+    let mut replies: Vec<RxEvent> = Vec::with_capacity(RING);
     loop {
-        // All of the sender's records first: a reply is never seen before its probe.
+        // Take the receiver's records first, then all of the sender's: a reply (or transmit
+        // stamp) exists only after its probe's Sent record was pushed, so once the sender's
+        // ring is drained every reply taken here meets its probe in the tracker.
+        replies.clear();
+        while replies.len() < RING {
+            let Some(ev) = rx_q.pop() else { break };
+            replies.push(ev);
+        }
         while let Some(ev) = tx_q.pop() {
             match ev {
                 TxEvent::Sent(s) => {
@@ -574,13 +586,15 @@ fn aggregate(
                 } => tracker.on_slots_missed(scheduled_ns, count),
             }
         }
-        while let Some(ev) = rx_q.pop() {
-            match ev {
+        for ev in &replies {
+            match *ev {
                 RxEvent::TxStamp {
                     id,
                     mono_ns,
                     wall_ns,
-                } => tracker.on_tx_stamp(id, mono_ns, wall_ns),
+                } => {
+                    tracker.on_tx_stamp(id, mono_ns, wall_ns);
+                }
                 RxEvent::Reply(r) => {
                     answered = true;
                     tracker.on_reply(&r);

@@ -264,26 +264,104 @@ fn bad_flags_are_named() {
     }
 }
 
-#[test]
-fn binding_port_862_without_privilege_says_what_to_do() {
-    // SAFETY-free check of the effective user: root may bind 862, so the case cannot occur.
-    if std::fs::read_to_string("/proc/self/status")
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
         .unwrap()
         .lines()
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-    {
-        eprintln!("skipped: running as root, who may bind port 862");
-        return;
-    }
-    let o = Command::new(AGENT)
+}
+
+#[test]
+fn binding_port_862_without_privilege_says_what_to_do() {
+    // As root (CI), drop to `nobody` for the attempt, so the refusal really happens.
+    let mut cmd = if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            AGENT,
+        ]);
+        c
+    } else {
+        Command::new(AGENT)
+    };
+    let o = cmd
         .args(["reflect", "--listen", "127.0.0.1:862"])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("CAP_NET_BIND_SERVICE") && err.contains("--listen 127.0.0.1:8620"),
         "{err}"
+    );
+}
+
+#[test]
+fn window_reports_decode_and_add_up_to_the_summary() {
+    let r = Reflector::start(&[]);
+    let dir = std::env::temp_dir().join(format!("pathprobe-reports-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let o = probe(&[
+        "--target",
+        &r.addr.to_string(),
+        "--rate",
+        "500",
+        "--count",
+        "600",
+        "--window",
+        "400ms",
+        "--json",
+        "--report-dir",
+        dir.to_str().unwrap(),
+        "--agent-id",
+        "test-agent",
+        "--site",
+        "lab",
+        "--path-name",
+        "vpn-backup",
+        "--path-kind",
+        "vpn",
+        "--dscp",
+        "46",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary = json_lines(&o).pop().unwrap();
+    let mut agg = pathprobe_proto::report::Aggregate::default();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let report = pathprobe_proto::report::WindowReport::from_json(
+            &std::fs::read(entry.unwrap().path()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report.agent_id, "test-agent");
+        assert_eq!(report.site.as_deref(), Some("lab"));
+        assert_eq!(report.path.name, "vpn-backup");
+        assert_eq!(report.path.dscp, 46);
+        assert_eq!(report.path.remote, r.addr);
+        assert!(
+            report
+                .histograms
+                .contains_key(&pathprobe_proto::hist::Metric::Rtt)
+        );
+        agg.add(&report).unwrap();
+    }
+    assert_eq!(agg.windows, summary["windows"].as_u64().unwrap());
+    assert_eq!(agg.counters.sent, 600);
+    assert_eq!(agg.counters.received, summary["received"].as_u64().unwrap());
+    let rtt = &agg.histograms[&pathprobe_proto::hist::Metric::Rtt];
+    #[allow(clippy::cast_precision_loss)]
+    let p99_us = rtt.value_at_quantile(0.99) as f64 / 1000.0;
+    assert_eq!(
+        summary["rtt_us"]["p99"].as_f64(),
+        Some(p99_us),
+        "the summary is the exact merge"
     );
 }
 
