@@ -6,7 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use hdrhistogram::Histogram;
-use pathprobe_proto::hist::{self, Metric, Summary};
+use pathprobe_proto::hist::{self, Metric, Micros, Summary};
 use pathprobe_proto::report::{
     ClockState, Counters, PathInfo, ReportId, Timestamping, Window, WindowReport,
 };
@@ -14,18 +14,6 @@ use serde::Serialize;
 
 use crate::Result;
 use crate::session::WindowStats;
-
-/// Latency percentiles in microseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Percentiles {
-    pub min: f64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
-    pub mean: f64,
-}
 
 /// Jitter (IPDV magnitude) percentiles in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -52,17 +40,8 @@ fn us(ns: u64) -> f64 {
     ns as f64 / 1_000.0
 }
 
-fn percentiles(h: Option<&Histogram<u64>>) -> Option<Percentiles> {
-    let s = Summary::of(h?)?;
-    Some(Percentiles {
-        min: us(s.min),
-        p50: us(s.p50),
-        p90: us(s.p90),
-        p99: us(s.p99),
-        p999: us(s.p999),
-        max: us(s.max),
-        mean: s.mean / 1_000.0,
-    })
+fn percentiles(h: Option<&Histogram<u64>>) -> Option<Micros> {
+    Some(Summary::of(h?)?.micros())
 }
 
 /// A window, or the summary of all windows, as printed.
@@ -76,21 +55,14 @@ pub struct Figures {
     pub start: String,
     pub end: String,
     pub windows: u64,
-    pub sent: u64,
-    pub received: u64,
-    pub lost: u64,
+    /// `sent`, `received`, `lost`, `duplicated`, `reordered`, `late`, ... at the top level.
+    #[serde(flatten)]
+    pub counters: Counters,
     pub loss_pct: Option<f64>,
-    pub duplicated: u64,
-    pub reordered: u64,
-    pub late: u64,
-    pub send_slots_missed: u64,
-    pub ring_drops: u64,
-    pub malformed: u64,
-    pub owd_clamped: u64,
     pub longest_loss_run: Option<u64>,
-    pub rtt_us: Option<Percentiles>,
+    pub rtt_us: Option<Micros>,
     /// RTT from the scheduled send time (coordinated omission).
-    pub rtt_sched_us: Option<Percentiles>,
+    pub rtt_sched_us: Option<Micros>,
     pub ipdv_us: Option<Jitter>,
     pub owd_fwd_us: Option<Owd>,
     pub owd_rev_us: Option<Owd>,
@@ -142,17 +114,8 @@ pub fn figures(labels: &Labels, w: &WindowStats, record: &'static str, windows: 
         start: rfc3339(w.start_wall_ns),
         end: rfc3339(w.end_wall_ns),
         windows,
-        sent: c.sent,
-        received: c.received,
-        lost: c.lost,
+        counters: *c,
         loss_pct: c.loss_pct(),
-        duplicated: c.duplicated,
-        reordered: c.reordered,
-        late: c.late,
-        send_slots_missed: c.send_slots_missed,
-        ring_drops: c.ring_drops,
-        malformed: c.malformed,
-        owd_clamped: c.owd_clamped,
         longest_loss_run: h(Metric::LossRun).and_then(Summary::of).map(|s| s.max),
         rtt_us: percentiles(h(Metric::Rtt)),
         rtt_sched_us: percentiles(h(Metric::RttScheduled)),
@@ -243,7 +206,14 @@ pub fn line(f: &Figures) -> String {
     };
     format!(
         "{} {} sent {} recv {} lost {} ({loss}) reord {} dup {} late {} | {rtt}{ipdv}{owd}",
-        f.end, f.path, f.sent, f.received, f.lost, f.reordered, f.duplicated, f.late
+        f.end,
+        f.path,
+        f.counters.sent,
+        f.counters.received,
+        f.counters.lost,
+        f.counters.reordered,
+        f.counters.duplicated,
+        f.counters.late
     )
 }
 
@@ -258,9 +228,9 @@ pub fn table(f: &Figures) -> String {
     let count = |v: u64| v.to_string();
     let rows: Vec<(&str, String)> = vec![
         ("windows", count(f.windows)),
-        ("probes sent", count(f.sent)),
-        ("received", count(f.received)),
-        ("lost", count(f.lost)),
+        ("probes sent", count(f.counters.sent)),
+        ("received", count(f.counters.received)),
+        ("lost", count(f.counters.lost)),
         (
             "loss %",
             f.loss_pct.map_or("-".into(), |p| format!("{p:.3}")),
@@ -269,12 +239,12 @@ pub fn table(f: &Figures) -> String {
             "longest loss run",
             f.longest_loss_run.map_or("-".into(), count),
         ),
-        ("reordered", count(f.reordered)),
-        ("duplicated", count(f.duplicated)),
-        ("late", count(f.late)),
-        ("send slots missed", count(f.send_slots_missed)),
-        ("ring drops", count(f.ring_drops)),
-        ("malformed replies", count(f.malformed)),
+        ("reordered", count(f.counters.reordered)),
+        ("duplicated", count(f.counters.duplicated)),
+        ("late", count(f.counters.late)),
+        ("send slots missed", count(f.counters.send_slots_missed)),
+        ("ring drops", count(f.counters.ring_drops)),
+        ("malformed replies", count(f.counters.malformed)),
         ("RTT min µs", cell(f.rtt_us.map(|r| r.min))),
         ("RTT p50 µs", cell(f.rtt_us.map(|r| r.p50))),
         ("RTT p90 µs", cell(f.rtt_us.map(|r| r.p90))),

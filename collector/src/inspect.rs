@@ -4,37 +4,11 @@
 use std::collections::BTreeMap;
 
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
-use pathprobe_proto::hist::{Metric, Summary};
+use pathprobe_proto::hist::{Metric, Micros, Summary};
 use pathprobe_proto::report::{Aggregate, ClockState, Counters, PathKind, WindowReport};
 use serde::Serialize;
 
 use crate::{Error, Result};
-
-/// Percentiles in microseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Micros {
-    pub min: f64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
-    pub mean: f64,
-}
-
-#[allow(clippy::cast_precision_loss)] // display only; microseconds of up to 100 s
-fn micros(s: Summary) -> Micros {
-    let us = |ns: u64| ns as f64 / 1_000.0;
-    Micros {
-        min: us(s.min),
-        p50: us(s.p50),
-        p90: us(s.p90),
-        p99: us(s.p99),
-        p999: us(s.p999),
-        max: us(s.max),
-        mean: s.mean / 1_000.0,
-    }
-}
 
 /// One path's windows, merged.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -102,10 +76,10 @@ pub fn summarize<'a>(
                 counters: acc.agg.counters,
                 loss_pct: acc.agg.counters.loss_pct(),
                 longest_loss_run: summary(Metric::LossRun).map(|s| s.max),
-                rtt_us: summary(Metric::Rtt).map(micros),
-                ipdv_us: summary(Metric::Ipdv).map(micros),
-                owd_fwd_us: summary(Metric::OwdForward).map(micros),
-                owd_rev_us: summary(Metric::OwdReverse).map(micros),
+                rtt_us: summary(Metric::Rtt).map(|s| s.micros()),
+                ipdv_us: summary(Metric::Ipdv).map(|s| s.micros()),
+                owd_fwd_us: summary(Metric::OwdForward).map(|s| s.micros()),
+                owd_rev_us: summary(Metric::OwdReverse).map(|s| s.micros()),
                 owd_clock: has_owd.then_some(match acc.clocks {
                     (true, false) => "synchronized",
                     (false, true) => "estimated",

@@ -273,6 +273,35 @@ impl Summary {
     }
 }
 
+/// Percentiles of a latency histogram in microseconds, for people and JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Micros {
+    pub min: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl Summary {
+    /// These nanosecond percentiles in microseconds.
+    #[allow(clippy::cast_precision_loss)] // display: microseconds of at most 100 s
+    pub fn micros(&self) -> Micros {
+        let us = |ns: u64| ns as f64 / 1_000.0;
+        Micros {
+            min: us(self.min),
+            p50: us(self.p50),
+            p90: us(self.p90),
+            p99: us(self.p99),
+            p999: us(self.p999),
+            max: us(self.max),
+            mean: self.mean / 1_000.0,
+        }
+    }
+}
+
 fn be_u32(b: &[u8], at: usize) -> Option<u32> {
     let s = b.get(at..at + 4)?;
     Some(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
@@ -529,6 +558,8 @@ mod tests {
         assert_eq!(s.p99, 990);
         assert_eq!(s.p999, 999);
         assert!(Summary::of(&Metric::Rtt.new_histogram()).is_none());
+        let us = s.micros();
+        assert_eq!((us.min, us.p50, us.max), (0.001, 0.5, 1.0));
     }
 
     proptest! {
