@@ -26,14 +26,12 @@ struct Reflector {
 
 impl Reflector {
     fn start(extra: &[&str]) -> Self {
+        Self::start_on("127.0.0.1:0", extra)
+    }
+
+    fn start_on(listen: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(AGENT)
-            .args([
-                "reflect",
-                "--listen",
-                "127.0.0.1:0",
-                "--stats-interval",
-                "0s",
-            ])
+            .args(["reflect", "--listen", listen, "--stats-interval", "0s"])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -144,6 +142,29 @@ fn every_probe_is_counted_and_windows_add_up_to_the_summary() {
         summary["owd_fwd_us"]["clock"].as_str(),
         Some("estimated" | "synchronized")
     ));
+}
+
+#[test]
+fn ipv6_probes_are_answered_and_timed_by_the_kernel() {
+    let r = Reflector::start_on("[::1]:0", &[]);
+    let o = probe(&[
+        "--target",
+        &r.addr.to_string(),
+        "--rate",
+        "500",
+        "--count",
+        "200",
+        "--json",
+        "--dscp",
+        "46",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary = json_lines(&o).pop().unwrap();
+    assert_eq!(
+        (summary["sent"].as_u64(), summary["received"].as_u64()),
+        (Some(200), Some(200))
+    );
+    assert_eq!(summary["timestamping"]["rx"], "kernel");
 }
 
 #[test]
