@@ -13,6 +13,32 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The store cannot be opened.
+    #[error("cannot open the store {}: {source}; check the path and its permissions", path.display())]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    /// There is no store there.
+    #[error("no store at {}: start `pathprobe-collector serve --db {}` first, or check --db", path.display(), path.display())]
+    Missing { path: PathBuf },
+    /// The store was written by another version.
+    #[error(
+        "the store has schema version {found} but this build knows {expected}: use the pathprobe-collector that wrote it, or a newer one"
+    )]
+    SchemaVersion { found: i64, expected: i64 },
+    /// A store operation failed.
+    #[error("store: cannot {what}: {source}")]
+    Db {
+        what: String,
+        source: rusqlite::Error,
+    },
+    /// Stored data that does not decode.
+    #[error("store holds corrupt data ({what}): {source}")]
+    Corrupt {
+        what: String,
+        source: pathprobe_proto::Error,
+    },
     /// A report that cannot be decoded or merged.
     #[error("report {origin}: {source}")]
     Report {

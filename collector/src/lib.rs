@@ -4,5 +4,6 @@
 
 mod error;
 pub mod inspect;
+pub mod store;
 
 pub use error::{Error, Result};

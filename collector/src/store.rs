@@ -1,0 +1,886 @@
+//! The collector's store: one SQLite file in WAL mode.
+//!
+//! - A report is stored in one transaction with `synchronous = FULL`, so once `ingest`
+//!   returns it survives a crash or `kill -9`; its id is the primary key, so a retried
+//!   report is acknowledged and ignored, never counted twice.
+//! - Histograms are kept as V2+DEFLATE blobs, the form they travel in.
+//! - Rollups by minute and by hour are maintained by exact merging ([`Store::roll_up`], run
+//!   in the background): each bucket holds the sum of the windows marked `rolled` that start
+//!   in it. A query reads whole buckets from the rollups plus any window not yet rolled, and
+//!   raw windows at the ragged edges of its range: the answer is exactly the merge of every
+//!   window whose start lies in the range.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use hdrhistogram::Histogram;
+use pathprobe_proto::hist::{self, Metric};
+use pathprobe_proto::report::{Aggregate, ClockState, Counters, WindowReport};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// Rollup levels, in nanoseconds: one minute and one hour.
+pub const LEVELS: [i64; 2] = [60_000_000_000, 3_600_000_000_000];
+
+/// The schema, one migration per version (`PRAGMA user_version`).
+const MIGRATIONS: &[&str] = &[r"
+CREATE TABLE paths (
+    id INTEGER PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    site TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    local TEXT NOT NULL,
+    remote TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    dscp INTEGER NOT NULL,
+    packet_size INTEGER NOT NULL,
+    UNIQUE (agent_id, site, name, kind, local, remote, protocol, dscp, packet_size)
+);
+CREATE TABLE reports (
+    id BLOB PRIMARY KEY,
+    path_id INTEGER NOT NULL REFERENCES paths(id),
+    start_ns INTEGER NOT NULL,
+    end_ns INTEGER NOT NULL,
+    received_ns INTEGER NOT NULL,
+    owd_clock TEXT NOT NULL,
+    counters TEXT NOT NULL,
+    rolled INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX reports_by_time ON reports(path_id, start_ns);
+CREATE INDEX reports_unrolled ON reports(rolled) WHERE rolled = 0;
+CREATE TABLE report_histograms (
+    report_id BLOB NOT NULL,
+    metric TEXT NOT NULL,
+    blob BLOB NOT NULL,
+    PRIMARY KEY (report_id, metric)
+) WITHOUT ROWID;
+CREATE TABLE rollups (
+    path_id INTEGER NOT NULL,
+    level INTEGER NOT NULL,
+    bucket_ns INTEGER NOT NULL,
+    windows INTEGER NOT NULL,
+    counters TEXT NOT NULL,
+    synchronized INTEGER NOT NULL,
+    estimated INTEGER NOT NULL,
+    PRIMARY KEY (path_id, level, bucket_ns)
+) WITHOUT ROWID;
+CREATE TABLE rollup_histograms (
+    path_id INTEGER NOT NULL,
+    level INTEGER NOT NULL,
+    bucket_ns INTEGER NOT NULL,
+    metric TEXT NOT NULL,
+    blob BLOB NOT NULL,
+    PRIMARY KEY (path_id, level, bucket_ns, metric)
+) WITHOUT ROWID;
+"];
+
+/// The schema version this build writes: the number of migrations.
+fn schema_version() -> i64 {
+    i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)
+}
+
+fn db(what: &str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
+    move |source| Error::Db {
+        what: what.to_string(),
+        source,
+    }
+}
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// A stored path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PathRow {
+    pub id: i64,
+    pub agent_id: String,
+    pub site: String,
+    pub name: String,
+    pub kind: String,
+    pub local: String,
+    pub remote: String,
+    pub protocol: String,
+    pub dscp: u8,
+    pub packet_size: u16,
+    pub windows: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+}
+
+/// Which paths a question is about: by name or kind, optionally at one site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selector {
+    pub name_or_kind: String,
+    pub site: Option<String>,
+}
+
+impl Selector {
+    fn matches(&self, p: &PathRow) -> bool {
+        (p.name == self.name_or_kind || p.kind == self.name_or_kind)
+            && self.site.as_ref().is_none_or(|s| *s == p.site)
+    }
+}
+
+/// Windows merged exactly, with how many came from where.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Merged {
+    pub aggregate: Aggregate,
+    /// Windows whose one-way delay came from synchronized and from estimated clocks.
+    pub synchronized_windows: u64,
+    pub estimated_windows: u64,
+    /// The paths that matched.
+    pub paths: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Acc {
+    windows: u64,
+    counters: Counters,
+    histograms: BTreeMap<Metric, Histogram<u64>>,
+    synchronized: u64,
+    estimated: u64,
+}
+
+impl Acc {
+    fn add_clock(&mut self, c: ClockState) {
+        match c {
+            ClockState::Synchronized { .. } => self.synchronized += 1,
+            ClockState::Estimated { .. } => self.estimated += 1,
+            ClockState::Unavailable => {}
+        }
+    }
+
+    fn add_histogram(&mut self, metric: Metric, h: &Histogram<u64>) -> Result<()> {
+        let into = self
+            .histograms
+            .entry(metric)
+            .or_insert_with(|| metric.new_histogram());
+        hist::merge(metric, into, h).map_err(|source| Error::Corrupt {
+            what: format!("{} histogram", metric.key()),
+            source,
+        })
+    }
+
+    fn add_blob(&mut self, metric: &str, blob: &[u8]) -> Result<()> {
+        let metric = parse_metric(metric)?;
+        let h = hist::decode(metric, blob).map_err(|source| Error::Corrupt {
+            what: format!("stored {} histogram", metric.key()),
+            source,
+        })?;
+        self.add_histogram(metric, &h)
+    }
+
+    fn add_counters(&mut self, json: &str) -> Result<()> {
+        let c: Counters = serde_json::from_str(json).map_err(|e| Error::Corrupt {
+            what: "stored counters".to_string(),
+            source: pathprobe_proto::Error::Json(e.to_string()),
+        })?;
+        self.counters.merge(&c).map_err(|source| Error::Corrupt {
+            what: "counters".to_string(),
+            source,
+        })
+    }
+
+    fn absorb(&mut self, other: &Self) -> Result<()> {
+        self.windows += other.windows;
+        self.synchronized += other.synchronized;
+        self.estimated += other.estimated;
+        self.counters
+            .merge(&other.counters)
+            .map_err(|source| Error::Corrupt {
+                what: "counters".to_string(),
+                source,
+            })?;
+        for (&m, h) in &other.histograms {
+            self.add_histogram(m, h)?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_metric(key: &str) -> Result<Metric> {
+    Metric::ALL
+        .into_iter()
+        .find(|m| m.key() == key)
+        .ok_or_else(|| Error::Corrupt {
+            what: format!("unknown metric `{key}` in the store"),
+            source: pathprobe_proto::Error::Json(key.to_string()),
+        })
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+/// What one ingest did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Ingested {
+    /// Reports stored now.
+    pub accepted: u64,
+    /// Reports already stored (retries), acknowledged and ignored.
+    pub duplicates: u64,
+}
+
+/// The store.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating and migrating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path).map_err(|source| Error::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db("set a busy timeout"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db("switch to WAL"))?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db("set synchronous = FULL"))?;
+        let mut store = Self { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Opens the store read-only, for queries beside a running server.
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::Missing {
+                path: path.to_owned(),
+            });
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| Error::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db("set a busy timeout"))?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db("read the schema version"))?;
+        if version != schema_version() {
+            return Err(Error::SchemaVersion {
+                found: version,
+                expected: schema_version(),
+            });
+        }
+        Ok(Self { conn })
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db("read the schema version"))?;
+        let known = schema_version();
+        if version > known {
+            return Err(Error::SchemaVersion {
+                found: version,
+                expected: known,
+            });
+        }
+        for (done, sql) in (1i64..)
+            .zip(MIGRATIONS)
+            .skip(usize::try_from(version).unwrap_or(0))
+        {
+            let tx = self.conn.transaction().map_err(db("begin a migration"))?;
+            tx.execute_batch(sql).map_err(db("migrate the schema"))?;
+            tx.pragma_update(None, "user_version", done)
+                .map_err(db("record the schema version"))?;
+            tx.commit().map_err(db("commit a migration"))?;
+        }
+        Ok(())
+    }
+
+    fn path_id(tx: &Transaction<'_>, r: &WindowReport) -> Result<i64> {
+        let p = &r.path;
+        let key = params![
+            r.agent_id,
+            r.site.clone().unwrap_or_default(),
+            p.name,
+            p.kind.as_str(),
+            p.local.to_string(),
+            p.remote.to_string(),
+            p.protocol.as_str(),
+            p.dscp,
+            p.packet_size
+        ];
+        tx.execute(
+            "INSERT OR IGNORE INTO paths (agent_id, site, name, kind, local, remote, protocol, dscp, packet_size)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            key,
+        )
+        .map_err(db("store a path"))?;
+        tx.query_row(
+            "SELECT id FROM paths WHERE agent_id = ?1 AND site = ?2 AND name = ?3 AND kind = ?4
+             AND local = ?5 AND remote = ?6 AND protocol = ?7 AND dscp = ?8 AND packet_size = ?9",
+            key,
+            |row| row.get(0),
+        )
+        .map_err(db("find a path"))
+    }
+
+    /// Stores `reports` in one durable transaction; reports already stored are counted as
+    /// duplicates. On error nothing is stored.
+    pub fn ingest(&mut self, reports: &[WindowReport], now_ns: u64) -> Result<Ingested> {
+        let mut out = Ingested::default();
+        let tx = self.conn.transaction().map_err(db("begin an ingest"))?;
+        for r in reports {
+            let path_id = Self::path_id(&tx, r)?;
+            let inserted = tx
+                .execute(
+                    "INSERT OR IGNORE INTO reports (id, path_id, start_ns, end_ns, received_ns, owd_clock, counters)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        &r.report_id.0[..],
+                        path_id,
+                        i64_of(r.window.start_unix_ns),
+                        i64_of(r.window.end_unix_ns),
+                        i64_of(now_ns),
+                        json(&r.owd_clock),
+                        json(&r.counters)
+                    ],
+                )
+                .map_err(db("store a report"))?;
+            if inserted == 0 {
+                out.duplicates += 1;
+                continue;
+            }
+            for (&m, h) in &r.histograms {
+                let blob = hist::encode(m, h).map_err(|source| Error::Corrupt {
+                    what: "a histogram to store".to_string(),
+                    source,
+                })?;
+                tx.execute(
+                    "INSERT INTO report_histograms (report_id, metric, blob) VALUES (?1, ?2, ?3)",
+                    params![&r.report_id.0[..], m.key(), blob],
+                )
+                .map_err(db("store a histogram"))?;
+            }
+            out.accepted += 1;
+        }
+        tx.commit().map_err(db("commit an ingest"))?;
+        Ok(out)
+    }
+
+    /// Every path, with its number of windows and time span.
+    pub fn paths(&self) -> Result<Vec<PathRow>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT p.id, p.agent_id, p.site, p.name, p.kind, p.local, p.remote, p.protocol, p.dscp,
+                        p.packet_size, COUNT(r.id), COALESCE(MIN(r.start_ns), 0), COALESCE(MAX(r.end_ns), 0)
+                 FROM paths p LEFT JOIN reports r ON r.path_id = p.id
+                 GROUP BY p.id ORDER BY p.site, p.name, p.agent_id",
+            )
+            .map_err(db("list paths"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(PathRow {
+                    id: r.get(0)?,
+                    agent_id: r.get(1)?,
+                    site: r.get(2)?,
+                    name: r.get(3)?,
+                    kind: r.get(4)?,
+                    local: r.get(5)?,
+                    remote: r.get(6)?,
+                    protocol: r.get(7)?,
+                    dscp: r.get(8)?,
+                    packet_size: r.get(9)?,
+                    windows: u64_of(r.get(10)?),
+                    first_ns: u64_of(r.get(11)?),
+                    last_ns: u64_of(r.get(12)?),
+                })
+            })
+            .map_err(db("list paths"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db("list paths"))
+    }
+
+    /// Adds up to `limit` windows not yet rolled into the minute and hour rollups, exactly,
+    /// in one transaction. Returns how many were rolled.
+    pub fn roll_up(&mut self, limit: usize) -> Result<usize> {
+        let tx = self.conn.transaction().map_err(db("begin a rollup"))?;
+        let reports: Vec<(Vec<u8>, i64, i64, String, String)> = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT id, path_id, start_ns, owd_clock, counters FROM reports
+                     WHERE rolled = 0 LIMIT ?1",
+                )
+                .map_err(db("find windows to roll up"))?;
+            stmt.query_map([i64_of(limit as u64)], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .map_err(db("find windows to roll up"))?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(db("find windows to roll up"))?
+        };
+        if reports.is_empty() {
+            return Ok(0);
+        }
+        // Merge the new windows per (path, level, bucket) first, so each bucket is read,
+        // decoded and written once per rollup pass.
+        let mut buckets: BTreeMap<(i64, i64, i64), Acc> = BTreeMap::new();
+        for (id, path_id, start, clock, counters) in &reports {
+            let mut one = Acc {
+                windows: 1,
+                ..Acc::default()
+            };
+            one.add_counters(counters)?;
+            one.add_clock(serde_json::from_str(clock).unwrap_or(ClockState::Unavailable));
+            Self::load_histograms(&tx, id, &mut one)?;
+            for level in LEVELS {
+                let bucket = start - start.rem_euclid(level);
+                buckets
+                    .entry((*path_id, level, bucket))
+                    .or_default()
+                    .absorb(&one)?;
+            }
+        }
+        for ((path_id, level, bucket), new) in &buckets {
+            let mut acc = Self::load_rollup(&tx, *path_id, *level, *bucket)?.unwrap_or_default();
+            acc.absorb(new)?;
+            Self::store_rollup(&tx, *path_id, *level, *bucket, &acc)?;
+        }
+        {
+            let mut mark = tx
+                .prepare("UPDATE reports SET rolled = 1 WHERE id = ?1")
+                .map_err(db("mark rolled windows"))?;
+            for (id, ..) in &reports {
+                mark.execute([id]).map_err(db("mark rolled windows"))?;
+            }
+        }
+        tx.commit().map_err(db("commit a rollup"))?;
+        Ok(reports.len())
+    }
+
+    fn load_histograms(conn: &Connection, report_id: &[u8], acc: &mut Acc) -> Result<()> {
+        let mut stmt = conn
+            .prepare_cached("SELECT metric, blob FROM report_histograms WHERE report_id = ?1")
+            .map_err(db("read histograms"))?;
+        let rows = stmt
+            .query_map([report_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(db("read histograms"))?;
+        for row in rows {
+            let (metric, blob) = row.map_err(db("read histograms"))?;
+            acc.add_blob(&metric, &blob)?;
+        }
+        Ok(())
+    }
+
+    fn load_rollup(
+        conn: &Connection,
+        path_id: i64,
+        level: i64,
+        bucket: i64,
+    ) -> Result<Option<Acc>> {
+        let head: Option<(i64, String, i64, i64)> = conn
+            .query_row(
+                "SELECT windows, counters, synchronized, estimated FROM rollups
+                 WHERE path_id = ?1 AND level = ?2 AND bucket_ns = ?3",
+                params![path_id, level, bucket],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(db("read a rollup"))?;
+        let Some((windows, counters, synchronized, estimated)) = head else {
+            return Ok(None);
+        };
+        let mut acc = Acc {
+            windows: u64_of(windows),
+            synchronized: u64_of(synchronized),
+            estimated: u64_of(estimated),
+            ..Acc::default()
+        };
+        acc.add_counters(&counters)?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT metric, blob FROM rollup_histograms WHERE path_id = ?1 AND level = ?2 AND bucket_ns = ?3",
+            )
+            .map_err(db("read a rollup"))?;
+        let rows = stmt
+            .query_map(params![path_id, level, bucket], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(db("read a rollup"))?;
+        for row in rows {
+            let (metric, blob) = row.map_err(db("read a rollup"))?;
+            acc.add_blob(&metric, &blob)?;
+        }
+        Ok(Some(acc))
+    }
+
+    fn store_rollup(
+        tx: &Transaction<'_>,
+        path_id: i64,
+        level: i64,
+        bucket: i64,
+        acc: &Acc,
+    ) -> Result<()> {
+        tx.execute(
+            "INSERT OR REPLACE INTO rollups (path_id, level, bucket_ns, windows, counters, synchronized, estimated)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                path_id,
+                level,
+                bucket,
+                i64_of(acc.windows),
+                json(&acc.counters),
+                i64_of(acc.synchronized),
+                i64_of(acc.estimated)
+            ],
+        )
+        .map_err(db("write a rollup"))?;
+        for (&m, h) in &acc.histograms {
+            let blob = hist::encode(m, h).map_err(|source| Error::Corrupt {
+                what: "a rollup histogram".to_string(),
+                source,
+            })?;
+            tx.execute(
+                "INSERT OR REPLACE INTO rollup_histograms (path_id, level, bucket_ns, metric, blob)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![path_id, level, bucket, m.key(), blob],
+            )
+            .map_err(db("write a rollup"))?;
+        }
+        Ok(())
+    }
+
+    /// Adds the raw windows of `path_id` starting in `[from, to)`; with `unrolled_only`, only
+    /// those not yet in a rollup.
+    fn add_raw(
+        &self,
+        acc: &mut Acc,
+        path_id: i64,
+        from: i64,
+        to: i64,
+        unrolled_only: bool,
+    ) -> Result<()> {
+        let sql = if unrolled_only {
+            "SELECT id, owd_clock, counters FROM reports
+             WHERE path_id = ?1 AND start_ns >= ?2 AND start_ns < ?3 AND rolled = 0"
+        } else {
+            "SELECT id, owd_clock, counters FROM reports
+             WHERE path_id = ?1 AND start_ns >= ?2 AND start_ns < ?3"
+        };
+        let mut stmt = self.conn.prepare_cached(sql).map_err(db("read windows"))?;
+        let rows: Vec<(Vec<u8>, String, String)> = stmt
+            .query_map(params![path_id, from, to], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .map_err(db("read windows"))?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(db("read windows"))?;
+        for (id, clock, counters) in rows {
+            acc.windows += 1;
+            acc.add_counters(&counters)?;
+            acc.add_clock(serde_json::from_str(&clock).unwrap_or(ClockState::Unavailable));
+            Self::load_histograms(&self.conn, &id, acc)?;
+        }
+        Ok(())
+    }
+
+    /// Adds the `level` rollups of buckets in `[from, to)` (both multiples of `level`).
+    fn add_rollups(
+        &self,
+        acc: &mut Acc,
+        path_id: i64,
+        level: i64,
+        from: i64,
+        to: i64,
+    ) -> Result<()> {
+        let buckets: Vec<i64> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "SELECT bucket_ns FROM rollups WHERE path_id = ?1 AND level = ?2 AND bucket_ns >= ?3 AND bucket_ns < ?4",
+                )
+                .map_err(db("read rollups"))?;
+            stmt.query_map(params![path_id, level, from, to], |r| r.get(0))
+                .map_err(db("read rollups"))?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(db("read rollups"))?
+        };
+        for b in buckets {
+            if let Some(r) = Self::load_rollup(&self.conn, path_id, level, b)? {
+                acc.absorb(&r)?;
+            }
+        }
+        // Windows in these buckets that the rollup job has not reached yet.
+        self.add_raw(acc, path_id, from, to, true)
+    }
+
+    /// Exactly merges every window of `path_id` starting in `[from, to)`.
+    fn merge_path(&self, path_id: i64, from: i64, to: i64) -> Result<Acc> {
+        let mut acc = Acc::default();
+        let ceil = |t: i64, l: i64| t + (l - t.rem_euclid(l)) % l;
+        let floor = |t: i64, l: i64| t - t.rem_euclid(l);
+        let [minute, hour] = LEVELS;
+        let (m1, m2) = (ceil(from, minute).min(to), floor(to, minute).max(from));
+        if m1 >= m2 {
+            self.add_raw(&mut acc, path_id, from, to, false)?;
+            return Ok(acc);
+        }
+        let (h1, h2) = (ceil(m1, hour).min(m2), floor(m2, hour).max(m1));
+        self.add_raw(&mut acc, path_id, from, m1, false)?;
+        if h1 < h2 {
+            self.add_rollups(&mut acc, path_id, minute, m1, h1)?;
+            self.add_rollups(&mut acc, path_id, hour, h1, h2)?;
+            self.add_rollups(&mut acc, path_id, minute, h2, m2)?;
+        } else {
+            self.add_rollups(&mut acc, path_id, minute, m1, m2)?;
+        }
+        self.add_raw(&mut acc, path_id, m2, to, false)?;
+        Ok(acc)
+    }
+
+    /// Every window of the paths `sel` matches, starting in `[from_ns, to_ns)`, merged
+    /// exactly.
+    pub fn query(&self, sel: &Selector, from_ns: u64, to_ns: u64) -> Result<Merged> {
+        let paths: Vec<i64> = self
+            .paths()?
+            .into_iter()
+            .filter(|p| sel.matches(p))
+            .map(|p| p.id)
+            .collect();
+        let mut total = Acc::default();
+        for &id in &paths {
+            let acc = self.merge_path(id, i64_of(from_ns), i64_of(to_ns))?;
+            total.absorb(&acc)?;
+        }
+        Ok(Merged {
+            aggregate: Aggregate {
+                windows: total.windows,
+                counters: total.counters,
+                histograms: total.histograms,
+            },
+            synchronized_windows: total.synchronized,
+            estimated_windows: total.estimated,
+            paths,
+        })
+    }
+
+    /// Windows stored, and windows not yet rolled up.
+    pub fn counts(&self) -> Result<(u64, u64)> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(rolled = 0), 0) FROM reports",
+                [],
+                |r| Ok((u64_of(r.get(0)?), u64_of(r.get(1)?))),
+            )
+            .map_err(db("count windows"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pathprobe_proto::report::{
+        PathInfo, PathKind, ProbeProtocol, ReportId, TimestampSource, Timestamping, Window,
+    };
+
+    const T0: u64 = 1_795_680_000_000_000_000; // 2026-11-26T08:00:00Z, an hour boundary
+    const W: u64 = 10_000_000_000;
+
+    fn report(id: u32, name: &str, kind: PathKind, start: u64, seed: u64) -> WindowReport {
+        let mut rtt = Metric::Rtt.new_histogram();
+        let mut runs = Metric::LossRun.new_histogram();
+        let mut x = seed | 1;
+        for _ in 0..50 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            rtt.record(1_000 + x % 50_000_000).unwrap();
+        }
+        runs.record(1 + seed % 5).unwrap();
+        let mut rid = [0u8; 16];
+        rid[..4].copy_from_slice(&id.to_be_bytes());
+        rid[4..8].copy_from_slice(&name.len().to_be_bytes()[4..]);
+        rid[8] = kind as u8;
+        WindowReport {
+            report_id: ReportId(rid),
+            agent_id: "ams-01".into(),
+            site: Some("ams".into()),
+            path: PathInfo {
+                name: name.into(),
+                kind,
+                local: "10.0.0.1:40000".parse().unwrap(),
+                remote: "10.1.0.4:862".parse().unwrap(),
+                protocol: ProbeProtocol::Stamp,
+                dscp: 0,
+                packet_size: 44,
+            },
+            window: Window {
+                start_unix_ns: start,
+                end_unix_ns: start + W,
+            },
+            timestamping: Timestamping {
+                rx: TimestampSource::Kernel,
+                tx: TimestampSource::Kernel,
+            },
+            owd_clock: ClockState::Unavailable,
+            counters: Counters {
+                sent: 50 + seed % 3,
+                received: 50,
+                lost: seed % 3,
+                ..Counters::default()
+            },
+            histograms: [(Metric::Rtt, rtt), (Metric::LossRun, runs)].into(),
+        }
+    }
+
+    fn temp_db(name: &str) -> std::path::PathBuf {
+        let p =
+            std::env::temp_dir().join(format!("pathprobe-store-{name}-{}.db", std::process::id()));
+        for ext in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{ext}", p.display()));
+        }
+        p
+    }
+
+    #[test]
+    fn a_retried_report_is_stored_once() {
+        let mut s = Store::open(&temp_db("dup")).unwrap();
+        let r = report(1, "er", PathKind::Expressroute, T0, 7);
+        assert_eq!(
+            s.ingest(std::slice::from_ref(&r), 0).unwrap(),
+            Ingested {
+                accepted: 1,
+                duplicates: 0
+            }
+        );
+        assert_eq!(
+            s.ingest(&[r.clone(), r], 0).unwrap(),
+            Ingested {
+                accepted: 0,
+                duplicates: 2
+            }
+        );
+        assert_eq!(s.counts().unwrap(), (1, 1));
+    }
+
+    #[test]
+    fn reports_survive_a_reopen() {
+        let path = temp_db("reopen");
+        {
+            let mut s = Store::open(&path).unwrap();
+            s.ingest(&[report(1, "er", PathKind::Expressroute, T0, 1)], 0)
+                .unwrap();
+        }
+        let s = Store::open_read_only(&path).unwrap();
+        let paths = s.paths().unwrap();
+        assert_eq!(paths.len(), 1);
+        assert_eq!((paths[0].name.as_str(), paths[0].windows), ("er", 1));
+    }
+
+    #[test]
+    fn queries_are_exact_whatever_has_been_rolled_up() {
+        let mut s = Store::open(&temp_db("exact")).unwrap();
+        // Three hours of 10 s windows on two paths.
+        let mut all = Vec::new();
+        for i in 0..(3 * 360) {
+            for (k, (name, kind)) in [("er", PathKind::Expressroute), ("vpn", PathKind::Vpn)]
+                .into_iter()
+                .enumerate()
+            {
+                all.push(report(
+                    i,
+                    name,
+                    kind,
+                    T0 + u64::from(i) * W,
+                    u64::from(i) * 2 + k as u64,
+                ));
+            }
+        }
+        s.ingest(&all, 0).unwrap();
+        // Roll up part of them, as a running server would have.
+        s.roll_up(1_500).unwrap();
+        let ranges = [
+            (T0, T0 + 3 * 3_600 * 1_000_000_000), // exactly three hours
+            (T0 + 7 * W + 3, T0 + 2 * 3_600_000_000_000 + 17 * W + 1), // ragged both ends
+            (T0 + 65_000_000_000, T0 + 125_000_000_000), // under two minutes
+            (T0 + 15 * W, T0 + 16 * W),           // one window
+            (T0 - 3_600_000_000_000, T0),         // nothing
+        ];
+        for pass in 0..2 {
+            for (from, to) in ranges {
+                for name in ["er", "vpn", "expressroute"] {
+                    let sel = Selector {
+                        name_or_kind: name.into(),
+                        site: None,
+                    };
+                    let got = s.query(&sel, from, to).unwrap();
+                    let mut want = Aggregate::default();
+                    for r in all.iter().filter(|r| {
+                        (r.path.name == name || r.path.kind.as_str() == name)
+                            && r.window.start_unix_ns >= from
+                            && r.window.start_unix_ns < to
+                    }) {
+                        want.add(r).unwrap();
+                    }
+                    assert_eq!(got.aggregate, want, "pass {pass} {name} {from}..{to}");
+                }
+            }
+            // Second pass: everything rolled up.
+            while s.roll_up(1_000).unwrap() > 0 {}
+        }
+        assert_eq!(s.counts().unwrap(), (2_160, 0));
+    }
+
+    #[test]
+    fn selectors_match_name_or_kind_and_site() {
+        let mut s = Store::open(&temp_db("sel")).unwrap();
+        let mut other_site = report(2, "er-2", PathKind::Expressroute, T0, 3);
+        other_site.site = Some("fra".into());
+        s.ingest(
+            &[report(1, "er-1", PathKind::Expressroute, T0, 1), other_site],
+            0,
+        )
+        .unwrap();
+        let q = |n: &str, site: Option<&str>| {
+            s.query(
+                &Selector {
+                    name_or_kind: n.into(),
+                    site: site.map(Into::into),
+                },
+                T0,
+                T0 + W,
+            )
+            .unwrap()
+            .aggregate
+            .windows
+        };
+        assert_eq!(q("expressroute", None), 2);
+        assert_eq!(q("expressroute", Some("fra")), 1);
+        assert_eq!(q("er-1", None), 1);
+        assert_eq!(q("vpn", None), 0);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let path = temp_db("schema");
+        {
+            let s = Store::open(&path).unwrap();
+            s.conn.pragma_update(None, "user_version", 99).unwrap();
+        }
+        let err = Store::open(&path).unwrap_err().to_string();
+        assert!(err.contains("99"), "{err}");
+    }
+}
