@@ -1,5 +1,6 @@
 //! The one error type of `pathprobe-collector`'s library.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use thiserror::Error;
@@ -38,6 +39,17 @@ pub enum Error {
     Corrupt {
         what: String,
         source: pathprobe_proto::Error,
+    },
+    /// A setting or a file that cannot work; the message says where and why.
+    #[error("{0}")]
+    Config(String),
+    /// The listening address cannot be used.
+    #[error(
+        "cannot serve on {addr}: {source}; choose another --listen address or stop what uses it"
+    )]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
     },
     /// A report that cannot be decoded or merged.
     #[error("report {origin}: {source}")]

@@ -1,0 +1,183 @@
+//! ExpressRoute vs VPN, side by side: the figures of two path selections over one time
+//! range, each computed from the exact merge of their windows, with the difference (b − a)
+//! and ratio (b / a) of every figure.
+
+use std::fmt::Write as _;
+use std::time::{Duration, UNIX_EPOCH};
+
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use pathprobe_proto::hist::{Metric, Summary};
+use serde::Serialize;
+
+use crate::Result;
+use crate::store::{Merged, Selector, Store};
+
+/// One figure of both sides.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Row {
+    pub figure: &'static str,
+    pub a: Option<f64>,
+    pub b: Option<f64>,
+    /// b − a.
+    pub diff: Option<f64>,
+    /// b / a.
+    pub ratio: Option<f64>,
+}
+
+/// A comparison.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Comparison {
+    pub a: String,
+    pub b: String,
+    pub site: Option<String>,
+    pub from: String,
+    pub to: String,
+    /// How the one-way delays' clocks were known on each side: `synchronized`,
+    /// `estimated`, `mixed` or `unavailable`.
+    pub owd_clock_a: &'static str,
+    pub owd_clock_b: &'static str,
+    pub rows: Vec<Row>,
+}
+
+#[allow(clippy::cast_precision_loss)] // figures for people; counts far below 2^53
+fn f(v: u64) -> f64 {
+    v as f64
+}
+
+fn clock(m: &Merged) -> &'static str {
+    match (m.synchronized_windows, m.estimated_windows) {
+        (0, 0) => "unavailable",
+        (_, 0) => "synchronized",
+        (0, _) => "estimated",
+        _ => "mixed",
+    }
+}
+
+/// The figures of one side, in row order.
+fn figures(m: &Merged) -> Vec<(&'static str, Option<f64>)> {
+    let c = &m.aggregate.counters;
+    let s = |metric| m.aggregate.histograms.get(&metric).and_then(Summary::of);
+    let us = |metric, pick: fn(&Summary) -> u64| s(metric).map(|x| f(pick(&x)) / 1_000.0);
+    let known = c.received + c.lost;
+    let pct = |n: u64| (known > 0).then(|| 100.0 * f(n) / f(known));
+    let per_received = |n: u64| (c.received > 0).then(|| 100.0 * f(n) / f(c.received));
+    let mbps = |pick: fn(&Summary) -> u64| s(Metric::Throughput).map(|x| f(pick(&x)) / 1e6);
+    vec![
+        ("paths", Some(f(m.paths.len() as u64))),
+        ("windows", Some(f(m.aggregate.windows))),
+        ("probes sent", Some(f(c.sent))),
+        ("probes received", Some(f(c.received))),
+        ("loss %", pct(c.lost)),
+        ("longest loss run", s(Metric::LossRun).map(|x| f(x.max))),
+        ("reordered %", per_received(c.reordered)),
+        ("duplicated %", per_received(c.duplicated)),
+        ("RTT min µs", us(Metric::Rtt, |x| x.min)),
+        ("RTT p50 µs", us(Metric::Rtt, |x| x.p50)),
+        ("RTT p90 µs", us(Metric::Rtt, |x| x.p90)),
+        ("RTT p99 µs", us(Metric::Rtt, |x| x.p99)),
+        ("RTT p99.9 µs", us(Metric::Rtt, |x| x.p999)),
+        ("RTT max µs", us(Metric::Rtt, |x| x.max)),
+        ("jitter (IPDV) p50 µs", us(Metric::Ipdv, |x| x.p50)),
+        ("jitter (IPDV) p99 µs", us(Metric::Ipdv, |x| x.p99)),
+        ("one-way forward p50 µs", us(Metric::OwdForward, |x| x.p50)),
+        ("one-way forward p99 µs", us(Metric::OwdForward, |x| x.p99)),
+        ("one-way reverse p50 µs", us(Metric::OwdReverse, |x| x.p50)),
+        ("one-way reverse p99 µs", us(Metric::OwdReverse, |x| x.p99)),
+        ("throughput p50 Mbit/s", mbps(|x| x.p50)),
+        ("throughput p99 Mbit/s", mbps(|x| x.p99)),
+        ("throughput max Mbit/s", mbps(|x| x.max)),
+    ]
+}
+
+fn rfc3339(ns: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
+}
+
+/// Compares the windows of `a` and `b` starting in `[from_ns, to_ns)`.
+pub fn compare(
+    store: &Store,
+    a: &Selector,
+    b: &Selector,
+    from_ns: u64,
+    to_ns: u64,
+) -> Result<Comparison> {
+    let ma = store.query(a, from_ns, to_ns)?;
+    let mb = store.query(b, from_ns, to_ns)?;
+    let rows = figures(&ma)
+        .into_iter()
+        .zip(figures(&mb))
+        .map(|((figure, a), (_, b))| Row {
+            figure,
+            a,
+            b,
+            diff: a.zip(b).map(|(a, b)| b - a),
+            ratio: a.zip(b).and_then(|(a, b)| (a != 0.0).then(|| b / a)),
+        })
+        .collect();
+    Ok(Comparison {
+        a: a.name_or_kind.clone(),
+        b: b.name_or_kind.clone(),
+        site: a.site.clone(),
+        from: rfc3339(from_ns),
+        to: rfc3339(to_ns),
+        owd_clock_a: clock(&ma),
+        owd_clock_b: clock(&mb),
+        rows,
+    })
+}
+
+fn cell(v: Option<f64>) -> String {
+    match v {
+        None => "-".to_string(),
+        Some(v) if v.fract() == 0.0 && v.abs() < 1e15 => format!("{v:.0}"),
+        Some(v) => format!("{v:.3}"),
+    }
+}
+
+/// The comparison as a table for a terminal.
+pub fn table(c: &Comparison) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY);
+    t.set_header(vec![
+        format!("{} to {}", c.from, c.to),
+        c.a.clone(),
+        c.b.clone(),
+        "b − a".to_string(),
+        "b / a".to_string(),
+    ]);
+    for r in &c.rows {
+        t.add_row(vec![
+            r.figure.to_string(),
+            cell(r.a),
+            cell(r.b),
+            cell(r.diff),
+            r.ratio
+                .map_or_else(|| "-".to_string(), |x| format!("{x:.2}×")),
+        ]);
+    }
+    let mut out = t.to_string();
+    let _ = write!(
+        out,
+        "\none-way delay clocks: {} {}, {} {} (estimated = offset taken from the lowest-RTT probes)",
+        c.a, c.owd_clock_a, c.b, c.owd_clock_b
+    );
+    out
+}
+
+/// The comparison as CSV: `figure,a,b,diff,ratio`.
+pub fn csv(c: &Comparison) -> String {
+    let num = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+    let mut out = format!("figure,{},{},diff,ratio\n", c.a, c.b);
+    for r in &c.rows {
+        let _ = writeln!(
+            out,
+            "\"{}\",{},{},{},{}",
+            r.figure,
+            num(r.a),
+            num(r.b),
+            num(r.diff),
+            num(r.ratio)
+        );
+    }
+    out
+}

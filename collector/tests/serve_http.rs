@@ -1,0 +1,466 @@
+//! The collector as a process, over HTTP: hostile input, tokens, retries, exact answers,
+//! and `kill -9` during a burst of ingests.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::many_single_char_names,
+    clippy::type_complexity,
+    reason = "test code: a failed unwrap is a failed test; short names in table-driven cases"
+)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use pathprobe_proto::hist::Metric;
+use pathprobe_proto::report::{
+    ClockState, Counters, PathInfo, PathKind, ProbeProtocol, ReportId, TimestampSource,
+    Timestamping, Window, WindowReport,
+};
+
+const COLLECTOR: &str = env!("CARGO_BIN_EXE_pathprobe-collector");
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+const OTHER_TOKEN: &str = "fedcba9876543210fedcba9876543210";
+const T0: u64 = 1_795_680_000_000_000_000;
+const W: u64 = 10_000_000_000;
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(dir: &Path) -> Self {
+        let tokens = dir.join("tokens");
+        std::fs::write(
+            &tokens,
+            format!("# agent token\nams-01 {TOKEN}\nfra-01 {OTHER_TOKEN}\n"),
+        )
+        .unwrap();
+        let mut child = Command::new(COLLECTOR)
+            .args(["serve", "--listen", "127.0.0.1:0", "--max-body", "1000000"])
+            .arg("--db")
+            .arg(dir.join("store.db"))
+            .arg("--tokens")
+            .arg(&tokens)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines.next().unwrap().unwrap();
+            if let Some(a) = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("listen="))
+            {
+                break a.parse().unwrap();
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, addr }
+    }
+
+    fn kill9(&mut self) {
+        // SIGKILL: no chance to flush or shut down cleanly.
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pathprobe-serve-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A minimal HTTP/1.1 exchange: returns (status, body).
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    // The server may answer (413) and close before it has read all of a large body.
+    for chunk in body.chunks(1 << 16) {
+        if s.write_all(chunk).is_err() {
+            break;
+        }
+    }
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn report(
+    id: u32,
+    agent: &str,
+    name: &str,
+    kind: PathKind,
+    start: u64,
+    rtts: &[u64],
+) -> WindowReport {
+    let mut rtt = Metric::Rtt.new_histogram();
+    for &r in rtts {
+        rtt.record(r).unwrap();
+    }
+    let mut rid = [0u8; 16];
+    rid[..4].copy_from_slice(&id.to_be_bytes());
+    rid[4] = kind as u8;
+    WindowReport {
+        report_id: ReportId(rid),
+        agent_id: agent.into(),
+        site: Some("ams".into()),
+        path: PathInfo {
+            name: name.into(),
+            kind,
+            local: "10.0.0.1:40000".parse().unwrap(),
+            remote: "10.1.0.4:862".parse().unwrap(),
+            protocol: ProbeProtocol::Stamp,
+            dscp: 46,
+            packet_size: 44,
+        },
+        window: Window {
+            start_unix_ns: start,
+            end_unix_ns: start + W,
+        },
+        timestamping: Timestamping {
+            rx: TimestampSource::Kernel,
+            tx: TimestampSource::Kernel,
+        },
+        owd_clock: ClockState::Unavailable,
+        counters: Counters {
+            sent: rtts.len() as u64 + 1,
+            received: rtts.len() as u64,
+            lost: 1,
+            ..Counters::default()
+        },
+        histograms: [(Metric::Rtt, rtt)].into(),
+    }
+}
+
+fn batch(reports: &[WindowReport]) -> Vec<u8> {
+    let parts: Vec<String> = reports
+        .iter()
+        .map(|r| String::from_utf8(r.to_json().unwrap()).unwrap())
+        .collect();
+    format!("[{}]", parts.join(",")).into_bytes()
+}
+
+#[test]
+fn hostile_input_gets_the_right_status_and_never_crashes_the_server() {
+    let d = dir("hostile");
+    let s = Server::start(&d);
+    let good = report(1, "ams-01", "er", PathKind::Expressroute, T0, &[1000, 2000]);
+    let good_json = String::from_utf8(good.to_json().unwrap()).unwrap();
+
+    let cases: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+        (
+            "truncated JSON",
+            Some(TOKEN),
+            format!("[{}", &good_json[..good_json.len() / 2]).into_bytes(),
+            400,
+            "not a JSON array",
+        ),
+        (
+            "not V2",
+            Some(TOKEN),
+            format!(
+                "[{}]",
+                good_json.replace(
+                    &good_json
+                        [good_json.find("HISTF").unwrap()..good_json.find("HISTF").unwrap() + 12],
+                    "bm90IGEgaGlzdG9ncmFt"
+                )
+            )
+            .into_bytes(),
+            400,
+            "rtt_ns histogram",
+        ),
+        (
+            "future version",
+            Some(TOKEN),
+            format!(
+                "[{}]",
+                good_json.replacen("\"version\":1", "\"version\":7", 1)
+            )
+            .into_bytes(),
+            400,
+            "newer than this build",
+        ),
+        (
+            "100 MB body",
+            Some(TOKEN),
+            vec![b' '; 100_000_000],
+            413,
+            "send fewer reports",
+        ),
+        (
+            "no token",
+            None,
+            batch(std::slice::from_ref(&good)),
+            401,
+            "bearer token",
+        ),
+        (
+            "wrong token",
+            Some("nottherighttokenatall123"),
+            batch(std::slice::from_ref(&good)),
+            401,
+            "bearer token",
+        ),
+        (
+            "another agent's token",
+            Some(OTHER_TOKEN),
+            batch(std::slice::from_ref(&good)),
+            403,
+            "belongs to `fra-01`",
+        ),
+    ];
+    for (what, token, body, status, needle) in cases {
+        let (got, text) = http(s.addr, "POST", "/v1/reports", token, &body);
+        assert_eq!(got, status, "{what}: {text}");
+        assert!(text.contains(needle), "{what}: {text}");
+    }
+    // Still up, and nothing was stored by any of them.
+    let (status, text) = http(s.addr, "GET", "/v1/paths", None, b"");
+    assert_eq!((status, text.as_str()), (200, "[]"));
+    let (status, text) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &batch(&[good]));
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"accepted\":1"), "{text}");
+    let (_, metrics) = http(s.addr, "GET", "/metrics", None, b"");
+    assert!(
+        metrics.contains("pathprobe_collector_requests_rejected_total{reason=\"unauthorized\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pathprobe_collector_requests_rejected_total{reason=\"too_large\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("pathprobe_rtt_seconds_count{agent=\"ams-01\",site=\"ams\",path=\"er\",kind=\"expressroute\"} 2"), "{metrics}");
+}
+
+#[test]
+fn retries_are_acknowledged_and_never_counted_twice() {
+    let d = dir("retry");
+    let s = Server::start(&d);
+    let reports: Vec<_> = (0..5)
+        .map(|i| {
+            report(
+                i,
+                "ams-01",
+                "er",
+                PathKind::Expressroute,
+                T0 + u64::from(i) * W,
+                &[1000],
+            )
+        })
+        .collect();
+    let (_, first) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &batch(&reports));
+    assert!(first.contains("\"accepted\":5,\"duplicates\":0"), "{first}");
+    let (_, again) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &batch(&reports));
+    assert!(again.contains("\"accepted\":0,\"duplicates\":5"), "{again}");
+    let (_, paths) = http(s.addr, "GET", "/v1/paths", None, b"");
+    assert!(paths.contains("\"windows\":5"), "{paths}");
+}
+
+#[test]
+fn compare_equals_one_histogram_of_every_sample() {
+    let d = dir("compare");
+    let s = Server::start(&d);
+    let mut all_er = Vec::new();
+    let mut all_vpn = Vec::new();
+    let mut reports = Vec::new();
+    for i in 0..400u32 {
+        // ExpressRoute around 2 ms, VPN around 30 ms with a tail.
+        let er: Vec<u64> = (0..20)
+            .map(|k| 2_000_000 + u64::from((i * 37 + k * 11) % 400) * 1_000)
+            .collect();
+        let vpn: Vec<u64> = (0..20)
+            .map(|k| 30_000_000 + u64::from((i * 53 + k * 17) % 900) * 20_000)
+            .collect();
+        let start = T0 + u64::from(i) * W;
+        reports.push(report(
+            i,
+            "ams-01",
+            "er-primary",
+            PathKind::Expressroute,
+            start,
+            &er,
+        ));
+        reports.push(report(
+            i,
+            "ams-01",
+            "vpn-backup",
+            PathKind::Vpn,
+            start,
+            &vpn,
+        ));
+        all_er.extend(er);
+        all_vpn.extend(vpn);
+    }
+    for chunk in reports.chunks(100) {
+        let (status, text) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &batch(chunk));
+        assert_eq!(status, 200, "{text}");
+    }
+    let to = T0 + 400 * W;
+    let o = Command::new(COLLECTOR)
+        .args(["compare", "--a", "expressroute", "--b", "vpn", "--json"])
+        .args([
+            "--from",
+            &(T0 / 1_000_000_000).to_string(),
+            "--to",
+            &(to / 1_000_000_000).to_string(),
+        ])
+        .arg("--db")
+        .arg(d.join("store.db"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let row = |name: &str| {
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["figure"] == name)
+            .unwrap()
+            .clone()
+    };
+    for (side, samples) in [("a", &all_er), ("b", &all_vpn)] {
+        let mut h = Metric::Rtt.new_histogram();
+        for &x in samples {
+            h.record(x).unwrap();
+        }
+        for (figure, q) in [
+            ("RTT p50 µs", 0.5),
+            ("RTT p90 µs", 0.9),
+            ("RTT p99 µs", 0.99),
+            ("RTT p99.9 µs", 0.999),
+        ] {
+            #[allow(clippy::cast_precision_loss)]
+            let want = h.value_at_quantile(q) as f64 / 1000.0;
+            assert_eq!(row(figure)[side].as_f64(), Some(want), "{side} {figure}");
+        }
+    }
+    assert_eq!(row("windows")["a"].as_f64(), Some(400.0));
+    let ratio = row("RTT p50 µs")["ratio"].as_f64().unwrap();
+    assert!(ratio > 10.0, "VPN p50 over ExpressRoute p50: {ratio}");
+    // The same over HTTP, and the histogram export reads back.
+    let q = format!(
+        "/v1/compare?a=er-primary&b=vpn-backup&from={}&to={}",
+        T0 / 1_000_000_000,
+        to / 1_000_000_000
+    );
+    let (status, text) = http(s.addr, "GET", &q, None, b"");
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"figure\":\"RTT p99 µs\""), "{text}");
+    let q = format!(
+        "/v1/histogram?path=er-primary&metric=rtt_ns&format=log&from={}&to={}",
+        T0 / 1_000_000_000,
+        to / 1_000_000_000
+    );
+    let (status, log) = http(s.addr, "GET", &q, None, b"");
+    assert_eq!(status, 200, "{log}");
+    let line = log.lines().find(|l| l.contains("HISTF")).unwrap();
+    let blob = line.rsplit(',').next().unwrap();
+    let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, blob).unwrap();
+    let h = pathprobe_proto::hist::decode(Metric::Rtt, &bytes).unwrap();
+    assert_eq!(h.len(), all_er.len() as u64);
+}
+
+#[test]
+fn every_acknowledged_report_survives_kill_9() {
+    let d = dir("kill9");
+    let mut s = Server::start(&d);
+    let batches: Vec<Vec<WindowReport>> = (0..60u32)
+        .map(|b| {
+            (0..50)
+                .map(|i| {
+                    report(
+                        b * 50 + i,
+                        "ams-01",
+                        "er",
+                        PathKind::Expressroute,
+                        T0 + u64::from(b * 50 + i) * W,
+                        &[1000, 5000],
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    // A burst from another thread; kill -9 in the middle of it.
+    let addr = s.addr;
+    let bodies: Vec<Vec<u8>> = batches.iter().map(|b| batch(b)).collect();
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = std::sync::Arc::clone(&progress);
+    let sender = std::thread::spawn(move || {
+        let mut acked = 0;
+        for body in &bodies {
+            let (status, _) = http(addr, "POST", "/v1/reports", Some(TOKEN), body);
+            if status != 200 {
+                break;
+            }
+            acked += 1;
+            seen.store(acked, std::sync::atomic::Ordering::SeqCst);
+        }
+        acked
+    });
+    while progress.load(std::sync::atomic::Ordering::SeqCst) < 5 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    s.kill9();
+    let acked = sender.join().unwrap();
+    assert!(
+        acked > 0 && acked < batches.len(),
+        "the kill should land mid-burst ({acked} acked)"
+    );
+    // Restart on the same file; the agents retry everything.
+    let s = Server::start(&d);
+    for (i, b) in batches.iter().enumerate() {
+        let (status, text) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &batch(b));
+        assert_eq!(status, 200, "{text}");
+        if i < acked {
+            assert!(
+                text.contains("\"accepted\":0,\"duplicates\":50"),
+                "acknowledged batch {i} was lost: {text}"
+            );
+        }
+    }
+    let (_, paths) = http(s.addr, "GET", "/v1/paths", None, b"");
+    assert!(
+        paths.contains(&format!("\"windows\":{}", 60 * 50)),
+        "exactly once: {paths}"
+    );
+}
