@@ -1,7 +1,11 @@
 //! `pathprobe-agent`: what runs on each site's servers and Azure VMs.
 //!
-//! So far: reading STAMP packets ([`decode`]) and STAMP keys ([`keyfile`]).
+//! The STAMP reflector ([`reflector`]) and prober ([`probe`]) with their sans-IO accounting
+//! ([`session`]) over batched kernel-timestamped sockets ([`sys`]); the long-running agent
+//! ([`daemon`]) that pushes every window report to the collector through an on-disk queue
+//! ([`spool`]); and packet decoding for people ([`decode`]).
 
+pub mod daemon;
 pub mod decode;
 mod error;
 pub mod hexbytes;
@@ -10,6 +14,7 @@ pub mod output;
 pub mod probe;
 pub mod reflector;
 pub mod session;
+pub mod spool;
 pub mod sys;
 
 pub use error::{Error, Result};

@@ -474,6 +474,11 @@ impl Prober {
         })
     }
 
+    /// The settings it runs with.
+    pub const fn config(&self) -> &ProbeConfig {
+        &self.cfg
+    }
+
     /// Probes until the count or duration is reached or `stop` is set, calling `on_window`
     /// as each window closes.
     pub fn run(

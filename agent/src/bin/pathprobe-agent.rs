@@ -32,6 +32,13 @@ enum Command {
     Reflect(ReflectArgs),
     /// Probe a reflector: an RFC 8762 Session-Sender that measures the path.
     Probe(Box<ProbeArgs>),
+    /// Run as the long-running agent: reflect, probe every configured path, and push every
+    /// window report to the collector (spooled on disk while it is away).
+    Run {
+        /// The agent's TOML configuration.
+        #[arg(long, env = "PATHPROBE_CONFIG")]
+        config: PathBuf,
+    },
     /// Decode a STAMP test packet (the UDP payload, in hex) field by field.
     ///
     /// Paste the payload from a capture (Wireshark: Copy > as Hex Stream; tcpdump -X) to see
@@ -445,6 +452,13 @@ fn main() -> ExitCode {
         Command::Decode(args) => run_decode(&args),
         Command::Reflect(args) => run_reflect(&args),
         Command::Probe(args) => run_probe(&args),
+        Command::Run { config } => (|| {
+            let cfg = pathprobe_agent::daemon::AgentConfig::load(&config)?;
+            let stop = stop_on_signals()?;
+            pathprobe_agent::daemon::run(&config, &cfg, &stop)?;
+            tracing::info!("stopped");
+            Ok(ExitCode::SUCCESS)
+        })(),
     };
     match result {
         Ok(code) => code,

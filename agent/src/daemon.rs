@@ -1,0 +1,418 @@
+//! `pathprobe-agent run --config agent.toml`: the long-running agent. It reflects (if
+//! configured), probes every configured path, and pushes every window report to the
+//! collector through the on-disk spool, so reports survive a collector outage or an agent
+//! restart and arrive in order, once.
+//!
+//! ```toml
+//! agent_id = "ams-dc1-01"
+//! site = "ams"
+//!
+//! [collector]
+//! url = "http://127.0.0.1:8862"
+//! token = "..."                 # or token_file = "agent.token"
+//! spool_dir = "spool"
+//! spool_max_reports = 100000
+//!
+//! [reflector]                   # optional
+//! listen = "0.0.0.0:862"
+//!
+//! [[path]]
+//! name = "expressroute"
+//! kind = "expressroute"
+//! target = "10.1.0.4:862"
+//! rate = 10                     # or interval = "100ms"
+//! dscp = 46
+//! bind = "10.0.0.1:0"           # or interface = "eth1", fwmark = 100
+//! ```
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use pathprobe_proto::report::{PathInfo, PathKind, ProbeProtocol};
+use pathprobe_proto::stamp::TimestampFormat;
+use serde::Deserialize;
+
+use crate::output::{self, Labels};
+use crate::probe::{ProbeConfig, Prober};
+use crate::reflector::{self, ReflectorConfig, ReflectorStats};
+use crate::spool::{BATCH, Delivery, Spool, Uploader};
+use crate::{Error, Result, keyfile};
+
+/// The configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub agent_id: String,
+    pub site: Option<String>,
+    pub collector: Option<CollectorSection>,
+    pub reflector: Option<ReflectorSection>,
+    #[serde(default, rename = "path")]
+    pub paths: Vec<PathSection>,
+}
+
+/// Where reports go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorSection {
+    pub url: String,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub spool_dir: PathBuf,
+    #[serde(default = "default_spool_max")]
+    pub spool_max_reports: usize,
+}
+
+const fn default_spool_max() -> usize {
+    100_000
+}
+
+/// The reflector, if this agent answers probes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReflectorSection {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub stateful: bool,
+    pub auth_key_file: Option<PathBuf>,
+    #[serde(default = "default_max_rate")]
+    pub max_rate_per_source: u32,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 862))
+}
+
+const fn default_max_rate() -> u32 {
+    250_000
+}
+
+/// One path to probe: the options of `probe`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathSection {
+    pub name: String,
+    pub kind: PathKind,
+    pub target: String,
+    pub rate: Option<u32>,
+    pub interval: Option<String>,
+    pub size: Option<usize>,
+    #[serde(default)]
+    pub dscp: u8,
+    pub ttl: Option<u8>,
+    pub bind: Option<SocketAddr>,
+    pub interface: Option<String>,
+    pub fwmark: Option<u32>,
+    pub window: Option<String>,
+    pub timeout: Option<String>,
+    pub auth_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub ssid: u16,
+}
+
+fn duration(
+    file: &Path,
+    path: &str,
+    field: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration> {
+    value.map_or(Ok(default), |v| {
+        humantime::parse_duration(v).map_err(|e| {
+            Error::Config(format!(
+                "{}: path `{path}`: {field} = \"{v}\" is not a duration ({e}): write it like 10s, 500ms or 1h",
+                file.display()
+            ))
+        })
+    })
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl AgentConfig {
+    /// Reads and checks `file`. Syntax and type errors carry the line and column; other
+    /// errors name the path and field.
+    pub fn load(file: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(file).map_err(|source| Error::Io {
+            what: format!("read the config file {}", file.display()),
+            source,
+        })?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let at = line.map_or_else(String::new, |l| format!(":{l}"));
+            Error::Config(format!("{}{at}: {}", file.display(), e.message()))
+        })?;
+        if cfg.paths.is_empty() && cfg.reflector.is_none() {
+            return Err(Error::Config(format!(
+                "{}: nothing to do: add a [reflector] section or at least one [[path]]",
+                file.display()
+            )));
+        }
+        for p in &cfg.paths {
+            cfg.probe_config(file, p)?;
+        }
+        Ok(cfg)
+    }
+
+    /// The prober settings of one `[[path]]`.
+    pub fn probe_config(&self, file: &Path, p: &PathSection) -> Result<ProbeConfig> {
+        let bad = |reason: String| {
+            Error::Config(format!("{}: path `{}`: {reason}", file.display(), p.name))
+        };
+        let target = p
+            .target
+            .to_socket_addrs()
+            .map_err(|e| {
+                bad(format!(
+                    "target = \"{}\" does not resolve ({e}): write it as HOST:PORT",
+                    p.target
+                ))
+            })?
+            .next()
+            .ok_or_else(|| bad(format!("target = \"{}\" resolves to no address", p.target)))?;
+        let interval = match (p.rate, &p.interval) {
+            (Some(_), Some(_)) => return Err(bad("give rate or interval, not both".to_string())),
+            (Some(0), None) => return Err(bad("rate must be at least 1".to_string())),
+            (Some(r), None) => Duration::from_nanos(1_000_000_000 / u64::from(r)),
+            (None, i) => duration(
+                file,
+                &p.name,
+                "interval",
+                i.as_deref(),
+                Duration::from_millis(100),
+            )?,
+        };
+        let key = p.auth_key_file.as_deref().map(keyfile::load).transpose()?;
+        let base = if key.is_some() { 112 } else { 44 };
+        let cfg = ProbeConfig {
+            target,
+            bind: p.bind,
+            interface: p.interface.clone(),
+            fwmark: p.fwmark,
+            interval_ns: nanos(interval),
+            count: None,
+            duration_ns: None,
+            size: p.size.unwrap_or(base),
+            dscp: p.dscp,
+            ttl: p.ttl,
+            key,
+            window_ns: nanos(duration(
+                file,
+                &p.name,
+                "window",
+                p.window.as_deref(),
+                Duration::from_secs(10),
+            )?),
+            late_timeout_ns: nanos(duration(
+                file,
+                &p.name,
+                "timeout",
+                p.timeout.as_deref(),
+                Duration::from_secs(1),
+            )?),
+            // A daemon never gives up on a path: a silent target shows as 100% loss.
+            no_reply_ns: u64::MAX,
+            ssid: p.ssid,
+        };
+        cfg.validate().map_err(|e| bad(e.to_string()))?;
+        Ok(cfg)
+    }
+}
+
+fn token(c: &CollectorSection) -> Result<Option<String>> {
+    match (&c.token, &c.token_file) {
+        (Some(_), Some(_)) => Err(Error::Config(
+            "[collector]: give token or token_file, not both".to_string(),
+        )),
+        (Some(t), None) => Ok(Some(t.clone())),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .map(|t| Some(t.trim().to_string()))
+            .map_err(|source| Error::Io {
+                what: format!("read the collector token file {}", f.display()),
+                source,
+            }),
+        (None, None) => Ok(None),
+    }
+}
+
+/// On the way out: delivers what it can in one pass, leaving the rest spooled for the next
+/// start.
+fn flush(spool: &mut Spool, uploader: &Uploader) {
+    while !spool.is_empty() {
+        let batch = spool.front(BATCH);
+        match uploader.deliver(&batch) {
+            Delivery::Delivered => spool.pop(batch.len()),
+            Delivery::Rejected { index, .. } => spool.reject(index),
+            Delivery::Retry(_) => break,
+        }
+    }
+    if !spool.is_empty() {
+        tracing::warn!(
+            spooled = spool.len(),
+            "collector unreachable at shutdown: reports stay spooled for the next start"
+        );
+    }
+}
+
+/// Delivers spooled reports until `stop` is set and `rx` is closed.
+fn upload(
+    section: &CollectorSection,
+    token: Option<String>,
+    rx: &mpsc::Receiver<Vec<u8>>,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let mut spool = Spool::open(&section.spool_dir, section.spool_max_reports)?;
+    let uploader = Uploader::new(&section.url, token);
+    let mut backoff = Duration::from_millis(500);
+    let mut retry_at = std::time::Instant::now();
+    let mut reported_drops = 0;
+    if !spool.is_empty() {
+        tracing::info!(spooled = spool.len(), dir = %section.spool_dir.display(), "delivering reports left from an earlier run");
+    }
+    loop {
+        let wait = if spool.is_empty() {
+            Duration::from_millis(500)
+        } else {
+            retry_at.saturating_duration_since(std::time::Instant::now())
+        };
+        match rx.recv_timeout(wait) {
+            Ok(r) => spool.push(&r)?,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if stop.load(Ordering::Relaxed) {
+                    flush(&mut spool, &uploader);
+                    return Ok(());
+                }
+                if spool.is_empty() {
+                    return Ok(());
+                }
+                // Every prober has ended; keep delivering what is spooled.
+                std::thread::sleep(wait);
+            }
+        }
+        while let Ok(r) = rx.try_recv() {
+            spool.push(&r)?;
+        }
+        if spool.dropped > reported_drops {
+            tracing::error!(
+                dropped = spool.dropped,
+                max = section.spool_max_reports,
+                "spool full: oldest reports dropped"
+            );
+            reported_drops = spool.dropped;
+        }
+        if spool.is_empty() || std::time::Instant::now() < retry_at {
+            continue;
+        }
+        let batch = spool.front(BATCH);
+        match uploader.deliver(&batch) {
+            Delivery::Delivered => {
+                spool.pop(batch.len());
+                backoff = Duration::from_millis(500);
+                tracing::debug!(
+                    delivered = batch.len(),
+                    spooled = spool.len(),
+                    "reports delivered"
+                );
+            }
+            Delivery::Rejected { index, message } => {
+                tracing::error!(report = %batch.get(index).map(|p| p.display().to_string()).unwrap_or_default(), %message, "collector refused a report: moved to rejected/");
+                spool.reject(index);
+            }
+            Delivery::Retry(why) => {
+                tracing::warn!(collector = %section.url, error = %why, spooled = spool.len(), retry_in = ?backoff, "collector unreachable: reports kept in the spool");
+                retry_at = std::time::Instant::now() + backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Runs the agent until `stop` is set.
+pub fn run(file: &Path, cfg: &AgentConfig, stop: &AtomicBool) -> Result<()> {
+    let probers = cfg
+        .paths
+        .iter()
+        .map(|p| Ok((p, Prober::open(cfg.probe_config(file, p)?)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let reflector = cfg
+        .reflector
+        .as_ref()
+        .map(|r| -> Result<_> {
+            let rc = ReflectorConfig {
+                listen: r.listen,
+                key: r.auth_key_file.as_deref().map(keyfile::load).transpose()?,
+                stateful: r.stateful,
+                max_rate_per_source: r.max_rate_per_source,
+                timestamp_format: TimestampFormat::Ntp,
+            };
+            let sock = reflector::bind(rc.listen)?;
+            Ok((rc, sock))
+        })
+        .transpose()?;
+    let collector = cfg
+        .collector
+        .as_ref()
+        .map(|c| Ok::<_, Error>((c, token(c)?)))
+        .transpose()?;
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let stats = ReflectorStats::default();
+    std::thread::scope(|s| -> Result<()> {
+        let uploader = collector.map(|(c, t)| s.spawn(move || upload(c, t, &rx, stop)));
+        if let Some((rc, sock)) = &reflector {
+            tracing::info!(listen = %rc.listen, "reflecting");
+            let stats = &stats;
+            s.spawn(move || {
+                if let Err(e) = reflector::run(sock, rc, stop, stats) {
+                    tracing::error!(error = %e, "reflector stopped");
+                }
+            });
+        }
+        for (p, prober) in &probers {
+            let tx = tx.clone();
+            let labels = Labels {
+                path: PathInfo {
+                    name: p.name.clone(),
+                    kind: p.kind,
+                    local: prober.local,
+                    remote: prober.config().target,
+                    protocol: ProbeProtocol::Stamp,
+                    dscp: p.dscp,
+                    packet_size: u16::try_from(prober.config().size).unwrap_or(u16::MAX),
+                },
+                agent_id: cfg.agent_id.clone(),
+                site: cfg.site.clone(),
+                timestamping: prober.timestamping,
+            };
+            tracing::info!(path = %p.name, target = %p.target, "probing");
+            s.spawn(move || {
+                let result = prober.run(stop, |w| {
+                    let f = output::figures(&labels, w, "window", 1);
+                    tracing::info!("{}", output::line(&f));
+                    match output::report(&labels, w).and_then(|r| Ok(r.to_json()?)) {
+                        Ok(json) => {
+                            let _ = tx.send(json);
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot build a window report"),
+                    }
+                });
+                if let Err(e) = result {
+                    tracing::error!(path = %labels.path.name, error = %e, "probing stopped");
+                }
+            });
+        }
+        drop(tx);
+        if let Some(u) = uploader {
+            u.join()
+                .map_err(|_| Error::Config("the uploader thread panicked".to_string()))??;
+        }
+        Ok(())
+    })
+}

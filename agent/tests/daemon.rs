@@ -1,0 +1,188 @@
+//! `pathprobe-agent run` against a collector that goes away for a minute: the agent keeps
+//! measuring, spools its reports, and the collector ends up with every window, once.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pathprobe_collector::serve::{ServeConfig, Tokens, serve};
+use pathprobe_collector::store::Store;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_pathprobe-agent");
+const TOKEN: &str = "daemon-test-token-0123456789";
+
+/// A collector running in this process, on a runtime of its own.
+struct Collector {
+    rt: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<pathprobe_collector::Result<()>>>,
+}
+
+impl Collector {
+    fn start(dir: &Path, addr: SocketAddr) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let cfg = ServeConfig {
+            listen: addr,
+            db: dir.join("store.db"),
+            tokens: Some(Tokens::load(&dir.join("tokens")).unwrap()),
+            max_body: 16 << 20,
+        };
+        let task = rt.spawn(serve(cfg, async move {
+            let _ = rx.await;
+        }));
+        // Serving once the port accepts connections.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "the collector did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            rt,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.rt
+            .block_on(self.task.take().unwrap())
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn free_tcp() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn spooled(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| {
+        d.filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "json")
+        })
+        .count()
+    })
+}
+
+#[test]
+fn the_collector_gets_every_window_after_a_minute_away() {
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("pathprobe-daemon-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tokens"), format!("t-agent {TOKEN}\n")).unwrap();
+    let (collector_addr, reflector) = (free_tcp(), free_udp());
+    let spool = dir.join("spool");
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"agent_id = "t-agent"
+site = "lab"
+[collector]
+url = "http://{collector_addr}"
+token = "{TOKEN}"
+spool_dir = "{}"
+[reflector]
+listen = "{reflector}"
+[[path]]
+name = "er"
+kind = "expressroute"
+target = "{reflector}"
+rate = 20
+window = "2s"
+[[path]]
+name = "vpn"
+kind = "vpn"
+target = "{reflector}"
+rate = 20
+window = "2s"
+"#,
+            spool.display()
+        ),
+    )
+    .unwrap();
+
+    let collector = Collector::start(&dir, collector_addr);
+    let log = dir.join("agent.log");
+    let mut agent = Command::new(AGENT)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("PATHPROBE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    collector.stop();
+
+    // A minute without a collector: the agent keeps measuring and spools.
+    std::thread::sleep(Duration::from_mins(1));
+    let waiting = spooled(&spool);
+    assert!(
+        waiting >= 50,
+        "about 2 × 30 windows should wait in the spool, found {waiting}"
+    );
+
+    let collector = Collector::start(&dir, collector_addr);
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while spooled(&spool) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the spool did not drain: {} left",
+            spooled(&spool)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    assert!(agent.wait().unwrap().success());
+    collector.stop();
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("collector unreachable"),
+        "the outage is logged"
+    );
+    let store = Store::open_read_only(&dir.join("store.db")).unwrap();
+    let paths = store.paths().unwrap();
+    for name in ["er", "vpn"] {
+        let logged = text
+            .lines()
+            .filter(|l| l.contains(&format!(" {name} sent ")))
+            .count() as u64;
+        let stored = paths.iter().find(|p| p.name == name).unwrap().windows;
+        assert!(logged >= 30, "{name}: {logged} windows in 65 s");
+        assert_eq!(
+            stored, logged,
+            "{name}: every window the agent measured is stored, once"
+        );
+    }
+}
