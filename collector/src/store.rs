@@ -4,7 +4,7 @@
 //!   returns it survives a crash or `kill -9`; its id is the primary key, so a retried
 //!   report is acknowledged and ignored, never counted twice.
 //! - Histograms are kept as V2+DEFLATE blobs, the form they travel in.
-//! - Rollups by minute and by hour are maintained by exact merging ([`Store::roll_up`], run
+//! - Rollups by minute, ten minutes and hour are maintained by exact merging ([`Store::roll_up`], run
 //!   in the background): each bucket holds the sum of the windows marked `rolled` that start
 //!   in it. A query reads whole buckets from the rollups plus any window not yet rolled, and
 //!   raw windows at the ragged edges of its range: the answer is exactly the merge of every
@@ -21,8 +21,10 @@ use serde::Serialize;
 
 use crate::{Error, Result};
 
-/// Rollup levels, in nanoseconds: one minute and one hour.
-pub const LEVELS: [i64; 2] = [60_000_000_000, 3_600_000_000_000];
+/// Rollup levels, in nanoseconds, finest first: one minute, ten minutes, one hour. A range
+/// is read from the coarsest buckets that fit in it, then finer ones toward its edges, then
+/// raw windows: at most a few dozen reads per path for any range.
+pub const LEVELS: [i64; 3] = [60_000_000_000, 600_000_000_000, 3_600_000_000_000];
 
 /// The schema, one migration per version (`PRAGMA user_version`).
 const MIGRATIONS: &[&str] = &[r"
@@ -233,6 +235,8 @@ pub struct Ingested {
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
+    /// The file, for extra read connections.
+    file: Option<std::path::PathBuf>,
 }
 
 impl Store {
@@ -248,7 +252,10 @@ impl Store {
             .map_err(db("switch to WAL"))?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(db("set synchronous = FULL"))?;
-        let mut store = Self { conn };
+        let mut store = Self {
+            conn,
+            file: Some(path.to_owned()),
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -279,7 +286,10 @@ impl Store {
                 expected: schema_version(),
             });
         }
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            file: Some(path.to_owned()),
+        })
     }
 
     fn migrate(&mut self) -> Result<()> {
@@ -627,28 +637,30 @@ impl Store {
         self.add_raw(acc, path_id, from, to, true)
     }
 
-    /// Exactly merges every window of `path_id` starting in `[from, to)`.
-    fn merge_path(&self, path_id: i64, from: i64, to: i64) -> Result<Acc> {
-        let mut acc = Acc::default();
-        let ceil = |t: i64, l: i64| t + (l - t.rem_euclid(l)) % l;
-        let floor = |t: i64, l: i64| t - t.rem_euclid(l);
-        let [minute, hour] = LEVELS;
-        let (m1, m2) = (ceil(from, minute).min(to), floor(to, minute).max(from));
-        if m1 >= m2 {
-            self.add_raw(&mut acc, path_id, from, to, false)?;
-            return Ok(acc);
+    /// Exactly merges every window of `path_id` starting in `[from, to)`, reading level
+    /// `levels - 1` and finer.
+    fn merge_range(
+        &self,
+        acc: &mut Acc,
+        path_id: i64,
+        from: i64,
+        to: i64,
+        levels: usize,
+    ) -> Result<()> {
+        if from >= to {
+            return Ok(());
         }
-        let (h1, h2) = (ceil(m1, hour).min(m2), floor(m2, hour).max(m1));
-        self.add_raw(&mut acc, path_id, from, m1, false)?;
-        if h1 < h2 {
-            self.add_rollups(&mut acc, path_id, minute, m1, h1)?;
-            self.add_rollups(&mut acc, path_id, hour, h1, h2)?;
-            self.add_rollups(&mut acc, path_id, minute, h2, m2)?;
-        } else {
-            self.add_rollups(&mut acc, path_id, minute, m1, m2)?;
+        let Some(level) = levels.checked_sub(1).map(|i| LEVELS[i]) else {
+            return self.add_raw(acc, path_id, from, to, false);
+        };
+        let first = from + (level - from.rem_euclid(level)) % level;
+        let last = to - to.rem_euclid(level);
+        if first >= last {
+            return self.merge_range(acc, path_id, from, to, levels - 1);
         }
-        self.add_raw(&mut acc, path_id, m2, to, false)?;
-        Ok(acc)
+        self.merge_range(acc, path_id, from, first, levels - 1)?;
+        self.add_rollups(acc, path_id, level, first, last)?;
+        self.merge_range(acc, path_id, last, to, levels - 1)
     }
 
     /// Every window of the paths `sel` matches, starting in `[from_ns, to_ns)`, merged
@@ -660,10 +672,41 @@ impl Store {
             .filter(|p| sel.matches(p))
             .map(|p| p.id)
             .collect();
+        let (from, to) = (i64_of(from_ns), i64_of(to_ns));
+        let merge_paths = |store: &Self, ids: &[i64]| -> Result<Acc> {
+            let mut acc = Acc::default();
+            for &id in ids {
+                store.merge_range(&mut acc, id, from, to, LEVELS.len())?;
+            }
+            Ok(acc)
+        };
+        // Paths are independent: merge them on every core, one read connection each.
+        let threads = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZero::get)
+            .min(4);
         let mut total = Acc::default();
-        for &id in &paths {
-            let acc = self.merge_path(id, i64_of(from_ns), i64_of(to_ns))?;
-            total.absorb(&acc)?;
+        match &self.file {
+            Some(file) if paths.len() > 1 && threads > 1 => {
+                let chunk = paths.len().div_ceil(threads);
+                let parts: Vec<Result<Acc>> = std::thread::scope(|s| {
+                    let handles: Vec<_> = paths
+                        .chunks(chunk)
+                        .map(|ids| s.spawn(move || merge_paths(&Self::open_read_only(file)?, ids)))
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| {
+                            h.join().unwrap_or_else(|_| {
+                                Err(Error::Config("a query thread panicked".to_string()))
+                            })
+                        })
+                        .collect()
+                });
+                for part in parts {
+                    total.absorb(&part?)?;
+                }
+            }
+            _ => total = merge_paths(self, &paths)?,
         }
         Ok(Merged {
             aggregate: Aggregate {
