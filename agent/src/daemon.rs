@@ -3,6 +3,8 @@
 //! collector through the on-disk spool, so reports survive a collector outage or an agent
 //! restart and arrive in order, once.
 //!
+//! Relative file names (spool, token and key files) are relative to the config file.
+//!
 //! ```toml
 //! agent_id = "ams-dc1-01"
 //! site = "ams"
@@ -142,13 +144,30 @@ impl AgentConfig {
             what: format!("read the config file {}", file.display()),
             source,
         })?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| {
+        let mut cfg: Self = toml::from_str(&text).map_err(|e| {
             let line = e
                 .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             let at = line.map_or_else(String::new, |l| format!(":{l}"));
             Error::Config(format!("{}{at}: {}", file.display(), e.message()))
         })?;
+        // Relative files are relative to the config file, not to where the agent started.
+        let base = file.parent().unwrap_or_else(|| Path::new("."));
+        let anchor = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(c) = &mut cfg.collector {
+            anchor(&mut c.spool_dir);
+            c.token_file.as_mut().map(anchor);
+        }
+        if let Some(r) = &mut cfg.reflector {
+            r.auth_key_file.as_mut().map(anchor);
+        }
+        for p in &mut cfg.paths {
+            p.auth_key_file.as_mut().map(anchor);
+        }
         if cfg.paths.is_empty() && cfg.reflector.is_none() {
             return Err(Error::Config(format!(
                 "{}: nothing to do: add a [reflector] section or at least one [[path]]",
@@ -415,4 +434,83 @@ pub fn run(file: &Path, cfg: &AgentConfig, stop: &AtomicBool) -> Result<()> {
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pathprobe-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_syntax_error_names_file_and_line() {
+        let p = write(
+            "syntax.toml",
+            "agent_id = \"a\"\n\n[[path]]\nname = \"er\"\nrate = ten\n",
+        );
+        let err = AgentConfig::load(&p).unwrap_err().to_string();
+        assert!(err.contains("syntax.toml:5"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused_with_its_line() {
+        let p = write(
+            "unknown.toml",
+            "agent_id = \"a\"\n[reflector]\nlisten = \"127.0.0.1:8620\"\nlisen = 1\n",
+        );
+        let err = AgentConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("unknown.toml:4") && err.contains("lisen"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bad_value_names_the_path_and_field() {
+        let p = write(
+            "value.toml",
+            "agent_id = \"a\"\n[[path]]\nname = \"vpn\"\nkind = \"vpn\"\ntarget = \"127.0.0.1:8620\"\nwindow = \"ten seconds\"\n",
+        );
+        let err = AgentConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("path `vpn`: window") && err.contains("10s"),
+            "{err}"
+        );
+        let p = write(
+            "size.toml",
+            "agent_id = \"a\"\n[[path]]\nname = \"er\"\nkind = \"expressroute\"\ntarget = \"127.0.0.1:8620\"\nsize = 9000\n",
+        );
+        let err = AgentConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("path `er`") && err.contains("--size 9000"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn relative_files_are_relative_to_the_config() {
+        let p = write(
+            "rel.toml",
+            "agent_id = \"a\"\n[collector]\nurl = \"http://127.0.0.1:1\"\nspool_dir = \"spool\"\n[reflector]\nlisten = \"127.0.0.1:8620\"\n",
+        );
+        let cfg = AgentConfig::load(&p).unwrap();
+        assert_eq!(
+            cfg.collector.unwrap().spool_dir,
+            p.parent().unwrap().join("spool")
+        );
+    }
+
+    #[test]
+    fn the_example_config_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/agent.toml");
+        let cfg = AgentConfig::load(&p).unwrap();
+        assert_eq!(cfg.paths.len(), 2);
+        assert_eq!(cfg.paths[0].kind, PathKind::Expressroute);
+    }
 }

@@ -640,6 +640,20 @@ mod tests {
         assert_eq!(tx_src, TimestampSource::Kernel);
         tx.set_ttl_v4(42).unwrap();
         let dest = rx.local_addr().unwrap().as_socket().unwrap();
+        // Linux turns software receive stamps on through deferred work (the netstamp static
+        // key): on a quiet host the first datagrams after enabling can arrive unstamped, and
+        // callers fall back to the clock. Wait until stamps flow, from a third socket so the
+        // transmit stamp numbering below stays intact.
+        let primer = udp();
+        let mut warm = RecvBatch::new(1);
+        for _ in 0..200 {
+            primer.send_to(b"warm-up", &dest.into()).unwrap();
+            if warm.recv(&rx).is_ok_and(|n| n == 1) && warm.get(0).unwrap().1.kernel_rx_ns.is_some()
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let mut out = SendBatch::new(4);
         for i in 0..3u8 {
             out.next_slot().unwrap()[..10 + usize::from(i)].fill(i);

@@ -27,7 +27,8 @@ use crate::{Error, Result};
 pub const LEVELS: [i64; 3] = [60_000_000_000, 600_000_000_000, 3_600_000_000_000];
 
 /// The schema, one migration per version (`PRAGMA user_version`).
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE paths (
     id INTEGER PRIMARY KEY,
     agent_id TEXT NOT NULL,
@@ -77,7 +78,15 @@ CREATE TABLE rollup_histograms (
     blob BLOB NOT NULL,
     PRIMARY KEY (path_id, level, bucket_ns, metric)
 ) WITHOUT ROWID;
-"];
+",
+    r"
+-- Version 2: finding the windows of a range that are not yet rolled up walked every window
+-- of the range; a partial index holds only the unrolled ones, so the check costs nothing
+-- once the rollup thread has caught up.
+CREATE INDEX reports_unrolled_by_time ON reports(path_id, start_ns) WHERE rolled = 0;
+DROP INDEX reports_unrolled;
+",
+];
 
 /// The schema version this build writes: the number of migrations.
 fn schema_version() -> i64 {
@@ -124,13 +133,6 @@ pub struct Selector {
     pub site: Option<String>,
 }
 
-impl Selector {
-    fn matches(&self, p: &PathRow) -> bool {
-        (p.name == self.name_or_kind || p.kind == self.name_or_kind)
-            && self.site.as_ref().is_none_or(|s| *s == p.site)
-    }
-}
-
 /// Windows merged exactly, with how many came from where.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Merged {
@@ -171,13 +173,17 @@ impl Acc {
         })
     }
 
+    /// Adds a stored histogram, decoding it straight into the accumulator.
     fn add_blob(&mut self, metric: &str, blob: &[u8]) -> Result<()> {
         let metric = parse_metric(metric)?;
-        let h = hist::decode(metric, blob).map_err(|source| Error::Corrupt {
+        let into = self
+            .histograms
+            .entry(metric)
+            .or_insert_with(|| metric.new_histogram());
+        hist::decode_into(metric, blob, into).map_err(|source| Error::Corrupt {
             what: format!("stored {} histogram", metric.key()),
             source,
-        })?;
-        self.add_histogram(metric, &h)
+        })
     }
 
     fn add_counters(&mut self, json: &str) -> Result<()> {
@@ -422,6 +428,20 @@ impl Store {
             .map_err(db("list paths"))
     }
 
+    /// The ids of the paths `sel` matches (without counting their windows, unlike `paths`).
+    fn select(&self, sel: &Selector) -> Result<Vec<i64>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id FROM paths WHERE (name = ?1 OR kind = ?1) AND (?2 IS NULL OR site = ?2) ORDER BY id",
+            )
+            .map_err(db("select paths"))?;
+        stmt.query_map(params![sel.name_or_kind, sel.site], |r| r.get(0))
+            .map_err(db("select paths"))?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(db("select paths"))
+    }
+
     /// Adds up to `limit` windows not yet rolled into the minute and hour rollups, exactly,
     /// in one transaction. Returns how many were rolled.
     pub fn roll_up(&mut self, limit: usize) -> Result<usize> {
@@ -501,6 +521,18 @@ impl Store {
         level: i64,
         bucket: i64,
     ) -> Result<Option<Acc>> {
+        let mut acc = Acc::default();
+        Ok(Self::load_rollup_into(conn, path_id, level, bucket, &mut acc)?.then_some(acc))
+    }
+
+    /// Adds a rollup bucket into `acc`; false when the bucket does not exist.
+    fn load_rollup_into(
+        conn: &Connection,
+        path_id: i64,
+        level: i64,
+        bucket: i64,
+        acc: &mut Acc,
+    ) -> Result<bool> {
         let head: Option<(i64, String, i64, i64)> = conn
             .query_row(
                 "SELECT windows, counters, synchronized, estimated FROM rollups
@@ -511,14 +543,11 @@ impl Store {
             .optional()
             .map_err(db("read a rollup"))?;
         let Some((windows, counters, synchronized, estimated)) = head else {
-            return Ok(None);
+            return Ok(false);
         };
-        let mut acc = Acc {
-            windows: u64_of(windows),
-            synchronized: u64_of(synchronized),
-            estimated: u64_of(estimated),
-            ..Acc::default()
-        };
+        acc.windows += u64_of(windows);
+        acc.synchronized += u64_of(synchronized);
+        acc.estimated += u64_of(estimated);
         acc.add_counters(&counters)?;
         let mut stmt = conn
             .prepare_cached(
@@ -534,7 +563,7 @@ impl Store {
             let (metric, blob) = row.map_err(db("read a rollup"))?;
             acc.add_blob(&metric, &blob)?;
         }
-        Ok(Some(acc))
+        Ok(true)
     }
 
     fn store_rollup(
@@ -629,9 +658,7 @@ impl Store {
                 .map_err(db("read rollups"))?
         };
         for b in buckets {
-            if let Some(r) = Self::load_rollup(&self.conn, path_id, level, b)? {
-                acc.absorb(&r)?;
-            }
+            Self::load_rollup_into(&self.conn, path_id, level, b, acc)?;
         }
         // Windows in these buckets that the rollup job has not reached yet.
         self.add_raw(acc, path_id, from, to, true)
@@ -666,12 +693,7 @@ impl Store {
     /// Every window of the paths `sel` matches, starting in `[from_ns, to_ns)`, merged
     /// exactly.
     pub fn query(&self, sel: &Selector, from_ns: u64, to_ns: u64) -> Result<Merged> {
-        let paths: Vec<i64> = self
-            .paths()?
-            .into_iter()
-            .filter(|p| sel.matches(p))
-            .map(|p| p.id)
-            .collect();
+        let paths = self.select(sel)?;
         let (from, to) = (i64_of(from_ns), i64_of(to_ns));
         let merge_paths = |store: &Self, ids: &[i64]| -> Result<Acc> {
             let mut acc = Acc::default();

@@ -192,8 +192,21 @@ pub fn encode(metric: Metric, h: &Histogram<u64>) -> Result<Vec<u8>> {
 
 /// Decodes a V2 histogram, compressed or not, of `metric`'s configuration.
 pub fn decode(metric: Metric, bytes: &[u8]) -> Result<Histogram<u64>> {
+    let mut v2 = v2_bytes(metric, bytes)?;
+    validate_v2(metric, &v2)?;
+    // The crate reads only the cookie with the word-size bits set.
+    if be_u32(&v2, 0) != Some(V2_COOKIE) {
+        v2.to_mut()[..4].copy_from_slice(&V2_COOKIE.to_be_bytes());
+    }
+    Deserializer::new()
+        .deserialize(&mut &v2[..])
+        .map_err(|e| metric.error(format!("cannot deserialize: {e:?}")))
+}
+
+/// The uncompressed V2 form of a V2 or V2+DEFLATE blob (inflated with a bound).
+fn v2_bytes(metric: Metric, bytes: &[u8]) -> Result<Cow<'_, [u8]>> {
     let cookie = be_u32(bytes, 0).ok_or_else(|| metric.error("shorter than a 4-octet cookie"))?;
-    let mut v2: Cow<'_, [u8]> = match cookie_base(cookie) {
+    let v2: Cow<'_, [u8]> = match cookie_base(cookie) {
         base if base == cookie_base(V2_COOKIE) => Cow::Borrowed(bytes),
         base if base == cookie_base(V2_COMPRESSED_COOKIE) => {
             let len =
@@ -214,14 +227,7 @@ pub fn decode(metric: Metric, bytes: &[u8]) -> Result<Histogram<u64>> {
             )));
         }
     };
-    validate_v2(metric, &v2)?;
-    // The crate reads only the cookie with the word-size bits set.
-    if be_u32(&v2, 0) != Some(V2_COOKIE) {
-        v2.to_mut()[..4].copy_from_slice(&V2_COOKIE.to_be_bytes());
-    }
-    Deserializer::new()
-        .deserialize(&mut &v2[..])
-        .map_err(|e| metric.error(format!("cannot deserialize: {e:?}")))
+    Ok(v2)
 }
 
 /// Adds `from` into `into`, exactly. Both must have `metric`'s configuration, and the total
@@ -347,6 +353,13 @@ fn read_varint(b: &[u8]) -> Option<(u64, usize)> {
 
 /// Checks an uncompressed V2 blob completely against `metric`'s configuration.
 fn validate_v2(metric: Metric, v2: &[u8]) -> Result<()> {
+    scan_v2(metric, v2, &mut |_, _| {}).map(|_| ())
+}
+
+/// Walks a V2 blob, checking everything, calling `each(index, count)` for every non-zero
+/// bucket as it goes; returns the total count. Callers that must not act on a bad blob
+/// validate it first.
+fn scan_v2(metric: Metric, v2: &[u8], each: &mut dyn FnMut(usize, u64)) -> Result<u64> {
     if v2.len() < V2_HEADER_LEN {
         return Err(metric.error(format!(
             "V2 header is cut short: {} of {V2_HEADER_LEN} octets",
@@ -401,12 +414,58 @@ fn validate_v2(metric: Metric, v2: &[u8]) -> Result<()> {
             if index >= counts_len {
                 return Err(metric.error("more counts than the configuration has buckets"));
             }
+            let count = value.unsigned_abs();
             total = total
-                .checked_add(value.unsigned_abs())
+                .checked_add(count)
                 .ok_or_else(|| metric.error("total count exceeds 2^64"))?;
+            if count > 0 {
+                each(index, count);
+            }
             index += 1;
         }
     }
+    Ok(total)
+}
+
+/// The lowest value of bucket `index` in HdrHistogram's layout for `c`: indices below the
+/// sub-bucket count are single values; above, each half-bucket doubles the value step.
+fn value_at_index(c: HistogramConfig, index: usize) -> u64 {
+    // sub_bucket_count = 2^ceil(log2(2 * 10^sigfig)); unit = 2^floor(log2(lowest)).
+    let sub_bucket_count_magnitude = (2 * 10u64.pow(u32::from(c.sigfig)))
+        .next_power_of_two()
+        .trailing_zeros();
+    let half_magnitude = sub_bucket_count_magnitude - 1;
+    let half = 1usize << half_magnitude;
+    let unit_magnitude = c.lowest.ilog2();
+    let bucket = (index >> half_magnitude).saturating_sub(1);
+    let sub = if index >> half_magnitude == 0 {
+        index & (half - 1)
+    } else {
+        (index & (half - 1)) + half
+    };
+    let shift = u32::try_from(bucket).unwrap_or(63) + unit_magnitude;
+    (sub as u64) << shift
+}
+
+/// Decodes a V2 histogram (compressed or not) of `metric` and adds it into `into`, exactly,
+/// without building a second histogram: the same result as [`decode`] then [`merge`], for
+/// a fraction of the memory traffic. On any error `into` is unchanged.
+pub fn decode_into(metric: Metric, bytes: &[u8], into: &mut Histogram<u64>) -> Result<()> {
+    metric.check(into)?;
+    let v2 = v2_bytes(metric, bytes)?;
+    let c = metric.config();
+    let total = scan_v2(metric, &v2, &mut |_, _| {})?;
+    if into.len().checked_add(total).is_none() {
+        return Err(Error::Merge {
+            what: metric.key(),
+            reason: "the total count would exceed 2^64".to_string(),
+        });
+    }
+    // Valid (checked above) and fits: every bucket index is in range and no count can
+    // overflow, so recording cannot fail part-way.
+    scan_v2(metric, &v2, &mut |index, count| {
+        into.saturating_record_n(value_at_index(c, index), count);
+    })?;
     Ok(())
 }
 
@@ -581,6 +640,35 @@ mod tests {
             prop_assert_eq!(&merged, &both);
             for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
                 prop_assert_eq!(merged.value_at_quantile(q), both.value_at_quantile(q));
+            }
+        }
+
+        #[test]
+        fn decode_into_equals_decode_then_merge(metric in prop::sample::select(Metric::ALL.to_vec()),
+                                               a in proptest::collection::vec(any::<u64>(), 0..200),
+                                               b in proptest::collection::vec(any::<u64>(), 0..200)) {
+            let blob = encode(metric, &recorded(metric, &b)).unwrap();
+            let mut direct = recorded(metric, &a);
+            decode_into(metric, &blob, &mut direct).unwrap();
+            let mut merged = recorded(metric, &a);
+            merge(metric, &mut merged, &decode(metric, &blob).unwrap()).unwrap();
+            prop_assert_eq!(&direct, &merged);
+            prop_assert_eq!(direct.max(), merged.max());
+            prop_assert_eq!(direct.min_nz(), merged.min_nz());
+        }
+
+        #[test]
+        fn decode_into_leaves_the_target_alone_on_error(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut h = recorded(Metric::Rtt, &[5, 10_000]);
+            let before = h.clone();
+            let mut v2 = v2_with_payload(&bytes);
+            if decode_into(Metric::Rtt, &v2, &mut h).is_err() {
+                prop_assert_eq!(&h, &before);
+            }
+            v2.truncate(v2.len().saturating_sub(1));
+            let mut g = before.clone();
+            if decode_into(Metric::Rtt, &v2, &mut g).is_err() {
+                prop_assert_eq!(&g, &before);
             }
         }
 

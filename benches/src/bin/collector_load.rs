@@ -9,7 +9,8 @@
 
 #![allow(
     clippy::unwrap_used,
-    reason = "a benchmark program: a failed step ends the run"
+    clippy::cast_precision_loss,
+    reason = "a benchmark program: a failed step ends the run; figures printed as floats"
 )]
 
 use std::io::{Read, Write};
@@ -42,6 +43,9 @@ struct Args {
     /// The store (deleted first).
     #[arg(long, default_value = "/tmp/pathprobe-collector-load.db")]
     db: PathBuf,
+    /// Only time the compare, on a store an earlier run filled.
+    #[arg(long)]
+    query_only: bool,
 }
 
 const T0: u64 = 1_795_600_800_000_000_000; // 2026-11-25T09:20:00Z, on an hour
@@ -49,7 +53,7 @@ const W: u64 = 10_000_000_000;
 
 /// A window at 10 probes/s: 100 RTTs around a path's base delay, jitter, one loss run.
 fn report(path: u32, window: u32, id: u64) -> WindowReport {
-    let er = path % 2 == 0;
+    let er = path.is_multiple_of(2);
     let base: u64 = if er { 2_000_000 } else { 30_000_000 };
     let spread: u64 = if er { 300_000 } else { 15_000_000 };
     let mut rtt = Metric::Rtt.new_histogram();
@@ -66,9 +70,9 @@ fn report(path: u32, window: u32, id: u64) -> WindowReport {
         last = v;
     }
     let mut runs = Metric::LossRun.new_histogram();
-    let lost = x % 3;
-    if lost > 0 {
-        runs.record(lost).unwrap();
+    let missing = x % 3;
+    if missing > 0 {
+        runs.record(missing).unwrap();
     }
     WindowReport {
         report_id: ReportId(u128::from(id).to_be_bytes()),
@@ -97,9 +101,9 @@ fn report(path: u32, window: u32, id: u64) -> WindowReport {
         },
         owd_clock: ClockState::Unavailable,
         counters: Counters {
-            sent: 100 + lost,
+            sent: 100 + missing,
             received: 100,
-            lost,
+            lost: missing,
             ..Counters::default()
         },
         histograms: [
@@ -127,26 +131,12 @@ fn post(addr: SocketAddr, body: &[u8]) -> u16 {
         .unwrap_or(0)
 }
 
-#[allow(clippy::cast_precision_loss)]
 fn rate(n: u64, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    for ext in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{ext}", args.db.display()));
-    }
-    let windows = args.hours * 360;
-    let total = u64::from(args.paths) * u64::from(windows);
-    println!(
-        "{} paths × {} windows = {total} window reports; store {}",
-        args.paths,
-        windows,
-        args.db.display()
-    );
-
-    // 1. HTTP ingest: batches of 100 from two client threads, as agents would send them.
+/// Part 1: HTTP ingest, batches of 100 from two client threads, as agents send them.
+fn http_ingest(args: &Args, windows: u32) -> Result<()> {
     let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -210,6 +200,30 @@ fn main() -> Result<()> {
     let _ = stop_tx.send(());
     rt.block_on(server)??;
 
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.query_only {
+        // Opening it read-write applies any newer migration first.
+        drop(Store::open(&args.db)?);
+        return time_compare(&args);
+    }
+    for ext in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{ext}", args.db.display()));
+    }
+    let windows = args.hours * 360;
+    let total = u64::from(args.paths) * u64::from(windows);
+    println!(
+        "{} paths × {} windows = {total} window reports; store {}",
+        args.paths,
+        windows,
+        args.db.display()
+    );
+
+    http_ingest(&args, windows)?;
+
     // 2. Store ingest of the rest, in batches of 100 (what the HTTP handler calls).
     let mut store = Store::open(&args.db)?;
     let start = Instant::now();
@@ -252,7 +266,10 @@ fn main() -> Result<()> {
     let (count, unrolled) = store.counts()?;
     assert_eq!((count, unrolled), (total, 0));
     drop(store);
+    time_compare(&args)
+}
 
+fn time_compare(args: &Args) -> Result<()> {
     // 4. compare over the whole 24 h, with ragged ends (not on minute boundaries).
     let reader = Store::open_read_only(&args.db)?;
     let from = T0 + 7 * 1_000_000_000;
@@ -283,6 +300,6 @@ fn main() -> Result<()> {
         .filter_map(|e| std::fs::metadata(format!("{}{e}", args.db.display())).ok())
         .map(|m| m.len())
         .sum();
-    println!("store size: {:.1} MiB", size as f64 / (1 << 20) as f64);
+    println!("store size: {:.1} MiB", size as f64 / 1_048_576.0);
     Ok(())
 }
