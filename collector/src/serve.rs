@@ -309,6 +309,20 @@ struct RangeQuery {
     to: Option<String>,
 }
 
+impl RangeQuery {
+    /// The range in Unix nanoseconds, or a 400 that says what is wrong with it.
+    #[allow(clippy::result_large_err)]
+    fn resolve(&self) -> std::result::Result<(u64, u64), Response> {
+        crate::time_range(
+            self.since.as_deref(),
+            self.from.as_deref(),
+            self.to.as_deref(),
+            now_ns(),
+        )
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e))
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct CompareQuery {
     a: String,
@@ -322,14 +336,9 @@ async fn compare_handler(
     State(st): State<Arc<AppState>>,
     Query(q): Query<CompareQuery>,
 ) -> Response {
-    let (from, to) = match crate::time_range(
-        q.range.since.as_deref(),
-        q.range.from.as_deref(),
-        q.range.to.as_deref(),
-        now_ns(),
-    ) {
+    let (from, to) = match q.range.resolve() {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err(r) => return r,
     };
     let store = match st.reader() {
         Ok(s) => s,
@@ -366,16 +375,11 @@ async fn histogram_handler(
     State(st): State<Arc<AppState>>,
     Query(q): Query<HistogramQuery>,
 ) -> Response {
-    let (from, to) = match crate::time_range(
-        q.range.since.as_deref(),
-        q.range.from.as_deref(),
-        q.range.to.as_deref(),
-        now_ns(),
-    ) {
+    let (from, to) = match q.range.resolve() {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err(r) => return r,
     };
-    let Some(metric) = Metric::ALL.into_iter().find(|m| m.key() == q.metric) else {
+    let Some(metric) = Metric::from_key(&q.metric) else {
         let known: Vec<_> = Metric::ALL.iter().map(|m| m.key()).collect();
         return error(
             StatusCode::BAD_REQUEST,

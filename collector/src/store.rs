@@ -215,13 +215,10 @@ impl Acc {
 }
 
 fn parse_metric(key: &str) -> Result<Metric> {
-    Metric::ALL
-        .into_iter()
-        .find(|m| m.key() == key)
-        .ok_or_else(|| Error::Corrupt {
-            what: format!("unknown metric `{key}` in the store"),
-            source: pathprobe_proto::Error::Json(key.to_string()),
-        })
+    Metric::from_key(key).ok_or_else(|| Error::Corrupt {
+        what: format!("unknown metric `{key}` in the store"),
+        source: pathprobe_proto::Error::Json(key.to_string()),
+    })
 }
 
 fn json<T: Serialize>(v: &T) -> String {

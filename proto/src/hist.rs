@@ -107,6 +107,11 @@ impl Metric {
         }
     }
 
+    /// The metric whose [`Self::key`] is `key`.
+    pub fn from_key(key: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.key() == key)
+    }
+
     /// The one configuration of this metric's histograms.
     pub const fn config(self) -> HistogramConfig {
         match self {
@@ -480,6 +485,14 @@ mod tests {
             h.saturating_record(v);
         }
         h
+    }
+
+    #[test]
+    fn keys_name_metrics_both_ways() {
+        for m in Metric::ALL {
+            assert_eq!(Metric::from_key(m.key()), Some(m));
+        }
+        assert_eq!(Metric::from_key("rtt_ms"), None);
     }
 
     #[test]

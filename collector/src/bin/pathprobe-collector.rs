@@ -273,10 +273,8 @@ fn main() -> ExitCode {
             db,
         } => (|| {
             let (from, to) = range.resolve()?;
-            let m = Metric::ALL
-                .into_iter()
-                .find(|m| m.key() == metric)
-                .with_context(|| format!("unknown --metric {metric}"))?;
+            let m =
+                Metric::from_key(metric).with_context(|| format!("unknown --metric {metric}"))?;
             let store = Store::open_read_only(&db.db)?;
             let sel = Selector {
                 name_or_kind: path.clone(),
