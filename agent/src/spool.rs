@@ -182,22 +182,24 @@ impl Uploader {
         let text = resp.into_body().read_to_string().unwrap_or_default();
         match status {
             200 => Delivery::Delivered,
-            400 => {
-                // "report N: ..." names the report; without one, the whole batch is bad.
-                let index = text
-                    .split("report ")
-                    .nth(1)
-                    .and_then(|t| t.split(':').next())
-                    .and_then(|n| n.trim().parse().ok())
-                    .unwrap_or(0);
-                Delivery::Rejected {
+            400 => match refused_index(&text) {
+                Some(index) if index < files.len() => Delivery::Rejected {
                     index,
                     message: text,
-                }
-            }
+                },
+                // Not about one report: nothing to set aside; keep it and retry later.
+                _ => Delivery::Retry(format!("HTTP 400: {}", text.trim())),
+            },
             _ => Delivery::Retry(format!("HTTP {status}: {}", text.trim())),
         }
     }
+}
+
+/// The report a 400 names: the collector answers `{"error": "report N: ..."}`.
+fn refused_index(body: &str) -> Option<usize> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let rest = v.get("error")?.as_str()?.strip_prefix("report ")?;
+    rest.split(':').next()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -256,6 +258,19 @@ mod tests {
         s.reject(0);
         assert_eq!(s.len(), 1);
         assert_eq!(fs::read_dir(d.join("rejected")).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn only_an_error_naming_a_report_sets_one_aside() {
+        assert_eq!(
+            refused_index(r#"{"error":"report 3: report field `agent_id`: bad"}"#),
+            Some(3)
+        );
+        assert_eq!(
+            refused_index(r#"{"error":"the body is not a JSON array of window reports: x"}"#),
+            None
+        );
+        assert_eq!(refused_index("not json"), None);
     }
 
     #[test]
