@@ -7,6 +7,8 @@
 
 pub mod daemon;
 pub mod decode;
+pub mod demo;
+pub mod emulate;
 mod error;
 pub mod hexbytes;
 pub mod keyfile;

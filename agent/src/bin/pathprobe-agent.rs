@@ -11,6 +11,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use pathprobe_agent::decode::{self, Direction};
+use pathprobe_agent::emulate::link::{LinkConfig, Profile};
+use pathprobe_agent::emulate::{Emulator, EmulatorConfig, EmulatorStats};
 use pathprobe_agent::output::{self, Labels};
 use pathprobe_agent::probe::{self, ProbeConfig};
 use pathprobe_agent::reflector::{self, ReflectorConfig, ReflectorStats};
@@ -32,6 +34,27 @@ enum Command {
     Reflect(ReflectArgs),
     /// Probe a reflector: an RFC 8762 Session-Sender that measures the path.
     Probe(Box<ProbeArgs>),
+    /// The whole system on this machine in one command: a reflector, an ExpressRoute-like and
+    /// a VPN-like emulated path, a collector and an agent probing both; then the comparison.
+    Demo {
+        /// How long to probe.
+        #[arg(long, default_value = "30s", value_parser = duration)]
+        duration: Duration,
+        /// Where the database and the spool go [default: pathprobe-demo in the temp folder].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Probes per second on each path.
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        /// Window length.
+        #[arg(long, default_value = "5s", value_parser = duration)]
+        window: Duration,
+        /// Print the comparison as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Relay UDP through an emulated path: delay, jitter, loss, rate, duplication, outages.
+    Emulate(EmulateArgs),
     /// Run as the long-running agent: reflect, probe every configured path, and push every
     /// window report to the collector (spooled on disk while it is away).
     Run {
@@ -118,6 +141,100 @@ struct ReflectArgs {
     /// Stop after this long (default: run until SIGINT or SIGTERM).
     #[arg(long, value_parser = duration, env = "PATHPROBE_DURATION")]
     duration: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ProfileArg {
+    /// 1 ms each way, 50 µs jitter, no loss, 1 Gbit/s.
+    Expressroute,
+    /// 15 ms each way, 3 ms jitter with reordering, 0.3% random and some bursty loss,
+    /// 100 Mbit/s.
+    Vpn,
+}
+
+#[derive(Debug, clap::Args)]
+struct EmulateArgs {
+    /// Address senders send to.
+    #[arg(long, env = "PATHPROBE_LISTEN")]
+    listen: SocketAddr,
+    /// Address the traffic goes on to (a reflector, say).
+    #[arg(long, env = "PATHPROBE_FORWARD")]
+    forward: SocketAddr,
+    /// Start from a realistic path instead of a perfect one.
+    #[arg(long, value_enum)]
+    profile: Option<ProfileArg>,
+    /// Settings for both directions, key=value pairs: delay=15ms, jitter=3ms,
+    /// dist=uniform|normal, reorder=yes|no, loss=0.5%, burst=1%/40%/50% (good to bad, bad to good, loss in bad),
+    /// rate=100M, queue=64k, dup=0.1%, blackout=AFTER+LENGTH.
+    #[arg(long, default_value = "")]
+    link: String,
+    /// Settings of the forward direction only (sender to --forward), over --link.
+    #[arg(long = "fwd", default_value = "")]
+    fwd: String,
+    /// Settings of the reverse direction only, over --link.
+    #[arg(long = "rev", default_value = "")]
+    rev: String,
+    /// An outage of both directions, AFTER+LENGTH (like 20s+5s); repeatable.
+    #[arg(long)]
+    blackout: Vec<String>,
+    /// Seed of the random choices (same seed, same fates).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Stop after this long (default: until SIGINT or SIGTERM).
+    #[arg(long, value_parser = duration)]
+    duration: Option<Duration>,
+}
+
+fn link_configs(args: &EmulateArgs) -> anyhow::Result<(LinkConfig, LinkConfig)> {
+    let base = args.profile.map_or_else(LinkConfig::default, |p| match p {
+        ProfileArg::Expressroute => Profile::Expressroute.link(),
+        ProfileArg::Vpn => Profile::Vpn.link(),
+    });
+    let mut both = base;
+    both.apply(&args.link)
+        .map_err(|e| anyhow::anyhow!("--link: {e}"))?;
+    for b in &args.blackout {
+        both.blackouts.push(
+            pathprobe_agent::emulate::link::blackout(b)
+                .map_err(|e| anyhow::anyhow!("--blackout: {e}"))?,
+        );
+    }
+    let (mut fwd, mut rev) = (both.clone(), both);
+    fwd.apply(&args.fwd)
+        .map_err(|e| anyhow::anyhow!("--fwd: {e}"))?;
+    rev.apply(&args.rev)
+        .map_err(|e| anyhow::anyhow!("--rev: {e}"))?;
+    Ok((fwd, rev))
+}
+
+fn run_emulate(args: &EmulateArgs) -> anyhow::Result<ExitCode> {
+    let (forward_link, reverse_link) = link_configs(args)?;
+    let emulator = Emulator::bind(EmulatorConfig {
+        listen: args.listen,
+        forward: args.forward,
+        forward_link,
+        reverse_link,
+        seed: args.seed,
+    })?;
+    let stop = stop_on_signals()?;
+    let stats = EmulatorStats::default();
+    tracing::info!(listen = %emulator.local, forward = %args.forward, "emulating");
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let worker = s.spawn(|| emulator.run(&stop, &stats));
+        let started = std::time::Instant::now();
+        while !worker.is_finished() {
+            std::thread::sleep(Duration::from_millis(50));
+            if args.duration.is_some_and(|d| started.elapsed() >= d) {
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
+        worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("the emulator thread panicked"))??;
+        Ok(())
+    })?;
+    tracing::info!("stopped: {}", stats.line());
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -452,6 +569,38 @@ fn main() -> ExitCode {
         Command::Decode(args) => run_decode(&args),
         Command::Reflect(args) => run_reflect(&args),
         Command::Probe(args) => run_probe(&args),
+        Command::Emulate(args) => run_emulate(&args),
+        Command::Demo {
+            duration,
+            dir,
+            rate,
+            window,
+            json,
+        } => (|| {
+            let cfg = pathprobe_agent::demo::DemoConfig {
+                duration,
+                dir: dir.unwrap_or_else(|| std::env::temp_dir().join("pathprobe-demo")),
+                rate,
+                window,
+            };
+            let stop = stop_on_signals()?;
+            eprintln!(
+                "pathprobe demo: a reflector behind an ExpressRoute-like (1 ms, steady) and a VPN-like (15 ms, jittery, lossy) emulated path, {rate} probes/s on each, for {}; a collector stores every {} window.",
+                humantime::format_duration(duration),
+                humantime::format_duration(window)
+            );
+            let out = pathprobe_agent::demo::run(&cfg, &stop)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out.comparison)?);
+            } else {
+                println!("{}", pathprobe_collector::compare::table(&out.comparison));
+            }
+            eprintln!(
+                "\nThe database is {db}. Query it further with, for example:\n  cargo run -p pathprobe-collector -- compare --db {db} --a expressroute --b vpn --since 1h\n  cargo run -p pathprobe-collector -- histogram --db {db} --path vpn --format log --since 1h",
+                db = out.db.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        })(),
         Command::Run { config } => (|| {
             let cfg = pathprobe_agent::daemon::AgentConfig::load(&config)?;
             let stop = stop_on_signals()?;

@@ -1,0 +1,327 @@
+//! `pathprobe-agent emulate`: a user-space UDP path emulator. The kernel here has no
+//! `sch_netem`, so delay, jitter, loss and duplication are applied by a relay: senders talk
+//! to `--listen`, each sender (flow) gets its own upstream socket to `--forward`, so replies
+//! travel back through the relay to the right sender. Each direction is one [`link::Link`]
+//! shared by all flows (a single bottleneck, like a real path).
+//!
+//! Packets wait in a time-ordered queue and a release thread sends each at its time: a
+//! timed wait to just before, then a short spin. The error this adds is measured by the
+//! accuracy tests and documented in BENCHMARKS.md.
+
+pub mod link;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Duration;
+
+use link::{Fate, Link, LinkConfig};
+
+use crate::sys;
+use crate::{Error, Result};
+
+/// Most senders relayed at once.
+const MAX_FLOWS: usize = 1024;
+/// Most packets waiting for release.
+const MAX_WAITING: usize = 1 << 20;
+/// The release thread spins for the last stretch before a packet's time.
+const SPIN_NS: u64 = 200_000;
+
+/// How the emulator runs.
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    pub listen: SocketAddr,
+    pub forward: SocketAddr,
+    /// Sender to `forward`.
+    pub forward_link: LinkConfig,
+    /// `forward` back to the sender.
+    pub reverse_link: LinkConfig,
+    pub seed: u64,
+}
+
+/// Counters, readable while it runs.
+#[derive(Debug, Default)]
+pub struct EmulatorStats {
+    pub forwarded: AtomicU64,
+    pub returned: AtomicU64,
+    pub dropped: AtomicU64,
+    pub duplicated: AtomicU64,
+}
+
+impl EmulatorStats {
+    /// A one-line summary.
+    pub fn line(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "forwarded {} returned {} dropped {} duplicated {}",
+            g(&self.forwarded),
+            g(&self.returned),
+            g(&self.dropped),
+            g(&self.duplicated)
+        )
+    }
+}
+
+#[derive(Debug)]
+enum Out {
+    ToServer(Arc<UdpSocket>),
+    ToClient(SocketAddr),
+}
+
+#[derive(Debug)]
+struct Waiting {
+    data: Vec<u8>,
+    out: Out,
+}
+
+/// Time-ordered packets: (release time, arrival number) keeps equal times in order.
+type Queue = BinaryHeap<Reverse<(u64, u64, usize)>>;
+
+#[derive(Debug, Default)]
+struct Pending {
+    queue: Queue,
+    packets: HashMap<usize, Waiting>,
+    next: u64,
+}
+
+/// An opened emulator.
+#[derive(Debug)]
+pub struct Emulator {
+    cfg: EmulatorConfig,
+    sock: Arc<UdpSocket>,
+    /// Where senders should send.
+    pub local: SocketAddr,
+}
+
+impl Emulator {
+    /// Binds the listening socket.
+    pub fn bind(cfg: EmulatorConfig) -> Result<Self> {
+        let sock = UdpSocket::bind(cfg.listen).map_err(|source| Error::Io {
+            what: format!("bind the emulator to {}", cfg.listen),
+            source,
+        })?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .map_err(|source| Error::Io {
+                what: "set a receive timeout".to_string(),
+                source,
+            })?;
+        let local = sock.local_addr().unwrap_or(cfg.listen);
+        Ok(Self {
+            cfg,
+            sock: Arc::new(sock),
+            local,
+        })
+    }
+
+    /// Relays until `stop` is set.
+    pub fn run(&self, stop: &AtomicBool, stats: &EmulatorStats) -> Result<()> {
+        let start = sys::monotonic_ns();
+        let relay = Relay {
+            emulator: self,
+            stop,
+            stats,
+            forward: Mutex::new(Link::new(
+                self.cfg.forward_link.clone(),
+                start,
+                self.cfg.seed,
+            )),
+            reverse: Mutex::new(Link::new(
+                self.cfg.reverse_link.clone(),
+                start,
+                self.cfg.seed ^ 0x9e37_79b9,
+            )),
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            flows: Mutex::new(HashMap::new()),
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| relay.release());
+            let result = relay.receive(s);
+            stop.store(true, Ordering::Relaxed);
+            relay.wake.notify_all();
+            result
+        })
+    }
+}
+
+/// The running relay: both links, the packets waiting, the flows.
+struct Relay<'a> {
+    emulator: &'a Emulator,
+    stop: &'a AtomicBool,
+    stats: &'a EmulatorStats,
+    forward: Mutex<Link>,
+    reverse: Mutex<Link>,
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    flows: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Relay<'_> {
+    /// Decides a packet's fate on `link` and queues its copies for release.
+    fn admit(&self, link: &Mutex<Link>, data: &[u8], out: &dyn Fn() -> Out) {
+        let fate = lock(link).admit(sys::monotonic_ns(), data.len());
+        let Fate::Released { at_ns, copies } = fate else {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if copies > 1 {
+            self.stats.duplicated.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut p = lock(&self.pending);
+        for _ in 0..copies {
+            if p.packets.len() >= MAX_WAITING {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            let n = p.next;
+            p.next += 1;
+            let key = usize::try_from(n).unwrap_or(usize::MAX);
+            p.queue.push(Reverse((at_ns, n, key)));
+            p.packets.insert(
+                key,
+                Waiting {
+                    data: data.to_vec(),
+                    out: out(),
+                },
+            );
+        }
+        drop(p);
+        self.wake.notify_one();
+    }
+
+    fn send(&self, w: Waiting) {
+        match w.out {
+            Out::ToServer(up) => {
+                if up.send(&w.data).is_ok() {
+                    self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Out::ToClient(to) => {
+                if self.emulator.sock.send_to(&w.data, to).is_ok() {
+                    self.stats.returned.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Sends each waiting packet at its time: a timed wait to just before, then a spin.
+    fn release(&self) {
+        let _ = sys::lower_timer_slack();
+        while !self.stop.load(Ordering::Relaxed) {
+            let mut p = lock(&self.pending);
+            let now = sys::monotonic_ns();
+            match p.queue.peek().map(|Reverse((at, _, _))| *at) {
+                Some(at) if at <= now => {
+                    let Some(Reverse((_, _, key))) = p.queue.pop() else {
+                        continue;
+                    };
+                    let w = p.packets.remove(&key);
+                    drop(p);
+                    if let Some(w) = w {
+                        self.send(w);
+                    }
+                }
+                Some(at) if at - now <= SPIN_NS => {
+                    drop(p);
+                    while sys::monotonic_ns() < at {
+                        std::hint::spin_loop();
+                    }
+                }
+                Some(at) => {
+                    let wait = Duration::from_nanos((at - now - SPIN_NS).min(50_000_000));
+                    let _ = self.wake.wait_timeout(p, wait);
+                }
+                None => {
+                    let _ = self.wake.wait_timeout(p, Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// The upstream socket of sender `from`, opening it (and its reply reader) the first
+    /// time; `None` past [`MAX_FLOWS`] or when it cannot be opened.
+    fn flow<'s>(
+        &'s self,
+        s: &'s std::thread::Scope<'s, '_>,
+        from: SocketAddr,
+    ) -> Option<Arc<UdpSocket>> {
+        let mut flows = lock(&self.flows);
+        if let Some(u) = flows.get(&from) {
+            return Some(Arc::clone(u));
+        }
+        if flows.len() >= MAX_FLOWS {
+            return None;
+        }
+        let forward = self.emulator.cfg.forward;
+        let bind = SocketAddr::new(
+            if forward.is_ipv6() {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            },
+            0,
+        );
+        let up = UdpSocket::bind(bind)
+            .and_then(|u| u.connect(forward).map(|()| u))
+            .and_then(|u| {
+                u.set_read_timeout(Some(Duration::from_millis(50)))
+                    .map(|()| u)
+            })
+            .ok()?;
+        let up = Arc::new(up);
+        flows.insert(from, Arc::clone(&up));
+        let reader = Arc::clone(&up);
+        // Replies from --forward go back to this sender.
+        s.spawn(move || {
+            let mut buf = vec![0u8; sys::MAX_DATAGRAM];
+            while !self.stop.load(Ordering::Relaxed) {
+                if let Ok(n) = reader.recv(&mut buf) {
+                    self.admit(&self.reverse, &buf[..n], &|| Out::ToClient(from));
+                }
+            }
+        });
+        Some(up)
+    }
+
+    /// Packets to --listen go forward, each sender through its own upstream socket.
+    fn receive<'s>(&'s self, s: &'s std::thread::Scope<'s, '_>) -> Result<()> {
+        let mut buf = vec![0u8; sys::MAX_DATAGRAM];
+        while !self.stop.load(Ordering::Relaxed) {
+            let (n, from) = match self.emulator.sock.recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => {
+                    return Err(Error::Io {
+                        what: "receive on the emulator".to_string(),
+                        source: e,
+                    });
+                }
+            };
+            match self.flow(s, from) {
+                Some(up) => {
+                    self.admit(&self.forward, &buf[..n], &|| Out::ToServer(Arc::clone(&up)));
+                }
+                None => {
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,195 @@
+//! Through the emulator: the measured RTT, jitter and loss match what was configured, in
+//! each direction, within tolerances derived from the emulator's own measured error (a
+//! baseline run through it with no impairment) and from binomial statistics for loss.
+
+#![allow(clippy::unwrap_used, clippy::cast_precision_loss, reason = "test code")]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_pathprobe-agent");
+
+/// The tests time the emulator: never two at once on this machine's cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A child that prints `listen=ADDR` first, killed when dropped.
+struct Proc(Child, SocketAddr);
+
+impl Proc {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(AGENT)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        let addr = first
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listen="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        std::thread::spawn(move || lines.for_each(drop));
+        Self(child, addr)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Probes through an emulator with `link` args; returns the summary.
+fn through(reflector: SocketAddr, link: &[&str], count: u32) -> serde_json::Value {
+    let mut args = vec!["emulate", "--listen", "127.0.0.1:0", "--forward"];
+    let fwd = reflector.to_string();
+    args.push(&fwd);
+    args.extend_from_slice(link);
+    let em = Proc::start(&args);
+    let o = Command::new(AGENT)
+        .args([
+            "probe",
+            "--target",
+            &em.1.to_string(),
+            "--rate",
+            "200",
+            "--json",
+            "--window",
+            "60s",
+        ])
+        .args(["--count", &count.to_string()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(out.lines().last().unwrap()).unwrap()
+}
+
+fn f(v: &serde_json::Value, a: &str, b: &str) -> f64 {
+    v[a][b].as_f64().unwrap()
+}
+
+#[test]
+fn delay_jitter_and_loss_come_out_as_configured() {
+    let _one_at_a_time = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let reflector = Proc::start(&[
+        "reflect",
+        "--listen",
+        "127.0.0.1:0",
+        "--stats-interval",
+        "0s",
+    ]);
+    // The emulator's own error: RTT through it with nothing configured.
+    let base = through(reflector.1, &[], 1000);
+    let (base_p50, base_p99) = (f(&base, "rtt_us", "p50"), f(&base, "rtt_us", "p99"));
+    assert_eq!(base["lost"], 0);
+
+    // 10 ms forward, 4 ms back, uniform jitter of ±1 ms each way.
+    let d = through(
+        reflector.1,
+        &[
+            "--fwd",
+            "delay=10ms",
+            "--rev",
+            "delay=4ms",
+            "--link",
+            "jitter=1ms,reorder=yes",
+        ],
+        2000,
+    );
+    let p50 = f(&d, "rtt_us", "p50");
+    // The sum of two symmetric jitters has median 0; the emulator only ever adds its own
+    // delay, at most its baseline p99.
+    assert!(
+        p50 >= 14_000.0 && p50 <= 14_000.0 + base_p99,
+        "p50 {p50} vs 14 ms + [0, {base_p99}] (baseline p50 {base_p50})"
+    );
+    // RTT = 14 ms + two jitters in ±1 ms + the emulator's own delay (≥ 0, p99 as measured):
+    // never below 12 ms, and its p99 at most 16 ms plus the baseline p99.
+    let (min, p99) = (f(&d, "rtt_us", "min"), f(&d, "rtt_us", "p99"));
+    assert!(min >= 12_000.0, "min {min}");
+    assert!(
+        p99 <= 16_000.0 + base_p99,
+        "p99 {p99} vs 16 ms + {base_p99}"
+    );
+    assert!(
+        f(&d, "rtt_us", "p90") - f(&d, "rtt_us", "p50") > 300.0,
+        "the jitter shows"
+    );
+
+    // 5% loss forward only, then reverse only: 1 - 0.95 = 5% of 2000, ±4σ (σ = 9.7).
+    for dir in ["--fwd", "--rev"] {
+        let l = through(reflector.1, &[dir, "loss=5%"], 2000);
+        let lost = l["lost"].as_f64().unwrap();
+        assert!(
+            (100.0 - 39.0..=100.0 + 39.0).contains(&lost),
+            "{dir}: {lost} lost of 2000"
+        );
+    }
+}
+
+#[test]
+fn the_demo_shows_vpn_slower_and_lossier_than_expressroute() {
+    let _one_at_a_time = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = std::env::temp_dir().join(format!("pathprobe-demo-test-{}", std::process::id()));
+    let o = Command::new(AGENT)
+        .args([
+            "demo",
+            "--duration",
+            "10s",
+            "--window",
+            "2s",
+            "--json",
+            "--dir",
+            dir.to_str().unwrap(),
+        ])
+        .env("PATHPROBE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let row = |name: &str| {
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["figure"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        (v["a"].as_str(), v["b"].as_str()),
+        (Some("expressroute"), Some("vpn"))
+    );
+    let sent = row("probes sent");
+    assert!(
+        sent["a"].as_f64().unwrap() >= 900.0 && sent["b"].as_f64().unwrap() >= 900.0,
+        "{sent}"
+    );
+    let p50 = row("RTT p50 µs");
+    let (er, vpn) = (p50["a"].as_f64().unwrap(), p50["b"].as_f64().unwrap());
+    assert!(
+        (1_900.0..5_000.0).contains(&er),
+        "ExpressRoute-like p50 {er} µs (2 × 1 ms)"
+    );
+    assert!(
+        (29_000.0..36_000.0).contains(&vpn),
+        "VPN-like p50 {vpn} µs (2 × 15 ms)"
+    );
+    let loss = row("loss %");
+    assert_eq!(loss["a"].as_f64(), Some(0.0));
+    assert!(loss["b"].as_f64().unwrap() > 0.0, "{loss}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("pathprobe.db"),
+        "says where the database is"
+    );
+}
