@@ -219,20 +219,14 @@ fn run_emulate(args: &EmulateArgs) -> anyhow::Result<ExitCode> {
     let stop = stop_on_signals()?;
     let stats = EmulatorStats::default();
     tracing::info!(listen = %emulator.local, forward = %args.forward, "emulating");
-    std::thread::scope(|s| -> anyhow::Result<()> {
-        let worker = s.spawn(|| emulator.run(&stop, &stats));
-        let started = std::time::Instant::now();
-        while !worker.is_finished() {
-            std::thread::sleep(Duration::from_millis(50));
-            if args.duration.is_some_and(|d| started.elapsed() >= d) {
-                stop.store(true, Ordering::Relaxed);
-            }
-        }
-        worker
-            .join()
-            .map_err(|_| anyhow::anyhow!("the emulator thread panicked"))??;
-        Ok(())
-    })?;
+    supervise(
+        "emulator",
+        &stop,
+        args.duration,
+        Duration::ZERO,
+        &|| stats.line(),
+        || emulator.run(&stop, &stats),
+    )?;
     tracing::info!("stopped: {}", stats.line());
     Ok(ExitCode::SUCCESS)
 }
@@ -337,6 +331,37 @@ fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
+/// Runs `work` on its own thread until it ends: sets `stop` after `duration`, and logs
+/// `line()` every `every` (zero: never).
+fn supervise(
+    what: &str,
+    stop: &AtomicBool,
+    duration: Option<Duration>,
+    every: Duration,
+    line: &(dyn Fn() -> String + Sync),
+    work: impl FnOnce() -> Result<(), Error> + Send,
+) -> anyhow::Result<()> {
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let worker = s.spawn(work);
+        let started = std::time::Instant::now();
+        let mut last = started;
+        while !worker.is_finished() {
+            std::thread::sleep(Duration::from_millis(50));
+            if duration.is_some_and(|d| started.elapsed() >= d) {
+                stop.store(true, Ordering::Relaxed);
+            }
+            if !every.is_zero() && last.elapsed() >= every {
+                tracing::info!("{}", line());
+                last = std::time::Instant::now();
+            }
+        }
+        worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("the {what} thread panicked"))??;
+        Ok(())
+    })
+}
+
 fn run_reflect(args: &ReflectArgs) -> anyhow::Result<ExitCode> {
     let key = args
         .auth_key_file
@@ -368,25 +393,14 @@ fn run_reflect(args: &ReflectArgs) -> anyhow::Result<ExitCode> {
         max_rate_per_source = cfg.max_rate_per_source,
         "reflecting"
     );
-    std::thread::scope(|s| -> anyhow::Result<()> {
-        let worker = s.spawn(|| reflector::run(&sock, &cfg, &stop, &stats));
-        let started = std::time::Instant::now();
-        let mut last = started;
-        while !worker.is_finished() {
-            std::thread::sleep(Duration::from_millis(50));
-            if args.duration.is_some_and(|d| started.elapsed() >= d) {
-                stop.store(true, Ordering::Relaxed);
-            }
-            if !args.stats_interval.is_zero() && last.elapsed() >= args.stats_interval {
-                tracing::info!("{}", stats.line());
-                last = std::time::Instant::now();
-            }
-        }
-        worker
-            .join()
-            .map_err(|_| anyhow::anyhow!("the reflector thread panicked"))??;
-        Ok(())
-    })?;
+    supervise(
+        "reflector",
+        &stop,
+        args.duration,
+        args.stats_interval,
+        &|| stats.line(),
+        || reflector::run(&sock, &cfg, &stop, &stats),
+    )?;
     tracing::info!("stopped: {}", stats.line());
     Ok(ExitCode::SUCCESS)
 }
