@@ -149,14 +149,6 @@ struct Shared {
     unreachable: AtomicBool,
 }
 
-/// What a finished run measured.
-#[derive(Debug, Clone)]
-pub struct ProbeOutcome {
-    pub windows: Vec<WindowStats>,
-    pub timestamping: Timestamping,
-    pub local: SocketAddr,
-}
-
 fn io_err(what: &str) -> impl FnOnce(io::Error) -> Error + '_ {
     move |source| Error::Io {
         what: what.to_string(),
@@ -480,31 +472,22 @@ impl Prober {
     }
 
     /// Probes until the count or duration is reached or `stop` is set, calling `on_window`
-    /// as each window closes.
+    /// as each window closes; returns every window, oldest first.
     pub fn run(
         &self,
         stop: &AtomicBool,
         on_window: impl FnMut(&WindowStats),
-    ) -> Result<ProbeOutcome> {
-        run(
-            &self.cfg,
-            &self.sock,
-            self.timestamping,
-            self.local,
-            stop,
-            on_window,
-        )
+    ) -> Result<Vec<WindowStats>> {
+        run(&self.cfg, &self.sock, stop, on_window)
     }
 }
 
 fn run(
     cfg: &ProbeConfig,
     sock: &Socket,
-    timestamping: Timestamping,
-    local: SocketAddr,
     stop: &AtomicBool,
     mut on_window: impl FnMut(&WindowStats),
-) -> Result<ProbeOutcome> {
+) -> Result<Vec<WindowStats>> {
     let sync = sys::clock_sync().ok();
     let local_sync = sync.filter(|s| s.synchronized).map(|s| s.max_error_ns);
     let ee = ErrorEstimate::from_error_nanos(
@@ -546,11 +529,7 @@ fn run(
         on_window(&w);
         windows.push(w);
     }
-    Ok(ProbeOutcome {
-        windows,
-        timestamping,
-        local,
-    })
+    Ok(windows)
 }
 
 /// The caller's thread: feeds the tracker from the rings until the run is over.

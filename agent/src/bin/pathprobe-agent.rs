@@ -511,8 +511,8 @@ fn run_probe(args: &ProbeArgs) -> anyhow::Result<ExitCode> {
             failure.get_or_insert(e);
         }
     });
-    let outcome = match result {
-        Ok(o) => o,
+    let windows = match result {
+        Ok(w) => w,
         Err(e @ (Error::NoReply { .. } | Error::Unreachable { .. })) => {
             eprintln!("pathprobe-agent: {e}");
             return Ok(ExitCode::from(2));
@@ -522,8 +522,8 @@ fn run_probe(args: &ProbeArgs) -> anyhow::Result<ExitCode> {
     if let Some(e) = failure {
         return Err(e);
     }
-    if let Some(all) = output::merge(&outcome.windows)? {
-        let f = output::figures(&labels, &all, "summary", outcome.windows.len() as u64);
+    if let Some(all) = output::merge(&windows)? {
+        let f = output::figures(&labels, &all, "summary", windows.len() as u64);
         if args.json {
             println!("{}", serde_json::to_string(&f)?);
         } else {
