@@ -1,6 +1,7 @@
 //! The agent's only `unsafe` code: batched UDP I/O with control messages (`recvmmsg`,
 //! `sendmmsg`, the error queue for transmit timestamps), clocks, timer slack and the kernel's
-//! NTP state. Everything above this module is safe Rust.
+//! NTP state, and the netlink socket of the NFQUEUE emulator. Everything above this module is
+//! safe Rust.
 //!
 //! Buffers are allocated once per batch object and reused; no call here allocates.
 #![allow(unsafe_code)]
@@ -8,7 +9,8 @@
 use std::io;
 use std::mem::{MaybeUninit, size_of, zeroed};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 use pathprobe_proto::report::TimestampSource;
 use socket2::Socket;
@@ -611,6 +613,114 @@ pub fn poll_readable(sock: &Socket, timeout_ms: i32) -> io::Result<bool> {
     Ok(rc > 0)
 }
 
+/// A `NETLINK_NETFILTER` socket bound to the kernel, for NFQUEUE: the messages themselves are
+/// built and parsed in safe code (`emulate::nfqueue`).
+#[derive(Debug)]
+pub struct Netlink(OwnedFd);
+
+impl Netlink {
+    /// Opens and binds the socket, with a large receive buffer (so a burst of queued packets
+    /// is not lost between two reads) and without `ENOBUFS` reports.
+    pub fn open_netfilter() -> io::Result<Self> {
+        // SAFETY: plain socket(2); the result is checked before it is owned.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_nl is valid (pid 0: the kernel picks one).
+        let mut addr: libc::sockaddr_nl = unsafe { zeroed() };
+        addr.nl_family = libc::sa_family_t::try_from(libc::AF_NETLINK).unwrap_or(16);
+        // SAFETY: `addr` is a sockaddr_nl of the size given.
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                (&raw const addr).cast(),
+                libc::socklen_t::try_from(size_of::<libc::sockaddr_nl>()).unwrap_or(12),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        setsockopt_int(fd, libc::SOL_NETLINK, libc::NETLINK_NO_ENOBUFS, 1)?;
+        // Forcing the size needs CAP_NET_ADMIN, which binding a queue needs anyway; without
+        // it the ordinary limit applies.
+        if setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20).is_err() {
+            let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 8 << 20);
+        }
+        Ok(Self(owned))
+    }
+
+    /// Sends one buffer of netlink messages to the kernel.
+    pub fn send(&self, buf: &[u8]) -> io::Result<()> {
+        // SAFETY: an all-zero sockaddr_nl addresses the kernel.
+        let mut to: libc::sockaddr_nl = unsafe { zeroed() };
+        to.nl_family = libc::sa_family_t::try_from(libc::AF_NETLINK).unwrap_or(16);
+        // SAFETY: `buf` is valid for its length; `to` is a sockaddr_nl of the size given.
+        let rc = unsafe {
+            libc::sendto(
+                self.0.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                0,
+                (&raw const to).cast(),
+                libc::socklen_t::try_from(size_of::<libc::sockaddr_nl>()).unwrap_or(12),
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Receives one datagram without waiting; `WouldBlock` when there is none. A datagram
+    /// longer than `buf` comes back truncated (the length says so).
+    pub fn recv_now(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for writes of its length.
+        let rc = unsafe {
+            libc::recv(
+                self.0.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        usize::try_from(rc).map_err(|_| io::Error::last_os_error())
+    }
+
+    /// Waits up to `timeout` (to the nanosecond, unlike poll's milliseconds) for a datagram.
+    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
+        };
+        // SAFETY: one valid pollfd, a valid timespec, no signal mask.
+        let rc = unsafe { libc::ppoll(&raw mut pfd, 1, &raw const ts, std::ptr::null()) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(rc > 0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -620,8 +730,7 @@ mod tests {
         let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
         s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
             .unwrap();
-        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
-            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         s
     }
 
@@ -652,7 +761,7 @@ mod tests {
             {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(5));
         }
         let mut out = SendBatch::new(4);
         for i in 0..3u8 {
@@ -688,7 +797,7 @@ mod tests {
                 if ids.len() == 3 {
                     break;
                 }
-                std::thread::sleep(std::time::Duration::from_millis(1));
+                std::thread::sleep(Duration::from_millis(1));
             }
             assert_eq!(ids, [0, 1, 2], "one numbered transmit stamp per datagram");
         }

@@ -8,6 +8,8 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 
+mod common;
+
 const AGENT: &str = env!("CARGO_BIN_EXE_pathprobe-agent");
 
 /// The tests time the emulator: never two at once on this machine's cores.
@@ -191,5 +193,61 @@ fn the_demo_shows_vpn_slower_and_lossier_than_expressroute() {
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("pathprobe.db"),
         "says where the database is"
+    );
+}
+
+/// Runs the agent (as `nobody` when we are root, so privileges really lack) and returns
+/// its exit code and stderr.
+fn emulate_unprivileged(args: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = common::unprivileged(AGENT);
+    let o = cmd.arg("emulate").args(args).output().unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn emulate_flags_name_the_problem_and_the_fix() {
+    let (code, err) = emulate_unprivileged(&[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--listen") && err.contains("--nfqueue"),
+        "{err}"
+    );
+
+    let (code, err) = emulate_unprivileged(&["--nfqueue", "0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("FORWARD,REVERSE"), "{err}");
+
+    let (code, err) = emulate_unprivileged(&["--nfqueue", "3,3"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("two different queues"), "{err}");
+
+    let (code, err) = emulate_unprivileged(&["--nfqueue", "3,4", "--link", "dup=1%"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("dup= cannot be emulated"), "{err}");
+
+    let (code, err) = emulate_unprivileged(&[
+        "--nfqueue",
+        "3,4",
+        "--listen",
+        "127.0.0.1:0",
+        "--forward",
+        "127.0.0.1:9",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
+#[test]
+fn nfqueue_without_cap_net_admin_says_what_to_do() {
+    let (code, err) = emulate_unprivileged(&["--nfqueue", "3,4"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot bind NFQUEUE 3")
+            && err.contains("CAP_NET_ADMIN")
+            && err.contains("--listen/--forward"),
+        "{err}"
     );
 }

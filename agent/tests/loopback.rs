@@ -16,6 +16,8 @@ use pathprobe_proto::stamp::{
     AuthKey, ErrorEstimate, Mode, ReflectorPacket, ReflectorRepr, SenderPacket, SenderRepr,
 };
 
+mod common;
+
 const AGENT: &str = env!("CARGO_BIN_EXE_pathprobe-agent");
 
 /// A reflector process on an ephemeral loopback port, killed when dropped.
@@ -285,29 +287,10 @@ fn bad_flags_are_named() {
     }
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-}
-
 #[test]
 fn binding_port_862_without_privilege_says_what_to_do() {
     // As root (CI), drop to `nobody` for the attempt, so the refusal really happens.
-    let mut cmd = if is_root() {
-        let mut c = Command::new("setpriv");
-        c.args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            AGENT,
-        ]);
-        c
-    } else {
-        Command::new(AGENT)
-    };
+    let mut cmd = common::unprivileged(AGENT);
     let o = cmd
         .args(["reflect", "--listen", "127.0.0.1:862"])
         .output()

@@ -1,1 +1,4 @@
-//! Cross-crate integration tests live in `tests/`.
+//! Cross-crate integration tests live in `tests/`; this library holds what they share: the
+//! namespace [`lab`] for root-only tests.
+
+pub mod lab;

@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use pathprobe_agent::decode::{self, Direction};
 use pathprobe_agent::emulate::link::{LinkConfig, Profile};
+use pathprobe_agent::emulate::nfqueue::{NfqueueConfig, NfqueueEmulator};
 use pathprobe_agent::emulate::{Emulator, EmulatorConfig, EmulatorStats};
 use pathprobe_agent::output::{self, Labels};
 use pathprobe_agent::probe::{self, ProbeConfig};
@@ -53,7 +54,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Relay UDP through an emulated path: delay, jitter, loss, rate, duplication, outages.
+    /// Emulate a path: delay, jitter, loss, rate, duplication, outages; for UDP through a
+    /// relay, or (root) for all IP traffic behind iptables NFQUEUE rules.
     Emulate(EmulateArgs),
     /// Run as the long-running agent: reflect, probe every configured path, and push every
     /// window report to the collector (spooled on disk while it is away).
@@ -153,13 +155,24 @@ enum ProfileArg {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["listen", "nfqueue"])))]
 struct EmulateArgs {
-    /// Address senders send to.
-    #[arg(long, env = "PATHPROBE_LISTEN")]
-    listen: SocketAddr,
+    /// Address senders send to (the UDP relay).
+    #[arg(
+        long,
+        env = "PATHPROBE_LISTEN",
+        required_unless_present = "nfqueue",
+        requires = "forward"
+    )]
+    listen: Option<SocketAddr>,
     /// Address the traffic goes on to (a reflector, say).
-    #[arg(long, env = "PATHPROBE_FORWARD")]
-    forward: SocketAddr,
+    #[arg(long, env = "PATHPROBE_FORWARD", requires = "listen")]
+    forward: Option<SocketAddr>,
+    /// Instead of the relay, emulate for all IP traffic that iptables hands to these two
+    /// queues, FORWARD,REVERSE (like 0,1), with rules such as
+    /// `iptables -A FORWARD -i eth0 -j NFQUEUE --queue-num 0`. Needs CAP_NET_ADMIN.
+    #[arg(long, value_parser = queue_pair, conflicts_with_all = ["listen", "forward"])]
+    nfqueue: Option<(u16, u16)>,
     /// Start from a realistic path instead of a perfect one.
     #[arg(long, value_enum)]
     profile: Option<ProfileArg>,
@@ -207,25 +220,56 @@ fn link_configs(args: &EmulateArgs) -> anyhow::Result<(LinkConfig, LinkConfig)> 
     Ok((fwd, rev))
 }
 
+fn queue_pair(v: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("`{v}` is not two queue numbers FORWARD,REVERSE (0 to 65535), like 0,1");
+    let (f, r) = v.split_once(',').ok_or_else(bad)?;
+    Ok((
+        f.trim().parse().map_err(|_| bad())?,
+        r.trim().parse().map_err(|_| bad())?,
+    ))
+}
+
 fn run_emulate(args: &EmulateArgs) -> anyhow::Result<ExitCode> {
     let (forward_link, reverse_link) = link_configs(args)?;
-    let emulator = Emulator::bind(EmulatorConfig {
-        listen: args.listen,
-        forward: args.forward,
-        forward_link,
-        reverse_link,
-        seed: args.seed,
-    })?;
     let stop = stop_on_signals()?;
     let stats = EmulatorStats::default();
-    tracing::info!(listen = %emulator.local, forward = %args.forward, "emulating");
+    let (stop_ref, stats_ref) = (&*stop, &stats);
+    let work: Box<dyn FnOnce() -> Result<(), Error> + Send + '_> =
+        if let Some((forward_queue, reverse_queue)) = args.nfqueue {
+            let mut emulator = NfqueueEmulator::bind(NfqueueConfig {
+                forward_queue,
+                forward_link,
+                reverse_queue,
+                reverse_link,
+                seed: args.seed,
+            })?;
+            tracing::info!(
+                nfqueue_forward = forward_queue,
+                nfqueue_reverse = reverse_queue,
+                "emulating"
+            );
+            Box::new(move || emulator.run(stop_ref, stats_ref))
+        } else {
+            let (Some(listen), Some(forward)) = (args.listen, args.forward) else {
+                anyhow::bail!("emulate needs --listen and --forward, or --nfqueue FORWARD,REVERSE");
+            };
+            let emulator = Emulator::bind(EmulatorConfig {
+                listen,
+                forward,
+                forward_link,
+                reverse_link,
+                seed: args.seed,
+            })?;
+            tracing::info!(listen = %emulator.local, forward = %forward, "emulating");
+            Box::new(move || emulator.run(stop_ref, stats_ref))
+        };
     supervise(
         "emulator",
         &stop,
         args.duration,
         Duration::ZERO,
         &|| stats.line(),
-        || emulator.run(&stop, &stats),
+        work,
     )?;
     tracing::info!("stopped: {}", stats.line());
     Ok(ExitCode::SUCCESS)

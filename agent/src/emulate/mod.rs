@@ -7,8 +7,12 @@
 //! Packets wait in a time-ordered queue and a release thread sends each at its time: a
 //! timed wait to just before, then a short spin. The error this adds is measured by the
 //! accuracy tests and documented in BENCHMARKS.md.
+//!
+//! [`nfqueue`] applies the same links to all IP traffic behind iptables NFQUEUE rules,
+//! holding each packet's verdict until its release time (the namespace lab uses it).
 
 pub mod link;
+pub mod nfqueue;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
