@@ -2,7 +2,9 @@
 //! reflector, two emulated paths in front of it (ExpressRoute-like and VPN-like, see
 //! [`crate::emulate::link::Profile`]), a collector on an embedded SQLite file, and the agent
 //! probing both paths and pushing its reports through the collector's HTTP API; after the
-//! run, the collector's side-by-side comparison.
+//! run, the collector's side-by-side comparison. Then a capacity test (a knee search) over
+//! a third emulated path, an ExpressRoute-like circuit of [`DEMO_CIRCUIT`], with the
+//! recommendation it leads to.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -15,11 +17,21 @@ use pathprobe_collector::store::{Selector, Store};
 use pathprobe_proto::report::PathKind;
 use pathprobe_proto::stamp::TimestampFormat;
 
+use crate::capacity::client::{self, Plan};
+use crate::capacity::knee::Thresholds;
+use crate::capacity::rate::Rate;
+use crate::capacity::server::{Server as CapacityServer, ServerConfig};
+use crate::capacity::sizing::{self, Recommendation};
+use crate::capacity::wire::Direction;
 use crate::daemon::{AgentConfig, CollectorSection, PathSection};
-use crate::emulate::link::Profile;
+use crate::emulate::link::{LinkConfig, Profile};
 use crate::emulate::{Emulator, EmulatorConfig, EmulatorStats};
 use crate::reflector::{self, ReflectorConfig, ReflectorStats};
 use crate::{Error, Result, daemon};
+
+/// The emulated circuit of the capacity test: 1 ms each way, a bottleneck of this many
+/// bits per second with a 50 ms queue.
+pub const DEMO_CIRCUIT: &str = "delay=1ms,rate=50M";
 
 /// How the demo runs.
 #[derive(Debug, Clone)]
@@ -29,6 +41,8 @@ pub struct DemoConfig {
     pub dir: PathBuf,
     pub rate: u32,
     pub window: Duration,
+    /// Length of each capacity stage; `None` skips the capacity test.
+    pub capacity_stage: Option<Duration>,
 }
 
 /// What it leaves behind.
@@ -36,6 +50,81 @@ pub struct DemoConfig {
 pub struct DemoOutcome {
     pub db: PathBuf,
     pub comparison: Comparison,
+    /// The capacity test, or why it did not run.
+    pub capacity: Option<std::result::Result<CapacityDemo, String>>,
+}
+
+/// The capacity test's result and what it recommends.
+#[derive(Debug, Clone)]
+pub struct CapacityDemo {
+    pub run: client::Run,
+    pub plan: Plan,
+    pub recommendation: Option<Recommendation>,
+}
+
+/// A knee search over an emulated [`DEMO_CIRCUIT`] in front of the demo's reflector: STAMP
+/// and load share the circuit's bottleneck; control goes straight to the reflector.
+fn capacity_demo(
+    refl_addr: SocketAddr,
+    stage: Duration,
+    stop: &AtomicBool,
+) -> std::result::Result<CapacityDemo, String> {
+    let server = CapacityServer::bind(ServerConfig {
+        listen: refl_addr,
+        max_rate_bps: 1_000_000_000,
+        max_stage: Duration::from_mins(1),
+    })
+    .map_err(|e| e.to_string())?;
+    let load_port = SocketAddr::new(refl_addr.ip(), refl_addr.port().saturating_add(1));
+    let circuit_link: LinkConfig = DEMO_CIRCUIT.parse()?;
+    let return_link: LinkConfig = "delay=1ms".parse()?;
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let circuit = Emulator::bind(EmulatorConfig {
+        listen: any,
+        forward: refl_addr,
+        also: vec![(any, load_port)],
+        forward_link: circuit_link,
+        reverse_link: return_link,
+        seed: 3,
+    })
+    .map_err(|e| e.to_string())?;
+    let plan = Plan {
+        target: circuit.locals[0],
+        control: Some(refl_addr),
+        load_to: Some(circuit.locals[1]),
+        bind: None,
+        interface: None,
+        fwmark: None,
+        start_bps: 10_000_000,
+        max_bps: 100_000_000,
+        steps: 1,
+        search: true,
+        stage,
+        direction: Direction::Up,
+        size: 1372,
+        probe_rate: 100,
+        tcp_streams: Vec::new(),
+        thresholds: Thresholds::default(),
+    };
+    let done = AtomicBool::new(false);
+    let stats = EmulatorStats::default();
+    let run = std::thread::scope(|s| {
+        s.spawn(|| server.run(&done));
+        s.spawn(|| circuit.run(&done, &stats));
+        let r = client::run(&plan, stop, &mut |_| {});
+        done.store(true, Ordering::Relaxed);
+        r
+    })
+    .map_err(|e| e.to_string())?;
+    let recommendation = run
+        .knee
+        .capacity_bps
+        .map(|c| sizing::recommend(Rate(c), 0.3, plan.size + 28));
+    Ok(CapacityDemo {
+        run,
+        plan,
+        recommendation,
+    })
 }
 
 fn now_ns() -> u64 {
@@ -170,6 +259,7 @@ pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
         Emulator::bind(EmulatorConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             forward: refl_addr,
+            also: Vec::new(),
             forward_link: profile.link(),
             reverse_link: profile.link(),
             seed,
@@ -205,12 +295,16 @@ pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
         let result = agent_thread
             .join()
             .unwrap_or_else(|_| Err(Error::Config("the agent thread panicked".to_string())));
+        let capacity = cfg
+            .capacity_stage
+            .filter(|_| result.is_ok() && !stop.load(Ordering::Relaxed))
+            .map(|stage| capacity_demo(refl_addr, stage, stop));
         relay_stop.store(true, Ordering::Relaxed);
-        result
+        result.map(|()| capacity)
     });
     let _ = collector_stop.send(());
     let _ = rt.block_on(collector);
-    agent_result?;
+    let capacity = agent_result?;
     let store = Store::open_read_only(&db).map_err(|e| Error::Config(e.to_string()))?;
     let sel = |k: &str| Selector {
         name_or_kind: k.to_string(),
@@ -224,5 +318,9 @@ pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
         now_ns() + 1,
     )
     .map_err(|e| Error::Config(e.to_string()))?;
-    Ok(DemoOutcome { db, comparison })
+    Ok(DemoOutcome {
+        db,
+        comparison,
+        capacity,
+    })
 }

@@ -5,6 +5,7 @@
 //! ([`daemon`]) that pushes every window report to the collector through an on-disk queue
 //! ([`spool`]); and packet decoding for people ([`decode`]).
 
+pub mod capacity;
 pub mod daemon;
 pub mod decode;
 pub mod demo;

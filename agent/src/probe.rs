@@ -157,15 +157,17 @@ fn io_err(what: &str) -> impl FnOnce(io::Error) -> Error + '_ {
 }
 
 /// Opens and pins the probing socket; returns it with its timestamping sources.
-fn open(cfg: &ProbeConfig) -> Result<(Socket, Timestamping)> {
-    let v6 = cfg.target.is_ipv6();
-    let sock = Socket::new(
-        Domain::for_address(cfg.target),
-        Type::DGRAM,
-        Some(Protocol::UDP),
-    )
-    .map_err(io_err("create a UDP socket"))?;
-    if let Some(name) = &cfg.interface {
+/// Pins `sock` to a path: an interface (`SO_BINDTODEVICE`), a firewall mark (`SO_MARK`)
+/// and a local address (`bind`, or the unspecified address of `target`'s family).
+pub fn pin(
+    sock: &Socket,
+    target: SocketAddr,
+    bind: Option<SocketAddr>,
+    interface: Option<&str>,
+    fwmark: Option<u32>,
+) -> Result<()> {
+    let v6 = target.is_ipv6();
+    if let Some(name) = interface {
         sock.bind_device(Some(name.as_bytes())).map_err(|e| match e.kind() {
             io::ErrorKind::PermissionDenied => Error::Config(format!(
                 "--interface {name} needs CAP_NET_RAW (run as root), or pin the path with --bind instead"
@@ -176,7 +178,7 @@ fn open(cfg: &ProbeConfig) -> Result<(Socket, Timestamping)> {
             },
         })?;
     }
-    if let Some(mark) = cfg.fwmark {
+    if let Some(mark) = fwmark {
         sock.set_mark(mark).map_err(|e| match e.kind() {
             io::ErrorKind::PermissionDenied => {
                 Error::Config(format!("--fwmark {mark} needs CAP_NET_ADMIN (run as root)"))
@@ -187,15 +189,33 @@ fn open(cfg: &ProbeConfig) -> Result<(Socket, Timestamping)> {
             },
         })?;
     }
-    let local = cfg.bind.unwrap_or_else(|| {
+    let local = bind.unwrap_or_else(|| {
         if v6 {
-            "[::]:0".parse().unwrap_or(cfg.target)
+            "[::]:0".parse().unwrap_or(target)
         } else {
-            "0.0.0.0:0".parse().unwrap_or(cfg.target)
+            "0.0.0.0:0".parse().unwrap_or(target)
         }
     });
     sock.bind(&local.into())
         .map_err(io_err(&format!("bind {local} (--bind)")))?;
+    Ok(())
+}
+
+fn open(cfg: &ProbeConfig) -> Result<(Socket, Timestamping)> {
+    let v6 = cfg.target.is_ipv6();
+    let sock = Socket::new(
+        Domain::for_address(cfg.target),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )
+    .map_err(io_err("create a UDP socket"))?;
+    pin(
+        &sock,
+        cfg.target,
+        cfg.bind,
+        cfg.interface.as_deref(),
+        cfg.fwmark,
+    )?;
     let tos = u32::from(cfg.dscp) << 2;
     if v6 {
         sock.set_tclass_v6(tos)

@@ -613,6 +613,20 @@ pub fn poll_readable(sock: &Socket, timeout_ms: i32) -> io::Result<bool> {
     Ok(rc > 0)
 }
 
+/// Turns on UDP generic segmentation offload (Linux 4.18+): every send longer than
+/// `segment` octets leaves as datagrams of `segment` octets, segmented by the kernel after
+/// one trip through the stack.
+pub fn enable_udp_gso(sock: &Socket, segment: u16) -> io::Result<()> {
+    const SOL_UDP: libc::c_int = 17;
+    const UDP_SEGMENT: libc::c_int = 103;
+    setsockopt_int(
+        sock.as_raw_fd(),
+        SOL_UDP,
+        UDP_SEGMENT,
+        libc::c_int::from(segment),
+    )
+}
+
 /// A `NETLINK_NETFILTER` socket bound to the kernel, for NFQUEUE: the messages themselves are
 /// built and parsed in safe code (`emulate::nfqueue`).
 #[derive(Debug)]

@@ -6,69 +6,17 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pathprobe_collector::serve::{ServeConfig, Tokens, serve};
 use pathprobe_collector::store::Store;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_pathprobe-agent");
+mod common;
+
+use common::{AGENT, Collector, free_tcp};
 const TOKEN: &str = "daemon-test-token-0123456789";
-
-/// A collector running in this process, on a runtime of its own.
-struct Collector {
-    rt: tokio::runtime::Runtime,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<pathprobe_collector::Result<()>>>,
-}
-
-impl Collector {
-    fn start(dir: &Path, addr: SocketAddr) -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let cfg = ServeConfig {
-            listen: addr,
-            db: dir.join("store.db"),
-            tokens: Some(Tokens::load(&dir.join("tokens")).unwrap()),
-            max_body: 16 << 20,
-        };
-        let task = rt.spawn(serve(cfg, async move {
-            let _ = rx.await;
-        }));
-        // Serving once the port accepts connections.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "the collector did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            rt,
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.rt
-            .block_on(self.task.take().unwrap())
-            .unwrap()
-            .unwrap();
-    }
-}
-
-fn free_tcp() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 fn free_udp() -> SocketAddr {
     UdpSocket::bind("127.0.0.1:0")

@@ -194,6 +194,19 @@ fn the_demo_shows_vpn_slower_and_lossier_than_expressroute() {
         String::from_utf8_lossy(&o.stderr).contains("pathprobe.db"),
         "says where the database is"
     );
+    // The capacity test over the emulated 50 Mbit/s circuit (50 Mbit/s of UDP payload is
+    // 51 Mbit/s of IP packets) finds its knee within the search's 5% and recommends.
+    let cap = &v["capacity"];
+    assert_eq!(cap["knee"]["saturated"], true, "{cap}");
+    let bps = cap["capacity_bps"].as_f64().unwrap();
+    assert!(
+        (46e6..=53e6).contains(&bps),
+        "capacity {bps} through 50 Mbit/s"
+    );
+    assert_eq!(
+        cap["recommendation"]["er_circuit_bps"], 100_000_000,
+        "{cap}"
+    );
 }
 
 /// Runs the agent (as `nobody` when we are root, so privileges really lack) and returns

@@ -6,9 +6,8 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use pathprobe_proto::stamp::tlv::{ClassOfService, TlvIter, TlvWriter, tlv_type};
@@ -18,47 +17,9 @@ use pathprobe_proto::stamp::{
 
 mod common;
 
+use common::Reflector;
+
 const AGENT: &str = env!("CARGO_BIN_EXE_pathprobe-agent");
-
-/// A reflector process on an ephemeral loopback port, killed when dropped.
-struct Reflector {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Reflector {
-    fn start(extra: &[&str]) -> Self {
-        Self::start_on("127.0.0.1:0", extra)
-    }
-
-    fn start_on(listen: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(AGENT)
-            .args(["reflect", "--listen", listen, "--stats-interval", "0s"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let first = lines.next().unwrap().unwrap();
-        let addr = first
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("listen="))
-            .unwrap_or_else(|| panic!("no listen= in {first}"))
-            .parse()
-            .unwrap();
-        // Keep draining stderr so the reflector never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Self { child, addr }
-    }
-}
-
-impl Drop for Reflector {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn probe(args: &[&str]) -> Output {
     Command::new(AGENT)

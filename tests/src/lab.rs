@@ -321,14 +321,21 @@ impl Lab {
 
     /// Starts a STAMP reflector on the Azure host: every address, UDP port [`STAMP_PORT`].
     pub fn reflector(&self) -> Proc {
+        self.reflector_with(&[])
+    }
+
+    /// [`Lab::reflector`] with more `reflect` flags (like `--allow-capacity`).
+    pub fn reflector_with(&self, extra: &[&str]) -> Proc {
         Proc::start(
-            self.agent("azure").args([
-                "reflect",
-                "--listen",
-                &format!("0.0.0.0:{STAMP_PORT}"),
-                "--stats-interval",
-                "0s",
-            ]),
+            self.agent("azure")
+                .args([
+                    "reflect",
+                    "--listen",
+                    &format!("0.0.0.0:{STAMP_PORT}"),
+                    "--stats-interval",
+                    "0s",
+                ])
+                .args(extra),
             "listen=",
         )
     }

@@ -39,6 +39,9 @@ const SPIN_NS: u64 = 200_000;
 pub struct EmulatorConfig {
     pub listen: SocketAddr,
     pub forward: SocketAddr,
+    /// More (listen, forward) pairs relayed through the same links: other ports of the
+    /// same far end (a capacity test's load port) share the path's bottleneck.
+    pub also: Vec<(SocketAddr, SocketAddr)>,
     /// Sender to `forward`.
     pub forward_link: LinkConfig,
     /// `forward` back to the sender.
@@ -72,7 +75,8 @@ impl EmulatorStats {
 #[derive(Debug)]
 enum Out {
     ToServer(Arc<UdpSocket>),
-    ToClient(SocketAddr),
+    /// Back to a sender, from listening socket `.0`.
+    ToClient(usize, SocketAddr),
 }
 
 #[derive(Debug)]
@@ -95,28 +99,39 @@ struct Pending {
 #[derive(Debug)]
 pub struct Emulator {
     cfg: EmulatorConfig,
-    sock: Arc<UdpSocket>,
-    /// Where senders should send.
+    /// The listening sockets and where each forwards to: `listen` first, then `also`.
+    socks: Vec<(Arc<UdpSocket>, SocketAddr)>,
+    /// Where senders should send (the first listening socket).
     pub local: SocketAddr,
+    /// Every listening address, in the order of `listen` then `also`.
+    pub locals: Vec<SocketAddr>,
 }
 
 impl Emulator {
-    /// Binds the listening socket.
+    /// Binds the listening sockets.
     pub fn bind(cfg: EmulatorConfig) -> Result<Self> {
-        let sock = UdpSocket::bind(cfg.listen).map_err(|source| Error::Io {
-            what: format!("bind the emulator to {}", cfg.listen),
-            source,
-        })?;
-        sock.set_read_timeout(Some(Duration::from_millis(50)))
-            .map_err(|source| Error::Io {
-                what: "set a receive timeout".to_string(),
+        let mut socks = Vec::new();
+        let mut locals = Vec::new();
+        for (listen, forward) in
+            std::iter::once((cfg.listen, cfg.forward)).chain(cfg.also.iter().copied())
+        {
+            let sock = UdpSocket::bind(listen).map_err(|source| Error::Io {
+                what: format!("bind the emulator to {listen}"),
                 source,
             })?;
-        let local = sock.local_addr().unwrap_or(cfg.listen);
+            sock.set_read_timeout(Some(Duration::from_millis(50)))
+                .map_err(|source| Error::Io {
+                    what: "set a receive timeout".to_string(),
+                    source,
+                })?;
+            locals.push(sock.local_addr().unwrap_or(listen));
+            socks.push((Arc::new(sock), forward));
+        }
         Ok(Self {
             cfg,
-            sock: Arc::new(sock),
-            local,
+            socks,
+            local: locals[0],
+            locals,
         })
     }
 
@@ -143,9 +158,19 @@ impl Emulator {
         };
         std::thread::scope(|s| {
             s.spawn(|| relay.release());
-            let result = relay.receive(s);
+            let relay = &relay;
+            let others: Vec<_> = (1..self.socks.len())
+                .map(|i| s.spawn(move || relay.receive(s, i)))
+                .collect();
+            let mut result = relay.receive(s, 0);
             stop.store(true, Ordering::Relaxed);
             relay.wake.notify_all();
+            for h in others {
+                let r = h.join().unwrap_or(Ok(()));
+                if result.is_ok() {
+                    result = r;
+                }
+            }
             result
         })
     }
@@ -160,7 +185,8 @@ struct Relay<'a> {
     reverse: Mutex<Link>,
     pending: Mutex<Pending>,
     wake: Condvar,
-    flows: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
+    /// Upstream sockets by (listening socket, sender).
+    flows: Mutex<HashMap<(usize, SocketAddr), Arc<UdpSocket>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -207,8 +233,8 @@ impl Relay<'_> {
                     self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Out::ToClient(to) => {
-                if self.emulator.sock.send_to(&w.data, to).is_ok() {
+            Out::ToClient(i, to) => {
+                if self.emulator.socks[i].0.send_to(&w.data, to).is_ok() {
                     self.stats.returned.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -254,16 +280,17 @@ impl Relay<'_> {
     fn flow<'s>(
         &'s self,
         s: &'s std::thread::Scope<'s, '_>,
+        listener: usize,
         from: SocketAddr,
     ) -> Option<Arc<UdpSocket>> {
         let mut flows = lock(&self.flows);
-        if let Some(u) = flows.get(&from) {
+        if let Some(u) = flows.get(&(listener, from)) {
             return Some(Arc::clone(u));
         }
         if flows.len() >= MAX_FLOWS {
             return None;
         }
-        let forward = self.emulator.cfg.forward;
+        let forward = self.emulator.socks[listener].1;
         let bind = SocketAddr::new(
             if forward.is_ipv6() {
                 std::net::Ipv6Addr::UNSPECIFIED.into()
@@ -280,25 +307,27 @@ impl Relay<'_> {
             })
             .ok()?;
         let up = Arc::new(up);
-        flows.insert(from, Arc::clone(&up));
+        flows.insert((listener, from), Arc::clone(&up));
         let reader = Arc::clone(&up);
         // Replies from --forward go back to this sender.
         s.spawn(move || {
             let mut buf = vec![0u8; sys::MAX_DATAGRAM];
             while !self.stop.load(Ordering::Relaxed) {
                 if let Ok(n) = reader.recv(&mut buf) {
-                    self.admit(&self.reverse, &buf[..n], &|| Out::ToClient(from));
+                    self.admit(&self.reverse, &buf[..n], &|| Out::ToClient(listener, from));
                 }
             }
         });
         Some(up)
     }
 
-    /// Packets to --listen go forward, each sender through its own upstream socket.
-    fn receive<'s>(&'s self, s: &'s std::thread::Scope<'s, '_>) -> Result<()> {
+    /// Packets to listening socket `listener` go forward, each sender through its own
+    /// upstream socket.
+    fn receive<'s>(&'s self, s: &'s std::thread::Scope<'s, '_>, listener: usize) -> Result<()> {
+        let sock = &self.emulator.socks[listener].0;
         let mut buf = vec![0u8; sys::MAX_DATAGRAM];
         while !self.stop.load(Ordering::Relaxed) {
-            let (n, from) = match self.emulator.sock.recv_from(&mut buf) {
+            let (n, from) = match sock.recv_from(&mut buf) {
                 Ok(x) => x,
                 Err(e)
                     if matches!(
@@ -317,7 +346,7 @@ impl Relay<'_> {
                     });
                 }
             };
-            match self.flow(s, from) {
+            match self.flow(s, listener, from) {
                 Some(up) => {
                     self.admit(&self.forward, &buf[..n], &|| Out::ToServer(Arc::clone(&up)));
                 }

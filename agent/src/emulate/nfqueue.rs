@@ -29,7 +29,7 @@ const COPY_RANGE: u32 = 64;
 /// Packets the kernel holds per queue waiting for our verdict.
 const QUEUE_MAXLEN: u32 = 65_536;
 /// The last stretch before a release time is spun, not slept.
-const SPIN_NS: u64 = 100_000;
+const SPIN_NS: u64 = 200_000;
 /// Longest wait, so that a stop request is seen.
 const MAX_WAIT: Duration = Duration::from_millis(50);
 /// Verdicts sent in one `sendto` at most (32 octets each).

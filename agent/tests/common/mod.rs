@@ -1,6 +1,15 @@
-//! Helpers the agent's integration tests share.
+//! Helpers the agent's integration tests share (each test file uses part of them).
+#![allow(dead_code, reason = "each test file uses part of this module")]
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pathprobe_collector::serve::{ServeConfig, Tokens, serve};
+use std::process::{Child, Command, Stdio};
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_pathprobe-agent");
 
 /// Whether this process's effective uid is 0.
 pub fn is_root() -> bool {
@@ -30,4 +39,101 @@ pub fn unprivileged(program: &str) -> Command {
     } else {
         Command::new(program)
     }
+}
+
+/// A reflector process on an ephemeral loopback port, killed when dropped.
+pub struct Reflector {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Reflector {
+    pub fn start(extra: &[&str]) -> Self {
+        Self::start_on("127.0.0.1:0", extra)
+    }
+
+    pub fn start_on(listen: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(AGENT)
+            .args(["reflect", "--listen", listen, "--stats-interval", "0s"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("listen=").map(str::to_string))
+            })
+            .expect("the reflector printed no listen=")
+            .parse()
+            .unwrap();
+        // Keep draining stderr so the reflector never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, addr }
+    }
+}
+
+impl Drop for Reflector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A collector running in this process, on a runtime of its own.
+pub struct Collector {
+    rt: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<pathprobe_collector::Result<()>>>,
+}
+
+impl Collector {
+    pub fn start(dir: &Path, addr: SocketAddr) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let cfg = ServeConfig {
+            listen: addr,
+            db: dir.join("store.db"),
+            tokens: Some(Tokens::load(&dir.join("tokens")).unwrap()),
+            max_body: 16 << 20,
+        };
+        let task = rt.spawn(serve(cfg, async move {
+            let _ = rx.await;
+        }));
+        // Serving once the port accepts connections.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "the collector did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            rt,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.rt
+            .block_on(self.task.take().unwrap())
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// A TCP port free a moment ago.
+pub fn free_tcp() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }

@@ -8,8 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+mod capacity;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use pathprobe_agent::capacity::present;
+use pathprobe_agent::capacity::rate::Rate;
+use pathprobe_agent::capacity::server::{Server as CapacityServer, ServerConfig};
 use pathprobe_agent::decode::{self, Direction};
 use pathprobe_agent::emulate::link::{LinkConfig, Profile};
 use pathprobe_agent::emulate::nfqueue::{NfqueueConfig, NfqueueEmulator};
@@ -53,7 +58,13 @@ enum Command {
         /// Print the comparison as JSON.
         #[arg(long)]
         json: bool,
+        /// Length of each stage of the capacity test that follows (0s skips it).
+        #[arg(long, default_value = "1s", value_parser = duration)]
+        capacity_stage: Duration,
     },
+    /// Drive a path at rising load: where it saturates, where its latency inflates, and
+    /// which ExpressRoute circuit and gateway sizes the traffic needs.
+    Capacity(Box<capacity::CapacityArgs>),
     /// Emulate a path: delay, jitter, loss, rate, duplication, outages; for UDP through a
     /// relay, or (root) for all IP traffic behind iptables NFQUEUE rules.
     Emulate(EmulateArgs),
@@ -143,6 +154,16 @@ struct ReflectArgs {
     /// Stop after this long (default: run until SIGINT or SIGTERM).
     #[arg(long, value_parser = duration, env = "PATHPROBE_DURATION")]
     duration: Option<Duration>,
+    /// Take part in capacity tests: control on TCP at the --listen port, load sunk (and,
+    /// for download tests, sent back to the tester) on UDP and TCP one port above.
+    #[arg(long, env = "PATHPROBE_ALLOW_CAPACITY")]
+    allow_capacity: bool,
+    /// The highest load a capacity test may ask of this agent (IP bits: 500mbit, 1gbit).
+    #[arg(long, default_value = "1gbit", value_parser = capacity::rate_arg, requires = "allow_capacity")]
+    capacity_max_rate: Rate,
+    /// The longest stage a capacity test may ask of this agent.
+    #[arg(long, default_value = "60s", value_parser = duration, requires = "allow_capacity")]
+    capacity_max_stage: Duration,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -168,6 +189,10 @@ struct EmulateArgs {
     /// Address the traffic goes on to (a reflector, say).
     #[arg(long, env = "PATHPROBE_FORWARD", requires = "listen")]
     forward: Option<SocketAddr>,
+    /// One more port relayed through the same links, LISTEN=FORWARD (repeatable): other
+    /// ports of the far end that share the path, like a capacity test's load port.
+    #[arg(long, value_parser = port_pair, requires = "listen")]
+    also: Vec<(SocketAddr, SocketAddr)>,
     /// Instead of the relay, emulate for all IP traffic that iptables hands to these two
     /// queues, FORWARD,REVERSE (like 0,1), with rules such as
     /// `iptables -A FORWARD -i eth0 -j NFQUEUE --queue-num 0`. Needs CAP_NET_ADMIN.
@@ -220,6 +245,15 @@ fn link_configs(args: &EmulateArgs) -> anyhow::Result<(LinkConfig, LinkConfig)> 
     Ok((fwd, rev))
 }
 
+fn port_pair(v: &str) -> Result<(SocketAddr, SocketAddr), String> {
+    let bad = || format!("`{v}` is not LISTEN=FORWARD, like 127.0.0.1:9002=10.0.0.4:863");
+    let (l, f) = v.split_once('=').ok_or_else(bad)?;
+    Ok((
+        l.trim().parse().map_err(|_| bad())?,
+        f.trim().parse().map_err(|_| bad())?,
+    ))
+}
+
 fn queue_pair(v: &str) -> Result<(u16, u16), String> {
     let bad = || format!("`{v}` is not two queue numbers FORWARD,REVERSE (0 to 65535), like 0,1");
     let (f, r) = v.split_once(',').ok_or_else(bad)?;
@@ -234,35 +268,44 @@ fn run_emulate(args: &EmulateArgs) -> anyhow::Result<ExitCode> {
     let stop = stop_on_signals()?;
     let stats = EmulatorStats::default();
     let (stop_ref, stats_ref) = (&*stop, &stats);
-    let work: Box<dyn FnOnce() -> Result<(), Error> + Send + '_> =
-        if let Some((forward_queue, reverse_queue)) = args.nfqueue {
-            let mut emulator = NfqueueEmulator::bind(NfqueueConfig {
-                forward_queue,
-                forward_link,
-                reverse_queue,
-                reverse_link,
-                seed: args.seed,
-            })?;
-            tracing::info!(
-                nfqueue_forward = forward_queue,
-                nfqueue_reverse = reverse_queue,
-                "emulating"
-            );
-            Box::new(move || emulator.run(stop_ref, stats_ref))
-        } else {
-            let (Some(listen), Some(forward)) = (args.listen, args.forward) else {
-                anyhow::bail!("emulate needs --listen and --forward, or --nfqueue FORWARD,REVERSE");
-            };
-            let emulator = Emulator::bind(EmulatorConfig {
-                listen,
-                forward,
-                forward_link,
-                reverse_link,
-                seed: args.seed,
-            })?;
-            tracing::info!(listen = %emulator.local, forward = %forward, "emulating");
-            Box::new(move || emulator.run(stop_ref, stats_ref))
+    let work: Box<dyn FnOnce() -> Result<(), Error> + Send + '_> = if let Some((
+        forward_queue,
+        reverse_queue,
+    )) = args.nfqueue
+    {
+        let mut emulator = NfqueueEmulator::bind(NfqueueConfig {
+            forward_queue,
+            forward_link,
+            reverse_queue,
+            reverse_link,
+            seed: args.seed,
+        })?;
+        tracing::info!(
+            nfqueue_forward = forward_queue,
+            nfqueue_reverse = reverse_queue,
+            "emulating"
+        );
+        Box::new(move || emulator.run(stop_ref, stats_ref))
+    } else {
+        let (Some(listen), Some(forward)) = (args.listen, args.forward) else {
+            anyhow::bail!("emulate needs --listen and --forward, or --nfqueue FORWARD,REVERSE");
         };
+        let emulator = Emulator::bind(EmulatorConfig {
+            listen,
+            forward,
+            also: args.also.clone(),
+            forward_link,
+            reverse_link,
+            seed: args.seed,
+        })?;
+        let also: Vec<String> = emulator.locals[1..]
+            .iter()
+            .zip(&args.also)
+            .map(|(l, (_, f))| format!("{l}={f}"))
+            .collect();
+        tracing::info!(listen = %emulator.local, forward = %forward, also = %also.join(","), "emulating");
+        Box::new(move || emulator.run(stop_ref, stats_ref))
+    };
     supervise(
         "emulator",
         &stop,
@@ -430,6 +473,23 @@ fn run_reflect(args: &ReflectArgs) -> anyhow::Result<ExitCode> {
         .ok()
         .and_then(|a| a.as_socket())
         .unwrap_or(cfg.listen);
+    // Bound before the first log line, so whoever waits for it finds every port open.
+    let capacity = if args.allow_capacity {
+        let server = CapacityServer::bind(ServerConfig {
+            listen: bound,
+            max_rate_bps: args.capacity_max_rate.bps(),
+            max_stage: args.capacity_max_stage,
+        })?;
+        tracing::info!(
+            control = %bound,
+            max_rate = %args.capacity_max_rate,
+            max_stage = ?args.capacity_max_stage,
+            "capacity tests allowed"
+        );
+        Some(server)
+    } else {
+        None
+    };
     tracing::info!(
         listen = %bound,
         mode = if cfg.key.is_some() { "authenticated" } else { "unauthenticated" },
@@ -443,10 +503,32 @@ fn run_reflect(args: &ReflectArgs) -> anyhow::Result<ExitCode> {
         args.duration,
         args.stats_interval,
         &|| stats.line(),
-        || reflector::run(&sock, &cfg, &stop, &stats),
+        || {
+            std::thread::scope(|s| {
+                if let Some(server) = &capacity {
+                    s.spawn(|| server.run(&stop));
+                }
+                let r = reflector::run(&sock, &cfg, &stop, &stats);
+                // The capacity server ends with the reflector, whatever ended it.
+                stop.store(true, Ordering::Relaxed);
+                r
+            })
+        },
     )?;
     tracing::info!("stopped: {}", stats.line());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Exit code 2, with the message, when the target never answered; other errors as they
+/// are.
+fn no_answer(e: Error) -> anyhow::Result<ExitCode> {
+    match e {
+        Error::NoReply { .. } | Error::Unreachable { .. } => {
+            eprintln!("pathprobe-agent: {e}");
+            Ok(ExitCode::from(2))
+        }
+        e => Err(e.into()),
+    }
 }
 
 fn resolve(target: &str) -> anyhow::Result<SocketAddr> {
@@ -557,11 +639,7 @@ fn run_probe(args: &ProbeArgs) -> anyhow::Result<ExitCode> {
     });
     let windows = match result {
         Ok(w) => w,
-        Err(e @ (Error::NoReply { .. } | Error::Unreachable { .. })) => {
-            eprintln!("pathprobe-agent: {e}");
-            return Ok(ExitCode::from(2));
-        }
-        Err(e) => return Err(e.into()),
+        Err(e) => return no_answer(e),
     };
     if let Some(e) = failure {
         return Err(e);
@@ -628,30 +706,59 @@ fn main() -> ExitCode {
         Command::Reflect(args) => run_reflect(&args),
         Command::Probe(args) => run_probe(&args),
         Command::Emulate(args) => run_emulate(&args),
+        Command::Capacity(args) => capacity::run(&args),
         Command::Demo {
             duration,
             dir,
             rate,
             window,
             json,
+            capacity_stage,
         } => (|| {
             let cfg = pathprobe_agent::demo::DemoConfig {
                 duration,
                 dir: dir.unwrap_or_else(|| std::env::temp_dir().join("pathprobe-demo")),
                 rate,
                 window,
+                capacity_stage: (!capacity_stage.is_zero()).then_some(capacity_stage),
             };
             let stop = stop_on_signals()?;
             eprintln!(
-                "pathprobe demo: a reflector behind an ExpressRoute-like (1 ms, steady) and a VPN-like (15 ms, jittery, lossy) emulated path, {rate} probes/s on each, for {}; a collector stores every {} window.",
+                "pathprobe demo: a reflector behind an ExpressRoute-like (1 ms, steady) and a VPN-like (15 ms, jittery, lossy) emulated path, {rate} probes/s on each, for {}; a collector stores every {} window. Then a capacity test over an emulated circuit ({}).",
                 humantime::format_duration(duration),
-                humantime::format_duration(window)
+                humantime::format_duration(window),
+                pathprobe_agent::demo::DEMO_CIRCUIT
             );
             let out = pathprobe_agent::demo::run(&cfg, &stop)?;
+            let capacity = out.capacity.as_ref().map(|c| match c {
+                Ok(d) => Ok((
+                    d,
+                    present::summary_json(&d.run, &d.plan.thresholds, d.recommendation.as_ref()),
+                )),
+                Err(e) => Err(e.clone()),
+            });
             if json {
-                println!("{}", serde_json::to_string_pretty(&out.comparison)?);
+                let cap = match &capacity {
+                    Some(Ok((_, v))) => v.clone(),
+                    Some(Err(e)) => serde_json::json!({ "error": e }),
+                    None => serde_json::Value::Null,
+                };
+                let mut v = serde_json::to_value(&out.comparison)?;
+                v["capacity"] = cap;
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("{}", pathprobe_collector::compare::table(&out.comparison));
+                match &capacity {
+                    Some(Ok((d, _))) => println!(
+                        "\nCapacity test: a knee search from {} to {} over an emulated ExpressRoute-like circuit ({}):\n{}",
+                        Rate(d.plan.start_bps),
+                        Rate(d.plan.max_bps),
+                        pathprobe_agent::demo::DEMO_CIRCUIT,
+                        present::text(&d.run, &d.plan.thresholds, d.recommendation.as_ref())
+                    ),
+                    Some(Err(e)) => println!("\nCapacity test: did not run: {e}"),
+                    None => {}
+                }
             }
             eprintln!(
                 "\nThe database is {db}. Query it further with, for example:\n  cargo run -p pathprobe-collector -- compare --db {db} --a expressroute --b vpn --since 1h\n  cargo run -p pathprobe-collector -- histogram --db {db} --path vpn --format log --since 1h",

@@ -1,0 +1,369 @@
+//! `pathprobe-agent capacity`: flags, progress, output.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use pathprobe_agent::capacity::client::{self, Event, Plan};
+use pathprobe_agent::capacity::knee::Thresholds;
+use pathprobe_agent::capacity::rate::{self, Rate};
+use pathprobe_agent::capacity::wire::Direction;
+use pathprobe_agent::capacity::{present, sizing};
+use pathprobe_agent::output::Labels;
+use pathprobe_agent::spool::{BATCH, Delivery, Spool, Uploader};
+use pathprobe_proto::report::{PathInfo, ProbeProtocol, TimestampSource, Timestamping};
+
+use super::{KindArg, duration, host_name, no_answer, resolve, stop_on_signals};
+
+pub fn rate_arg(v: &str) -> Result<Rate, String> {
+    rate::parse(v)
+}
+
+/// `95%` or `0.95`.
+fn fraction(v: &str) -> Result<f64, String> {
+    let (num, scale) = v.strip_suffix('%').map_or((v, 1.0), |n| (n, 100.0));
+    let x: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{v}` is not a fraction: write 95% or 0.95"))?;
+    let f = x / scale;
+    if (0.0..=1.0).contains(&f) {
+        Ok(f)
+    } else {
+        Err(format!("`{v}` is not between 0% and 100%"))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+#[allow(clippy::struct_excessive_bools)]
+pub struct CapacityArgs {
+    /// The far agent's reflector, HOST:PORT; it must run with --allow-capacity (control on
+    /// TCP at this port, load on UDP and TCP one port above).
+    #[arg(long, env = "PATHPROBE_TARGET")]
+    target: String,
+    /// Where the far agent's control listens, if not at --target's address (a relay or
+    /// NAT in front of it that carries only UDP).
+    #[arg(long)]
+    control: Option<SocketAddr>,
+    /// Where to send upload load, if the far agent's load port (--target's port + 1) is
+    /// mapped elsewhere.
+    #[arg(long)]
+    load_to: Option<SocketAddr>,
+    /// Local address to send from (pins the path by source address).
+    #[arg(long, env = "PATHPROBE_BIND")]
+    bind: Option<SocketAddr>,
+    /// Interface to send through (SO_BINDTODEVICE; needs CAP_NET_RAW).
+    #[arg(long, env = "PATHPROBE_INTERFACE")]
+    interface: Option<String>,
+    /// Firewall mark for policy routing (SO_MARK; needs CAP_NET_ADMIN).
+    #[arg(long, env = "PATHPROBE_FWMARK")]
+    fwmark: Option<u32>,
+    /// Load of the first stage (IP bits: 50mbit, 1gbit).
+    #[arg(long, default_value = "10mbit", value_parser = rate_arg)]
+    start: Rate,
+    /// Load of the last stage.
+    #[arg(long, default_value = "100mbit", value_parser = rate_arg)]
+    max: Rate,
+    /// Stages from --start to --max, evenly spaced.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
+    steps: u32,
+    /// Search for the knee between --start and --max (bisection to 5%) instead of the
+    /// staircase.
+    #[arg(long)]
+    search: bool,
+    /// Length of each stage.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    stage_duration: Duration,
+    /// Which way to load the path, seen from here.
+    #[arg(long, value_enum, default_value = "up")]
+    direction: Direction,
+    /// UDP payload octets of the load (1372: 1,400-octet IPv4 packets, the largest an
+    /// ExpressRoute gateway forwards unfragmented).
+    #[arg(long, default_value_t = 1372)]
+    size: usize,
+    /// STAMP probes per second under the load (the latency of every stage).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    probe_rate: u32,
+    /// Also measure TCP goodput with these numbers of parallel streams, like 1,4,16.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=64))]
+    tcp_streams: Vec<u32>,
+    /// A stage passes only if at least this much of the offered load arrives.
+    #[arg(long, default_value = "95%", value_parser = fraction)]
+    min_delivered: f64,
+    /// A stage passes only if at most this much of the load is lost.
+    #[arg(long, default_value = "1%", value_parser = fraction)]
+    max_loss: f64,
+    /// A stage passes only if its p99 RTT is at most this times the idle p99...
+    #[arg(long, default_value_t = 3.0)]
+    rtt_factor: f64,
+    /// ...or the idle p99 plus this, whichever is larger.
+    #[arg(long, default_value = "1ms", value_parser = duration)]
+    rtt_allowance: Duration,
+    /// The rate the traffic needs, for the recommendation [default: the measured capacity].
+    #[arg(long, value_parser = rate_arg)]
+    need: Option<Rate>,
+    /// Headroom on top of the need.
+    #[arg(long, default_value = "30%", value_parser = fraction)]
+    headroom: f64,
+    /// Print one JSON object per stage and a summary object.
+    #[arg(long)]
+    json: bool,
+    /// Name of the path, for reports.
+    #[arg(long, default_value = "path", env = "PATHPROBE_PATH_NAME")]
+    path_name: String,
+    /// Kind of the path.
+    #[arg(long, value_enum, default_value = "other", env = "PATHPROBE_PATH_KIND")]
+    path_kind: KindArg,
+    /// Write each stage's report (the collector's format) into this folder.
+    #[arg(long, env = "PATHPROBE_REPORT_DIR")]
+    report_dir: Option<PathBuf>,
+    /// Agent id for reports [default: the host name].
+    #[arg(long, env = "PATHPROBE_AGENT_ID")]
+    agent_id: Option<String>,
+    /// Site name for reports.
+    #[arg(long, env = "PATHPROBE_SITE")]
+    site: Option<String>,
+    /// Send each stage's report to this collector (like <http://10.0.0.5:8862>), so that
+    /// `compare` shows the path's throughput.
+    #[arg(long, env = "PATHPROBE_COLLECTOR")]
+    collector: Option<String>,
+    /// The agent's collector token, in this file.
+    #[arg(long, requires = "collector", env = "PATHPROBE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Where stage reports wait until the collector has them [default:
+    /// pathprobe-capacity-spool in the temp folder]; a later run with the same --spool
+    /// delivers what an earlier one could not.
+    #[arg(long, requires = "collector")]
+    spool: Option<PathBuf>,
+}
+
+fn plan(args: &CapacityArgs, target: SocketAddr) -> anyhow::Result<Plan> {
+    if args.rtt_factor < 1.0 {
+        anyhow::bail!(
+            "--rtt-factor {} is below 1: a stage could never pass",
+            args.rtt_factor
+        );
+    }
+    Ok(Plan {
+        target,
+        control: args.control,
+        load_to: args.load_to,
+        bind: args.bind,
+        interface: args.interface.clone(),
+        fwmark: args.fwmark,
+        start_bps: args.start.bps(),
+        max_bps: args.max.bps(),
+        steps: args.steps,
+        search: args.search,
+        stage: args.stage_duration,
+        direction: args.direction,
+        size: args.size,
+        probe_rate: args.probe_rate,
+        tcp_streams: args.tcp_streams.clone(),
+        thresholds: Thresholds {
+            min_delivered: args.min_delivered,
+            max_loss: args.max_loss,
+            rtt_factor: args.rtt_factor,
+            rtt_allowance_ns: u64::try_from(args.rtt_allowance.as_nanos()).unwrap_or(u64::MAX),
+        },
+    })
+}
+
+fn labels(args: &CapacityArgs, target: SocketAddr) -> Labels {
+    Labels {
+        path: PathInfo {
+            name: args.path_name.clone(),
+            kind: args.path_kind.into(),
+            local: args.bind.unwrap_or_else(|| SocketAddr::new(target.ip(), 0)),
+            remote: target,
+            protocol: ProbeProtocol::Stamp,
+            dscp: 0,
+            packet_size: u16::try_from(pathprobe_proto::stamp::Mode::Unauthenticated.base_len())
+                .unwrap_or(44),
+        },
+        agent_id: args.agent_id.clone().unwrap_or_else(host_name),
+        site: args.site.clone(),
+        // Each stage's report takes the sources its own STAMP stream had.
+        timestamping: Timestamping {
+            rx: TimestampSource::Userspace,
+            tx: TimestampSource::Userspace,
+        },
+    }
+}
+
+/// One line of progress.
+fn event_line(e: &Event<'_>, stage: Duration) -> String {
+    let way = |d: Direction| if d.up() && !d.down() { "up" } else { "down" };
+    match e {
+        Event::Idle => format!("idle: measuring the resting RTT for {stage:?}"),
+        Event::Stage {
+            number,
+            offered_bps,
+        } => format!("stage {number}: offering {}", Rate(*offered_bps)),
+        Event::StageDone(s) => format!(
+            "stage {} at {}: delivered {}, loss {:.2}%, {}",
+            s.number,
+            Rate(s.offered_bps),
+            Rate(s.outcome.delivered_bps),
+            s.outcome.loss * 100.0,
+            if s.judgement.passed() { "ok" } else { "failed" }
+        ),
+        Event::Tcp { streams, direction } => {
+            format!("TCP {} with {streams} streams", way(*direction))
+        }
+        Event::TcpDone(t) => format!(
+            "TCP {} with {} streams: {}",
+            way(t.direction),
+            t.streams,
+            Rate(t.goodput_bps)
+        ),
+    }
+}
+
+pub fn run(args: &CapacityArgs) -> anyhow::Result<ExitCode> {
+    let target = resolve(&args.target)?;
+    let plan = plan(args, target)?;
+    if let Some(dir) = &args.report_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create --report-dir {}", dir.display()))?;
+    }
+    let labels = labels(args, target);
+    let token = args
+        .token_file
+        .as_ref()
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .map(|t| t.trim().to_string())
+                .with_context(|| {
+                    format!(
+                        "cannot read --token-file {}: put this agent's token from the collector's tokens file in it",
+                        f.display()
+                    )
+                })
+        })
+        .transpose()?;
+    let spool_dir = args
+        .spool
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("pathprobe-capacity-spool"));
+    let mut spool = args
+        .collector
+        .as_ref()
+        .map(|_| Spool::open(&spool_dir, 100_000))
+        .transpose()?;
+    let stop = stop_on_signals()?;
+    // A spinner with the current stage on a terminal; log lines otherwise.
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = ProgressBar::new_spinner();
+        b.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        b.enable_steady_tick(Duration::from_millis(120));
+        b
+    });
+    let mut failure: Option<anyhow::Error> = None;
+    let mut on_event = |e: Event<'_>| {
+        let msg = event_line(&e, plan.stage);
+        let done = matches!(e, Event::StageDone(_) | Event::TcpDone(_));
+        if let Some(b) = &bar {
+            if done {
+                b.println(&msg);
+            } else {
+                b.set_message(msg);
+            }
+        } else {
+            tracing::info!("{msg}");
+        }
+        if let Event::StageDone(s) = e
+            && let Err(err) = emit_stage(args, &labels, s, spool.as_mut())
+        {
+            failure.get_or_insert(err);
+        }
+    };
+    let result = client::run(&plan, &stop, &mut on_event);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    // Whatever happened, what was measured goes to the collector.
+    if let (Some(url), Some(spool)) = (&args.collector, spool.as_mut()) {
+        deliver(url, token, spool, &spool_dir)?;
+    }
+    let run = match result {
+        Ok(r) => r,
+        Err(e) => return no_answer(e),
+    };
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let ip_packet = args.size + if target.is_ipv4() { 28 } else { 48 };
+    let need = args.need.or(run.knee.capacity_bps.map(Rate));
+    let rec = need.map(|n| sizing::recommend(n, args.headroom, ip_packet));
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&present::summary_json(&run, &plan.thresholds, rec.as_ref()))?
+        );
+    } else {
+        print!("{}", present::text(&run, &plan.thresholds, rec.as_ref()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sends every spooled stage report to the collector, in batches.
+fn deliver(
+    url: &str,
+    token: Option<String>,
+    spool: &mut Spool,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let uploader = Uploader::new(url, token);
+    while !spool.is_empty() {
+        let batch = spool.front(BATCH);
+        match uploader.deliver(&batch) {
+            Delivery::Delivered => spool.pop(batch.len()),
+            Delivery::Rejected { index, message } => {
+                tracing::error!(%message, "the collector refused a stage report: moved to rejected/");
+                spool.reject(index);
+            }
+            Delivery::Retry(why) => anyhow::bail!(
+                "the collector at {url} did not take the stage reports ({why}): {} wait in {}; run again with --spool {} to deliver them",
+                spool.len(),
+                dir.display(),
+                dir.display()
+            ),
+        }
+    }
+    tracing::info!(collector = %url, "stage reports delivered");
+    Ok(())
+}
+
+/// Prints a finished stage (JSON mode) and writes its report where asked.
+fn emit_stage(
+    args: &CapacityArgs,
+    labels: &Labels,
+    s: &client::StageResult,
+    spool: Option<&mut Spool>,
+) -> anyhow::Result<()> {
+    if args.json {
+        let mut o = std::io::stdout().lock();
+        writeln!(o, "{}", serde_json::to_string(&present::stage_json(s))?)?;
+    }
+    if args.report_dir.is_none() && spool.is_none() {
+        return Ok(());
+    }
+    let r = present::stage_report(labels, s)?;
+    let json = r.to_json()?;
+    if let Some(dir) = &args.report_dir {
+        let file = dir.join(format!("{}.json", r.report_id));
+        std::fs::write(&file, &json).with_context(|| format!("cannot write {}", file.display()))?;
+    }
+    if let Some(spool) = spool {
+        spool.push(&json)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,512 @@
+//! The far end of capacity tests, inside the reflector when it runs with
+//! `--allow-capacity`: a control listener on TCP at the reflector's port number, a UDP load
+//! sink and a TCP load sink one port above. One test at a time; every stage within the caps
+//! the operator set (`--capacity-max-rate`, `--capacity-max-stage`); load is sent only back
+//! to the address the control connection comes from.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::pacer::{Load, pace};
+use super::sink::Sink;
+use super::wire::{HEADER_LEN, Reply, Request, VERSION};
+use crate::{Error, Result};
+
+/// Longest control line accepted.
+const MAX_LINE: u64 = 4096;
+/// A control connection idle this long is closed.
+const IDLE: Duration = Duration::from_mins(1);
+/// Most TCP streams in one stage.
+pub const MAX_STREAMS: u32 = 64;
+/// Largest load datagram accepted (a 9000-octet jumbo frame's UDP payload).
+pub const MAX_SIZE: usize = 8972;
+
+/// The caps and where to listen.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerConfig {
+    /// The reflector's address: control on TCP at this port, sinks one port above.
+    pub listen: SocketAddr,
+    pub max_rate_bps: u64,
+    pub max_stage: Duration,
+}
+
+/// Octets of UDP and IP header under each datagram of `addr`'s family.
+pub const fn overhead(addr: &SocketAddr) -> usize {
+    if addr.is_ipv4() { 28 } else { 48 }
+}
+
+/// The bound capacity server.
+#[derive(Debug)]
+pub struct Server {
+    cfg: ServerConfig,
+    control: TcpListener,
+    udp_sink: Socket,
+    tcp_sink: TcpListener,
+    sink: Sink,
+    busy: Mutex<bool>,
+    /// Load sessions served.
+    pub sessions: AtomicU64,
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+impl Server {
+    /// Binds the control listener and both sinks.
+    pub fn bind(cfg: ServerConfig) -> Result<Self> {
+        let port = cfg.listen.port();
+        let sink_addr = SocketAddr::new(cfg.listen.ip(), port.checked_add(1).unwrap_or(0));
+        let control = TcpListener::bind(cfg.listen).map_err(io_err(format!(
+            "listen for capacity tests on TCP {} (choose another --listen port)",
+            cfg.listen
+        )))?;
+        let udp_sink = Socket::new(
+            Domain::for_address(sink_addr),
+            Type::DGRAM,
+            Some(Protocol::UDP),
+        )
+        .and_then(|s| {
+            s.set_recv_buffer_size(8 << 20)?;
+            s.bind(&sink_addr.into())?;
+            s.set_read_timeout(Some(Duration::from_millis(50)))?;
+            Ok(s)
+        })
+        .map_err(io_err(format!(
+            "bind the capacity load sink to UDP {sink_addr} (the reflector's port + 1)"
+        )))?;
+        let tcp_sink = TcpListener::bind(sink_addr).map_err(io_err(format!(
+            "bind the capacity TCP sink to TCP {sink_addr} (the reflector's port + 1)"
+        )))?;
+        tcp_sink
+            .set_nonblocking(true)
+            .map_err(io_err("make the TCP sink non-blocking".to_string()))?;
+        control
+            .set_nonblocking(true)
+            .map_err(io_err("make the control listener non-blocking".to_string()))?;
+        Ok(Self {
+            cfg,
+            control,
+            udp_sink,
+            tcp_sink,
+            sink: Sink::default(),
+            busy: Mutex::new(false),
+            sessions: AtomicU64::new(0),
+        })
+    }
+
+    /// Serves until `stop`.
+    pub fn run(&self, stop: &AtomicBool) -> Result<()> {
+        let overhead = overhead(&self.cfg.listen) as u64;
+        std::thread::scope(|s| {
+            s.spawn(|| self.sink.run(&self.udp_sink, overhead, stop));
+            while !stop.load(Ordering::Relaxed) {
+                match self.control.accept() {
+                    Ok((stream, peer)) => {
+                        s.spawn(move || self.serve(&stream, peer, stop));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => tracing::warn!("capacity: accept failed: {e}"),
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn serve(&self, stream: &TcpStream, peer: SocketAddr, stop: &AtomicBool) {
+        {
+            let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+            if *busy {
+                let _ = reply(
+                    stream,
+                    &Reply::error(
+                        "busy: another capacity test is running here; try again when it ends",
+                    ),
+                );
+                return;
+            }
+            *busy = true;
+        }
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%peer, "capacity test started");
+        let mut session = Session {
+            server: self,
+            peer,
+            local: stream.local_addr().unwrap_or(self.cfg.listen),
+            id: None,
+            stop_load: Arc::new(AtomicBool::new(false)),
+            down: None,
+            tcp: None,
+        };
+        session.converse(stream, stop);
+        session.stop_load.store(true, Ordering::Relaxed);
+        if let Some((_, h)) = session.down.take() {
+            let _ = h.join();
+        }
+        if let Some((_, h)) = session.tcp.take() {
+            let _ = h.join();
+        }
+        self.sink.close();
+        tracing::info!(%peer, "capacity test ended");
+        *self.busy.lock().unwrap_or_else(PoisonError::into_inner) = false;
+    }
+}
+
+fn reply(mut stream: &TcpStream, r: &Reply) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(r).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    line.push(b'\n');
+    stream.write_all(&line)
+}
+
+/// What a TCP stage counted: octets per stream and the span from first to last octet.
+#[derive(Debug, Default, Clone)]
+pub struct TcpCount {
+    pub bytes: Vec<u64>,
+    pub seconds: f64,
+}
+
+struct Session<'a> {
+    server: &'a Server,
+    peer: SocketAddr,
+    local: SocketAddr,
+    id: Option<u64>,
+    stop_load: Arc<AtomicBool>,
+    down: Option<(u32, JoinHandle<u64>)>,
+    tcp: Option<(u32, JoinHandle<TcpCount>)>,
+}
+
+impl Session<'_> {
+    fn converse(&mut self, stream: &TcpStream, stop: &AtomicBool) {
+        if stream.set_read_timeout(Some(IDLE)).is_err() {
+            return;
+        }
+        let Ok(read_half) = stream.try_clone() else {
+            return;
+        };
+        let mut reader = BufReader::new(read_half);
+        let mut line = String::new();
+        while !stop.load(Ordering::Relaxed) {
+            line.clear();
+            match (&mut reader).take(MAX_LINE + 1).read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line.len() as u64 > MAX_LINE || !line.ends_with('\n') {
+                let _ = reply(stream, &Reply::error("control line too long or cut short"));
+                return;
+            }
+            let answer = match serde_json::from_str::<Request>(line.trim_end()) {
+                Ok(req) => self.handle(&req),
+                Err(e) => Reply::error(format!("not a capacity request ({e})")),
+            };
+            if reply(stream, &answer).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn handle(&mut self, req: &Request) -> Reply {
+        let cfg = self.server.cfg;
+        let session = match (req, self.id) {
+            (&Request::Hello { version, session }, _) => {
+                if version != VERSION {
+                    return Reply::error(format!(
+                        "capacity protocol version {version} is not spoken here (this agent speaks {VERSION}): run the same pathprobe version at both ends"
+                    ));
+                }
+                self.id = Some(session);
+                return Reply {
+                    sink_port: Some(cfg.listen.port().saturating_add(1)),
+                    max_rate_bps: Some(cfg.max_rate_bps),
+                    max_stage_ms: u64::try_from(cfg.max_stage.as_millis()).ok(),
+                    ..Reply::ok()
+                };
+            }
+            (_, None) => return Reply::error("say hello first"),
+            (_, Some(id)) => id,
+        };
+        match *req {
+            Request::Hello { .. } => Reply::error("already said hello"),
+            Request::Stage {
+                id,
+                direction,
+                rate_bps,
+                size,
+                duration_ms,
+                client_port,
+            } => {
+                if let Some(e) = self.check(rate_bps, duration_ms) {
+                    return Reply::error(e);
+                }
+                if !(HEADER_LEN..=MAX_SIZE).contains(&size) {
+                    return Reply::error(format!(
+                        "load datagrams must be {HEADER_LEN} to {MAX_SIZE} octets, not {size}"
+                    ));
+                }
+                self.finish_down();
+                let load = Load {
+                    rate_bps,
+                    size,
+                    overhead: overhead(&self.peer),
+                    duration_ns: duration_ms * 1_000_000,
+                    stage: id,
+                    session,
+                };
+                self.server.sink.begin(session, id, load.duration_ns);
+                if direction.down() {
+                    match self.start_down(load, client_port) {
+                        Ok(h) => self.down = Some((id, h)),
+                        Err(e) => return Reply::error(format!("cannot send load back: {e}")),
+                    }
+                }
+                Reply::ok()
+            }
+            Request::Result { id } => {
+                let sent = match self.down.take() {
+                    Some((d, h)) if d == id => Some(h.join().unwrap_or(0)),
+                    other => {
+                        self.down = other;
+                        None
+                    }
+                };
+                Reply {
+                    received: Some(self.server.sink.count()),
+                    sent,
+                    ..Reply::ok()
+                }
+            }
+            Request::Tcp {
+                id,
+                direction,
+                streams,
+                duration_ms,
+            } => self.start_tcp(session, id, direction, streams, duration_ms),
+            Request::TcpResult { id } => match self.tcp.take() {
+                Some((t, h)) if t == id => {
+                    let c = h.join().unwrap_or_default();
+                    Reply {
+                        tcp_bytes: Some(c.bytes),
+                        tcp_seconds: Some(c.seconds),
+                        ..Reply::ok()
+                    }
+                }
+                other => {
+                    self.tcp = other;
+                    Reply::error(format!("no TCP stage {id} here"))
+                }
+            },
+        }
+    }
+
+    /// Starts a TCP stage: accepts the client's streams and sinks or sends on them.
+    fn start_tcp(
+        &mut self,
+        session: u64,
+        id: u32,
+        direction: super::wire::Direction,
+        streams: u32,
+        duration_ms: u64,
+    ) -> Reply {
+        if let Some(e) = self.check(0, duration_ms) {
+            return Reply::error(e);
+        }
+        if streams == 0 || streams > MAX_STREAMS {
+            return Reply::error(format!("1 to {MAX_STREAMS} TCP streams, not {streams}"));
+        }
+        let listener = match self.server.tcp_sink.try_clone() {
+            Ok(l) => l,
+            Err(e) => return Reply::error(format!("TCP sink unavailable: {e}")),
+        };
+        if let Some((_, h)) = self.tcp.take() {
+            let _ = h.join();
+        }
+        let (peer, stop_load) = (self.peer.ip(), Arc::clone(&self.stop_load));
+        let duration = Duration::from_millis(duration_ms);
+        let h = std::thread::spawn(move || {
+            tcp_stage(
+                &listener,
+                peer,
+                session,
+                streams,
+                direction.down(),
+                duration,
+                &stop_load,
+            )
+        });
+        self.tcp = Some((id, h));
+        Reply::ok()
+    }
+
+    /// Refuses what is beyond the operator's caps.
+    fn check(&self, rate_bps: u64, duration_ms: u64) -> Option<String> {
+        let cfg = self.server.cfg;
+        if rate_bps > cfg.max_rate_bps {
+            return Some(format!(
+                "{} is above this reflector's cap of {} (its --capacity-max-rate)",
+                super::rate::Rate(rate_bps),
+                super::rate::Rate(cfg.max_rate_bps)
+            ));
+        }
+        if duration_ms == 0 || u128::from(duration_ms) > cfg.max_stage.as_millis() {
+            return Some(format!(
+                "a {duration_ms} ms stage is outside this reflector's cap of 1 to {} ms (its --capacity-max-stage)",
+                cfg.max_stage.as_millis()
+            ));
+        }
+        None
+    }
+
+    fn finish_down(&mut self) {
+        if let Some((_, h)) = self.down.take() {
+            let _ = h.join();
+        }
+    }
+
+    /// Sends `load` to the control peer's address at `port`, from our control address.
+    fn start_down(&self, load: Load, port: u16) -> std::io::Result<JoinHandle<u64>> {
+        let to = SocketAddr::new(self.peer.ip(), port);
+        let sock = Socket::new(Domain::for_address(to), Type::DGRAM, Some(Protocol::UDP))?;
+        sock.set_send_buffer_size(4 << 20)?;
+        sock.bind(&SocketAddr::new(self.local.ip(), 0).into())?;
+        sock.connect(&to.into())?;
+        let stop = Arc::clone(&self.stop_load);
+        Ok(std::thread::spawn(move || {
+            pace(&sock, &load, &stop, true).map_or(0, |p| p.sent)
+        }))
+    }
+}
+
+/// One TCP stage at the far end: accepts `streams` connections from `peer` that open with
+/// the session id, then receives (up) or sends (down) for `duration`.
+fn tcp_stage(
+    listener: &TcpListener,
+    peer: IpAddr,
+    session: u64,
+    streams: u32,
+    send: bool,
+    duration: Duration,
+    stop: &AtomicBool,
+) -> TcpCount {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut conns = Vec::new();
+    while conns.len() < streams as usize
+        && Instant::now() < deadline
+        && !stop.load(Ordering::Relaxed)
+    {
+        match listener.accept() {
+            Ok((mut c, from)) if from.ip() == peer => {
+                let mut id = [0u8; 8];
+                let ok = c.set_nonblocking(false).is_ok()
+                    && c.set_read_timeout(Some(Duration::from_secs(2))).is_ok()
+                    && c.read_exact(&mut id).is_ok()
+                    && u64::from_be_bytes(id) == session;
+                if ok {
+                    conns.push(c);
+                }
+            }
+            Ok(_) => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    let first = Mutex::new(None::<Instant>);
+    let last = Mutex::new(None::<Instant>);
+    let bytes: Vec<u64> = std::thread::scope(|s| {
+        let handles: Vec<_> = conns
+            .into_iter()
+            .map(|c| {
+                let (first, last) = (&first, &last);
+                s.spawn(move || {
+                    if send {
+                        tcp_send(c, duration, stop)
+                    } else {
+                        tcp_receive(c, duration, stop, first, last)
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(0)).collect()
+    });
+    let span = |f: Option<Instant>, l: Option<Instant>| match (f, l) {
+        (Some(f), Some(l)) => l.duration_since(f).as_secs_f64(),
+        _ => 0.0,
+    };
+    TcpCount {
+        seconds: if send {
+            duration.as_secs_f64()
+        } else {
+            span(
+                *first.lock().unwrap_or_else(PoisonError::into_inner),
+                *last.lock().unwrap_or_else(PoisonError::into_inner),
+            )
+        },
+        bytes,
+    }
+}
+
+/// A timeout or an interruption: look at the clock and the stop flag, then go on.
+fn passing(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::TimedOut
+            | std::io::ErrorKind::Interrupted
+    )
+}
+
+/// Writes for `duration`, then closes; returns the octets written.
+pub fn tcp_send(mut c: TcpStream, duration: Duration, stop: &AtomicBool) -> u64 {
+    let buf = vec![0u8; 64 * 1024];
+    let end = Instant::now() + duration;
+    let _ = c.set_write_timeout(Some(Duration::from_millis(200)));
+    let mut n = 0u64;
+    while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+        match c.write(&buf) {
+            Ok(w) => n += w as u64,
+            Err(e) if passing(&e) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = c.shutdown(std::net::Shutdown::Write);
+    n
+}
+
+/// Reads until the peer closes (or `duration` plus 5 s), noting the first and last octet's
+/// arrival; returns the octets read.
+pub fn tcp_receive(
+    mut c: TcpStream,
+    duration: Duration,
+    stop: &AtomicBool,
+    first: &Mutex<Option<Instant>>,
+    last: &Mutex<Option<Instant>>,
+) -> u64 {
+    let mut buf = vec![0u8; 256 * 1024];
+    let end = Instant::now() + duration + Duration::from_secs(5);
+    let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut n = 0u64;
+    while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(r) => {
+                let now = Instant::now();
+                first
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get_or_insert(now);
+                let mut l = last.lock().unwrap_or_else(PoisonError::into_inner);
+                *l = Some(l.map_or(now, |x| x.max(now)));
+                n += r as u64;
+            }
+            Err(e) if passing(&e) => {}
+            Err(_) => break,
+        }
+    }
+    n
+}

@@ -1,0 +1,234 @@
+//! What the two ends of a capacity test say to each other.
+//!
+//! - **Load datagrams** (UDP, to the far agent's sink port): `PPLD`, the stage number
+//!   (u32), the session id (u64), the sequence number (u64), all big-endian, then padding
+//!   to the stage's size. A sink counts only its session's current stage.
+//! - **Control** (TCP, the reflector's port number): one JSON object per line each way.
+//!   The client says `hello`, then for each stage `stage` (the sink resets and, for down
+//!   and both, the far end starts sending) and `result`; `tcp` and `tcp_result` for a TCP
+//!   stage. Every answer carries `ok`, and `error` when it is false.
+
+use serde::{Deserialize, Serialize};
+
+/// The first octets of every load datagram.
+pub const MAGIC: [u8; 4] = *b"PPLD";
+/// Octets of the load header; the smallest load datagram.
+pub const HEADER_LEN: usize = 24;
+/// The protocol version in `hello`.
+pub const VERSION: u32 = 1;
+/// Receive intervals of the throughput histogram.
+pub const INTERVAL_NS: u64 = 100_000_000;
+
+/// A load datagram's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadHeader {
+    pub stage: u32,
+    pub session: u64,
+    pub seq: u64,
+}
+
+impl LoadHeader {
+    /// Writes the header at the start of `buf` (at least [`HEADER_LEN`] octets).
+    pub fn write(&self, buf: &mut [u8]) {
+        buf[..4].copy_from_slice(&MAGIC);
+        buf[4..8].copy_from_slice(&self.stage.to_be_bytes());
+        buf[8..16].copy_from_slice(&self.session.to_be_bytes());
+        buf[16..24].copy_from_slice(&self.seq.to_be_bytes());
+    }
+
+    /// Reads a header; `None` for anything else.
+    pub fn read(buf: &[u8]) -> Option<Self> {
+        if buf.len() < HEADER_LEN || buf[..4] != MAGIC {
+            return None;
+        }
+        Some(Self {
+            stage: u32::from_be_bytes(buf[4..8].try_into().ok()?),
+            session: u64::from_be_bytes(buf[8..16].try_into().ok()?),
+            seq: u64::from_be_bytes(buf[16..24].try_into().ok()?),
+        })
+    }
+}
+
+/// Which way load flows, seen from the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Client to far end.
+    Up,
+    /// Far end to client.
+    Down,
+    Both,
+}
+
+impl Direction {
+    pub const fn up(self) -> bool {
+        matches!(self, Self::Up | Self::Both)
+    }
+
+    pub const fn down(self) -> bool {
+        matches!(self, Self::Down | Self::Both)
+    }
+}
+
+/// A client's request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Hello {
+        version: u32,
+        session: u64,
+    },
+    /// Start stage `id`: the sink counts it; for down/both the far end sends to the
+    /// client's address at `client_port`.
+    Stage {
+        id: u32,
+        direction: Direction,
+        rate_bps: u64,
+        size: usize,
+        duration_ms: u64,
+        client_port: u16,
+    },
+    /// What the far end received (up) and sent (down) in stage `id`.
+    Result {
+        id: u32,
+    },
+    /// A TCP stage: `streams` connections to the TCP sink port for `duration_ms`.
+    Tcp {
+        id: u32,
+        direction: Direction,
+        streams: u32,
+        duration_ms: u64,
+    },
+    TcpResult {
+        id: u32,
+    },
+}
+
+/// The far end's answer.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `hello`: the UDP sink port and the TCP sink port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink_port: Option<u16>,
+    /// `hello`: the caps the far end enforces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate_bps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_stage_ms: Option<u64>,
+    /// `result`: what arrived of the client's load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<SinkCount>,
+    /// `result`: load datagrams the far end sent (down).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent: Option<u64>,
+    /// `tcp_result`: octets received per stream (up) and the seconds they took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_bytes: Option<Vec<u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_seconds: Option<f64>,
+}
+
+impl Reply {
+    pub fn error(msg: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(msg.into()),
+            ..Self::default()
+        }
+    }
+
+    pub fn ok() -> Self {
+        Self {
+            ok: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// What a sink counted of one stage.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SinkCount {
+    /// Distinct datagrams of the stage (duplicates are not counted).
+    pub packets: u64,
+    pub duplicates: u64,
+    /// IP octets (payload plus UDP and IP headers).
+    pub ip_bytes: u64,
+    /// Arrival of the first and last datagram, ns apart.
+    pub span_ns: u64,
+    /// IP octets of the first datagram (a train's rate excludes it).
+    pub first_ip_bytes: u64,
+    /// Delivered bits per second in each full [`INTERVAL_NS`] from the first arrival.
+    pub interval_bps: Vec<u64>,
+}
+
+impl SinkCount {
+    /// The delivered rate: the train's octets after the first over its span.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    pub fn delivered_bps(&self) -> u64 {
+        if self.packets < 2 || self.span_ns == 0 {
+            return 0;
+        }
+        ((self.ip_bytes - self.first_ip_bytes) as f64 * 8.0 * 1e9 / self.span_ns as f64) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_header_round_trips_and_rejects_strangers() {
+        let h = LoadHeader {
+            stage: 7,
+            session: 0x0102_0304_0506_0708,
+            seq: u64::MAX,
+        };
+        let mut buf = [0u8; 64];
+        h.write(&mut buf);
+        assert_eq!(&buf[..8], b"PPLD\0\0\0\x07");
+        assert_eq!(LoadHeader::read(&buf), Some(h));
+        assert_eq!(LoadHeader::read(&buf[..23]), None);
+        buf[0] = b'X';
+        assert_eq!(LoadHeader::read(&buf), None);
+    }
+
+    #[test]
+    fn requests_are_tagged_json_lines() {
+        let r = Request::Stage {
+            id: 2,
+            direction: Direction::Both,
+            rate_bps: 50_000_000,
+            size: 1372,
+            duration_ms: 5000,
+            client_port: 40000,
+        };
+        let j = serde_json::to_string(&r).unwrap();
+        assert!(
+            j.starts_with(r#"{"op":"stage","id":2,"direction":"both""#),
+            "{j}"
+        );
+        assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), r);
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+    }
+
+    #[test]
+    fn delivered_rate_is_the_train_after_its_first_packet() {
+        // 11 packets of 1000 octets, one every ms: 10 × 8000 bits in 10 ms = 8 Mbit/s.
+        let c = SinkCount {
+            packets: 11,
+            ip_bytes: 11_000,
+            first_ip_bytes: 1000,
+            span_ns: 10_000_000,
+            ..SinkCount::default()
+        };
+        assert_eq!(c.delivered_bps(), 8_000_000);
+        assert_eq!(SinkCount { packets: 1, ..c }.delivered_bps(), 0);
+    }
+}
