@@ -4,9 +4,11 @@
 //!   validated representations and the reflector's packet logic.
 //! - [`hist`]: the one histogram configuration per metric and the V2+DEFLATE codec.
 //! - [`report`]: the versioned window report an agent sends to the collector.
+//! - [`capacity`]: the load datagram and the control messages of a capacity test.
 //!
 //! No sockets, threads or clock reads: time is always an argument.
 
+pub mod capacity;
 mod error;
 pub mod hist;
 pub mod report;

@@ -2,7 +2,8 @@
 //! which ExpressRoute circuit and gateway sizes the traffic needs.
 //!
 //! - [`rate`]: bit rates as people write them (`50mbit`).
-//! - [`wire`]: the load datagram and the control messages between the two ends.
+//! - [`wire`]: the load datagram and the control messages between the two ends (they
+//!   live in `pathprobe_proto::capacity`, with the other wire formats).
 //! - [`pacer`]: paced UDP load (GSO or `sendmmsg` batches against absolute deadlines).
 //! - [`sink`]: counting what arrives, per stage, in 100 ms intervals.
 //! - [`server`]: the far end, inside a reflector started with `--allow-capacity`.
@@ -19,4 +20,4 @@ pub mod rate;
 pub mod server;
 pub mod sink;
 pub mod sizing;
-pub mod wire;
+pub use pathprobe_proto::capacity as wire;

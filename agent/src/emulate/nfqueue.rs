@@ -574,6 +574,30 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Whatever the socket hands us, parsing ends without panicking, and every packet
+        /// it reports has the length its IP header (or the kernel) gave.
+        #[test]
+        fn any_datagram_parses_without_panicking(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let mut out = Vec::new();
+            parse(&data, &mut out);
+            proptest::prop_assert!(out.len() <= data.len() / NLMSG_HDRLEN);
+        }
+
+        /// A packet message with any payload parses to its id and queue.
+        #[test]
+        fn any_packet_keeps_its_id(queue in proptest::prelude::any::<u16>(), id in proptest::prelude::any::<u32>(),
+                                   payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)) {
+            let mut out = Vec::new();
+            parse(&kernel_packet(queue, id, &payload), &mut out);
+            proptest::prop_assert_eq!(out.len(), 1);
+            let Incoming::Packet(p) = out[0] else {
+                return Err(proptest::test_runner::TestCaseError::fail("not a packet"));
+            };
+            proptest::prop_assert_eq!((p.queue, p.id), (queue, id));
+        }
+    }
+
     #[test]
     fn malformed_datagrams_end_the_walk_without_panicking() {
         let good = kernel_packet(1, 5, &[0x45, 0, 0, 60]);

@@ -38,6 +38,17 @@ fn fraction(v: &str) -> Result<f64, String> {
     }
 }
 
+/// Which way to load the path.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DirectionArg {
+    /// From here to the far end.
+    Up,
+    /// From the far end to here.
+    Down,
+    /// Both at once.
+    Both,
+}
+
 #[derive(Debug, clap::Args)]
 #[allow(clippy::struct_excessive_bools)]
 pub struct CapacityArgs {
@@ -47,11 +58,11 @@ pub struct CapacityArgs {
     target: String,
     /// Where the far agent's control listens, if not at --target's address (a relay or
     /// NAT in front of it that carries only UDP).
-    #[arg(long)]
+    #[arg(long, env = "PATHPROBE_CAPACITY_CONTROL")]
     control: Option<SocketAddr>,
     /// Where to send upload load, if the far agent's load port (--target's port + 1) is
     /// mapped elsewhere.
-    #[arg(long)]
+    #[arg(long, env = "PATHPROBE_CAPACITY_LOAD_TO")]
     load_to: Option<SocketAddr>,
     /// Local address to send from (pins the path by source address).
     #[arg(long, env = "PATHPROBE_BIND")]
@@ -63,51 +74,56 @@ pub struct CapacityArgs {
     #[arg(long, env = "PATHPROBE_FWMARK")]
     fwmark: Option<u32>,
     /// Load of the first stage (IP bits: 50mbit, 1gbit).
-    #[arg(long, default_value = "10mbit", value_parser = rate_arg)]
+    #[arg(long, default_value = "10mbit", value_parser = rate_arg, env = "PATHPROBE_CAPACITY_START")]
     start: Rate,
     /// Load of the last stage.
-    #[arg(long, default_value = "100mbit", value_parser = rate_arg)]
+    #[arg(long, default_value = "100mbit", value_parser = rate_arg, env = "PATHPROBE_CAPACITY_MAX")]
     max: Rate,
     /// Stages from --start to --max, evenly spaced.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50), env = "PATHPROBE_CAPACITY_STEPS")]
     steps: u32,
     /// Search for the knee between --start and --max (bisection to 5%) instead of the
     /// staircase.
-    #[arg(long)]
+    #[arg(long, env = "PATHPROBE_CAPACITY_SEARCH")]
     search: bool,
     /// Length of each stage.
-    #[arg(long, default_value = "5s", value_parser = duration)]
+    #[arg(long, default_value = "5s", value_parser = duration, env = "PATHPROBE_CAPACITY_STAGE_DURATION")]
     stage_duration: Duration,
     /// Which way to load the path, seen from here.
-    #[arg(long, value_enum, default_value = "up")]
-    direction: Direction,
+    #[arg(
+        long,
+        value_enum,
+        default_value = "up",
+        env = "PATHPROBE_CAPACITY_DIRECTION"
+    )]
+    direction: DirectionArg,
     /// UDP payload octets of the load (1372: 1,400-octet IPv4 packets, the largest an
     /// ExpressRoute gateway forwards unfragmented).
-    #[arg(long, default_value_t = 1372)]
+    #[arg(long, default_value_t = 1372, env = "PATHPROBE_CAPACITY_SIZE")]
     size: usize,
     /// STAMP probes per second under the load (the latency of every stage).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000), env = "PATHPROBE_CAPACITY_PROBE_RATE")]
     probe_rate: u32,
     /// Also measure TCP goodput with these numbers of parallel streams, like 1,4,16.
-    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=64), env = "PATHPROBE_CAPACITY_TCP_STREAMS")]
     tcp_streams: Vec<u32>,
     /// A stage passes only if at least this much of the offered load arrives.
-    #[arg(long, default_value = "95%", value_parser = fraction)]
+    #[arg(long, default_value = "95%", value_parser = fraction, env = "PATHPROBE_CAPACITY_MIN_DELIVERED")]
     min_delivered: f64,
     /// A stage passes only if at most this much of the load is lost.
-    #[arg(long, default_value = "1%", value_parser = fraction)]
+    #[arg(long, default_value = "1%", value_parser = fraction, env = "PATHPROBE_CAPACITY_MAX_LOSS")]
     max_loss: f64,
     /// A stage passes only if its p99 RTT is at most this times the idle p99...
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, env = "PATHPROBE_CAPACITY_RTT_FACTOR")]
     rtt_factor: f64,
     /// ...or the idle p99 plus this, whichever is larger.
-    #[arg(long, default_value = "1ms", value_parser = duration)]
+    #[arg(long, default_value = "1ms", value_parser = duration, env = "PATHPROBE_CAPACITY_RTT_ALLOWANCE")]
     rtt_allowance: Duration,
     /// The rate the traffic needs, for the recommendation [default: the measured capacity].
-    #[arg(long, value_parser = rate_arg)]
+    #[arg(long, value_parser = rate_arg, env = "PATHPROBE_CAPACITY_NEED")]
     need: Option<Rate>,
     /// Headroom on top of the need.
-    #[arg(long, default_value = "30%", value_parser = fraction)]
+    #[arg(long, default_value = "30%", value_parser = fraction, env = "PATHPROBE_CAPACITY_HEADROOM")]
     headroom: f64,
     /// Print one JSON object per stage and a summary object.
     #[arg(long)]
@@ -137,7 +153,7 @@ pub struct CapacityArgs {
     /// Where stage reports wait until the collector has them [default:
     /// pathprobe-capacity-spool in the temp folder]; a later run with the same --spool
     /// delivers what an earlier one could not.
-    #[arg(long, requires = "collector")]
+    #[arg(long, requires = "collector", env = "PATHPROBE_CAPACITY_SPOOL")]
     spool: Option<PathBuf>,
 }
 
@@ -160,7 +176,11 @@ fn plan(args: &CapacityArgs, target: SocketAddr) -> anyhow::Result<Plan> {
         steps: args.steps,
         search: args.search,
         stage: args.stage_duration,
-        direction: args.direction,
+        direction: match args.direction {
+            DirectionArg::Up => Direction::Up,
+            DirectionArg::Down => Direction::Down,
+            DirectionArg::Both => Direction::Both,
+        },
         size: args.size,
         probe_rate: args.probe_rate,
         tcp_streams: args.tcp_streams.clone(),

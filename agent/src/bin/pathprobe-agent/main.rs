@@ -159,10 +159,10 @@ struct ReflectArgs {
     #[arg(long, env = "PATHPROBE_ALLOW_CAPACITY")]
     allow_capacity: bool,
     /// The highest load a capacity test may ask of this agent (IP bits: 500mbit, 1gbit).
-    #[arg(long, default_value = "1gbit", value_parser = capacity::rate_arg, requires = "allow_capacity")]
+    #[arg(long, default_value = "1gbit", value_parser = capacity::rate_arg, requires = "allow_capacity", env = "PATHPROBE_CAPACITY_MAX_RATE")]
     capacity_max_rate: Rate,
     /// The longest stage a capacity test may ask of this agent.
-    #[arg(long, default_value = "60s", value_parser = duration, requires = "allow_capacity")]
+    #[arg(long, default_value = "60s", value_parser = duration, requires = "allow_capacity", env = "PATHPROBE_CAPACITY_MAX_STAGE")]
     capacity_max_stage: Duration,
 }
 
@@ -191,35 +191,35 @@ struct EmulateArgs {
     forward: Option<SocketAddr>,
     /// One more port relayed through the same links, LISTEN=FORWARD (repeatable): other
     /// ports of the far end that share the path, like a capacity test's load port.
-    #[arg(long, value_parser = port_pair, requires = "listen")]
+    #[arg(long, value_parser = port_pair, requires = "listen", env = "PATHPROBE_EMULATE_ALSO")]
     also: Vec<(SocketAddr, SocketAddr)>,
     /// Instead of the relay, emulate for all IP traffic that iptables hands to these two
     /// queues, FORWARD,REVERSE (like 0,1), with rules such as
     /// `iptables -A FORWARD -i eth0 -j NFQUEUE --queue-num 0`. Needs CAP_NET_ADMIN.
-    #[arg(long, value_parser = queue_pair, conflicts_with_all = ["listen", "forward"])]
+    #[arg(long, value_parser = queue_pair, conflicts_with_all = ["listen", "forward"], env = "PATHPROBE_EMULATE_NFQUEUE")]
     nfqueue: Option<(u16, u16)>,
     /// Start from a realistic path instead of a perfect one.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, env = "PATHPROBE_EMULATE_PROFILE")]
     profile: Option<ProfileArg>,
     /// Settings for both directions, key=value pairs: delay=15ms, jitter=3ms,
     /// dist=uniform|normal, reorder=yes|no, loss=0.5%, burst=1%/40%/50% (good to bad, bad to good, loss in bad),
     /// rate=100M, queue=64k, dup=0.1%, blackout=AFTER+LENGTH.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", env = "PATHPROBE_EMULATE_LINK")]
     link: String,
     /// Settings of the forward direction only (sender to --forward), over --link.
-    #[arg(long = "fwd", default_value = "")]
+    #[arg(long = "fwd", default_value = "", env = "PATHPROBE_EMULATE_FWD")]
     fwd: String,
     /// Settings of the reverse direction only, over --link.
-    #[arg(long = "rev", default_value = "")]
+    #[arg(long = "rev", default_value = "", env = "PATHPROBE_EMULATE_REV")]
     rev: String,
     /// An outage of both directions, AFTER+LENGTH (like 20s+5s); repeatable.
-    #[arg(long)]
+    #[arg(long, env = "PATHPROBE_EMULATE_BLACKOUT")]
     blackout: Vec<String>,
     /// Seed of the random choices (same seed, same fates).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, env = "PATHPROBE_EMULATE_SEED")]
     seed: u64,
     /// Stop after this long (default: until SIGINT or SIGTERM).
-    #[arg(long, value_parser = duration)]
+    #[arg(long, value_parser = duration, env = "PATHPROBE_EMULATE_DURATION")]
     duration: Option<Duration>,
 }
 

@@ -1,4 +1,5 @@
-//! What the two ends of a capacity test say to each other.
+//! What the two ends of a capacity test say to each other (the agent's `capacity` module
+//! drives it).
 //!
 //! - **Load datagrams** (UDP, to the far agent's sink port): `PPLD`, the stage number
 //!   (u32), the session id (u64), the sequence number (u64), all big-endian, then padding
@@ -50,7 +51,7 @@ impl LoadHeader {
 }
 
 /// Which way load flows, seen from the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// Client to far end.
@@ -216,6 +217,26 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), r);
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+    }
+
+    proptest::proptest! {
+        /// Any datagram a peer sends to the sink is a header or nothing, never a panic.
+        #[test]
+        fn any_datagram_reads_as_a_header_or_nothing(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let h = LoadHeader::read(&data);
+            proptest::prop_assert_eq!(h.is_some(), data.len() >= HEADER_LEN && data[..4] == MAGIC);
+        }
+
+        /// Every stage request, whatever its numbers, crosses the wire unchanged.
+        #[test]
+        fn any_stage_request_round_trips(id in proptest::prelude::any::<u32>(), dir in 0u8..3,
+                                         rate_bps in proptest::prelude::any::<u64>(), size in proptest::prelude::any::<usize>(),
+                                         duration_ms in proptest::prelude::any::<u64>(), client_port in proptest::prelude::any::<u16>()) {
+            let direction = [Direction::Up, Direction::Down, Direction::Both][usize::from(dir)];
+            let r = Request::Stage { id, direction, rate_bps, size, duration_ms, client_port };
+            let line = serde_json::to_string(&r).unwrap();
+            proptest::prop_assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
+        }
     }
 
     #[test]
