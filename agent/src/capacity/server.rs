@@ -22,6 +22,8 @@ use crate::{Error, Result};
 const MAX_LINE: u64 = 4096;
 /// A control connection idle this long is closed.
 const IDLE: Duration = Duration::from_mins(1);
+/// The longest a test may hold this far end, however many stages it asks for.
+pub const MAX_SESSION: Duration = Duration::from_hours(1);
 /// Most TCP streams in one stage.
 pub const MAX_STREAMS: u32 = 64;
 /// Largest load datagram accepted (a 9000-octet jumbo frame's UDP payload).
@@ -122,19 +124,15 @@ impl Server {
     }
 
     fn serve(&self, stream: &TcpStream, peer: SocketAddr, stop: &AtomicBool) {
-        {
-            let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
-            if *busy {
-                let _ = reply(
-                    stream,
-                    &Reply::error(
-                        "busy: another capacity test is running here; try again when it ends",
-                    ),
-                );
-                return;
-            }
-            *busy = true;
-        }
+        let Some(_slot) = TestSlot::take(&self.busy) else {
+            let _ = reply(
+                stream,
+                &Reply::error(
+                    "busy: another capacity test is running here; try again when it ends",
+                ),
+            );
+            return;
+        };
         self.sessions.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%peer, "capacity test started");
         let mut session = Session {
@@ -156,7 +154,26 @@ impl Server {
         }
         self.sink.close();
         tracing::info!(%peer, "capacity test ended");
-        *self.busy.lock().unwrap_or_else(PoisonError::into_inner) = false;
+    }
+}
+
+/// The one test slot, held for a session and given back when it ends, however it ends.
+struct TestSlot<'a>(&'a Mutex<bool>);
+
+impl<'a> TestSlot<'a> {
+    fn take(busy: &'a Mutex<bool>) -> Option<Self> {
+        let mut b = busy.lock().unwrap_or_else(PoisonError::into_inner);
+        if *b {
+            return None;
+        }
+        *b = true;
+        Some(Self(busy))
+    }
+}
+
+impl Drop for TestSlot<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = false;
     }
 }
 
@@ -193,7 +210,17 @@ impl Session<'_> {
         };
         let mut reader = BufReader::new(read_half);
         let mut line = String::new();
+        let started = Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            if started.elapsed() > MAX_SESSION {
+                let _ = reply(
+                    stream,
+                    &Reply::error(format!(
+                        "this test has held the far end for {MAX_SESSION:?}, the most one may: start a new one"
+                    )),
+                );
+                return;
+            }
             line.clear();
             match (&mut reader).take(MAX_LINE + 1).read_line(&mut line) {
                 Ok(0) | Err(_) => return,
