@@ -25,6 +25,7 @@
 //! rate = 10                     # or interval = "100ms"
 //! dscp = 46
 //! bind = "10.0.0.1:0"           # or interface = "eth1", fwmark = 100
+//! # proto = "tcp-syn"           # or "tcp-connect"; STAMP by default; target = any listener
 //! ```
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -98,6 +99,9 @@ const fn default_max_rate() -> u32 {
 pub struct PathSection {
     pub name: String,
     pub kind: PathKind,
+    /// `stamp` (the default), `tcp-syn` or `tcp-connect`.
+    #[serde(default)]
+    pub proto: ProbeProtocol,
     pub target: String,
     pub rate: Option<u32>,
     pub interval: Option<String>,
@@ -211,6 +215,7 @@ impl AgentConfig {
         let key = p.auth_key_file.as_deref().map(keyfile::load).transpose()?;
         let base = if key.is_some() { 112 } else { 44 };
         let cfg = ProbeConfig {
+            protocol: p.proto,
             target,
             bind: p.bind,
             interface: p.interface.clone(),
@@ -402,9 +407,9 @@ pub fn run(file: &Path, cfg: &AgentConfig, stop: &AtomicBool) -> Result<()> {
                     kind: p.kind,
                     local: prober.local,
                     remote: prober.config().target,
-                    protocol: ProbeProtocol::Stamp,
+                    protocol: p.proto,
                     dscp: p.dscp,
-                    packet_size: u16::try_from(prober.config().size).unwrap_or(u16::MAX),
+                    packet_size: prober.packet_size(),
                 },
                 agent_id: cfg.agent_id.clone(),
                 site: cfg.site.clone(),

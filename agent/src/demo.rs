@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use pathprobe_collector::compare::{self, Comparison};
 use pathprobe_collector::serve::{ServeConfig, serve};
 use pathprobe_collector::store::{Selector, Store};
-use pathprobe_proto::report::PathKind;
+use pathprobe_proto::report::{PathKind, ProbeProtocol};
 use pathprobe_proto::stamp::TimestampFormat;
 
 use crate::capacity::client::{self, Plan};
@@ -146,6 +146,7 @@ fn path(name: &str, kind: PathKind, target: SocketAddr, cfg: &DemoConfig) -> Pat
     PathSection {
         name: name.to_string(),
         kind,
+        proto: ProbeProtocol::Stamp,
         target: target.to_string(),
         rate: Some(cfg.rate),
         interval: None,

@@ -19,5 +19,6 @@ pub mod reflector;
 pub mod session;
 pub mod spool;
 pub mod sys;
+pub mod tcp;
 
 pub use error::{Error, Result};

@@ -239,6 +239,7 @@ pub fn table(f: &Figures) -> String {
             "longest loss run",
             f.longest_loss_run.map_or("-".into(), count),
         ),
+        ("refused (TCP RST)", count(f.counters.refused)),
         ("reordered", count(f.counters.reordered)),
         ("duplicated", count(f.counters.duplicated)),
         ("late", count(f.counters.late)),

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
-use pathprobe_proto::report::Timestamping;
+use pathprobe_proto::report::{ProbeProtocol, TimestampSource, Timestamping};
 use pathprobe_proto::stamp::tlv::{HEADER_LEN, TlvWriter};
 use pathprobe_proto::stamp::{
     AuthKey, ErrorEstimate, Mode, ReflectorPacket, ReflectorRepr, SenderPacket, SenderRepr,
@@ -49,6 +49,8 @@ pub const MAX_SIZE: usize = 1472;
 /// How to probe.
 #[derive(Debug, Clone)]
 pub struct ProbeConfig {
+    /// STAMP, or one of the TCP probes ([`crate::tcp`]).
+    pub protocol: ProbeProtocol,
     pub target: SocketAddr,
     pub bind: Option<SocketAddr>,
     pub interface: Option<String>,
@@ -80,7 +82,13 @@ impl ProbeConfig {
     /// Checks the settings against each other.
     pub fn validate(&self) -> Result<()> {
         let base = self.mode().base_len();
-        if self.size < base || self.size > MAX_SIZE {
+        if self.protocol != ProbeProtocol::Stamp && self.key.is_some() {
+            return Err(Error::Config(format!(
+                "--auth-key-file is STAMP's; --proto {} has no authenticated mode",
+                self.protocol
+            )));
+        }
+        if self.protocol == ProbeProtocol::Stamp && (self.size < base || self.size > MAX_SIZE) {
             return Err(Error::Config(format!(
                 "--size {} is out of range: a {} STAMP probe is {base} to {MAX_SIZE} octets",
                 self.size,
@@ -125,28 +133,28 @@ impl ProbeConfig {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum TxEvent {
+pub(crate) enum TxEvent {
     Sent(Sent),
     Failed(u32),
     Missed { scheduled_ns: u64, count: u64 },
 }
 
 #[derive(Debug, Clone, Copy)]
-enum RxEvent {
+pub(crate) enum RxEvent {
     TxStamp { id: u32, mono_ns: u64, wall_ns: u64 },
     Reply(Reply),
 }
 
 /// State shared by the three threads.
 #[derive(Debug, Default)]
-struct Shared {
-    stop_tx: AtomicBool,
-    sender_done: AtomicBool,
-    stop_rx: AtomicBool,
-    tx_drops: CachePadded<AtomicU64>,
-    rx_drops: CachePadded<AtomicU64>,
-    malformed: CachePadded<AtomicU64>,
-    unreachable: AtomicBool,
+pub(crate) struct Shared {
+    pub(crate) stop_tx: AtomicBool,
+    pub(crate) sender_done: AtomicBool,
+    pub(crate) stop_rx: AtomicBool,
+    pub(crate) tx_drops: CachePadded<AtomicU64>,
+    pub(crate) rx_drops: CachePadded<AtomicU64>,
+    pub(crate) malformed: CachePadded<AtomicU64>,
+    pub(crate) unreachable: AtomicBool,
 }
 
 fn io_err(what: &str) -> impl FnOnce(io::Error) -> Error + '_ {
@@ -266,9 +274,103 @@ fn build_probe(cfg: &ProbeConfig, buf: &mut [u8], seq: u32, t1: u64, ee: ErrorEs
     }
 }
 
-fn push<T>(q: &ArrayQueue<T>, v: T, drops: &AtomicU64) {
+/// Records `missed` slots skipped at `now`, if any.
+pub(crate) fn push_missed(q: &ArrayQueue<TxEvent>, now: u64, missed: u64, shared: &Shared) {
+    if missed > 0 {
+        push(
+            q,
+            TxEvent::Missed {
+                scheduled_ns: now,
+                count: missed,
+            },
+            &shared.tx_drops,
+        );
+    }
+}
+
+pub(crate) fn push<T>(q: &ArrayQueue<T>, v: T, drops: &AtomicU64) {
     if q.push(v).is_err() {
         drops.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The isochronous schedule every protocol's sender keeps: absolute deadlines, a sleep to
+/// just before each (the margin follows how late this machine's sleeps end), then a spin.
+/// A slot reached later than half the late timeout is skipped and counted: its probe could
+/// be decided lost before its answer had time to come back. Any less late and it is sent,
+/// its lateness showing in the RTT from the schedule.
+pub(crate) struct Schedule {
+    start_ns: u64,
+    interval_ns: u64,
+    slots: Option<u64>,
+    slot: u64,
+    miss_after: u64,
+    /// Smoothed oversleep (ns, exponential average over about 8 sleeps).
+    oversleep: u64,
+}
+
+impl Schedule {
+    pub(crate) fn new(cfg: &ProbeConfig, start_ns: u64) -> Self {
+        let _ = sys::lower_timer_slack();
+        Self {
+            start_ns,
+            interval_ns: cfg.interval_ns,
+            slots: cfg.slots(),
+            slot: 0,
+            miss_after: cfg.late_timeout_ns / 2,
+            oversleep: 50_000,
+        }
+    }
+
+    fn over(&self) -> bool {
+        self.slots.is_some_and(|n| self.slot >= n)
+    }
+
+    /// Sleeps until the next slot is due; its time now, or `None` when the schedule is over
+    /// or `stop` is set. Wakes at least every 100 ms to look at `stop`.
+    pub(crate) fn wait(&mut self, stop: &AtomicBool) -> Option<u64> {
+        if self.over() || stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        let deadline = self.start_ns + self.slot * self.interval_ns;
+        let margin = (2 * self.oversleep + SPIN_MIN_NS).clamp(SPIN_MIN_NS, SPIN_MAX_NS);
+        loop {
+            let now = sys::monotonic_ns();
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            if now + margin >= deadline {
+                break;
+            }
+            let wake = (deadline - margin).min(now + 100_000_000);
+            sys::sleep_until(wake);
+            let late = sys::monotonic_ns().saturating_sub(wake);
+            self.oversleep = (self.oversleep * 7 + late) / 8;
+        }
+        while sys::monotonic_ns() < deadline {
+            std::hint::spin_loop();
+        }
+        Some(sys::monotonic_ns())
+    }
+
+    /// The slots due at `now`, at most `max`: their scheduled times go into `due`; returns
+    /// how many were skipped as too late.
+    pub(crate) fn take_due(&mut self, now: u64, max: usize, due: &mut Vec<u64>) -> u64 {
+        due.clear();
+        let mut missed = 0;
+        while !self.over() && due.len() < max {
+            let scheduled = self.start_ns + self.slot * self.interval_ns;
+            if scheduled > now {
+                break;
+            }
+            self.slot += 1;
+            if now - scheduled > self.miss_after {
+                missed += 1;
+            } else {
+                due.push(scheduled);
+            }
+        }
+        missed
     }
 }
 
@@ -281,52 +383,17 @@ fn sender(
     shared: &Shared,
 ) {
     let stop = &shared.stop_tx;
-    let _ = sys::lower_timer_slack();
-    let slots = cfg.slots();
-    // A slot reached later than half the late timeout is skipped and counted: its probe
-    // could be decided lost before its reply had time to come back. Any less late and it
-    // is sent, its lateness showing in the RTT from the schedule.
-    let miss_after = cfg.late_timeout_ns / 2;
+    let mut schedule = Schedule::new(cfg, start_ns);
     let mut batch = SendBatch::new(BATCH);
+    let mut due: Vec<u64> = Vec::with_capacity(BATCH);
     let mut pending: Vec<(u32, u64)> = Vec::with_capacity(BATCH);
-    let (mut slot, mut seq, mut tx_id) = (0u64, 0u32, 0u32);
-    // Smoothed oversleep (ns, exponential average over about 8 sleeps).
-    let mut oversleep = 50_000u64;
-    while !stop.load(Ordering::Relaxed) && slots.is_none_or(|n| slot < n) {
-        let deadline = start_ns + slot * cfg.interval_ns;
-        // Sleep to just before the deadline, waking at least every 100 ms to see a stop.
-        let margin = (2 * oversleep + SPIN_MIN_NS).clamp(SPIN_MIN_NS, SPIN_MAX_NS);
-        loop {
-            let now = sys::monotonic_ns();
-            if stop.load(Ordering::Relaxed) || now + margin >= deadline {
-                break;
-            }
-            let wake = (deadline - margin).min(now + 100_000_000);
-            sys::sleep_until(wake);
-            let late = sys::monotonic_ns().saturating_sub(wake);
-            oversleep = (oversleep * 7 + late) / 8;
-        }
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        while sys::monotonic_ns() < deadline {
-            std::hint::spin_loop();
-        }
-        let now = sys::monotonic_ns();
+    let (mut seq, mut tx_id) = (0u32, 0u32);
+    while let Some(now) = schedule.wait(stop) {
         let t1_wall = sys::realtime_ns();
         let t1 = TimestampFormat::Ntp.encode(t1_wall).unwrap_or_default();
-        let mut missed = 0;
         pending.clear();
-        while slots.is_none_or(|n| slot < n) && !batch.is_full() {
-            let scheduled = start_ns + slot * cfg.interval_ns;
-            if scheduled > now {
-                break;
-            }
-            slot += 1;
-            if now - scheduled > miss_after {
-                missed += 1;
-                continue;
-            }
+        let missed = schedule.take_due(now, BATCH, &mut due);
+        for &scheduled in &due {
             if let Some(buf) = batch.next_slot() {
                 build_probe(cfg, buf, seq, t1, ee);
                 batch.commit(cfg.size, None, None);
@@ -347,16 +414,7 @@ fn sender(
                 tx_id = tx_id.wrapping_add(1);
             }
         }
-        if missed > 0 {
-            push(
-                q,
-                TxEvent::Missed {
-                    scheduled_ns: now,
-                    count: missed,
-                },
-                &shared.tx_drops,
-            );
-        }
+        push_missed(q, now, missed, shared);
         let queued = batch.len();
         let sent = match batch.send(sock) {
             Ok(n) => n,
@@ -450,6 +508,8 @@ fn receiver(
                     t3_wall_ns: t3,
                     reflector_sync,
                     bytes: u32::try_from(payload.len()).unwrap_or(u32::MAX),
+                    far_times: true,
+                    refused: false,
                 }),
                 &shared.rx_drops,
             );
@@ -457,11 +517,20 @@ fn receiver(
     }
 }
 
+/// What a probe session sends with.
+#[derive(Debug)]
+enum Io {
+    Stamp(Socket),
+    TcpSyn(crate::tcp::SynSocket),
+    /// A socket per probe, opened as it goes.
+    TcpConnect,
+}
+
 /// An opened, pinned probing socket, ready to run.
 #[derive(Debug)]
 pub struct Prober {
     cfg: ProbeConfig,
-    sock: Socket,
+    io: Io,
     /// Where receive and transmit timestamps come from.
     pub timestamping: Timestamping,
     /// The local address probes leave from.
@@ -472,15 +541,34 @@ impl Prober {
     /// Checks `cfg` and opens its socket.
     pub fn open(cfg: ProbeConfig) -> Result<Self> {
         cfg.validate()?;
-        let (sock, timestamping) = open(&cfg)?;
-        let local = sock
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .unwrap_or(cfg.target);
+        let (io, timestamping, local) = match cfg.protocol {
+            ProbeProtocol::Stamp => {
+                let (sock, timestamping) = open(&cfg)?;
+                let local = sock
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .unwrap_or(cfg.target);
+                (Io::Stamp(sock), timestamping, local)
+            }
+            ProbeProtocol::TcpSyn => {
+                let (syn, timestamping) = crate::tcp::SynSocket::open(&cfg)?;
+                let local = SocketAddr::V4(syn.local);
+                (Io::TcpSyn(syn), timestamping, local)
+            }
+            ProbeProtocol::TcpConnect => (
+                Io::TcpConnect,
+                // The RTT is the kernel's own measurement of the handshake (TCP_INFO).
+                Timestamping {
+                    rx: TimestampSource::Kernel,
+                    tx: TimestampSource::Kernel,
+                },
+                crate::tcp::connect_local(&cfg),
+            ),
+        };
         Ok(Self {
             cfg,
-            sock,
+            io,
             timestamping,
             local,
         })
@@ -491,6 +579,16 @@ impl Prober {
         &self.cfg
     }
 
+    /// Octets of one probe as sent: the STAMP payload, our SYN, or 0 for a kernel-built
+    /// SYN (`tcp-connect`).
+    pub fn packet_size(&self) -> u16 {
+        match self.io {
+            Io::Stamp(_) => u16::try_from(self.cfg.size).unwrap_or(u16::MAX),
+            Io::TcpSyn(_) => u16::try_from(crate::tcp::SYN_LEN).unwrap_or(0),
+            Io::TcpConnect => 0,
+        }
+    }
+
     /// Probes until the count or duration is reached or `stop` is set, calling `on_window`
     /// as each window closes; returns every window, oldest first.
     pub fn run(
@@ -498,23 +596,25 @@ impl Prober {
         stop: &AtomicBool,
         on_window: impl FnMut(&WindowStats),
     ) -> Result<Vec<WindowStats>> {
-        run(&self.cfg, &self.sock, stop, on_window)
+        match &self.io {
+            Io::Stamp(sock) => run(&self.cfg, sock, stop, on_window),
+            Io::TcpSyn(syn) => syn.run(&self.cfg, stop, on_window),
+            Io::TcpConnect => crate::tcp::run_connect(&self.cfg, stop, on_window),
+        }
     }
 }
 
-fn run(
+/// Runs a probe session of any protocol: `sender` (on its own thread) keeps the schedule
+/// from `start_ns` and pushes what it sent; `receiver` (on another) pushes the answers;
+/// the caller's thread feeds the tracker and closes windows.
+pub(crate) fn run_engine(
     cfg: &ProbeConfig,
-    sock: &Socket,
     stop: &AtomicBool,
+    local_sync: Option<u64>,
     mut on_window: impl FnMut(&WindowStats),
+    sender: impl FnOnce(u64, &ArrayQueue<TxEvent>, &Shared) + Send,
+    receiver: impl FnOnce(&ArrayQueue<RxEvent>, &Shared) + Send,
 ) -> Result<Vec<WindowStats>> {
-    let sync = sys::clock_sync().ok();
-    let local_sync = sync.filter(|s| s.synchronized).map(|s| s.max_error_ns);
-    let ee = ErrorEstimate::from_error_nanos(
-        local_sync.is_some(),
-        TimestampFormat::Ntp,
-        sync.map_or(1_000_000_000, |s| s.max_error_ns.max(1)),
-    );
     let tx_q = ArrayQueue::new(RING);
     let rx_q = ArrayQueue::new(RING);
     let shared = Shared::default();
@@ -531,8 +631,8 @@ fn run(
         local_sync,
     });
     let result = thread::scope(|s| {
-        let tx = s.spawn(|| sender(sock, cfg, start_ns, ee, &tx_q, &shared));
-        let rx = s.spawn(|| receiver(sock, cfg.mode(), cfg.key.as_ref(), &rx_q, &shared));
+        let tx = s.spawn(|| sender(start_ns, &tx_q, &shared));
+        let rx = s.spawn(|| receiver(&rx_q, &shared));
         let outcome = aggregate(cfg, stop, &mut tracker, &tx_q, &rx_q, &shared, &mut |w| {
             on_window(w);
             windows.push(w.clone());
@@ -550,6 +650,29 @@ fn run(
         windows.push(w);
     }
     Ok(windows)
+}
+
+fn run(
+    cfg: &ProbeConfig,
+    sock: &Socket,
+    stop: &AtomicBool,
+    on_window: impl FnMut(&WindowStats),
+) -> Result<Vec<WindowStats>> {
+    let sync = sys::clock_sync().ok();
+    let local_sync = sync.filter(|s| s.synchronized).map(|s| s.max_error_ns);
+    let ee = ErrorEstimate::from_error_nanos(
+        local_sync.is_some(),
+        TimestampFormat::Ntp,
+        sync.map_or(1_000_000_000, |s| s.max_error_ns.max(1)),
+    );
+    run_engine(
+        cfg,
+        stop,
+        local_sync,
+        on_window,
+        |start_ns, q, shared| sender(sock, cfg, start_ns, ee, q, shared),
+        |q, shared| receiver(sock, cfg.mode(), cfg.key.as_ref(), q, shared),
+    )
 }
 
 /// The caller's thread: feeds the tracker from the rings until the run is over.

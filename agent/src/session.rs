@@ -83,6 +83,11 @@ pub struct Reply {
     /// The reflector's clock is synchronized (its Error Estimate's S bit) and its error.
     pub reflector_sync: Option<u64>,
     pub bytes: u32,
+    /// Whether T2 and T3 are real far-end timestamps (STAMP); a TCP answer has none, so no
+    /// residence time and no one-way delay.
+    pub far_times: bool,
+    /// The far end refused the probe (a TCP RST); it still times the path.
+    pub refused: bool,
 }
 
 /// One closed window.
@@ -320,7 +325,10 @@ impl Tracker {
             self.window(w).counters.duplicated += 1;
             return;
         }
-        let residence = reply.t3_wall_ns.checked_sub(reply.t2_wall_ns);
+        let residence = reply
+            .far_times
+            .then(|| reply.t3_wall_ns.checked_sub(reply.t2_wall_ns))
+            .flatten();
         let raw_rtt = reply.rx_ns.saturating_sub(slot.sent_ns);
         let rtt = residence
             .filter(|&r| r < raw_rtt)
@@ -354,6 +362,9 @@ impl Tracker {
         };
         let acc = self.window(w);
         acc.counters.received += 1;
+        if reply.refused {
+            acc.counters.refused += 1;
+        }
         acc.counters.bytes_received += u64::from(reply.bytes);
         if reordered {
             acc.counters.reordered += 1;
@@ -363,7 +374,8 @@ impl Tracker {
         for d in ipdv.into_iter().flatten() {
             acc.ipdv.saturating_record(d);
         }
-        if let (Ok(fwd), Ok(rev)) = (i64::try_from(fwd), i64::try_from(rev)) {
+        if let (true, Ok(fwd), Ok(rev)) = (reply.far_times, i64::try_from(fwd), i64::try_from(rev))
+        {
             if acc.owd_raw.len() < MAX_OWD_SAMPLES {
                 acc.owd_raw.push((fwd, rev, rtt));
             }
@@ -610,6 +622,8 @@ mod tests {
                 t3_wall_ns: t2 + 2 * US,
                 reflector_sync: None,
                 bytes: 44,
+                far_times: true,
+                refused: false,
             });
         }
 
@@ -860,6 +874,8 @@ mod tests {
             t3_wall_ns: sent + s.wall_offset,
             reflector_sync: Some(500 * US),
             bytes: 44,
+            far_times: true,
+            refused: false,
         });
         s.send(1, 0);
         let sent1 = s.sched(1);
@@ -871,6 +887,8 @@ mod tests {
             t3_wall_ns: sent1 + s.wall_offset - MS,
             reflector_sync: Some(500 * US),
             bytes: 44,
+            far_times: true,
+            refused: false,
         });
         let w = s.windows(s.sched(2) + 2_000 * MS);
         assert_eq!(

@@ -627,6 +627,39 @@ pub fn enable_udp_gso(sock: &Socket, segment: u16) -> io::Result<()> {
     )
 }
 
+/// Waits up to `timeout_ms` for any of `fds` (their `events` set by the caller); their
+/// `revents` say which are ready. Returns how many are.
+pub fn poll_many(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    // SAFETY: `fds` is a valid slice of pollfd structs of the length given.
+    let rc = unsafe {
+        libc::poll(
+            fds.as_mut_ptr(),
+            libc::nfds_t::try_from(fds.len()).unwrap_or(libc::nfds_t::MAX),
+            timeout_ms,
+        )
+    };
+    usize::try_from(rc).map_err(|_| io::Error::last_os_error())
+}
+
+/// The kernel's smoothed RTT of a TCP connection (`TCP_INFO`), µs; right after the
+/// handshake it is the SYN to SYN-ACK time the kernel measured itself.
+pub fn tcp_rtt_us(sock: &Socket) -> Option<u32> {
+    // SAFETY: tcp_info is plain old data; zero is valid.
+    let mut info: libc::tcp_info = unsafe { zeroed() };
+    let mut len = libc::socklen_t::try_from(size_of::<libc::tcp_info>()).unwrap_or(0);
+    // SAFETY: `info` is writable for `len` octets; the kernel writes at most that.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    (rc == 0 && info.tcpi_rtt > 0).then_some(info.tcpi_rtt)
+}
+
 /// A `NETLINK_NETFILTER` socket bound to the kernel, for NFQUEUE: the messages themselves are
 /// built and parsed in safe code (`emulate::nfqueue`).
 #[derive(Debug)]

@@ -49,10 +49,13 @@ pub enum PathKind {
 }
 
 /// How a path is probed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProbeProtocol {
     /// STAMP over UDP (RFC 8762).
+    #[default]
     Stamp,
     /// Half-open TCP handshake timing from a raw socket.
     TcpSyn,
@@ -186,6 +189,9 @@ pub struct Counters {
     /// One-way delays that came out negative (clock error larger than the delay) and were
     /// recorded as 0.
     pub owd_clamped: u64,
+    /// Answers that refused the probe (a TCP RST: nothing listens on the port). They are
+    /// counted in `received` too, since they crossed the path and time it.
+    pub refused: u64,
     /// Probe octets sent (UDP payload).
     pub bytes_sent: u64,
     /// Probe octets received (UDP payload).
@@ -216,6 +222,7 @@ impl Counters {
             ring_drops: add(self.ring_drops, other.ring_drops, "ring_drops")?,
             malformed: add(self.malformed, other.malformed, "malformed")?,
             owd_clamped: add(self.owd_clamped, other.owd_clamped, "owd_clamped")?,
+            refused: add(self.refused, other.refused, "refused")?,
             bytes_sent: add(self.bytes_sent, other.bytes_sent, "bytes_sent")?,
             bytes_received: add(self.bytes_received, other.bytes_received, "bytes_received")?,
         };

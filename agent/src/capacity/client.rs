@@ -279,6 +279,7 @@ pub struct Stamped {
 fn stamp(plan: &Plan, length: Duration) -> Option<Stamped> {
     let length_ns = u64::try_from(length.as_nanos()).unwrap_or(u64::MAX);
     let prober = Prober::open(ProbeConfig {
+        protocol: pathprobe_proto::report::ProbeProtocol::Stamp,
         target: plan.target,
         bind: plan.bind.map(|b| SocketAddr::new(b.ip(), 0)),
         interface: plan.interface.clone(),

@@ -337,12 +337,24 @@ impl From<KindArg> for PathKind {
     }
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ProtoArg {
+    Stamp,
+    TcpSyn,
+    TcpConnect,
+}
+
 #[derive(Debug, clap::Args)]
 #[allow(clippy::struct_excessive_bools)]
 struct ProbeArgs {
-    /// The reflector, HOST:PORT (STAMP's port is 862).
+    /// The reflector, HOST:PORT (STAMP's port is 862); for TCP probes, any TCP listener.
     #[arg(long, env = "PATHPROBE_TARGET")]
     target: String,
+    /// How to probe: STAMP over UDP; tcp-syn (a half-open handshake from a raw socket,
+    /// needs CAP_NET_RAW; --bind's port pins the source port); tcp-connect (a full
+    /// TCP connect, no privileges).
+    #[arg(long, value_enum, default_value = "stamp", env = "PATHPROBE_PROTO")]
+    proto: ProtoArg,
     /// Probes per second (1 to 1,000,000) [default: 10].
     #[arg(long, conflicts_with = "interval", value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "PATHPROBE_RATE")]
     rate: Option<u32>,
@@ -563,6 +575,11 @@ fn probe_config(args: &ProbeArgs) -> anyhow::Result<ProbeConfig> {
     let base = if key.is_some() { 112 } else { 44 };
     let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
     let cfg = ProbeConfig {
+        protocol: match args.proto {
+            ProtoArg::Stamp => ProbeProtocol::Stamp,
+            ProtoArg::TcpSyn => ProbeProtocol::TcpSyn,
+            ProtoArg::TcpConnect => ProbeProtocol::TcpConnect,
+        },
         target,
         bind: args.bind,
         interface: args.interface.clone(),
@@ -614,7 +631,6 @@ fn run_probe(args: &ProbeArgs) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create --report-dir {}", dir.display()))?;
     }
-    let packet_size = u16::try_from(cfg.size).unwrap_or(u16::MAX);
     let prober = probe::Prober::open(cfg)?;
     let stop = stop_on_signals()?;
     let labels = Labels {
@@ -623,9 +639,9 @@ fn run_probe(args: &ProbeArgs) -> anyhow::Result<ExitCode> {
             kind: args.path_kind.into(),
             local: prober.local,
             remote: target,
-            protocol: ProbeProtocol::Stamp,
+            protocol: prober.config().protocol,
             dscp: args.dscp,
-            packet_size,
+            packet_size: prober.packet_size(),
         },
         agent_id: args.agent_id.clone().unwrap_or_else(host_name),
         site: args.site.clone(),
