@@ -20,5 +20,6 @@ pub mod session;
 pub mod spool;
 pub mod sys;
 pub mod tcp;
+pub mod trace;
 
 pub use error::{Error, Result};

@@ -660,6 +660,13 @@ pub fn tcp_rtt_us(sock: &Socket) -> Option<u32> {
     (rc == 0 && info.tcpi_rtt > 0).then_some(info.tcpi_rtt)
 }
 
+/// A byte buffer seen as the uninitialised kind socket2's receive calls take.
+pub fn as_uninit(buf: &mut [u8]) -> &mut [MaybeUninit<u8>] {
+    // SAFETY: MaybeUninit<u8> has the layout of u8 and every initialised byte is a valid
+    // MaybeUninit<u8>; the receive calls only ever write initialised bytes into it.
+    unsafe { &mut *(std::ptr::from_mut::<[u8]>(buf) as *mut [MaybeUninit<u8>]) }
+}
+
 /// A `NETLINK_NETFILTER` socket bound to the kernel, for NFQUEUE: the messages themselves are
 /// built and parsed in safe code (`emulate::nfqueue`).
 #[derive(Debug)]

@@ -147,3 +147,46 @@ fn root_tcp_syn_times_a_listener_counts_rsts_and_leaves_nothing_half_open() {
         "loopback: syn {a} µs, connect {b} µs"
     );
 }
+
+#[test]
+fn trace_without_cap_net_raw_says_so() {
+    let o = common::unprivileged(AGENT)
+        .args(["trace", "--target", "127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("CAP_NET_RAW"), "{err}");
+}
+
+#[test]
+#[ignore = "needs root: raw sockets (CI runs it as root)"]
+fn root_trace_reaches_a_loopback_reflector_and_a_closed_port() {
+    if !common::is_root() {
+        eprintln!("SKIPPED: trace needs CAP_NET_RAW; CI runs it as root");
+        return;
+    }
+    let r = common::Reflector::start(&[]);
+    for target in [r.addr, closed_port()] {
+        let o = Command::new(AGENT)
+            .args([
+                "trace",
+                "--json",
+                "--queries",
+                "2",
+                "--target",
+                &target.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let t: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(t["reached"], true, "{t}");
+        assert_eq!(
+            t["hops"].as_array().unwrap().len(),
+            1,
+            "loopback is one hop: {t}"
+        );
+        assert_eq!(t["hops"][0]["addr"], "127.0.0.1");
+    }
+}

@@ -65,6 +65,9 @@ enum Command {
     /// Drive a path at rising load: where it saturates, where its latency inflates, and
     /// which ExpressRoute circuit and gateway sizes the traffic needs.
     Capacity(Box<capacity::CapacityArgs>),
+    /// The routers a path crosses and the RTT to each (TTL-limited UDP or TCP probes, one
+    /// flow for the whole run, ICMP read from a raw socket: needs CAP_NET_RAW).
+    Trace(TraceArgs),
     /// Emulate a path: delay, jitter, loss, rate, duplication, outages; for UDP through a
     /// relay, or (root) for all IP traffic behind iptables NFQUEUE rules.
     Emulate(EmulateArgs),
@@ -335,6 +338,70 @@ impl From<KindArg> for PathKind {
             KindArg::Other => Self::Other,
         }
     }
+}
+
+#[derive(Debug, clap::Args)]
+struct TraceArgs {
+    /// Where to trace to, HOST:PORT (a reflector's STAMP port for UDP, any port for TCP).
+    #[arg(long, env = "PATHPROBE_TARGET")]
+    target: String,
+    /// UDP (STAMP test packets; a reflector at the end answers) or TCP (SYNs).
+    #[arg(long, value_enum, default_value = "udp", env = "PATHPROBE_TRACE_PROTO")]
+    proto: TraceProtoArg,
+    /// Local address to send from; a port other than 0 fixes the flow's source port.
+    #[arg(long, env = "PATHPROBE_BIND")]
+    bind: Option<SocketAddr>,
+    /// Interface to send through (SO_BINDTODEVICE).
+    #[arg(long, env = "PATHPROBE_INTERFACE")]
+    interface: Option<String>,
+    /// Firewall mark for policy routing (SO_MARK).
+    #[arg(long, env = "PATHPROBE_FWMARK")]
+    fwmark: Option<u32>,
+    /// Highest TTL tried.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u8).range(1..=64), env = "PATHPROBE_TRACE_MAX_HOPS")]
+    max_hops: u8,
+    /// Queries per hop.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=10), env = "PATHPROBE_TRACE_QUERIES")]
+    queries: u8,
+    /// How long to wait for each query's answer.
+    #[arg(long, default_value = "1s", value_parser = duration, env = "PATHPROBE_TRACE_TIMEOUT")]
+    timeout: Duration,
+    /// Print the trace as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TraceProtoArg {
+    Udp,
+    Tcp,
+}
+
+fn run_trace(args: &TraceArgs) -> anyhow::Result<ExitCode> {
+    let cfg = pathprobe_agent::trace::TraceConfig {
+        target: resolve(&args.target)?,
+        proto: match args.proto {
+            TraceProtoArg::Udp => pathprobe_agent::trace::TraceProto::Udp,
+            TraceProtoArg::Tcp => pathprobe_agent::trace::TraceProto::Tcp,
+        },
+        bind: args.bind,
+        interface: args.interface.clone(),
+        fwmark: args.fwmark,
+        max_hops: args.max_hops,
+        queries: args.queries,
+        timeout: args.timeout,
+    };
+    let t = pathprobe_agent::trace::trace(&cfg)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&t)?);
+    } else {
+        print!("{}", pathprobe_agent::trace::table(&t));
+    }
+    Ok(if t.reached {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -723,6 +790,7 @@ fn main() -> ExitCode {
         Command::Probe(args) => run_probe(&args),
         Command::Emulate(args) => run_emulate(&args),
         Command::Capacity(args) => capacity::run(&args),
+        Command::Trace(args) => run_trace(&args),
         Command::Demo {
             duration,
             dir,
