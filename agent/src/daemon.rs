@@ -499,6 +499,25 @@ mod tests {
     }
 
     #[test]
+    fn a_path_may_probe_over_tcp_and_a_wrong_protocol_names_its_line() {
+        let p = write(
+            "proto.toml",
+            "agent_id = \"a\"\n[[path]]\nname = \"er\"\nkind = \"expressroute\"\ntarget = \"127.0.0.1:443\"\nproto = \"tcp-connect\"\n",
+        );
+        let cfg = AgentConfig::load(&p).unwrap();
+        assert_eq!(cfg.paths[0].proto, ProbeProtocol::TcpConnect);
+        let p = write(
+            "badproto.toml",
+            "agent_id = \"a\"\n[[path]]\nname = \"er\"\nkind = \"expressroute\"\ntarget = \"127.0.0.1:443\"\nproto = \"icmp\"\n",
+        );
+        let err = AgentConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("badproto.toml:6") && err.contains("tcp-syn"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn relative_files_are_relative_to_the_config() {
         let p = write(
             "rel.toml",
