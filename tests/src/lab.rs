@@ -288,8 +288,7 @@ impl Lab {
             bypassed: Vec::new(),
         };
         lab.build();
-        lab.set_rates(Path::Er, er);
-        lab.set_rates(Path::Vpn, vpn);
+        // Starts each path's emulator and sets its rates.
         lab.emulate(Path::Er, er);
         lab.emulate(Path::Vpn, vpn);
         lab

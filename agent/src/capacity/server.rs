@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -52,8 +52,6 @@ pub struct Server {
     tcp_sink: TcpListener,
     sink: Sink,
     busy: Mutex<bool>,
-    /// Load sessions served.
-    pub sessions: AtomicU64,
 }
 
 fn io_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
@@ -99,7 +97,6 @@ impl Server {
             tcp_sink,
             sink: Sink::default(),
             busy: Mutex::new(false),
-            sessions: AtomicU64::new(0),
         })
     }
 
@@ -133,7 +130,6 @@ impl Server {
             );
             return;
         };
-        self.sessions.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%peer, "capacity test started");
         let mut session = Session {
             server: self,

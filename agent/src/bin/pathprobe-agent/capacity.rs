@@ -17,7 +17,7 @@ use pathprobe_agent::output::Labels;
 use pathprobe_agent::spool::{BATCH, Delivery, Spool, Uploader};
 use pathprobe_proto::report::{PathInfo, ProbeProtocol, TimestampSource, Timestamping};
 
-use super::{KindArg, duration, host_name, no_answer, resolve, stop_on_signals};
+use super::{KindArg, PinArgs, duration, host_name, no_answer, resolve, stop_on_signals};
 
 pub fn rate_arg(v: &str) -> Result<Rate, String> {
     rate::parse(v)
@@ -64,15 +64,8 @@ pub struct CapacityArgs {
     /// mapped elsewhere.
     #[arg(long, env = "PATHPROBE_CAPACITY_LOAD_TO")]
     load_to: Option<SocketAddr>,
-    /// Local address to send from (pins the path by source address).
-    #[arg(long, env = "PATHPROBE_BIND")]
-    bind: Option<SocketAddr>,
-    /// Interface to send through (SO_BINDTODEVICE; needs CAP_NET_RAW).
-    #[arg(long, env = "PATHPROBE_INTERFACE")]
-    interface: Option<String>,
-    /// Firewall mark for policy routing (SO_MARK; needs CAP_NET_ADMIN).
-    #[arg(long, env = "PATHPROBE_FWMARK")]
-    fwmark: Option<u32>,
+    #[command(flatten)]
+    pin: PinArgs,
     /// Load of the first stage (IP bits: 50mbit, 1gbit).
     #[arg(long, default_value = "10mbit", value_parser = rate_arg, env = "PATHPROBE_CAPACITY_START")]
     start: Rate,
@@ -168,9 +161,9 @@ fn plan(args: &CapacityArgs, target: SocketAddr) -> anyhow::Result<Plan> {
         target,
         control: args.control,
         load_to: args.load_to,
-        bind: args.bind,
-        interface: args.interface.clone(),
-        fwmark: args.fwmark,
+        bind: args.pin.bind,
+        interface: args.pin.interface.clone(),
+        fwmark: args.pin.fwmark,
         start_bps: args.start.bps(),
         max_bps: args.max.bps(),
         steps: args.steps,
@@ -198,7 +191,10 @@ fn labels(args: &CapacityArgs, target: SocketAddr) -> Labels {
         path: PathInfo {
             name: args.path_name.clone(),
             kind: args.path_kind.into(),
-            local: args.bind.unwrap_or_else(|| SocketAddr::new(target.ip(), 0)),
+            local: args
+                .pin
+                .bind
+                .unwrap_or_else(|| SocketAddr::new(target.ip(), 0)),
             remote: target,
             protocol: ProbeProtocol::Stamp,
             dscp: 0,

@@ -348,15 +348,8 @@ struct TraceArgs {
     /// UDP (STAMP test packets; a reflector at the end answers) or TCP (SYNs).
     #[arg(long, value_enum, default_value = "udp", env = "PATHPROBE_TRACE_PROTO")]
     proto: TraceProtoArg,
-    /// Local address to send from; a port other than 0 fixes the flow's source port.
-    #[arg(long, env = "PATHPROBE_BIND")]
-    bind: Option<SocketAddr>,
-    /// Interface to send through (SO_BINDTODEVICE).
-    #[arg(long, env = "PATHPROBE_INTERFACE")]
-    interface: Option<String>,
-    /// Firewall mark for policy routing (SO_MARK).
-    #[arg(long, env = "PATHPROBE_FWMARK")]
-    fwmark: Option<u32>,
+    #[command(flatten)]
+    pin: PinArgs,
     /// Highest TTL tried.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u8).range(1..=64), env = "PATHPROBE_TRACE_MAX_HOPS")]
     max_hops: u8,
@@ -369,6 +362,21 @@ struct TraceArgs {
     /// Print the trace as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// How a path is pinned: the flags `probe`, `capacity` and `trace` share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PinArgs {
+    /// Local address to send from (pins the path by source address; for tcp-syn and
+    /// trace, a port other than 0 also fixes the source port).
+    #[arg(long, env = "PATHPROBE_BIND")]
+    pub bind: Option<SocketAddr>,
+    /// Interface to send through (SO_BINDTODEVICE; needs CAP_NET_RAW).
+    #[arg(long, env = "PATHPROBE_INTERFACE")]
+    pub interface: Option<String>,
+    /// Firewall mark for policy routing (SO_MARK; needs CAP_NET_ADMIN).
+    #[arg(long, env = "PATHPROBE_FWMARK")]
+    pub fwmark: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -384,9 +392,9 @@ fn run_trace(args: &TraceArgs) -> anyhow::Result<ExitCode> {
             TraceProtoArg::Udp => pathprobe_agent::trace::TraceProto::Udp,
             TraceProtoArg::Tcp => pathprobe_agent::trace::TraceProto::Tcp,
         },
-        bind: args.bind,
-        interface: args.interface.clone(),
-        fwmark: args.fwmark,
+        bind: args.pin.bind,
+        interface: args.pin.interface.clone(),
+        fwmark: args.pin.fwmark,
         max_hops: args.max_hops,
         queries: args.queries,
         timeout: args.timeout,
@@ -443,15 +451,8 @@ struct ProbeArgs {
     /// IP TTL / hop limit of the probes.
     #[arg(long, env = "PATHPROBE_TTL")]
     ttl: Option<u8>,
-    /// Local address to send from (pins the path by source address).
-    #[arg(long, env = "PATHPROBE_BIND")]
-    bind: Option<SocketAddr>,
-    /// Interface to send through (SO_BINDTODEVICE; needs CAP_NET_RAW).
-    #[arg(long, env = "PATHPROBE_INTERFACE")]
-    interface: Option<String>,
-    /// Firewall mark for policy routing (SO_MARK; needs CAP_NET_ADMIN).
-    #[arg(long, env = "PATHPROBE_FWMARK")]
-    fwmark: Option<u32>,
+    #[command(flatten)]
+    pin: PinArgs,
     /// Name of the path, for reports.
     #[arg(long, default_value = "path", env = "PATHPROBE_PATH_NAME")]
     path_name: String,
@@ -648,9 +649,9 @@ fn probe_config(args: &ProbeArgs) -> anyhow::Result<ProbeConfig> {
             ProtoArg::TcpConnect => ProbeProtocol::TcpConnect,
         },
         target,
-        bind: args.bind,
-        interface: args.interface.clone(),
-        fwmark: args.fwmark,
+        bind: args.pin.bind,
+        interface: args.pin.interface.clone(),
+        fwmark: args.pin.fwmark,
         interval_ns: nanos(interval),
         count: args.count,
         duration_ns: args.duration.map(nanos),
