@@ -82,6 +82,42 @@ fn tcp_connect_times_a_listener_and_counts_a_closed_port_as_refused() {
 }
 
 #[test]
+fn tcp_connect_windows_become_valid_collector_reports() {
+    let dir = std::env::temp_dir().join(format!("pathprobe-tcp-reports-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let o = Command::new(AGENT)
+        .args([
+            "probe",
+            "--proto",
+            "tcp-connect",
+            "--rate",
+            "100",
+            "--count",
+            "50",
+        ])
+        .args(["--window", "200ms", "--target", &listener().to_string()])
+        .arg("--report-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut received = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let r = pathprobe_proto::report::WindowReport::from_json(
+            &std::fs::read(e.unwrap().path()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            r.path.protocol,
+            pathprobe_proto::report::ProbeProtocol::TcpConnect
+        );
+        received += r.counters.received;
+    }
+    assert_eq!(received, 50, "every answer is in a report");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn tcp_syn_without_cap_net_raw_names_tcp_connect() {
     let o = common::unprivileged(AGENT)
         .args([

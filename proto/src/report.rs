@@ -118,7 +118,8 @@ pub struct PathInfo {
     pub protocol: ProbeProtocol,
     /// DSCP the probes were sent with (0 to 63).
     pub dscp: u8,
-    /// UDP payload or TCP segment size of a probe, in octets.
+    /// UDP payload or TCP segment size of a probe, in octets; 0 for `tcp-connect`, whose
+    /// SYN the kernel builds.
     pub packet_size: u16,
 }
 
@@ -400,7 +401,8 @@ impl WindowReport {
                 reason: format!("{} is not a DSCP (0 to 63)", self.path.dscp),
             });
         }
-        if self.path.packet_size == 0 {
+        // A tcp-connect probe is a SYN the kernel builds: its size is the kernel's, and 0.
+        if self.path.packet_size == 0 && self.path.protocol != ProbeProtocol::TcpConnect {
             return Err(Error::InvalidField {
                 field: "path.packet_size",
                 reason: "must be at least 1 octet".to_string(),
