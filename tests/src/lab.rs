@@ -339,6 +339,24 @@ impl Lab {
         )
     }
 
+    /// Runs `pathprobe-agent probe --json ARGS` on the on-prem host: its summary, or `None`
+    /// when nothing at all answered (exit code 2); panics on any other failure.
+    pub fn probe(&self, args: &[&str]) -> Option<serde_json::Value> {
+        let o = self
+            .agent("onprem")
+            .args(["probe", "--json"])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run the probe: {e}"));
+        if o.status.code() == Some(2) {
+            return None;
+        }
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let out = String::from_utf8_lossy(&o.stdout);
+        let last = out.lines().last().unwrap_or_default();
+        Some(serde_json::from_str(last).unwrap_or_else(|e| panic!("not a summary ({e}): {last}")))
+    }
+
     fn build(&self) {
         for h in HOSTS {
             run(Command::new("ip").args(["netns", "add"]).arg(self.ns(h)));

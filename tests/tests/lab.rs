@@ -32,19 +32,18 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 
 /// Probes `to` from on-prem; the summary, or `None` when nothing answered (exit code 2).
 fn try_probe(lab: &Lab, to: Ipv4Addr, count: u32, rate: u32) -> Option<serde_json::Value> {
-    let o = lab
-        .agent("onprem")
-        .args(["probe", "--json", "--window", "60s", "--timeout", "500ms"])
-        .args(["--target", &format!("{to}:{STAMP_PORT}")])
-        .args(["--count", &count.to_string(), "--rate", &rate.to_string()])
-        .output()
-        .unwrap();
-    if o.status.code() == Some(2) {
-        return None;
-    }
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out = String::from_utf8_lossy(&o.stdout);
-    Some(serde_json::from_str(out.lines().last().unwrap()).unwrap())
+    lab.probe(&[
+        "--window",
+        "60s",
+        "--timeout",
+        "500ms",
+        "--target",
+        &format!("{to}:{STAMP_PORT}"),
+        "--count",
+        &count.to_string(),
+        "--rate",
+        &rate.to_string(),
+    ])
 }
 
 fn probe(lab: &Lab, to: Ipv4Addr, count: u32, rate: u32) -> serde_json::Value {

@@ -11,21 +11,20 @@ use pathprobe_tests::lab::{AZURE_ER, Lab, PathConfig, Proc, STAMP_PORT, root_or_
 /// Probes `to:port` from on-prem with `proto`; the summary, or `None` when nothing at all
 /// answered (exit code 2).
 fn probe(lab: &Lab, proto: &str, to: Ipv4Addr, port: u16, count: u32) -> Option<serde_json::Value> {
-    let o = lab
-        .agent("onprem")
-        .args([
-            "probe", "--proto", proto, "--json", "--rate", "100", "--window", "60s",
-        ])
-        .args(["--timeout", "500ms", "--target", &format!("{to}:{port}")])
-        .args(["--count", &count.to_string()])
-        .output()
-        .unwrap();
-    if o.status.code() == Some(2) {
-        return None;
-    }
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out = String::from_utf8_lossy(&o.stdout);
-    Some(serde_json::from_str(out.lines().last().unwrap()).unwrap())
+    lab.probe(&[
+        "--proto",
+        proto,
+        "--rate",
+        "100",
+        "--window",
+        "60s",
+        "--timeout",
+        "500ms",
+        "--target",
+        &format!("{to}:{port}"),
+        "--count",
+        &count.to_string(),
+    ])
 }
 
 fn f(v: &serde_json::Value, q: &str) -> f64 {

@@ -15,9 +15,9 @@ use pathprobe_agent::capacity::wire::Direction;
 use pathprobe_agent::capacity::{present, sizing};
 use pathprobe_agent::output::Labels;
 use pathprobe_agent::spool::{BATCH, Delivery, Spool, Uploader};
-use pathprobe_proto::report::{PathInfo, ProbeProtocol, TimestampSource, Timestamping};
+use pathprobe_proto::report::{ProbeProtocol, TimestampSource, Timestamping};
 
-use super::{KindArg, PinArgs, duration, host_name, no_answer, resolve, stop_on_signals};
+use super::{PinArgs, ReportArgs, duration, no_answer, resolve, stop_on_signals};
 
 pub fn rate_arg(v: &str) -> Result<Rate, String> {
     rate::parse(v)
@@ -121,21 +121,8 @@ pub struct CapacityArgs {
     /// Print one JSON object per stage and a summary object.
     #[arg(long)]
     json: bool,
-    /// Name of the path, for reports.
-    #[arg(long, default_value = "path", env = "PATHPROBE_PATH_NAME")]
-    path_name: String,
-    /// Kind of the path.
-    #[arg(long, value_enum, default_value = "other", env = "PATHPROBE_PATH_KIND")]
-    path_kind: KindArg,
-    /// Write each stage's report (the collector's format) into this folder.
-    #[arg(long, env = "PATHPROBE_REPORT_DIR")]
-    report_dir: Option<PathBuf>,
-    /// Agent id for reports [default: the host name].
-    #[arg(long, env = "PATHPROBE_AGENT_ID")]
-    agent_id: Option<String>,
-    /// Site name for reports.
-    #[arg(long, env = "PATHPROBE_SITE")]
-    site: Option<String>,
+    #[command(flatten)]
+    report: ReportArgs,
     /// Send each stage's report to this collector (like <http://10.0.0.5:8862>), so that
     /// `compare` shows the path's throughput.
     #[arg(long, env = "PATHPROBE_COLLECTOR")]
@@ -186,29 +173,21 @@ fn plan(args: &CapacityArgs, target: SocketAddr) -> anyhow::Result<Plan> {
     })
 }
 
-fn labels(args: &CapacityArgs, target: SocketAddr) -> Labels {
-    Labels {
-        path: PathInfo {
-            name: args.path_name.clone(),
-            kind: args.path_kind.into(),
-            local: args
-                .pin
-                .bind
-                .unwrap_or_else(|| SocketAddr::new(target.ip(), 0)),
-            remote: target,
-            protocol: ProbeProtocol::Stamp,
-            dscp: 0,
-            packet_size: u16::try_from(pathprobe_proto::stamp::Mode::Unauthenticated.base_len())
-                .unwrap_or(44),
-        },
-        agent_id: args.agent_id.clone().unwrap_or_else(host_name),
-        site: args.site.clone(),
+fn labels(args: &CapacityArgs, target: SocketAddr) -> anyhow::Result<Labels> {
+    args.report.labels(
+        args.pin
+            .bind
+            .unwrap_or_else(|| SocketAddr::new(target.ip(), 0)),
+        target,
+        ProbeProtocol::Stamp,
+        0,
+        u16::try_from(pathprobe_proto::stamp::Mode::Unauthenticated.base_len()).unwrap_or(44),
         // Each stage's report takes the sources its own STAMP stream had.
-        timestamping: Timestamping {
+        Timestamping {
             rx: TimestampSource::Userspace,
             tx: TimestampSource::Userspace,
         },
-    }
+    )
 }
 
 /// One line of progress.
@@ -243,11 +222,7 @@ fn event_line(e: &Event<'_>, stage: Duration) -> String {
 pub fn run(args: &CapacityArgs) -> anyhow::Result<ExitCode> {
     let target = resolve(&args.target)?;
     let plan = plan(args, target)?;
-    if let Some(dir) = &args.report_dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create --report-dir {}", dir.display()))?;
-    }
-    let labels = labels(args, target);
+    let labels = labels(args, target)?;
     let token = args
         .token_file
         .as_ref()
@@ -369,12 +344,12 @@ fn emit_stage(
         let mut o = std::io::stdout().lock();
         writeln!(o, "{}", serde_json::to_string(&present::stage_json(s))?)?;
     }
-    if args.report_dir.is_none() && spool.is_none() {
+    if args.report.report_dir.is_none() && spool.is_none() {
         return Ok(());
     }
     let r = present::stage_report(labels, s)?;
     let json = r.to_json()?;
-    if let Some(dir) = &args.report_dir {
+    if let Some(dir) = &args.report.report_dir {
         let file = dir.join(format!("{}.json", r.report_id));
         std::fs::write(&file, &json).with_context(|| format!("cannot write {}", file.display()))?;
     }

@@ -364,6 +364,60 @@ struct TraceArgs {
     json: bool,
 }
 
+/// How a path is named in its reports and where they go: the flags `probe` and
+/// `capacity` share.
+#[derive(Debug, Clone, clap::Args)]
+struct ReportArgs {
+    /// Name of the path, for reports.
+    #[arg(long, default_value = "path", env = "PATHPROBE_PATH_NAME")]
+    path_name: String,
+    /// Kind of the path.
+    #[arg(long, value_enum, default_value = "other", env = "PATHPROBE_PATH_KIND")]
+    path_kind: KindArg,
+    /// Also write each window's (capacity: each stage's) report, in the collector's format,
+    /// into this folder.
+    #[arg(long, env = "PATHPROBE_REPORT_DIR")]
+    report_dir: Option<PathBuf>,
+    /// Agent id for reports [default: the host name].
+    #[arg(long, env = "PATHPROBE_AGENT_ID")]
+    agent_id: Option<String>,
+    /// Site name for reports.
+    #[arg(long, env = "PATHPROBE_SITE")]
+    site: Option<String>,
+}
+
+impl ReportArgs {
+    /// The labels of this path's reports; `report_dir` is created if given.
+    fn labels(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        protocol: ProbeProtocol,
+        dscp: u8,
+        packet_size: u16,
+        timestamping: pathprobe_proto::report::Timestamping,
+    ) -> anyhow::Result<Labels> {
+        if let Some(dir) = &self.report_dir {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create --report-dir {}", dir.display()))?;
+        }
+        Ok(Labels {
+            path: PathInfo {
+                name: self.path_name.clone(),
+                kind: self.path_kind.into(),
+                local,
+                remote,
+                protocol,
+                dscp,
+                packet_size,
+            },
+            agent_id: self.agent_id.clone().unwrap_or_else(host_name),
+            site: self.site.clone(),
+            timestamping,
+        })
+    }
+}
+
 /// How a path is pinned: the flags `probe`, `capacity` and `trace` share.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PinArgs {
@@ -453,12 +507,6 @@ struct ProbeArgs {
     ttl: Option<u8>,
     #[command(flatten)]
     pin: PinArgs,
-    /// Name of the path, for reports.
-    #[arg(long, default_value = "path", env = "PATHPROBE_PATH_NAME")]
-    path_name: String,
-    /// Kind of the path.
-    #[arg(long, value_enum, default_value = "other", env = "PATHPROBE_PATH_KIND")]
-    path_kind: KindArg,
     /// Authenticated mode with the key in this file (hexadecimal digits).
     #[arg(long, env = "PATHPROBE_AUTH_KEY_FILE")]
     auth_key_file: Option<PathBuf>,
@@ -478,15 +526,8 @@ struct ProbeArgs {
     /// Print one JSON object per window and a final summary object.
     #[arg(long)]
     json: bool,
-    /// Also write each window's report (the collector's format) into this folder.
-    #[arg(long, env = "PATHPROBE_REPORT_DIR")]
-    report_dir: Option<PathBuf>,
-    /// Agent id for reports [default: the host name].
-    #[arg(long, env = "PATHPROBE_AGENT_ID")]
-    agent_id: Option<String>,
-    /// Site name for reports.
-    #[arg(long, env = "PATHPROBE_SITE")]
-    site: Option<String>,
+    #[command(flatten)]
+    report: ReportArgs,
 }
 
 fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
@@ -683,7 +724,7 @@ fn emit_window(
     } else {
         writeln!(o, "{}", output::line(&f))?;
     }
-    if let Some(dir) = &args.report_dir {
+    if let Some(dir) = &args.report.report_dir {
         let r = output::report(labels, w)?;
         let file = dir.join(format!("{}.json", r.report_id));
         std::fs::write(&file, r.to_json()?)
@@ -695,26 +736,16 @@ fn emit_window(
 fn run_probe(args: &ProbeArgs) -> anyhow::Result<ExitCode> {
     let cfg = probe_config(args)?;
     let target = cfg.target;
-    if let Some(dir) = &args.report_dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create --report-dir {}", dir.display()))?;
-    }
     let prober = probe::Prober::open(cfg)?;
     let stop = stop_on_signals()?;
-    let labels = Labels {
-        path: PathInfo {
-            name: args.path_name.clone(),
-            kind: args.path_kind.into(),
-            local: prober.local,
-            remote: target,
-            protocol: prober.config().protocol,
-            dscp: args.dscp,
-            packet_size: prober.packet_size(),
-        },
-        agent_id: args.agent_id.clone().unwrap_or_else(host_name),
-        site: args.site.clone(),
-        timestamping: prober.timestamping,
-    };
+    let labels = args.report.labels(
+        prober.local,
+        target,
+        prober.config().protocol,
+        args.dscp,
+        prober.packet_size(),
+        prober.timestamping,
+    )?;
     let mut failure: Option<anyhow::Error> = None;
     let result = prober.run(&stop, |w| {
         if let Err(e) = emit_window(args, &labels, w) {
