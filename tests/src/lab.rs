@@ -416,7 +416,8 @@ impl Lab {
         }
     }
 
-    fn set_rates(&self, path: Path, cfg: &PathConfig) {
+    /// Sets (or clears) the `tbf` of each direction of `path` from `cfg`.
+    pub fn set_rates(&self, path: Path, cfg: &PathConfig) {
         let (router, to_azure, to_onprem) = Self::router(path);
         for (dev, rate) in [(to_azure, &cfg.rate_fwd), (to_onprem, &cfg.rate_rev)] {
             let _ = Command::new("tc")

@@ -56,6 +56,10 @@ fn root_capacity_finds_the_tbf_rate_and_agrees_with_iperf3() {
         return;
     }
     let mut lab = Lab::new(&limited("50mbit"), &PathConfig::default());
+    // The bottleneck under test is the tbf. The NFQUEUE emulator has nothing to add here,
+    // and at 200 Mbit/s (18,000 packets/s through one user-space thread on 2 cores) its own
+    // latency under load once broke the RTT mark below the tbf rate: take it out.
+    lab.bypass(Path::Er);
     let _r = lab.reflector_with(&["--allow-capacity"]);
     let _iperf = Proc::start(
         lab.exec("azure", "iperf3")
@@ -68,7 +72,7 @@ fn root_capacity_finds_the_tbf_rate_and_agrees_with_iperf3() {
         (200e6, "50mbit", "400mbit", "400M"),
     ] {
         if limit > 50e6 {
-            lab.emulate(Path::Er, &limited("200mbit"));
+            lab.set_rates(Path::Er, &limited("200mbit"));
         }
         let v = capacity(&lab, start, max);
         let cap = v["capacity_bps"].as_f64().unwrap();
