@@ -35,7 +35,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use pathprobe_proto::report::{PathInfo, PathKind, ProbeProtocol};
-use pathprobe_proto::stamp::TimestampFormat;
+use pathprobe_proto::stamp::{Mode, TimestampFormat};
 use serde::Deserialize;
 
 use crate::output::{self, Labels};
@@ -213,7 +213,11 @@ impl AgentConfig {
             )?,
         };
         let key = p.auth_key_file.as_deref().map(keyfile::load).transpose()?;
-        let base = if key.is_some() { 112 } else { 44 };
+        let size = crate::probe::default_size(if key.is_some() {
+            Mode::Authenticated
+        } else {
+            Mode::Unauthenticated
+        });
         let cfg = ProbeConfig {
             protocol: p.proto,
             target,
@@ -223,7 +227,7 @@ impl AgentConfig {
             interval_ns: nanos(interval),
             count: None,
             duration_ns: None,
-            size: p.size.unwrap_or(base),
+            size: p.size.unwrap_or(size),
             dscp: p.dscp,
             ttl: p.ttl,
             key,
@@ -417,10 +421,13 @@ pub fn run(file: &Path, cfg: &AgentConfig, stop: &AtomicBool) -> Result<()> {
             };
             tracing::info!(path = %p.name, target = %p.target, "probing");
             s.spawn(move || {
-                let result = prober.run(stop, |w| {
-                    let f = output::figures(&labels, w, "window", 1);
+                let result = crate::watch::run_watched(prober, stop, |w, seen| {
+                    let f = output::window_figures(&labels, w, seen);
                     tracing::info!("{}", output::line(&f));
-                    match output::report(&labels, w).and_then(|r| Ok(r.to_json()?)) {
+                    for e in &seen.events {
+                        tracing::warn!(path = %labels.path.name, "{}", output::event_text(e));
+                    }
+                    match output::report(&labels, w, seen).and_then(|r| Ok(r.to_json()?)) {
                         Ok(json) => {
                             let _ = tx.send(json);
                         }

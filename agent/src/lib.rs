@@ -1,7 +1,8 @@
 //! `pathprobe-agent`: what runs on each site's servers and Azure VMs.
 //!
 //! The STAMP reflector ([`reflector`]) and prober ([`probe`]) with their sans-IO accounting
-//! ([`session`]) over batched kernel-timestamped sockets ([`sys`]); the long-running agent
+//! ([`session`]) over batched kernel-timestamped sockets ([`sys`]); the path's signature and
+//! its change events ([`watch`]), with a [`trace`] of the new route; the long-running agent
 //! ([`daemon`]) that pushes every window report to the collector through an on-disk queue
 //! ([`spool`]); and packet decoding for people ([`decode`]).
 
@@ -21,5 +22,6 @@ pub mod spool;
 pub mod sys;
 pub mod tcp;
 pub mod trace;
+pub mod watch;
 
 pub use error::{Error, Result};

@@ -6,6 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use hdrhistogram::Histogram;
+use pathprobe_proto::event::{PathEvent, Signature};
 use pathprobe_proto::hist::{self, Metric, Micros, Summary};
 use pathprobe_proto::report::{
     ClockState, Counters, PathInfo, ReportId, Timestamping, Window, WindowReport,
@@ -14,6 +15,7 @@ use serde::Serialize;
 
 use crate::Result;
 use crate::session::WindowStats;
+use crate::watch::Observed;
 
 /// Jitter (IPDV magnitude) percentiles in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -67,6 +69,13 @@ pub struct Figures {
     pub owd_fwd_us: Option<Owd>,
     pub owd_rev_us: Option<Owd>,
     pub timestamping: Timestamping,
+    /// Hop counts and DSCP each way ([`crate::watch`]): the window's, or in a summary the
+    /// last known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<Signature>,
+    /// Events raised when the window closed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<PathEvent>,
 }
 
 fn rfc3339(ns: u64) -> String {
@@ -126,7 +135,68 @@ pub fn figures(labels: &Labels, w: &WindowStats, record: &'static str, windows: 
         owd_fwd_us: owd(Metric::OwdForward),
         owd_rev_us: owd(Metric::OwdReverse),
         timestamping: labels.timestamping,
+        signature: None,
+        events: Vec::new(),
     }
+}
+
+/// The printed figures of window `w` with what the watcher saw in it.
+pub fn window_figures(labels: &Labels, w: &WindowStats, o: &Observed) -> Figures {
+    let mut f = figures(labels, w, "window", 1);
+    f.signature = o.signature;
+    f.events.clone_from(&o.events);
+    f
+}
+
+fn hops(h: Option<u8>) -> String {
+    h.map_or_else(|| "?".to_string(), |h| h.to_string())
+}
+
+/// A signature for people: `hops 1 out, 1 back; DSCP 46 → 46 far, 46 back`.
+pub fn signature_text(s: &Signature) -> String {
+    let dscp = |d: Option<u8>| d.map_or_else(|| "?".to_string(), |d| d.to_string());
+    format!(
+        "hops {} out, {} back; DSCP {} sent, {} at the far end, {} back{}",
+        hops(s.fwd_hops),
+        hops(s.rev_hops),
+        s.dscp_sent,
+        dscp(s.dscp_far),
+        dscp(s.dscp_back),
+        if s.remarked() { " (RE-MARKED)" } else { "" }
+    )
+}
+
+/// An event for people, its trace one hop per line.
+pub fn event_text(e: &PathEvent) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!(
+        "event {} at {}: {}",
+        e.kind,
+        rfc3339(e.at_unix_ns),
+        e.summary
+    );
+    if let Some(t) = &e.trace {
+        let _ = write!(
+            out,
+            "\n  trace ({}, {}):",
+            match t.protocol {
+                pathprobe_proto::event::TraceProtocol::Udp => "udp",
+                pathprobe_proto::event::TraceProtocol::Tcp => "tcp",
+            },
+            if t.reached { "reached" } else { "not reached" }
+        );
+        for h in &t.hops {
+            let addr = h.addr.map_or_else(|| "*".to_string(), |a| a.to_string());
+            let rtt = h
+                .rtt_us
+                .map_or_else(|| "*".to_string(), |r| format!("{:.3} ms", r / 1000.0));
+            let _ = write!(out, "\n  {:>3}  {addr:<40} {rtt}", h.ttl);
+        }
+    }
+    if let Some(err) = &e.trace_error {
+        let _ = write!(out, "\n  no trace: {err}");
+    }
+    out
 }
 
 /// All windows merged exactly: counters added, histograms added bucket by bucket. The clock
@@ -173,6 +243,8 @@ pub fn merge(windows: &[WindowStats]) -> Result<Option<WindowStats>> {
         counters,
         histograms,
         owd_clock: clock,
+        // Marks are not added up: the summary shows the watcher's last known signature.
+        marks: last.marks,
     }))
 }
 
@@ -269,6 +341,12 @@ pub fn table(f: &Figures) -> String {
             "timestamps rx / tx",
             format!("{:?} / {:?}", f.timestamping.rx, f.timestamping.tx).to_lowercase(),
         ),
+        (
+            "path signature",
+            f.signature
+                .as_ref()
+                .map_or_else(|| "-".to_string(), signature_text),
+        ),
     ];
     for (k, v) in rows {
         t.add_row(vec![k.to_string(), v]);
@@ -276,8 +354,8 @@ pub fn table(f: &Figures) -> String {
     t.to_string()
 }
 
-/// The `proto` report of a window, with a fresh random id.
-pub fn report(labels: &Labels, w: &WindowStats) -> Result<WindowReport> {
+/// The `proto` report of a window with its signature and events, with a fresh random id.
+pub fn report(labels: &Labels, w: &WindowStats, o: &Observed) -> Result<WindowReport> {
     let mut id = [0u8; 16];
     getrandom::fill(&mut id)
         .map_err(|e| crate::Error::Config(format!("no randomness for a report id: {e}")))?;
@@ -294,6 +372,8 @@ pub fn report(labels: &Labels, w: &WindowStats) -> Result<WindowReport> {
         owd_clock: w.owd_clock,
         counters: w.counters,
         histograms: w.histograms.clone(),
+        signature: o.signature,
+        events: o.events.clone(),
     };
     report.validate()?;
     Ok(report)

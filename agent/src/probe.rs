@@ -21,14 +21,14 @@ use std::time::Duration;
 use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
 use pathprobe_proto::report::{ProbeProtocol, TimestampSource, Timestamping};
-use pathprobe_proto::stamp::tlv::{HEADER_LEN, TlvWriter};
+use pathprobe_proto::stamp::tlv::{ClassOfService, HEADER_LEN, TlvIter, TlvWriter, tlv_type};
 use pathprobe_proto::stamp::{
     AuthKey, ErrorEstimate, Mode, ReflectorPacket, ReflectorRepr, SenderPacket, SenderRepr,
     TimestampFormat,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::session::{MAX_IN_FLIGHT, Reply, Sent, Tracker, TrackerConfig, WindowStats};
+use crate::session::{MAX_IN_FLIGHT, Marks, Reply, Sent, Tracker, TrackerConfig, WindowStats};
 use crate::sys::{self, RecvBatch, SendBatch};
 use crate::{Error, Result};
 
@@ -45,6 +45,16 @@ const SPIN_MAX_NS: u64 = 2_000_000;
 
 /// Largest probe: a 1,500-octet MTU less the IPv4 and UDP headers.
 pub const MAX_SIZE: usize = 1472;
+
+/// Octets of the Class-of-Service TLV, with which the far end tells what DSCP it received.
+const COS_TLV_LEN: usize = HEADER_LEN + ClassOfService::LEN;
+
+/// The default probe size: the base packet and a Class-of-Service TLV (52 octets
+/// unauthenticated, 120 authenticated), so that every probe learns the DSCP the far end
+/// received.
+pub const fn default_size(mode: Mode) -> usize {
+    mode.base_len() + COS_TLV_LEN
+}
 
 /// How to probe.
 #[derive(Debug, Clone)]
@@ -250,8 +260,10 @@ fn open(cfg: &ProbeConfig) -> Result<(Socket, Timestamping)> {
     Ok((sock, Timestamping { rx, tx }))
 }
 
-/// Writes probe `seq` with T1 into `buf` (exactly `cfg.size` octets): base packet, one
-/// Extra Padding TLV for the rest (zero fill when fewer than 4 octets remain), HMAC.
+/// Writes probe `seq` with T1 into `buf` (exactly `cfg.size` octets): base packet, a
+/// Class-of-Service TLV asking for our DSCP back (when it fits with nothing or a whole TLV
+/// after it), one Extra Padding TLV for the rest (zero fill when fewer than 4 octets
+/// remain), HMAC.
 fn build_probe(cfg: &ProbeConfig, buf: &mut [u8], seq: u32, t1: u64, ee: ErrorEstimate) {
     let mode = cfg.mode();
     let mut p = SenderPacket::new_unchecked(&mut buf[..cfg.size], mode);
@@ -264,10 +276,18 @@ fn build_probe(cfg: &ProbeConfig, buf: &mut [u8], seq: u32, t1: u64, ee: ErrorEs
     .emit(&mut p);
     let area = p.tlvs_mut();
     area.fill(0);
-    if area.len() >= HEADER_LEN {
-        let len = area.len();
-        // Cannot fail: the area is exactly `len` octets.
-        let _ = TlvWriter::new(area).extra_padding(len);
+    let len = area.len();
+    let mut w = TlvWriter::new(area);
+    // The writes cannot fail: each fits in what is left of the area.
+    if len == COS_TLV_LEN || len >= COS_TLV_LEN + HEADER_LEN {
+        let _ = w.class_of_service(ClassOfService {
+            dscp1: cfg.dscp,
+            ..ClassOfService::default()
+        });
+    }
+    let rest = len - w.len();
+    if rest >= HEADER_LEN {
+        let _ = w.extra_padding(rest);
     }
     if let Some(k) = &cfg.key {
         p.sign(k);
@@ -435,6 +455,17 @@ fn sender(
     shared.sender_done.store(true, Ordering::Release);
 }
 
+/// DSCP2 of a reply's Class-of-Service TLV: the DSCP the far end received. Not from a TLV
+/// the reflector flagged as unrecognized or malformed (it echoes those unchanged).
+fn far_dscp(tlvs: &[u8]) -> Option<u8> {
+    TlvIter::new(tlvs)
+        .map_while(std::result::Result::ok)
+        .find(|t| t.tlv_type == tlv_type::CLASS_OF_SERVICE)
+        .filter(|t| !t.unrecognized() && !t.malformed())
+        .and_then(|t| ClassOfService::parse(t.value).ok())
+        .map(|c| c.dscp2)
+}
+
 fn receiver(
     sock: &Socket,
     mode: Mode,
@@ -493,6 +524,13 @@ fn receiver(
                 Some(k) => (to_mono(k), k),
                 None => (mono, wall),
             };
+            let marks = Marks {
+                // 0: a reflector that does not fill in the Session-Sender TTL.
+                far_ttl: Some(r.sender_ttl).filter(|&t| t > 0),
+                far_dscp: far_dscp(packet.tlvs()),
+                back_ttl: meta.ttl,
+                back_dscp: meta.tos.map(|t| t >> 2),
+            };
             let reflector_sync = if r.error_estimate.synchronized {
                 r.error_estimate.error_nanos()
             } else {
@@ -510,6 +548,7 @@ fn receiver(
                     bytes: u32::try_from(payload.len()).unwrap_or(u32::MAX),
                     far_times: true,
                     refused: false,
+                    marks,
                 }),
                 &shared.rx_drops,
             );
@@ -535,6 +574,8 @@ pub struct Prober {
     pub timestamping: Timestamping,
     /// The local address probes leave from.
     pub local: SocketAddr,
+    /// The TTL (hop limit) probes leave with, when their answers can tell the hops from it.
+    pub sent_ttl: Option<u8>,
 }
 
 impl Prober {
@@ -566,11 +607,20 @@ impl Prober {
                 crate::tcp::connect_local(&cfg),
             ),
         };
+        // The kernel reports its default (net.ipv4.ip_default_ttl) for a socket with none set.
+        let sent_ttl = match &io {
+            Io::Stamp(sock) if cfg.target.is_ipv6() => sock.unicast_hops_v6().ok(),
+            Io::Stamp(sock) => sock.ttl_v4().ok(),
+            Io::TcpSyn(syn) => syn.ttl().map(u32::from),
+            Io::TcpConnect => None,
+        }
+        .and_then(|t| u8::try_from(t).ok());
         Ok(Self {
             cfg,
             io,
             timestamping,
             local,
+            sent_ttl,
         })
     }
 

@@ -88,6 +88,71 @@ pub struct Reply {
     pub far_times: bool,
     /// The far end refused the probe (a TCP RST); it still times the path.
     pub refused: bool,
+    /// What the answer showed of the path's TTL and DSCP.
+    pub marks: Marks,
+}
+
+/// What an answer shows of the path (RFC 8972): the TTL and DSCP the far end received the
+/// probe with (the reflected Session-Sender TTL, the Class-of-Service TLV), and the TTL
+/// and DSCP the answer arrived with. `None` where the probe cannot see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Marks {
+    pub far_ttl: Option<u8>,
+    pub far_dscp: Option<u8>,
+    pub back_ttl: Option<u8>,
+    pub back_dscp: Option<u8>,
+}
+
+/// How often each value of one mark was seen in a window (few distinct values: a path's
+/// hop count moves only when its route does).
+#[derive(Debug, Default)]
+struct Tally(Vec<(u8, u64)>);
+
+impl Tally {
+    fn add(&mut self, v: Option<u8>) {
+        let Some(v) = v else { return };
+        match self.0.iter_mut().find(|(x, _)| *x == v) {
+            Some((_, n)) => *n += 1,
+            None => self.0.push((v, 1)),
+        }
+    }
+
+    /// The most common value; of equally common ones, the first seen.
+    fn mode(&self) -> Option<u8> {
+        let mut best: Option<(u8, u64)> = None;
+        for &(v, n) in &self.0 {
+            if best.is_none_or(|(_, b)| n > b) {
+                best = Some((v, n));
+            }
+        }
+        best.map(|(v, _)| v)
+    }
+}
+
+#[derive(Debug, Default)]
+struct MarkTally {
+    far_ttl: Tally,
+    far_dscp: Tally,
+    back_ttl: Tally,
+    back_dscp: Tally,
+}
+
+impl MarkTally {
+    fn add(&mut self, m: Marks) {
+        self.far_ttl.add(m.far_ttl);
+        self.far_dscp.add(m.far_dscp);
+        self.back_ttl.add(m.back_ttl);
+        self.back_dscp.add(m.back_dscp);
+    }
+
+    fn modes(&self) -> Marks {
+        Marks {
+            far_ttl: self.far_ttl.mode(),
+            far_dscp: self.far_dscp.mode(),
+            back_ttl: self.back_ttl.mode(),
+            back_dscp: self.back_dscp.mode(),
+        }
+    }
 }
 
 /// One closed window.
@@ -99,6 +164,8 @@ pub struct WindowStats {
     pub counters: Counters,
     pub histograms: BTreeMap<Metric, Histogram<u64>>,
     pub owd_clock: ClockState,
+    /// The most common value of each mark among the window's answers.
+    pub marks: Marks,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -132,6 +199,7 @@ struct WindowAcc {
     owd_raw: Vec<(i64, i64, u64)>,
     all_synchronized: bool,
     max_sync_error_ns: u64,
+    marks: MarkTally,
 }
 
 impl WindowAcc {
@@ -146,6 +214,7 @@ impl WindowAcc {
             owd_raw: Vec::new(),
             all_synchronized: true,
             max_sync_error_ns: 0,
+            marks: MarkTally::default(),
         }
     }
 }
@@ -366,6 +435,7 @@ impl Tracker {
             acc.counters.refused += 1;
         }
         acc.counters.bytes_received += u64::from(reply.bytes);
+        acc.marks.add(reply.marks);
         if reordered {
             acc.counters.reordered += 1;
         }
@@ -487,6 +557,7 @@ impl Tracker {
             counters,
             histograms,
             owd_clock,
+            marks: acc.marks.modes(),
         });
     }
 
@@ -579,6 +650,8 @@ mod tests {
         /// Wall minus monotonic on the sender, and the reflector's clock offset.
         wall_offset: u64,
         reflector_offset: i64,
+        /// What the next replies show of the path.
+        marks: Marks,
     }
 
     impl Sim {
@@ -588,6 +661,7 @@ mod tests {
                 cfg,
                 wall_offset: cfg.start_wall_ns - cfg.start_mono_ns,
                 reflector_offset: 0,
+                marks: Marks::default(),
             }
         }
 
@@ -624,6 +698,7 @@ mod tests {
                 bytes: 44,
                 far_times: true,
                 refused: false,
+                marks: self.marks,
             });
         }
 
@@ -672,6 +747,45 @@ mod tests {
         assert!(!w[0].histograms.contains_key(&Metric::LossRun));
         assert_eq!(w[0].start_wall_ns, cfg().start_wall_ns);
         assert_eq!(w[0].end_wall_ns, cfg().start_wall_ns + 1_000 * MS);
+    }
+
+    #[test]
+    fn a_window_shows_the_most_common_marks_of_its_answers() {
+        let mut s = Sim::new(cfg());
+        let usual = Marks {
+            far_ttl: Some(62),
+            far_dscp: Some(46),
+            back_ttl: Some(62),
+            back_dscp: Some(46),
+        };
+        for i in 0..100 {
+            s.send(i, 0);
+            // 30 answers took a longer route, and the Class-of-Service answer is missing
+            // from some: neither outvotes the usual marks.
+            s.marks = if i % 10 < 3 {
+                Marks {
+                    far_ttl: Some(61),
+                    far_dscp: None,
+                    ..usual
+                }
+            } else {
+                usual
+            };
+            s.reply(i, 3 * MS, 2 * MS);
+        }
+        // Duplicates are not answers of their own: 80 copies with another TTL change nothing.
+        s.marks.far_ttl = Some(60);
+        for i in 20..100 {
+            s.reply(i, 3 * MS, 2 * MS);
+        }
+        s.send(100, 0);
+        s.reply(100, 3 * MS, 2 * MS);
+        let mut w = s.windows(s.sched(101) + 200 * MS);
+        s.t.finish(0);
+        w.extend(s.t.take_closed());
+        assert_eq!(w[0].counters.duplicated, 80);
+        assert_eq!(w[0].marks, usual);
+        assert_eq!(w[1].marks.far_ttl, Some(60), "the next window has its own");
     }
 
     #[test]
@@ -876,6 +990,7 @@ mod tests {
             bytes: 44,
             far_times: true,
             refused: false,
+            marks: Marks::default(),
         });
         s.send(1, 0);
         let sent1 = s.sched(1);
@@ -889,6 +1004,7 @@ mod tests {
             bytes: 44,
             far_times: true,
             refused: false,
+            marks: Marks::default(),
         });
         let w = s.windows(s.sched(2) + 2_000 * MS);
         assert_eq!(

@@ -37,7 +37,7 @@ use pnet_packet::tcp::{MutableTcpPacket, TcpFlags, TcpOption, TcpPacket, ipv4_ch
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::probe::{self, ProbeConfig, RxEvent, Schedule, Shared, TxEvent, push, push_missed};
-use crate::session::{Reply, Sent, WindowStats};
+use crate::session::{Marks, Reply, Sent, WindowStats};
 use crate::sys::{self, RecvBatch, SendBatch};
 use crate::{Error, Result};
 
@@ -85,6 +85,8 @@ pub struct Answer {
     pub ack: u32,
     /// SYN-ACK (someone listens) or RST (no one does).
     pub refused: bool,
+    /// The TTL it arrived with (the hops back are below the far end's initial TTL).
+    pub ttl: u8,
 }
 
 /// Reads an IPv4 packet a raw TCP socket received: an answer from `target` to one of our
@@ -109,6 +111,7 @@ pub fn parse_answer(ip: &[u8], target: SocketAddrV4, ports: &[u16]) -> Option<An
         port: t.get_destination(),
         ack: t.get_acknowledgement(),
         refused: rst,
+        ttl: p.get_ttl(),
     })
 }
 
@@ -145,6 +148,11 @@ pub struct SynSocket {
 }
 
 impl SynSocket {
+    /// The TTL our SYNs leave with.
+    pub fn ttl(&self) -> Option<u8> {
+        self.raw.ttl_v4().ok().and_then(|t| u8::try_from(t).ok())
+    }
+
     /// Opens the raw socket (pinned like `cfg` says) and reserves the source port.
     pub fn open(cfg: &ProbeConfig) -> Result<(Self, Timestamping)> {
         let SocketAddr::V4(target) = cfg.target else {
@@ -346,6 +354,11 @@ impl SynSocket {
                         bytes: 0,
                         far_times: false,
                         refused: a.refused,
+                        // A TCP answer shows only its own TTL: no far-end TTL or DSCP.
+                        marks: Marks {
+                            back_ttl: Some(a.ttl),
+                            ..Marks::default()
+                        },
                     }),
                     &shared.rx_drops,
                 );
@@ -517,6 +530,8 @@ fn connect_receiver(
                         bytes: 0,
                         far_times: false,
                         refused,
+                        // The kernel's connection shows no TTL or DSCP.
+                        marks: Marks::default(),
                     }),
                     &shared.rx_drops,
                 );
@@ -611,7 +626,8 @@ mod tests {
             Some(Answer {
                 port: 40002,
                 ack: 1001,
-                refused: false
+                refused: false,
+                ttl: 64,
             })
         );
         assert_eq!(
@@ -619,7 +635,8 @@ mod tests {
             Some(Answer {
                 port: 40000,
                 ack: 1001,
-                refused: true
+                refused: true,
+                ttl: 64,
             })
         );
         // Another port of ours, another port or host of theirs, a bare ACK: not ours.

@@ -270,6 +270,33 @@ fn binding_port_862_without_privilege_says_what_to_do() {
 }
 
 #[test]
+fn a_probe_too_short_for_class_of_service_still_sees_hops_but_no_far_dscp() {
+    let r = Reflector::start(&[]);
+    let o = probe(&[
+        "--target",
+        &r.addr.to_string(),
+        "--rate",
+        "500",
+        "--count",
+        "100",
+        "--json",
+        "--size",
+        "44",
+        "--dscp",
+        "10",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary = json_lines(&o).pop().unwrap();
+    let sig = &summary["signature"];
+    assert_eq!(sig["fwd_hops"], 0, "{summary}");
+    assert_eq!(sig["rev_hops"], 0);
+    assert_eq!(sig["dscp_sent"], 10);
+    assert!(sig.get("dscp_far").is_none(), "{sig}");
+    // Without the TLV the reflector answers with the DSCP it received.
+    assert_eq!(sig["dscp_back"], 10);
+}
+
+#[test]
 fn window_reports_decode_and_add_up_to_the_summary() {
     let r = Reflector::start(&[]);
     let dir = std::env::temp_dir().join(format!("pathprobe-reports-{}", std::process::id()));
@@ -315,6 +342,19 @@ fn window_reports_decode_and_add_up_to_the_summary() {
                 .histograms
                 .contains_key(&pathprobe_proto::hist::Metric::Rtt)
         );
+        // Loopback: no router either way, and the DSCP arrives as sent both ways (the
+        // default probe size has room for the Class-of-Service TLV).
+        assert_eq!(
+            report.signature,
+            Some(pathprobe_proto::event::Signature {
+                fwd_hops: Some(0),
+                rev_hops: Some(0),
+                dscp_sent: 46,
+                dscp_far: Some(46),
+                dscp_back: Some(46),
+            })
+        );
+        assert!(report.events.is_empty(), "{:?}", report.events);
         agg.add(&report).unwrap();
     }
     assert_eq!(agg.windows, summary["windows"].as_u64().unwrap());

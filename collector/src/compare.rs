@@ -1,6 +1,7 @@
 //! ExpressRoute vs VPN, side by side: the figures of two path selections over one time
 //! range, each computed from the exact merge of their windows, with the difference (b − a)
-//! and ratio (b / a) of every figure.
+//! and ratio (b / a) of every figure, and what happened to either side in the range (its
+//! events: route and marking changes).
 
 use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
@@ -10,7 +11,10 @@ use pathprobe_proto::hist::{Metric, Summary};
 use serde::Serialize;
 
 use crate::Result;
-use crate::store::{Merged, Selector, Store};
+use crate::store::{EventRow, Merged, Selector, Store};
+
+/// Most events a comparison lists per side (the newest are cut; `/v1/events` has them all).
+pub const MAX_EVENTS: usize = 100;
 
 /// One figure of both sides.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -37,6 +41,8 @@ pub struct Comparison {
     pub owd_clock_a: &'static str,
     pub owd_clock_b: &'static str,
     pub rows: Vec<Row>,
+    /// Events of either side in the range, oldest first.
+    pub events: Vec<EventRow>,
 }
 
 #[allow(clippy::cast_precision_loss)] // figures for people; counts far below 2^53
@@ -103,6 +109,21 @@ pub fn compare(
 ) -> Result<Comparison> {
     let ma = store.query(a, from_ns, to_ns)?;
     let mb = store.query(b, from_ns, to_ns)?;
+    let mut events = store.events(a, from_ns, to_ns, None, MAX_EVENTS)?;
+    events.extend(store.events(b, from_ns, to_ns, None, MAX_EVENTS)?);
+    let key = |e: &EventRow| {
+        (
+            e.event.at_unix_ns,
+            e.site.clone(),
+            e.agent_id.clone(),
+            e.path.clone(),
+            e.event.kind,
+            e.event.summary.clone(),
+        )
+    };
+    events.sort_by_cached_key(key);
+    // A path both selectors match is listed once.
+    events.dedup();
     let rows = figures(&ma)
         .into_iter()
         .zip(figures(&mb))
@@ -123,6 +144,7 @@ pub fn compare(
         owd_clock_a: clock(&ma),
         owd_clock_b: clock(&mb),
         rows,
+        events,
     })
 }
 
@@ -161,6 +183,50 @@ pub fn table(c: &Comparison) -> String {
         "\none-way delay clocks: {} {}, {} {} (estimated = offset taken from the lowest-RTT probes)",
         c.a, c.owd_clock_a, c.b, c.owd_clock_b
     );
+    if c.events.is_empty() {
+        out.push_str("\nevents: none in this range");
+    } else {
+        let _ = write!(
+            out,
+            "\nevents ({}):\n{}",
+            c.events.len(),
+            events_text(&c.events)
+        );
+    }
+    out
+}
+
+/// Events for people, one per line (two with a trace: the routers it crossed).
+pub fn events_text(events: &[EventRow]) -> String {
+    let mut out = String::new();
+    for e in events {
+        let _ = writeln!(
+            out,
+            "  {}  {} ({}, site {}, agent {})  {}: {}",
+            rfc3339(e.event.at_unix_ns),
+            e.path,
+            e.path_kind,
+            e.site,
+            e.agent_id,
+            e.event.kind,
+            e.event.summary
+        );
+        if let Some(t) = &e.event.trace {
+            let hops: Vec<String> = t
+                .hops
+                .iter()
+                .map(|h| h.addr.map_or_else(|| "*".to_string(), |a| a.to_string()))
+                .collect();
+            let _ = writeln!(
+                out,
+                "      trace: {}{}",
+                hops.join(" → "),
+                if t.reached { "" } else { " (not reached)" }
+            );
+        } else if let Some(err) = &e.event.trace_error {
+            let _ = writeln!(out, "      no trace: {err}");
+        }
+    }
     out
 }
 

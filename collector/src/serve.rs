@@ -4,7 +4,8 @@
 //! |---|---|
 //! | `POST /v1/reports` | a JSON array of window reports; 200 `{"accepted","duplicates"}` once stored durably; 400 malformed (the message names the report and field), 401 no or unknown token, 403 a report of another agent, 413 too large, 503 store unavailable (retry) |
 //! | `GET /v1/paths` | the paths known, with windows and time span |
-//! | `GET /v1/compare?a=&b=&site=&since=|from=&to=` | side-by-side figures with difference and ratio |
+//! | `GET /v1/compare?a=&b=&site=&since=|from=&to=` | side-by-side figures with difference and ratio, and both sides' events |
+//! | `GET /v1/events?path=&site=&kind=&limit=&since=|from=&to=` | events (signature changes, DSCP re-marking) seen in the range, oldest first, each with its path; `path` is a name or kind, all paths without it |
 //! | `GET /v1/histogram?path=&metric=&site=&since=|from=&to=&format=v2|log` | the merged histogram in HdrHistogram's formats |
 //! | `GET /metrics` | Prometheus text exposition |
 //!
@@ -28,6 +29,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hdrhistogram::Histogram;
+use pathprobe_proto::event::EventKind;
 use pathprobe_proto::hist::{self, Metric};
 use pathprobe_proto::report::{Counters, WindowReport};
 use serde::Deserialize;
@@ -413,6 +415,54 @@ async fn histogram_handler(
     }
 }
 
+/// Most events `/v1/events` returns by default, and at most.
+const EVENTS_DEFAULT_LIMIT: usize = 1_000;
+const EVENTS_MAX_LIMIT: usize = 100_000;
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    /// A path name or kind; all paths without it.
+    path: Option<String>,
+    site: Option<String>,
+    kind: Option<String>,
+    limit: Option<usize>,
+    #[serde(flatten)]
+    range: RangeQuery,
+}
+
+async fn events_handler(State(st): State<Arc<AppState>>, Query(q): Query<EventsQuery>) -> Response {
+    let (from, to) = match q.range.resolve() {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let kind = match q.kind.as_deref().map(str::parse::<EventKind>).transpose() {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let limit = q.limit.unwrap_or(EVENTS_DEFAULT_LIMIT);
+    if limit == 0 || limit > EVENTS_MAX_LIMIT {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("limit {limit} is out of range: use 1 to {EVENTS_MAX_LIMIT}"),
+        );
+    }
+    let store = match st.reader() {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let sel = Selector {
+        name_or_kind: q.path.unwrap_or_default(),
+        site: q.site,
+    };
+    let result =
+        tokio::task::spawn_blocking(move || store.events(&sel, from, to, kind, limit)).await;
+    match result {
+        Ok(Ok(events)) => axum::Json(events).into_response(),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
 /// Classic Prometheus buckets for latency, in seconds.
 const LATENCY_BUCKETS_S: [f64; 17] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -627,6 +677,7 @@ pub async fn serve(
         .route("/v1/paths", get(paths))
         .route("/v1/compare", get(compare_handler))
         .route("/v1/histogram", get(histogram_handler))
+        .route("/v1/events", get(events_handler))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(cfg.max_body))
         .with_state(Arc::clone(&state));

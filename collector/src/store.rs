@@ -9,11 +9,14 @@
 //!   in it. A query reads whole buckets from the rollups plus any window not yet rolled, and
 //!   raw windows at the ragged edges of its range: the answer is exactly the merge of every
 //!   window whose start lies in the range.
+//! - Events a report carries are stored with it (keyed by report id and position), so they
+//!   too are stored once, and are found by path and the time they were seen.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use hdrhistogram::Histogram;
+use pathprobe_proto::event::{EventKind, PathEvent};
 use pathprobe_proto::hist::{self, Metric};
 use pathprobe_proto::report::{Aggregate, ClockState, Counters, WindowReport};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -86,6 +89,20 @@ CREATE TABLE rollup_histograms (
 CREATE INDEX reports_unrolled_by_time ON reports(path_id, start_ns) WHERE rolled = 0;
 DROP INDEX reports_unrolled;
 ",
+    r"
+-- Version 3: a path's events (signature changes, DSCP re-marking), stored with the report
+-- that carried them, so a retried report stores its events once.
+CREATE TABLE events (
+    report_id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    path_id INTEGER NOT NULL REFERENCES paths(id),
+    kind TEXT NOT NULL,
+    at_ns INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (report_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX events_by_time ON events(path_id, at_ns);
+",
 ];
 
 /// The schema version this build writes: the number of migrations.
@@ -124,6 +141,17 @@ pub struct PathRow {
     pub windows: u64,
     pub first_ns: u64,
     pub last_ns: u64,
+}
+
+/// A stored event and the path it happened to.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventRow {
+    pub agent_id: String,
+    pub site: String,
+    pub path: String,
+    pub path_kind: String,
+    #[serde(flatten)]
+    pub event: PathEvent,
 }
 
 /// Which paths a question is about: by name or kind, optionally at one site.
@@ -373,6 +401,20 @@ impl Store {
             if inserted == 0 {
                 out.duplicates += 1;
                 continue;
+            }
+            for (seq, e) in r.events.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO events (report_id, seq, path_id, kind, at_ns, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        &r.report_id.0[..],
+                        i64::try_from(seq).unwrap_or(i64::MAX),
+                        path_id,
+                        e.kind.as_str(),
+                        i64_of(e.at_unix_ns),
+                        json(e)
+                    ],
+                )
+                .map_err(db("store an event"))?;
             }
             for (&m, h) in &r.histograms {
                 let blob = hist::encode(m, h).map_err(|source| Error::Corrupt {
@@ -739,6 +781,64 @@ impl Store {
         })
     }
 
+    /// The events of the paths `sel` matches, seen in `[from_ns, to_ns)`, of `kind` if
+    /// given, oldest first; at most `limit`.
+    pub fn events(
+        &self,
+        sel: &Selector,
+        from_ns: u64,
+        to_ns: u64,
+        kind: Option<EventKind>,
+        limit: usize,
+    ) -> Result<Vec<EventRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT p.agent_id, p.site, p.name, p.kind, e.body FROM events e JOIN paths p ON p.id = e.path_id
+                 WHERE (p.name = ?1 OR p.kind = ?1 OR ?1 IS NULL) AND (?2 IS NULL OR p.site = ?2)
+                   AND e.at_ns >= ?3 AND e.at_ns < ?4 AND (?5 IS NULL OR e.kind = ?5)
+                 ORDER BY e.at_ns, e.report_id, e.seq LIMIT ?6",
+            )
+            .map_err(db("select events"))?;
+        let rows = stmt
+            .query_map(
+                params![
+                    (!sel.name_or_kind.is_empty()).then_some(&sel.name_or_kind),
+                    sel.site,
+                    i64_of(from_ns),
+                    i64_of(to_ns),
+                    kind.map(EventKind::as_str),
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                    ))
+                },
+            )
+            .map_err(db("select events"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (agent_id, site, path, path_kind, body) = row.map_err(db("read an event"))?;
+            let event = serde_json::from_str(&body).map_err(|e| Error::Corrupt {
+                what: format!("a stored event of path {path}"),
+                source: pathprobe_proto::Error::Json(e.to_string()),
+            })?;
+            out.push(EventRow {
+                agent_id,
+                site,
+                path,
+                path_kind,
+                event,
+            });
+        }
+        Ok(out)
+    }
+
     /// Windows stored, and windows not yet rolled up.
     pub fn counts(&self) -> Result<(u64, u64)> {
         self.conn
@@ -805,6 +905,8 @@ mod tests {
                 ..Counters::default()
             },
             histograms: [(Metric::Rtt, rtt), (Metric::LossRun, runs)].into(),
+            signature: None,
+            events: Vec::new(),
         }
     }
 
@@ -836,6 +938,66 @@ mod tests {
             }
         );
         assert_eq!(s.counts().unwrap(), (1, 1));
+    }
+
+    fn event(kind: EventKind, at: u64, summary: &str) -> PathEvent {
+        PathEvent {
+            kind,
+            at_unix_ns: at,
+            before: None,
+            after: None,
+            summary: summary.into(),
+            trace: None,
+            trace_error: None,
+        }
+    }
+
+    #[test]
+    fn events_are_stored_once_and_found_by_path_time_and_kind() {
+        let mut s = Store::open(&temp_db("events")).unwrap();
+        let mut er = report(1, "er", PathKind::Expressroute, T0, 1);
+        er.events = vec![
+            event(EventKind::DscpRemarked, T0 + W, "bleached"),
+            event(EventKind::SignatureChange, T0 + W, "forward hops 1 → 2"),
+        ];
+        let mut vpn = report(2, "vpn", PathKind::Vpn, T0 + W, 2);
+        vpn.events = vec![event(
+            EventKind::SignatureChange,
+            T0 + 2 * W,
+            "reverse hops 2 → 3",
+        )];
+        s.ingest(&[er.clone(), vpn], 0).unwrap();
+        s.ingest(&[er], 0).unwrap(); // a retry: its events are not stored again
+        let all = |sel: &str, kind| {
+            let sel = Selector {
+                name_or_kind: sel.into(),
+                site: None,
+            };
+            s.events(&sel, T0, T0 + 10 * W, kind, 100).unwrap()
+        };
+        let every = all("", None);
+        let summaries: Vec<_> = every.iter().map(|e| e.event.summary.as_str()).collect();
+        assert_eq!(
+            summaries,
+            ["bleached", "forward hops 1 → 2", "reverse hops 2 → 3"]
+        );
+        assert_eq!(every[2].path, "vpn");
+        assert_eq!(every[2].path_kind, "vpn");
+        assert_eq!(all("expressroute", None).len(), 2);
+        assert_eq!(all("", Some(EventKind::SignatureChange)).len(), 2);
+        let sel = Selector {
+            name_or_kind: String::new(),
+            site: None,
+        };
+        // The range is half-open, by when the event was seen; the limit holds.
+        assert_eq!(
+            s.events(&sel, T0 + 2 * W, T0 + 3 * W, None, 100)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(s.events(&sel, T0, T0 + W, None, 100).unwrap().len(), 0);
+        assert_eq!(s.events(&sel, T0, T0 + 10 * W, None, 1).unwrap().len(), 1);
     }
 
     #[test]

@@ -53,6 +53,8 @@ fn report(id: u8, name: &str, kind: PathKind, rtts_ns: &[u64], lost: u64) -> Win
             ..Counters::default()
         },
         histograms: [(Metric::Rtt, rtt), (Metric::LossRun, runs)].into(),
+        signature: None,
+        events: Vec::new(),
     }
 }
 

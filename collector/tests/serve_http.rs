@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use pathprobe_proto::event::{
+    EventKind, PathEvent, Signature, TraceHop, TraceProtocol, TraceRecord,
+};
 use pathprobe_proto::hist::Metric;
 use pathprobe_proto::report::{
     ClockState, Counters, PathInfo, PathKind, ProbeProtocol, ReportId, TimestampSource,
@@ -167,6 +170,8 @@ fn report(
             ..Counters::default()
         },
         histograms: [(Metric::Rtt, rtt)].into(),
+        signature: None,
+        events: Vec::new(),
     }
 }
 
@@ -293,6 +298,115 @@ fn retries_are_acknowledged_and_never_counted_twice() {
     assert!(again.contains("\"accepted\":0,\"duplicates\":5"), "{again}");
     let (_, paths) = http(s.addr, "GET", "/v1/paths", None, b"");
     assert!(paths.contains("\"windows\":5"), "{paths}");
+}
+
+#[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, checked step by step")]
+fn events_are_served_by_path_kind_and_range_and_shown_by_compare() {
+    let d = dir("events");
+    let s = Server::start(&d);
+    let sig = |hops| Signature {
+        fwd_hops: Some(hops),
+        rev_hops: Some(hops),
+        dscp_sent: 46,
+        dscp_far: Some(46),
+        dscp_back: Some(46),
+    };
+    let mut er = report(1, "ams-01", "er", PathKind::Expressroute, T0, &[1000]);
+    er.signature = Some(sig(2));
+    er.events = vec![PathEvent {
+        kind: EventKind::SignatureChange,
+        at_unix_ns: T0 + W,
+        before: Some(sig(1)),
+        after: Some(sig(2)),
+        summary: "forward hops 1 → 2, reverse hops 1 → 2".into(),
+        trace: Some(TraceRecord {
+            protocol: TraceProtocol::Udp,
+            reached: true,
+            hops: vec![
+                TraceHop {
+                    ttl: 1,
+                    addr: Some("10.20.1.2".parse().unwrap()),
+                    rtt_us: Some(15_000.0),
+                    reached: false,
+                },
+                TraceHop {
+                    ttl: 2,
+                    addr: Some("10.1.0.1".parse().unwrap()),
+                    rtt_us: Some(30_000.0),
+                    reached: true,
+                },
+            ],
+        }),
+        trace_error: None,
+    }];
+    let vpn = report(2, "ams-01", "vpn", PathKind::Vpn, T0, &[2000]);
+    let (status, _) = http(
+        s.addr,
+        "POST",
+        "/v1/reports",
+        Some(TOKEN),
+        &batch(&[er, vpn]),
+    );
+    assert_eq!(status, 200);
+    let range = format!(
+        "from={}&to={}",
+        T0 / 1_000_000_000,
+        (T0 + 2 * W) / 1_000_000_000
+    );
+    let get = |q: &str| {
+        let (status, body) = http(s.addr, "GET", &format!("/v1/events?{q}&{range}"), None, b"");
+        (
+            status,
+            serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default(),
+            body,
+        )
+    };
+    let (status, all, body) = get("kind=signature_change");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(all.as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(all[0]["path"], "er");
+    assert_eq!(all[0]["kind"], "signature_change");
+    assert_eq!(all[0]["after"]["fwd_hops"], 2);
+    assert_eq!(all[0]["trace"]["hops"][1]["addr"], "10.1.0.1");
+    let (_, none, _) = get("path=vpn");
+    assert_eq!(none.as_array().unwrap().len(), 0);
+    let (_, by_kind, _) = get("path=expressroute&kind=signature_change");
+    assert_eq!(by_kind.as_array().unwrap().len(), 1);
+    let (status, _, body) = get("kind=outage!");
+    assert_eq!(status, 400);
+    assert!(body.contains("signature_change"), "{body}");
+    let (status, _, body) = get("limit=0");
+    assert_eq!(status, 400, "{body}");
+    let (status, cmp) = http(
+        s.addr,
+        "GET",
+        &format!("/v1/compare?a=expressroute&b=vpn&{range}"),
+        None,
+        b"",
+    );
+    assert_eq!(status, 200, "{cmp}");
+    let cmp: serde_json::Value = serde_json::from_str(&cmp).unwrap();
+    assert_eq!(cmp["events"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        cmp["events"][0]["summary"],
+        "forward hops 1 → 2, reverse hops 1 → 2"
+    );
+    // The command line shows the same event with its route.
+    let out = Command::new(COLLECTOR)
+        .args(["compare", "--a", "expressroute", "--b", "vpn", "--db"])
+        .arg(d.join("store.db"))
+        .args(["--from", &(T0 / 1_000_000_000).to_string()])
+        .args(["--to", &((T0 + 2 * W) / 1_000_000_000).to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("signature_change: forward hops 1 → 2"),
+        "{text}"
+    );
+    assert!(text.contains("trace: 10.20.1.2 → 10.1.0.1"), "{text}");
 }
 
 #[test]

@@ -4,12 +4,14 @@
 //!   validated representations and the reflector's packet logic.
 //! - [`hist`]: the one histogram configuration per metric and the V2+DEFLATE codec.
 //! - [`report`]: the versioned window report an agent sends to the collector.
+//! - [`event`]: a path's signature (hop counts, DSCP) and the events it raises.
 //! - [`capacity`]: the load datagram and the control messages of a capacity test.
 //!
 //! No sockets, threads or clock reads: time is always an argument.
 
 pub mod capacity;
 mod error;
+pub mod event;
 pub mod hist;
 pub mod report;
 pub mod stamp;

@@ -25,6 +25,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::event::{self, PathEvent, Signature};
 use crate::hist::{self, Metric};
 use crate::{Error, Result};
 
@@ -294,6 +295,10 @@ pub struct WindowReport {
     pub counters: Counters,
     /// Metrics recorded this window; a metric with no samples may be absent.
     pub histograms: BTreeMap<Metric, Histogram<u64>>,
+    /// What the window saw of the path's hops and DSCP; `None` when nothing answered.
+    pub signature: Option<Signature>,
+    /// Events raised when the window closed ([`crate::event`]).
+    pub events: Vec<PathEvent>,
 }
 
 /// The report as it travels.
@@ -311,6 +316,10 @@ struct Wire {
     counters: Counters,
     #[serde(default)]
     histograms: BTreeMap<Metric, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signature: Option<Signature>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    events: Vec<PathEvent>,
 }
 
 #[derive(Deserialize)]
@@ -342,6 +351,8 @@ impl WindowReport {
             owd_clock: self.owd_clock,
             counters: self.counters,
             histograms,
+            signature: self.signature,
+            events: self.events.clone(),
         };
         serde_json::to_vec(&wire).map_err(|e| json_error(&e))
     }
@@ -383,6 +394,8 @@ impl WindowReport {
             owd_clock: wire.owd_clock,
             counters: wire.counters,
             histograms,
+            signature: wire.signature,
+            events: wire.events,
         };
         report.validate()?;
         Ok(report)
@@ -429,7 +442,7 @@ impl WindowReport {
         for (m, h) in &self.histograms {
             m.check(h)?;
         }
-        Ok(())
+        event::validate(self.signature.as_ref(), &self.events)
     }
 }
 
@@ -522,6 +535,37 @@ mod tests {
                 ..Counters::default()
             },
             histograms: [(Metric::Rtt, rtt), (Metric::OwdForward, fwd)].into(),
+            signature: Some(Signature {
+                fwd_hops: Some(2),
+                rev_hops: Some(2),
+                dscp_sent: 46,
+                dscp_far: Some(46),
+                dscp_back: Some(46),
+            }),
+            events: vec![PathEvent {
+                kind: event::EventKind::SignatureChange,
+                at_unix_ns: 1_795_685_410_000_000_000,
+                before: Some(Signature {
+                    fwd_hops: Some(1),
+                    rev_hops: Some(1),
+                    dscp_sent: 46,
+                    dscp_far: Some(46),
+                    dscp_back: Some(46),
+                }),
+                after: None,
+                summary: "forward hops 1 → 2, reverse hops 1 → 2".into(),
+                trace: Some(event::TraceRecord {
+                    protocol: event::TraceProtocol::Udp,
+                    reached: true,
+                    hops: vec![event::TraceHop {
+                        ttl: 1,
+                        addr: Some("10.20.1.2".parse().unwrap()),
+                        rtt_us: Some(15_123.5),
+                        reached: false,
+                    }],
+                }),
+                trace_error: None,
+            }],
         }
     }
 
@@ -549,6 +593,20 @@ mod tests {
                 .starts_with("HISTF")
         );
         assert!(v["histograms"].get("ipdv_ns").is_none());
+        assert_eq!(v["signature"]["fwd_hops"], 2);
+        assert_eq!(v["events"][0]["kind"], "signature_change");
+        assert_eq!(v["events"][0]["trace"]["hops"][0]["addr"], "10.20.1.2");
+    }
+
+    #[test]
+    fn a_report_without_signature_or_events_still_reads() {
+        let mut v = json(&sample(&[1]));
+        let o = v.as_object_mut().unwrap();
+        o.remove("signature");
+        o.remove("events");
+        let r = WindowReport::from_json(&serde_json::to_vec(&v).unwrap()).unwrap();
+        assert_eq!(r.signature, None);
+        assert!(r.events.is_empty());
     }
 
     #[test]

@@ -271,6 +271,7 @@ pub fn stage_report(labels: &Labels, s: &StageResult) -> Result<WindowReport> {
             counters: pathprobe_proto::report::Counters::default(),
             histograms: std::collections::BTreeMap::new(),
             owd_clock: pathprobe_proto::report::ClockState::Unavailable,
+            marks: crate::session::Marks::default(),
         },
         |st| st.window.clone(),
     );
@@ -286,5 +287,5 @@ pub fn stage_report(labels: &Labels, s: &StageResult) -> Result<WindowReport> {
         }
         w.histograms.insert(Metric::Throughput, h);
     }
-    output::report(&labels, &w)
+    output::report(&labels, &w, &crate::watch::Observed::default())
 }

@@ -112,6 +112,8 @@ fn report(path: u32, window: u32, id: u64) -> WindowReport {
             (Metric::LossRun, runs),
         ]
         .into(),
+        signature: None,
+        events: Vec::new(),
     }
 }
 

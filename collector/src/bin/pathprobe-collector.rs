@@ -104,6 +104,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the events (route and DSCP changes) seen in a range, oldest first.
+    Events {
+        /// Only this path name or kind [default: every path].
+        #[arg(long)]
+        path: Option<String>,
+        /// Only paths of this site.
+        #[arg(long)]
+        site: Option<String>,
+        /// Only events of this kind.
+        #[arg(long, value_parser = ["signature_change", "dscp_remarked"])]
+        kind: Option<String>,
+        #[command(flatten)]
+        range: RangeArgs,
+        #[command(flatten)]
+        db: DbArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the merged histogram of a path and range in HdrHistogram's formats.
     Histogram {
         /// Path name or kind.
@@ -206,6 +225,33 @@ fn run_serve(
     Ok(())
 }
 
+fn run_events(
+    path: Option<&str>,
+    site: Option<&str>,
+    kind: Option<&str>,
+    range: &RangeArgs,
+    db: &DbArg,
+    json: bool,
+) -> anyhow::Result<()> {
+    let sel = Selector {
+        name_or_kind: path.unwrap_or_default().to_string(),
+        site: site.map(str::to_string),
+    };
+    let (from, to) = range.resolve()?;
+    let store = Store::open_read_only(&db.db)?;
+    let kind = kind
+        .map(str::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let events = store.events(&sel, from, to, kind, usize::MAX)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&events)?);
+    } else {
+        print!("{}", compare::events_text(&events));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -249,6 +295,21 @@ fn main() -> ExitCode {
             }
             Ok(())
         })(),
+        Command::Events {
+            path,
+            site,
+            kind,
+            range,
+            db,
+            json,
+        } => run_events(
+            path.as_deref(),
+            site.as_deref(),
+            kind.as_deref(),
+            range,
+            db,
+            *json,
+        ),
         Command::Paths { db, json } => (|| {
             let store = Store::open_read_only(&db.db)?;
             let paths = store.paths()?;

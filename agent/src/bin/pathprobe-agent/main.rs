@@ -496,7 +496,9 @@ struct ProbeArgs {
     /// Stop after this long (default: until --count, or Ctrl-C).
     #[arg(long, value_parser = duration, env = "PATHPROBE_DURATION")]
     duration: Option<Duration>,
-    /// UDP payload octets: 44 to 1472 (112 to 1472 authenticated) [default: the minimum].
+    /// UDP payload octets: 44 to 1472 (112 to 1472 authenticated) [default: 52, or 120
+    /// authenticated: the base packet and a Class-of-Service TLV, through which the far end
+    /// tells the DSCP it received].
     #[arg(long, env = "PATHPROBE_SIZE")]
     size: Option<usize>,
     /// DSCP of the probes (0 to 63; 46 is EF).
@@ -681,7 +683,11 @@ fn probe_config(args: &ProbeArgs) -> anyhow::Result<ProbeConfig> {
         (Some(r), None) => Duration::from_nanos(1_000_000_000 / u64::from(r)),
         (None, None) => Duration::from_millis(100),
     };
-    let base = if key.is_some() { 112 } else { 44 };
+    let base = probe::default_size(if key.is_some() {
+        pathprobe_proto::stamp::Mode::Authenticated
+    } else {
+        pathprobe_proto::stamp::Mode::Unauthenticated
+    });
     let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
     let cfg = ProbeConfig {
         protocol: match args.proto {
@@ -711,21 +717,25 @@ fn probe_config(args: &ProbeArgs) -> anyhow::Result<ProbeConfig> {
     Ok(cfg)
 }
 
-/// Prints one window (line or JSON) and writes its report when asked.
+/// Prints one window (line or JSON) and its events, and writes its report when asked.
 fn emit_window(
     args: &ProbeArgs,
     labels: &Labels,
     w: &pathprobe_agent::session::WindowStats,
+    seen: &pathprobe_agent::watch::Observed,
 ) -> anyhow::Result<()> {
-    let f = output::figures(labels, w, "window", 1);
+    let f = output::window_figures(labels, w, seen);
     let mut o = std::io::stdout().lock();
     if args.json {
         writeln!(o, "{}", serde_json::to_string(&f)?)?;
     } else {
         writeln!(o, "{}", output::line(&f))?;
+        for e in &seen.events {
+            writeln!(o, "{}", output::event_text(e))?;
+        }
     }
     if let Some(dir) = &args.report.report_dir {
-        let r = output::report(labels, w)?;
+        let r = output::report(labels, w, seen)?;
         let file = dir.join(format!("{}.json", r.report_id));
         std::fs::write(&file, r.to_json()?)
             .with_context(|| format!("cannot write {}", file.display()))?;
@@ -747,12 +757,12 @@ fn run_probe(args: &ProbeArgs) -> anyhow::Result<ExitCode> {
         prober.timestamping,
     )?;
     let mut failure: Option<anyhow::Error> = None;
-    let result = prober.run(&stop, |w| {
-        if let Err(e) = emit_window(args, &labels, w) {
+    let result = pathprobe_agent::watch::run_watched(&prober, &stop, |w, seen| {
+        if let Err(e) = emit_window(args, &labels, w, seen) {
             failure.get_or_insert(e);
         }
     });
-    let windows = match result {
+    let (windows, signature) = match result {
         Ok(w) => w,
         Err(e) => return no_answer(e),
     };
@@ -760,7 +770,8 @@ fn run_probe(args: &ProbeArgs) -> anyhow::Result<ExitCode> {
         return Err(e);
     }
     if let Some(all) = output::merge(&windows)? {
-        let f = output::figures(&labels, &all, "summary", windows.len() as u64);
+        let mut f = output::figures(&labels, &all, "summary", windows.len() as u64);
+        f.signature = signature;
         if args.json {
             println!("{}", serde_json::to_string(&f)?);
         } else {
