@@ -26,6 +26,15 @@
 //! dscp = 46
 //! bind = "10.0.0.1:0"           # or interface = "eth1", fwmark = 100
 //! # proto = "tcp-syn"           # or "tcp-connect"; STAMP by default; target = any listener
+//!
+//! [[drill]]                     # a failover drill in a maintenance window (`failover --drill`)
+//! name = "service"
+//! target = "10.1.0.1:862"       # the service address, routed over either path
+//! primary = "10.10.2.2:862"     # optional: reflectors only one path reaches
+//! backup = "10.20.3.2:862"
+//! start = "2026-11-28T02:00:00Z"
+//! duration = "2h"               # the window; the drill ends once traffic is back on the primary
+//! max_outage = "10s"
 //! ```
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -38,6 +47,7 @@ use pathprobe_proto::report::{PathInfo, PathKind, ProbeProtocol};
 use pathprobe_proto::stamp::{Mode, TimestampFormat};
 use serde::Deserialize;
 
+use crate::failover::{self, Failover, FailoverConfig, Verdict};
 use crate::output::{self, Labels};
 use crate::probe::{ProbeConfig, Prober};
 use crate::reflector::{self, ReflectorConfig, ReflectorStats};
@@ -54,6 +64,41 @@ pub struct AgentConfig {
     pub reflector: Option<ReflectorSection>,
     #[serde(default, rename = "path")]
     pub paths: Vec<PathSection>,
+    #[serde(default, rename = "drill")]
+    pub drills: Vec<DrillSection>,
+}
+
+/// A failover drill at a set time: the options of `failover --drill`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillSection {
+    /// The path name of its reports.
+    pub name: String,
+    /// `stamp` (the default) or `tcp-syn`.
+    #[serde(default)]
+    pub proto: ProbeProtocol,
+    pub target: String,
+    /// Probes per second to the service [default: 1,000].
+    pub rate: Option<u32>,
+    pub primary: Option<String>,
+    pub backup: Option<String>,
+    /// Probes per second to each pinned reflector [default: 20].
+    pub pinned_rate: Option<u32>,
+    /// When the drill starts (RFC 3339).
+    pub start: String,
+    /// How long the maintenance window lasts.
+    pub duration: String,
+    /// The longest outage that passes [default: 10s].
+    pub max_outage: Option<String>,
+    pub min_outage: Option<String>,
+    pub settle: Option<String>,
+    pub window: Option<String>,
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub dscp: u8,
+    pub bind: Option<SocketAddr>,
+    pub interface: Option<String>,
+    pub fwmark: Option<u32>,
 }
 
 /// Where reports go.
@@ -172,16 +217,118 @@ impl AgentConfig {
         for p in &mut cfg.paths {
             p.auth_key_file.as_mut().map(anchor);
         }
-        if cfg.paths.is_empty() && cfg.reflector.is_none() {
+        if cfg.paths.is_empty() && cfg.reflector.is_none() && cfg.drills.is_empty() {
             return Err(Error::Config(format!(
-                "{}: nothing to do: add a [reflector] section or at least one [[path]]",
+                "{}: nothing to do: add a [reflector] section, a [[path]] or a [[drill]]",
                 file.display()
             )));
         }
         for p in &cfg.paths {
             cfg.probe_config(file, p)?;
         }
+        for d in &cfg.drills {
+            Self::drill_config(file, d)?;
+        }
         Ok(cfg)
+    }
+
+    /// The settings of one `[[drill]]`, and when it starts (ns since 1970).
+    pub fn drill_config(file: &Path, d: &DrillSection) -> Result<(FailoverConfig, u64)> {
+        let bad = |reason: String| {
+            Error::Config(format!("{}: drill `{}`: {reason}", file.display(), d.name))
+        };
+        let dur = |field: &str, v: Option<&str>, default: Duration| {
+            duration(file, &d.name, field, v, default)
+                .map_err(|e| Error::Config(e.to_string().replace("path `", "drill `")))
+        };
+        let resolve = |field: &str, t: &str| -> Result<SocketAddr> {
+            t.to_socket_addrs()
+                .map_err(|e| {
+                    bad(format!(
+                        "{field} = \"{t}\" does not resolve ({e}): write it as HOST:PORT"
+                    ))
+                })?
+                .next()
+                .ok_or_else(|| bad(format!("{field} = \"{t}\" resolves to no address")))
+        };
+        if !matches!(d.proto, ProbeProtocol::Stamp | ProbeProtocol::TcpSyn) {
+            return Err(bad(format!(
+                "proto = \"{}\": a drill probes with stamp or tcp-syn",
+                d.proto
+            )));
+        }
+        let start = humantime::parse_rfc3339_weak(&d.start)
+            .map_err(|e| {
+                bad(format!(
+                    "start = \"{}\" is not a time ({e}): write it like 2026-11-28T02:00:00Z",
+                    d.start
+                ))
+            })?
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, nanos);
+        let length = dur("duration", Some(&d.duration), Duration::ZERO)?;
+        let late = nanos(dur(
+            "timeout",
+            d.timeout.as_deref(),
+            Duration::from_secs(1),
+        )?);
+        let window = nanos(dur("window", d.window.as_deref(), Duration::from_secs(10))?);
+        let stream = |target: SocketAddr, rate: u32, protocol, pinned: bool| {
+            if rate == 0 {
+                return Err(bad("rates must be at least 1".to_string()));
+            }
+            let cfg = ProbeConfig {
+                protocol,
+                target,
+                bind: if pinned { None } else { d.bind },
+                interface: if pinned { None } else { d.interface.clone() },
+                fwmark: if pinned { None } else { d.fwmark },
+                interval_ns: 1_000_000_000 / u64::from(rate),
+                count: None,
+                duration_ns: Some(nanos(length)),
+                size: crate::probe::default_size(Mode::Unauthenticated),
+                dscp: d.dscp,
+                ttl: None,
+                key: None,
+                window_ns: window.max(1),
+                late_timeout_ns: late,
+                // A drill waits for the primary to fail: silence shows as loss.
+                no_reply_ns: u64::MAX,
+                ssid: 0,
+            };
+            cfg.validate().map_err(|e| bad(e.to_string()))?;
+            Ok(cfg)
+        };
+        let pinned_rate = d.pinned_rate.unwrap_or(20);
+        let pinned = |field: &str, t: &Option<String>| {
+            t.as_deref()
+                .map(|t| stream(resolve(field, t)?, pinned_rate, ProbeProtocol::Stamp, true))
+                .transpose()
+        };
+        let cfg = FailoverConfig {
+            service: stream(
+                resolve("target", &d.target)?,
+                d.rate.unwrap_or(1_000),
+                d.proto,
+                false,
+            )?,
+            primary: pinned("primary", &d.primary)?,
+            backup: pinned("backup", &d.backup)?,
+            min_outage_ns: nanos(dur(
+                "min_outage",
+                d.min_outage.as_deref(),
+                Duration::from_millis(20),
+            )?),
+            settle_ns: nanos(dur("settle", d.settle.as_deref(), Duration::from_secs(10))?),
+            flap_window_ns: 60_000_000_000,
+            drill_max_outage_ns: Some(nanos(dur(
+                "max_outage",
+                d.max_outage.as_deref(),
+                Duration::from_secs(10),
+            )?)),
+        };
+        failover::validate(&cfg).map_err(|e| bad(e.to_string()))?;
+        Ok((cfg, start))
     }
 
     /// The prober settings of one `[[path]]`.
@@ -439,6 +586,14 @@ pub fn run(file: &Path, cfg: &AgentConfig, stop: &AtomicBool) -> Result<()> {
                 }
             });
         }
+        for d in &cfg.drills {
+            let tx = tx.clone();
+            s.spawn(move || {
+                if let Err(e) = drill(file, cfg, d, stop, &tx) {
+                    tracing::error!(drill = %d.name, error = %e, "the drill stopped");
+                }
+            });
+        }
         drop(tx);
         if let Some(u) = uploader {
             u.join()
@@ -446,6 +601,85 @@ pub fn run(file: &Path, cfg: &AgentConfig, stop: &AtomicBool) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Runs one `[[drill]]`: waits for its start, runs it (reports to `tx`), logs each event
+/// and the verdict.
+fn drill(
+    file: &Path,
+    cfg: &AgentConfig,
+    d: &DrillSection,
+    stop: &AtomicBool,
+    tx: &mpsc::Sender<Vec<u8>>,
+) -> Result<()> {
+    let (mut fc, start) = AgentConfig::drill_config(file, d)?;
+    let length = fc.service.duration_ns.unwrap_or(0);
+    let now = crate::sys::realtime_ns();
+    if now >= start.saturating_add(length) {
+        tracing::warn!(drill = %d.name, start = %d.start, "the drill's window has passed: not run");
+        return Ok(());
+    }
+    tracing::info!(drill = %d.name, start = %d.start, "drill scheduled");
+    while crate::sys::realtime_ns() < start {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Started late (the agent came up inside the window): only what is left of it.
+    let left = start
+        .saturating_add(length)
+        .saturating_sub(crate::sys::realtime_ns());
+    for p in [
+        Some(&mut fc.service),
+        fc.primary.as_mut(),
+        fc.backup.as_mut(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        p.duration_ns = Some(left.max(1));
+    }
+    let max_outage = fc.drill_max_outage_ns.unwrap_or(u64::MAX);
+    let session = Failover::open(fc)?;
+    let service = &session.service;
+    let labels = Labels {
+        path: PathInfo {
+            name: d.name.clone(),
+            kind: PathKind::Other,
+            local: service.local,
+            remote: service.config().target,
+            protocol: d.proto,
+            dscp: d.dscp,
+            packet_size: service.packet_size(),
+        },
+        agent_id: cfg.agent_id.clone(),
+        site: cfg.site.clone(),
+        timestamping: service.timestamping,
+    };
+    tracing::info!(drill = %d.name, target = %d.target, "drill started: waiting for the primary to fail");
+    let run = session.run(
+        stop,
+        |w, seen| match output::report(&labels, w, seen).and_then(|r| Ok(r.to_json()?)) {
+            Ok(json) => {
+                let _ = tx.send(json);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot build a window report"),
+        },
+        |e| tracing::warn!(drill = %d.name, "{}", e.summary),
+    )?;
+    match failover::verdict(&run, max_outage) {
+        Verdict::Pass => {
+            tracing::info!(drill = %d.name, "drill passed: the primary failed and came back, every outage within max_outage");
+        }
+        Verdict::Fail => {
+            tracing::error!(drill = %d.name, "drill FAILED: an outage was longer than max_outage");
+        }
+        Verdict::Incomplete => {
+            tracing::warn!(drill = %d.name, "drill incomplete: traffic did not leave the primary and come back within the window");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -481,6 +715,50 @@ mod tests {
             err.contains("unknown.toml:4") && err.contains("lisen"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_drill_is_checked_field_by_field() {
+        let drill = |extra: &str| {
+            write(
+                "drill.toml",
+                &format!(
+                    "agent_id = \"a\"\n[[drill]]\nname = \"svc\"\ntarget = \"127.0.0.1:8620\"\nduration = \"1h\"\n{extra}"
+                ),
+            )
+        };
+        let ok = AgentConfig::load(&drill("start = \"2026-11-28T02:00:00Z\"\n")).unwrap();
+        let (cfg, start) =
+            AgentConfig::drill_config(Path::new("drill.toml"), &ok.drills[0]).unwrap();
+        assert_eq!(start, 1_795_831_200_000_000_000);
+        assert_eq!(
+            cfg.service.interval_ns, 1_000_000,
+            "1,000 probes/s by default"
+        );
+        assert_eq!(
+            cfg.drill_max_outage_ns,
+            Some(10_000_000_000),
+            "10 s by default"
+        );
+        let err = AgentConfig::load(&drill("start = \"Saturday 2am\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("drill `svc`: start") && err.contains("2026-11-28T02:00:00Z"),
+            "{err}"
+        );
+        let err = AgentConfig::load(&drill(
+            "start = \"2026-11-28T02:00:00Z\"\nmax_outage = \"soon\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("drill `svc`: max_outage"), "{err}");
+        let err = AgentConfig::load(&drill(
+            "start = \"2026-11-28T02:00:00Z\"\nproto = \"tcp-connect\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("stamp or tcp-syn"), "{err}");
     }
 
     #[test]

@@ -2,11 +2,13 @@
 //! reflector, two emulated paths in front of it (ExpressRoute-like and VPN-like, see
 //! [`crate::emulate::link::Profile`]), a collector on an embedded SQLite file, and the agent
 //! probing both paths and pushing its reports through the collector's HTTP API; after the
-//! run, the collector's side-by-side comparison. Then a capacity test (a knee search) over
+//! run, the collector's side-by-side comparison. Then a failover drill: a service routed
+//! over fresh ER-like and VPN-like paths, ER failing and coming back on a script, the
+//! outage measured. Then a capacity test (a knee search) over
 //! a third emulated path, an ExpressRoute-like circuit of [`DEMO_CIRCUIT`], with the
 //! recommendation it leads to.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,6 +28,8 @@ use crate::capacity::wire::Direction;
 use crate::daemon::{AgentConfig, CollectorSection, PathSection};
 use crate::emulate::link::{LinkConfig, Profile};
 use crate::emulate::{Emulator, EmulatorConfig, EmulatorStats};
+use crate::failover::{self, Failover, FailoverConfig, FailoverRun, Verdict};
+use crate::probe::ProbeConfig;
 use crate::reflector::{self, ReflectorConfig, ReflectorStats};
 use crate::{Error, Result, daemon};
 
@@ -41,6 +45,8 @@ pub struct DemoConfig {
     pub dir: PathBuf,
     pub rate: u32,
     pub window: Duration,
+    /// Run the failover drill (about 7 s).
+    pub failover: bool,
     /// Length of each capacity stage; `None` skips the capacity test.
     pub capacity_stage: Option<Duration>,
 }
@@ -50,6 +56,8 @@ pub struct DemoConfig {
 pub struct DemoOutcome {
     pub db: PathBuf,
     pub comparison: Comparison,
+    /// The failover drill, or why it did not run.
+    pub failover: Option<std::result::Result<FailoverDemo, String>>,
     /// The capacity test, or why it did not run.
     pub capacity: Option<std::result::Result<CapacityDemo, String>>,
 }
@@ -190,7 +198,158 @@ fn agent_config(
             path("expressroute", PathKind::Expressroute, er, cfg),
             path("vpn", PathKind::Vpn, vpn, cfg),
         ],
+        drills: Vec::new(),
     }
+}
+
+/// The failover demo's script (from the start of its paths): ExpressRoute goes dark at
+/// `FAIL_AT`; routing notices after `DETECT` (as BFD would) and moves the service to the
+/// VPN; ER is back at `ER_BACK` and routing returns the service to it at `FAILBACK_AT`.
+pub const FAIL_AT: Duration = Duration::from_secs(2);
+pub const DETECT: Duration = Duration::from_millis(300);
+const ER_BACK: Duration = Duration::from_millis(3_500);
+const FAILBACK_AT: Duration = Duration::from_secs(4);
+const FAILOVER_RUN: Duration = Duration::from_secs(6);
+
+/// The failover drill and its verdict.
+#[derive(Debug, Clone)]
+pub struct FailoverDemo {
+    pub run: FailoverRun,
+    pub verdict: Verdict,
+}
+
+/// The service address of the failover demo: a router with two next hops (fresh ER and VPN
+/// emulators) whose routing follows the script above. Answers come back through it.
+struct Router {
+    client: UdpSocket,
+    er: UdpSocket,
+    vpn: UdpSocket,
+}
+
+impl Router {
+    fn bind(er: SocketAddr, vpn: SocketAddr) -> std::io::Result<Self> {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let up = |to| -> std::io::Result<UdpSocket> {
+            let s = UdpSocket::bind(any)?;
+            s.connect(to)?;
+            s.set_read_timeout(Some(Duration::from_millis(50)))?;
+            Ok(s)
+        };
+        let client = UdpSocket::bind(any)?;
+        client.set_read_timeout(Some(Duration::from_millis(50)))?;
+        Ok(Self {
+            client,
+            er: up(er)?,
+            vpn: up(vpn)?,
+        })
+    }
+
+    fn run(&self, start: Instant, stop: &AtomicBool) {
+        let peer: std::sync::Mutex<Option<SocketAddr>> = std::sync::Mutex::new(None);
+        let back = |up: &UdpSocket| {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(n) = up.recv(&mut buf)
+                    && let Some(to) = *peer
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                {
+                    let _ = self.client.send_to(&buf[..n], to);
+                }
+            }
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| back(&self.er));
+            s.spawn(|| back(&self.vpn));
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((n, from)) = self.client.recv_from(&mut buf) else {
+                    continue;
+                };
+                *peer
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(from);
+                let t = start.elapsed();
+                let on_vpn = t >= FAIL_AT + DETECT && t < FAILBACK_AT;
+                let _ = if on_vpn { &self.vpn } else { &self.er }.send(&buf[..n]);
+            }
+        });
+    }
+}
+
+/// A failover drill over fresh emulated paths in front of the demo's reflector, following
+/// the script above; pinned probes go straight to each path's emulator.
+fn failover_demo(
+    refl_addr: SocketAddr,
+    stop: &AtomicBool,
+) -> std::result::Result<FailoverDemo, String> {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut er_link = Profile::Expressroute.link();
+    er_link
+        .blackouts
+        .push((FAIL_AT, ER_BACK.saturating_sub(FAIL_AT)));
+    let emulator = |forward_link: LinkConfig, seed| {
+        Emulator::bind(EmulatorConfig {
+            listen: any,
+            forward: refl_addr,
+            also: Vec::new(),
+            reverse_link: forward_link.clone(),
+            forward_link,
+            seed,
+        })
+    };
+    let er = emulator(er_link, 11).map_err(|e| e.to_string())?;
+    let vpn = emulator(Profile::Vpn.link(), 12).map_err(|e| e.to_string())?;
+    let router = Router::bind(er.local, vpn.local).map_err(|e| e.to_string())?;
+    let service = router.client.local_addr().map_err(|e| e.to_string())?;
+    let stream = |target, rate: u64| ProbeConfig {
+        protocol: ProbeProtocol::Stamp,
+        target,
+        bind: None,
+        interface: None,
+        fwmark: None,
+        interval_ns: 1_000_000_000 / rate,
+        count: None,
+        duration_ns: Some(nanos(FAILOVER_RUN)),
+        size: crate::probe::default_size(pathprobe_proto::stamp::Mode::Unauthenticated),
+        dscp: 0,
+        ttl: None,
+        key: None,
+        window_ns: 2_000_000_000,
+        late_timeout_ns: 500_000_000,
+        no_reply_ns: 3_000_000_000,
+        ssid: 0,
+    };
+    let max_outage = Duration::from_secs(10);
+    let session = Failover::open(FailoverConfig {
+        service: stream(service, 1_000),
+        primary: Some(stream(er.local, 20)),
+        backup: Some(stream(vpn.local, 20)),
+        min_outage_ns: 20_000_000,
+        settle_ns: 1_000_000_000,
+        flap_window_ns: 60_000_000_000,
+        drill_max_outage_ns: Some(nanos(max_outage)),
+    })
+    .map_err(|e| e.to_string())?;
+    let done = AtomicBool::new(false);
+    let (er_stats, vpn_stats) = (EmulatorStats::default(), EmulatorStats::default());
+    let (router, done_ref) = (&router, &done);
+    let run = std::thread::scope(|s| {
+        let start = Instant::now();
+        s.spawn(|| er.run(done_ref, &er_stats));
+        s.spawn(|| vpn.run(done_ref, &vpn_stats));
+        s.spawn(move || router.run(start, done_ref));
+        let r = session.run(stop, |_, _| {}, |_| {});
+        done.store(true, Ordering::Relaxed);
+        r
+    })
+    .map_err(|e| e.to_string())?;
+    let verdict = failover::verdict(&run, nanos(max_outage));
+    Ok(FailoverDemo { run, verdict })
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 type CollectorTask = tokio::task::JoinHandle<pathprobe_collector::Result<()>>;
@@ -296,16 +455,18 @@ pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
         let result = agent_thread
             .join()
             .unwrap_or_else(|_| Err(Error::Config("the agent thread panicked".to_string())));
+        let failover = (cfg.failover && result.is_ok() && !stop.load(Ordering::Relaxed))
+            .then(|| failover_demo(refl_addr, stop));
         let capacity = cfg
             .capacity_stage
             .filter(|_| result.is_ok() && !stop.load(Ordering::Relaxed))
             .map(|stage| capacity_demo(refl_addr, stage, stop));
         relay_stop.store(true, Ordering::Relaxed);
-        result.map(|()| capacity)
+        result.map(|()| (failover, capacity))
     });
     let _ = collector_stop.send(());
     let _ = rt.block_on(collector);
-    let capacity = agent_result?;
+    let (failover, capacity) = agent_result?;
     let store = Store::open_read_only(&db).map_err(|e| Error::Config(e.to_string()))?;
     let sel = |k: &str| Selector {
         name_or_kind: k.to_string(),
@@ -322,6 +483,7 @@ pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
     Ok(DemoOutcome {
         db,
         comparison,
+        failover,
         capacity,
     })
 }

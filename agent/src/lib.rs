@@ -12,6 +12,7 @@ pub mod decode;
 pub mod demo;
 pub mod emulate;
 mod error;
+pub mod failover;
 pub mod hexbytes;
 pub mod keyfile;
 pub mod output;

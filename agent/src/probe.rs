@@ -28,7 +28,9 @@ use pathprobe_proto::stamp::{
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::session::{MAX_IN_FLIGHT, Marks, Reply, Sent, Tracker, TrackerConfig, WindowStats};
+use crate::session::{
+    Decided, MAX_IN_FLIGHT, Marks, Reply, Sent, Tracker, TrackerConfig, WindowStats,
+};
 use crate::sys::{self, RecvBatch, SendBatch};
 use crate::{Error, Result};
 
@@ -556,6 +558,26 @@ fn receiver(
     }
 }
 
+/// Where a probe session's results go, on the aggregator's thread: every closed window,
+/// and (for a sink that wants them) every probe as it is decided. Keep both quick: the
+/// aggregator drains the I/O threads' rings between calls.
+pub trait Sink {
+    /// A window closed.
+    fn window(&mut self, w: &WindowStats);
+    /// Probes decided since the last call, in sequence order.
+    fn probes(&mut self, _decided: &[Decided]) {}
+    /// Whether to follow probes one by one (costs a record per probe).
+    fn wants_probes(&self) -> bool {
+        false
+    }
+}
+
+impl<F: FnMut(&WindowStats)> Sink for F {
+    fn window(&mut self, w: &WindowStats) {
+        self(w);
+    }
+}
+
 /// What a probe session sends with.
 #[derive(Debug)]
 enum Io {
@@ -644,12 +666,17 @@ impl Prober {
     pub fn run(
         &self,
         stop: &AtomicBool,
-        on_window: impl FnMut(&WindowStats),
+        mut on_window: impl FnMut(&WindowStats),
     ) -> Result<Vec<WindowStats>> {
+        self.run_into(stop, &mut on_window)
+    }
+
+    /// Like [`Self::run`], with every result going to `sink`.
+    pub fn run_into(&self, stop: &AtomicBool, sink: &mut dyn Sink) -> Result<Vec<WindowStats>> {
         match &self.io {
-            Io::Stamp(sock) => run(&self.cfg, sock, stop, on_window),
-            Io::TcpSyn(syn) => syn.run(&self.cfg, stop, on_window),
-            Io::TcpConnect => crate::tcp::run_connect(&self.cfg, stop, on_window),
+            Io::Stamp(sock) => run(&self.cfg, sock, stop, sink),
+            Io::TcpSyn(syn) => syn.run(&self.cfg, stop, sink),
+            Io::TcpConnect => crate::tcp::run_connect(&self.cfg, stop, sink),
         }
     }
 }
@@ -661,7 +688,7 @@ pub(crate) fn run_engine(
     cfg: &ProbeConfig,
     stop: &AtomicBool,
     local_sync: Option<u64>,
-    mut on_window: impl FnMut(&WindowStats),
+    sink: &mut dyn Sink,
     sender: impl FnOnce(u64, &ArrayQueue<TxEvent>, &Shared) + Send,
     receiver: impl FnOnce(&ArrayQueue<RxEvent>, &Shared) + Send,
 ) -> Result<Vec<WindowStats>> {
@@ -680,13 +707,20 @@ pub(crate) fn run_engine(
         start_wall_ns: start_wall,
         local_sync,
     });
+    if sink.wants_probes() {
+        tracker.keep_decisions();
+    }
     let result = thread::scope(|s| {
         let tx = s.spawn(|| sender(start_ns, &tx_q, &shared));
         let rx = s.spawn(|| receiver(&rx_q, &shared));
-        let outcome = aggregate(cfg, stop, &mut tracker, &tx_q, &rx_q, &shared, &mut |w| {
-            on_window(w);
-            windows.push(w.clone());
-        });
+        let outcome = aggregate(
+            cfg,
+            stop,
+            &mut tracker,
+            (&tx_q, &rx_q, &shared),
+            sink,
+            &mut windows,
+        );
         shared.stop_tx.store(true, Ordering::Relaxed);
         shared.stop_rx.store(true, Ordering::Relaxed);
         let _ = tx.join();
@@ -695,8 +729,12 @@ pub(crate) fn run_engine(
     });
     result?;
     tracker.finish(sys::realtime_ns());
+    let decided = tracker.take_decisions();
+    if !decided.is_empty() {
+        sink.probes(&decided);
+    }
     for w in tracker.take_closed() {
-        on_window(&w);
+        sink.window(&w);
         windows.push(w);
     }
     Ok(windows)
@@ -706,7 +744,7 @@ fn run(
     cfg: &ProbeConfig,
     sock: &Socket,
     stop: &AtomicBool,
-    on_window: impl FnMut(&WindowStats),
+    sink: &mut dyn Sink,
 ) -> Result<Vec<WindowStats>> {
     let sync = sys::clock_sync().ok();
     let local_sync = sync.filter(|s| s.synchronized).map(|s| s.max_error_ns);
@@ -719,7 +757,7 @@ fn run(
         cfg,
         stop,
         local_sync,
-        on_window,
+        sink,
         |start_ns, q, shared| sender(sock, cfg, start_ns, ee, q, shared),
         |q, shared| receiver(sock, cfg.mode(), cfg.key.as_ref(), q, shared),
     )
@@ -730,10 +768,9 @@ fn aggregate(
     cfg: &ProbeConfig,
     stop: &AtomicBool,
     tracker: &mut Tracker,
-    tx_q: &ArrayQueue<TxEvent>,
-    rx_q: &ArrayQueue<RxEvent>,
-    shared: &Shared,
-    on_window: &mut dyn FnMut(&WindowStats),
+    (tx_q, rx_q, shared): (&ArrayQueue<TxEvent>, &ArrayQueue<RxEvent>, &Shared),
+    sink: &mut dyn Sink,
+    windows: &mut Vec<WindowStats>,
 ) -> Result<()> {
     let mut first_sent: Option<u64> = None;
     let mut last_scheduled = 0;
@@ -786,8 +823,13 @@ fn aggregate(
             tracker.on_dropped(now, drops, malformed);
         }
         tracker.poll(now);
+        let decided = tracker.take_decisions();
+        if !decided.is_empty() {
+            sink.probes(&decided);
+        }
         for w in tracker.take_closed() {
-            on_window(&w);
+            sink.window(&w);
+            windows.push(w);
         }
         if !answered {
             if shared.unreachable.load(Ordering::Relaxed) {

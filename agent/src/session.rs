@@ -155,6 +155,33 @@ impl MarkTally {
     }
 }
 
+/// What became of one probe, in sequence order (a duplicate whenever it arrives).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered in time: its RTT (as in the window's histogram), what the answer showed,
+    /// and whether it came after a later probe's answer.
+    Answered {
+        rtt_ns: u64,
+        marks: Marks,
+        reordered: bool,
+    },
+    /// No answer within the late timeout.
+    Lost,
+    /// Another copy of an answer already counted.
+    Duplicate,
+}
+
+/// A probe decided, for consumers that follow probes one by one ([`Tracker::keep_decisions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decided {
+    /// The probe's number in the session (64-bit: never wraps).
+    pub seq: u64,
+    /// When the schedule wanted it sent: monotonic, and on the wall clock.
+    pub scheduled_ns: u64,
+    pub scheduled_wall_ns: u64,
+    pub outcome: Outcome,
+}
+
 /// One closed window.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WindowStats {
@@ -185,6 +212,8 @@ struct Slot {
     sent_ns: u64,
     t1_wall_ns: u64,
     rtt_ns: u64,
+    marks: Marks,
+    reordered: bool,
 }
 
 #[derive(Debug)]
@@ -240,6 +269,8 @@ pub struct Tracker {
     tx_ids: Vec<u64>,
     windows: VecDeque<WindowAcc>,
     closed: Vec<WindowStats>,
+    /// Probes decided since the last `take_decisions`, when kept.
+    decisions: Option<Vec<Decided>>,
 }
 
 impl Tracker {
@@ -257,6 +288,32 @@ impl Tracker {
             tx_ids: vec![u64::MAX; len],
             windows: VecDeque::new(),
             closed: Vec::new(),
+            decisions: None,
+        }
+    }
+
+    /// Keeps every probe's fate, in sequence order, for [`Self::take_decisions`].
+    pub fn keep_decisions(&mut self) {
+        self.decisions.get_or_insert_with(Vec::new);
+    }
+
+    /// Probes decided since the last call (empty unless [`Self::keep_decisions`]).
+    pub fn take_decisions(&mut self) -> Vec<Decided> {
+        self.decisions
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    fn note(&mut self, seq: u64, scheduled_ns: u64, outcome: Outcome) {
+        let wall = self.cfg.start_wall_ns + scheduled_ns.saturating_sub(self.cfg.start_mono_ns);
+        if let Some(d) = self.decisions.as_mut() {
+            d.push(Decided {
+                seq,
+                scheduled_ns,
+                scheduled_wall_ns: wall,
+                outcome,
+            });
         }
     }
 
@@ -319,6 +376,8 @@ impl Tracker {
             sent_ns: sent.sent_ns,
             t1_wall_ns: sent.t1_wall_ns,
             rtt_ns: 0,
+            marks: Marks::default(),
+            reordered: false,
         };
         let i = usize::try_from(u64::from(sent.tx_id) & self.mask).unwrap_or(0);
         self.tx_ids[i] = seq64;
@@ -392,6 +451,7 @@ impl Tracker {
         let w = self.window_of(slot.scheduled_ns);
         if slot.state == State::Received {
             self.window(w).counters.duplicated += 1;
+            self.note(seq64, slot.scheduled_ns, Outcome::Duplicate);
             return;
         }
         let residence = reply
@@ -409,6 +469,8 @@ impl Tracker {
             let s = self.slot(seq64);
             s.state = State::Received;
             s.rtt_ns = rtt;
+            s.marks = reply.marks;
+            s.reordered = reordered;
         }
         // IPDV with each neighbour already received, once per pair.
         let mut ipdv = [None, None];
@@ -498,8 +560,18 @@ impl Tracker {
                 self.slot(seq64).state = State::Lost;
                 self.loss_run += 1;
                 self.window(w).counters.lost += 1;
+                self.note(seq64, slot.scheduled_ns, Outcome::Lost);
             }
             State::Received => {
+                self.note(
+                    seq64,
+                    slot.scheduled_ns,
+                    Outcome::Answered {
+                        rtt_ns: slot.rtt_ns,
+                        marks: slot.marks,
+                        reordered: slot.reordered,
+                    },
+                );
                 let run = std::mem::take(&mut self.loss_run);
                 if run > 0 {
                     self.window(w).loss_run.saturating_record(run);
@@ -786,6 +858,61 @@ mod tests {
         assert_eq!(w[0].counters.duplicated, 80);
         assert_eq!(w[0].marks, usual);
         assert_eq!(w[1].marks.far_ttl, Some(60), "the next window has its own");
+    }
+
+    #[test]
+    fn decisions_come_in_sequence_order_once_each_with_duplicates_noted() {
+        let mut s = Sim::new(cfg());
+        s.t.keep_decisions();
+        for i in 0..5 {
+            s.send(i, 0);
+        }
+        // 3 answers before 1 (reordered); 2 never; 4 twice.
+        s.reply(0, MS, MS);
+        s.reply(3, MS, MS);
+        s.reply(1, MS, MS);
+        s.reply(4, MS, MS);
+        s.reply(4, MS, MS);
+        // Nothing is decided past the unanswered 2 until its timeout.
+        s.t.poll(s.sched(4) + 5 * MS);
+        let early = s.t.take_decisions();
+        let seqs: Vec<_> = early.iter().map(|d| (d.seq, d.outcome)).collect();
+        // The duplicate is noted when it arrives; the fates in sequence order.
+        assert_eq!(seqs[0], (4, Outcome::Duplicate));
+        assert!(matches!(
+            seqs[1],
+            (
+                0,
+                Outcome::Answered {
+                    reordered: false,
+                    ..
+                }
+            )
+        ));
+        assert!(matches!(
+            seqs[2],
+            (
+                1,
+                Outcome::Answered {
+                    reordered: true,
+                    ..
+                }
+            )
+        ));
+        assert_eq!(seqs.len(), 3);
+        s.t.poll(s.sched(4) + 200 * MS);
+        let late: Vec<_> =
+            s.t.take_decisions()
+                .iter()
+                .map(|d| (d.seq, d.outcome))
+                .collect();
+        assert_eq!(late[0], (2, Outcome::Lost));
+        assert!(
+            matches!(late[1], (3, Outcome::Answered { rtt_ns, .. }) if rtt_ns == 2 * MS + 2 * US - 2 * US)
+        );
+        assert_eq!(late[2].0, 4);
+        assert_eq!(late.len(), 3);
+        assert_eq!(early[1].scheduled_wall_ns, cfg().start_wall_ns);
     }
 
     #[test]

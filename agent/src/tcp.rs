@@ -36,6 +36,7 @@ use pnet_packet::ipv4::Ipv4Packet;
 use pnet_packet::tcp::{MutableTcpPacket, TcpFlags, TcpOption, TcpPacket, ipv4_checksum};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use crate::probe::Sink;
 use crate::probe::{self, ProbeConfig, RxEvent, Schedule, Shared, TxEvent, push, push_missed};
 use crate::session::{Marks, Reply, Sent, WindowStats};
 use crate::sys::{self, RecvBatch, SendBatch};
@@ -249,13 +250,13 @@ impl SynSocket {
         &self,
         cfg: &ProbeConfig,
         stop: &AtomicBool,
-        on_window: impl FnMut(&WindowStats),
+        sink: &mut dyn Sink,
     ) -> Result<Vec<WindowStats>> {
         probe::run_engine(
             cfg,
             stop,
             None,
-            on_window,
+            sink,
             |start_ns, q, shared| self.send(cfg, start_ns, q, shared),
             |q, shared| self.receive(q, shared),
         )
@@ -378,14 +379,14 @@ struct InFlight {
 pub fn run_connect(
     cfg: &ProbeConfig,
     stop: &AtomicBool,
-    on_window: impl FnMut(&WindowStats),
+    sink: &mut dyn Sink,
 ) -> Result<Vec<WindowStats>> {
     let handoff: ArrayQueue<InFlight> = ArrayQueue::new(1 << 14);
     probe::run_engine(
         cfg,
         stop,
         None,
-        on_window,
+        sink,
         |start_ns, q, shared| connect_sender(cfg, start_ns, &handoff, q, shared),
         |q, shared| connect_receiver(cfg, &handoff, q, shared),
     )

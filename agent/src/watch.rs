@@ -85,6 +85,7 @@ impl Watcher {
                     summary: changes.join(", "),
                     trace: None,
                     trace_error: None,
+                    outage: None,
                 });
             }
         }
@@ -108,6 +109,7 @@ impl Watcher {
                 ),
                 trace: None,
                 trace_error: None,
+                outage: None,
             });
         }
         self.remark_flagged = merged.remarked();

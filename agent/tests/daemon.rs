@@ -134,3 +134,98 @@ window = "2s"
         );
     }
 }
+
+#[test]
+fn a_scheduled_drill_runs_in_its_window_and_its_outage_reaches_the_collector() {
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("pathprobe-daemon-drill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tokens"), format!("d-agent {TOKEN}\n")).unwrap();
+    let collector_addr = free_tcp();
+    let collector = Collector::start(&dir, collector_addr);
+    let r = common::Reflector::start(&[]);
+    // The service's only path goes dark for 400 ms, 2.5 s after the emulator starts.
+    let em = common::emulator(r.addr, "delay=1ms,blackout=2500ms+400ms", "delay=1ms");
+    let start =
+        humantime::format_rfc3339_millis(std::time::SystemTime::now() + Duration::from_secs(1));
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"agent_id = "d-agent"
+[collector]
+url = "http://{collector_addr}"
+token = "{TOKEN}"
+spool_dir = "spool"
+[reflector]
+listen = "{}"
+[[drill]]
+name = "service"
+target = "{}"
+primary = "{}"
+rate = 500
+start = "{start}"
+duration = "20s"
+settle = "1s"
+window = "1s"
+max_outage = "10s"
+"#,
+            free_udp(),
+            em.1,
+            r.addr
+        ),
+    )
+    .unwrap();
+    let log = dir.join("agent.log");
+    let mut agent = Command::new(AGENT)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("PATHPROBE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // The outage ends the drill (the primary failed and recovered in place): it passes
+    // long before its 20 s window closes.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("drill passed")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Reports go out as the uploader's batches leave; give it a moment, then stop. The
+    // finished drill stopped only itself: the agent (its reflector) is still running.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        agent.try_wait().unwrap().is_none(),
+        "the agent outlives its drill"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    assert!(agent.wait().unwrap().success());
+    collector.stop();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("drill scheduled") && text.contains("primary → primary"),
+        "{text}"
+    );
+    let store = Store::open_read_only(&dir.join("store.db")).unwrap();
+    let sel = pathprobe_collector::store::Selector {
+        name_or_kind: "service".into(),
+        site: None,
+    };
+    let events = store.events(&sel, 0, u64::MAX, None, 10).unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let o = events[0].event.outage.as_ref().unwrap();
+    // 500 probes/s: within two 2 ms intervals of the 400 ms injected (forward only).
+    assert!((o.outage_ms - 400.0).abs() <= 4.0, "{}", o.outage_ms);
+    let _ = std::fs::remove_dir_all(&dir);
+}

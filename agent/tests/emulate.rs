@@ -4,47 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::cast_precision_loss, reason = "test code")]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 mod common;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_pathprobe-agent");
+use common::{AGENT, Listening as Proc};
 
 /// The tests time the emulator: never two at once on this machine's cores.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// A child that prints `listen=ADDR` first, killed when dropped.
-struct Proc(Child, SocketAddr);
-
-impl Proc {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(AGENT)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let first = lines.next().unwrap().unwrap();
-        let addr = first
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("listen="))
-            .unwrap()
-            .parse()
-            .unwrap();
-        std::thread::spawn(move || lines.for_each(drop));
-        Self(child, addr)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Probes through an emulator with `link` args; returns the summary.
 fn through(reflector: SocketAddr, link: &[&str], count: u32) -> serde_json::Value {
@@ -138,7 +106,34 @@ fn delay_jitter_and_loss_come_out_as_configured() {
 }
 
 #[test]
-fn the_demo_shows_vpn_slower_and_lossier_than_expressroute() {
+fn the_relay_keeps_the_dscp_both_ways() {
+    let reflector = Proc::start(&["reflect", "--listen", "127.0.0.1:0"]);
+    let em = Proc::start(&[
+        "emulate",
+        "--listen",
+        "127.0.0.1:0",
+        "--forward",
+        &reflector.1.to_string(),
+    ]);
+    let o = Command::new(AGENT)
+        .args(["probe", "--target", &em.1.to_string(), "--rate", "200"])
+        .args(["--count", "100", "--dscp", "46", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let sig = &summary["signature"];
+    assert_eq!(
+        (sig["dscp_far"].as_u64(), sig["dscp_back"].as_u64()),
+        (Some(46), Some(46)),
+        "{sig}"
+    );
+    assert!(!out.contains("dscp_remarked"), "{out}");
+}
+
+#[test]
+fn the_demo_shows_vpn_slower_and_lossier_than_expressroute_and_one_failover() {
     let _one_at_a_time = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -207,6 +202,22 @@ fn the_demo_shows_vpn_slower_and_lossier_than_expressroute() {
         cap["recommendation"]["er_circuit_bps"], 100_000_000,
         "{cap}"
     );
+    // The failover drill: ER goes dark and routing notices 300 ms later, so 300 ms of the
+    // service's probes (1,000/s) are lost; traffic comes back to ER without loss. The
+    // emulators and the router start a few milliseconds apart, hence the 10 ms margin.
+    let fo = &v["failover"];
+    assert_eq!(fo["verdict"], "pass", "{fo}");
+    let events = fo["events"].as_array().unwrap();
+    let kinds: Vec<_> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["failover", "failback"], "{fo}");
+    let over = &events[0]["outage"];
+    let ms = over["outage_ms"].as_f64().unwrap();
+    assert!((290.0..=310.0).contains(&ms), "failover outage {ms} ms");
+    assert_eq!(
+        (over["path_before"].as_str(), over["path_after"].as_str()),
+        (Some("primary"), Some("backup"))
+    );
+    assert_eq!(events[1]["outage"]["lost"], 0, "{fo}");
 }
 
 /// Runs the agent (as `nobody` when we are root, so privileges really lack) and returns

@@ -5,7 +5,7 @@
 //! | `POST /v1/reports` | a JSON array of window reports; 200 `{"accepted","duplicates"}` once stored durably; 400 malformed (the message names the report and field), 401 no or unknown token, 403 a report of another agent, 413 too large, 503 store unavailable (retry) |
 //! | `GET /v1/paths` | the paths known, with windows and time span |
 //! | `GET /v1/compare?a=&b=&site=&since=|from=&to=` | side-by-side figures with difference and ratio, and both sides' events |
-//! | `GET /v1/events?path=&site=&kind=&limit=&since=|from=&to=` | events (signature changes, DSCP re-marking) seen in the range, oldest first, each with its path; `path` is a name or kind, all paths without it |
+//! | `GET /v1/events?path=&site=&kind=&limit=&since=|from=&to=` | events (failovers, failbacks, outages, signature changes, DSCP re-marking) seen in the range, oldest first, each with its path; `path` is a name or kind, all paths without it |
 //! | `GET /v1/histogram?path=&metric=&site=&since=|from=&to=&format=v2|log` | the merged histogram in HdrHistogram's formats |
 //! | `GET /metrics` | Prometheus text exposition |
 //!

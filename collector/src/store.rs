@@ -90,7 +90,7 @@ CREATE INDEX reports_unrolled_by_time ON reports(path_id, start_ns) WHERE rolled
 DROP INDEX reports_unrolled;
 ",
     r"
--- Version 3: a path's events (signature changes, DSCP re-marking), stored with the report
+-- Version 3: a path's events (failovers and outages, signature changes, DSCP re-marking), stored with the report
 -- that carried them, so a retried report stores its events once.
 CREATE TABLE events (
     report_id BLOB NOT NULL,
@@ -949,6 +949,7 @@ mod tests {
             summary: summary.into(),
             trace: None,
             trace_error: None,
+            outage: None,
         }
     }
 

@@ -339,6 +339,7 @@ fn events_are_served_by_path_kind_and_range_and_shown_by_compare() {
             ],
         }),
         trace_error: None,
+        outage: None,
     }];
     let vpn = report(2, "ams-01", "vpn", PathKind::Vpn, T0, &[2000]);
     let (status, _) = http(

@@ -121,17 +121,37 @@ pub enum EventKind {
     /// The path re-marks our DSCP (on the way out or back). ExpressRoute quality of service depends on the
     /// marking surviving end to end.
     DscpRemarked,
+    /// Traffic moved from the primary path to the backup ([`Outage`] says how long it
+    /// was lost).
+    Failover,
+    /// Traffic moved back to the primary.
+    Failback,
+    /// Traffic moved between paths that are not known as primary and backup.
+    PathChange,
+    /// Traffic was lost and came back on the same path.
+    Outage,
 }
 
 impl EventKind {
     /// Every kind.
-    pub const ALL: &'static [Self] = &[Self::SignatureChange, Self::DscpRemarked];
+    pub const ALL: &'static [Self] = &[
+        Self::SignatureChange,
+        Self::DscpRemarked,
+        Self::Failover,
+        Self::Failback,
+        Self::PathChange,
+        Self::Outage,
+    ];
 
     /// The name used in JSON and queries.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::SignatureChange => "signature_change",
             Self::DscpRemarked => "dscp_remarked",
+            Self::Failover => "failover",
+            Self::Failback => "failback",
+            Self::PathChange => "path_change",
+            Self::Outage => "outage",
         }
     }
 }
@@ -189,6 +209,74 @@ pub struct TraceRecord {
     pub hops: Vec<TraceHop>,
 }
 
+/// The probes a path carried on one side of a transition: how many, how many were lost,
+/// the RTT, and the path's hop counts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Segment {
+    /// From and to (ns since 1970, scheduled send times).
+    pub from_unix_ns: u64,
+    pub to_unix_ns: u64,
+    pub probes: u64,
+    pub lost: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_pct: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_p50_us: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_p90_us: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_p99_us: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fwd_hops: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev_hops: Option<u8>,
+}
+
+/// One answered probe at the edge of an outage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeProbe {
+    /// The probe's number in its session.
+    pub seq: u64,
+    /// Its scheduled send time (ns since 1970).
+    pub sent_unix_ns: u64,
+}
+
+/// How traffic to a service was lost and which path carried it before and after: a
+/// failover, a failback, or an outage on one path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outage {
+    /// Traffic lost: from the first probe lost to the first answered after, to the probe
+    /// interval (0 when the move lost nothing).
+    pub outage_ms: f64,
+    /// Scheduled send time of the first probe lost (of the first on the new path when none
+    /// was), and of the first answered after (ns since 1970).
+    pub start_unix_ns: u64,
+    pub end_unix_ns: u64,
+    /// The path that carried traffic before and after: `primary`, `backup`, or
+    /// `unknown` when neither pinned path matches.
+    pub path_before: String,
+    pub path_after: String,
+    /// The last answer before and the first after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reply_before: Option<EdgeProbe>,
+    pub first_reply_after: EdgeProbe,
+    /// Inside the transition (the outage and a second either side): probes lost,
+    /// answers reordered, extra copies.
+    pub lost: u64,
+    pub reordered: u64,
+    pub duplicated: u64,
+    /// The probes before and after (up to the settle time either side).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<Segment>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Segment>,
+    /// This is the third path switch or more within the flapping window.
+    pub flapping: bool,
+}
+
 /// One event of one path.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -210,6 +298,51 @@ pub struct PathEvent {
     /// Why there is no trace, when one was wanted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_error: Option<String>,
+    /// For a failover, failback or outage: how long traffic was lost and where it went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outage: Option<Outage>,
+}
+
+impl Outage {
+    fn validate(&self) -> Result<()> {
+        let bad = |field, reason: &str| {
+            Err(Error::InvalidField {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        if !self.outage_ms.is_finite() || self.outage_ms < 0.0 {
+            return bad(
+                "events.outage.outage_ms",
+                "must be a finite number, 0 or more",
+            );
+        }
+        if self.end_unix_ns < self.start_unix_ns {
+            return bad("events.outage.end_unix_ns", "is before start_unix_ns");
+        }
+        for (field, name) in [
+            ("events.outage.path_before", &self.path_before),
+            ("events.outage.path_after", &self.path_after),
+        ] {
+            if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+                return bad(field, "must be 1 to 64 characters, no control characters");
+            }
+        }
+        for seg in [&self.before, &self.after].into_iter().flatten() {
+            let figures = [seg.loss_pct, seg.rtt_p50_us, seg.rtt_p90_us, seg.rtt_p99_us];
+            if figures
+                .into_iter()
+                .flatten()
+                .any(|v| !v.is_finite() || v < 0.0)
+            {
+                return bad(
+                    "events.outage.before/after",
+                    "figures must be finite numbers, 0 or more",
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 fn check_text(field: &'static str, text: &str) -> Result<()> {
@@ -234,6 +367,9 @@ impl PathEvent {
         check_text("events.summary", &self.summary)?;
         if let Some(e) = &self.trace_error {
             check_text("events.trace_error", e)?;
+        }
+        if let Some(o) = &self.outage {
+            o.validate()?;
         }
         if let Some(t) = &self.trace {
             if t.hops.len() > MAX_TRACE_HOPS {
@@ -332,6 +468,7 @@ mod tests {
                 }],
             }),
             trace_error: None,
+            outage: None,
         };
         assert!(validate(None, std::slice::from_ref(&good)).is_ok());
         let mut bad = good.clone();

@@ -565,6 +565,7 @@ mod tests {
                     }],
                 }),
                 trace_error: None,
+                outage: None,
             }],
         }
     }

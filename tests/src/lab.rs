@@ -59,8 +59,8 @@ pub enum Path {
 /// How a path is failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// The path's links go down at both ends: the hosts see no carrier and routing moves
-    /// to the other path at once.
+    /// The path's router links go down: the hosts see no carrier and routing moves to the
+    /// other path at once. [`Lab::heal`] brings them up with the routers' routes.
     LinkDown,
     /// The path's router silently drops everything; routing does not notice until the
     /// route is withdrawn ([`Lab::withdraw`]), as BGP would after its hold time or BFD.
@@ -508,14 +508,14 @@ impl Lab {
     /// Fails `path`.
     pub fn fail(&self, path: Path, how: Failure) {
         match (path, how) {
-            (Path::Er, Failure::LinkDown) => {
-                self.ip("er", "link set er-onp down");
-                self.ip("er", "link set er-az down");
-                self.wait_routes_avoid(path);
-            }
-            (Path::Vpn, Failure::LinkDown) => {
-                self.ip("vpn1", "link set v1-onp down");
-                self.ip("vpn2", "link set v2-az down");
+            (_, Failure::LinkDown) => {
+                // Each router's links at once (one `ip -batch`), so no direction outlives
+                // the other by a process start.
+                for &(router, devs) in Self::links(path) {
+                    let cmds: Vec<String> =
+                        devs.iter().map(|d| format!("link set {d} down")).collect();
+                    self.ip_batch(router, &cmds);
+                }
                 self.wait_routes_avoid(path);
             }
             (_, Failure::Blackhole) => {
@@ -545,15 +545,18 @@ impl Lab {
     /// Undoes every failure of `path` (links up, no blackhole, routes back).
     pub fn heal(&self, path: Path) {
         let (router, _, _) = Self::router(path);
-        match path {
-            Path::Er => {
-                self.ip("er", "link set er-onp up");
-                self.ip("er", "link set er-az up");
-            }
-            Path::Vpn => {
-                self.ip("vpn1", "link set v1-onp up");
-                self.ip("vpn2", "link set v2-az up");
-            }
+        // A router whose link went down lost its routes through it: they come back in the
+        // same `ip -batch` as the link, before the hosts see carrier and send traffic
+        // its way. `replace` leaves a route that is there as it is.
+        for &(r, devs) in Self::links(path) {
+            let mut cmds: Vec<String> = devs.iter().map(|d| format!("link set {d} up")).collect();
+            cmds.extend(
+                ROUTES
+                    .iter()
+                    .filter(|(h, _)| *h == r)
+                    .map(|(_, route)| format!("route replace {route}")),
+            );
+            self.ip_batch(r, &cmds);
         }
         while self
             .exec(router, "iptables")
@@ -561,10 +564,6 @@ impl Lab {
             .output()
             .is_ok_and(|o| o.status.success())
         {}
-        for (host, route) in Self::service_routes(path) {
-            // `replace` restores a withdrawn route and leaves a present one as it is.
-            self.ip(host, &format!("route replace {route}"));
-        }
         // Carrier comes back asynchronously; wait until the hosts see it.
         let deadline = Instant::now() + Duration::from_secs(5);
         while !Self::ends(path).iter().all(|&(h, d)| self.carrier(h, d)) {
@@ -574,6 +573,44 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        for (host, route) in Self::service_routes(path) {
+            // A withdrawn route comes back.
+            self.ip(host, &format!("route replace {route}"));
+        }
+    }
+
+    /// The links of `path` that [`Failure::LinkDown`] takes down, by router.
+    const fn links(path: Path) -> &'static [(&'static str, &'static [&'static str])] {
+        match path {
+            Path::Er => &[("er", &["er-onp", "er-az"])],
+            Path::Vpn => &[("vpn1", &["v1-onp"]), ("vpn2", &["v2-az"])],
+        }
+    }
+
+    /// Runs `ip` commands in `host` from one process (`ip -batch -`).
+    fn ip_batch(&self, host: &str, cmds: &[String]) {
+        use std::io::Write as _;
+        if cmds.is_empty() {
+            return;
+        }
+        let mut child = Command::new("ip")
+            .args(["-n", &self.ns(host), "-batch", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run ip: {e} (install iproute2)"));
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(cmds.join("\n").as_bytes());
+        }
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("ip -batch: {e}"));
+        assert!(
+            out.status.success(),
+            "ip -batch in {host} ({cmds:?}) failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// The hosts' ends of `path`.

@@ -211,11 +211,11 @@ fn root_lab_service_prefers_expressroute_and_falls_back_to_vpn() {
     assert_eq!(v["lost"], 0, "{v}");
 
     lab.heal(Path::Er);
-    assert_eq!(
-        service_path(&lab).0,
-        Path::Er,
-        "back on ER once its link is up"
-    );
+    let (path, v) = service_path(&lab);
+    assert_eq!(path, Path::Er, "back on ER once its link is up");
+    // And answered: a router whose link went down lost its routes through it, and the
+    // traffic must not just reach ER but cross it.
+    assert_eq!(v["lost"], 0, "{v}");
 
     // A blackhole: routing does not notice, the traffic is lost on ER...
     lab.fail(Path::Er, Failure::Blackhole);
@@ -231,7 +231,9 @@ fn root_lab_service_prefers_expressroute_and_falls_back_to_vpn() {
     assert_eq!(v["lost"], 0, "{v}");
 
     lab.heal(Path::Er);
-    assert_eq!(service_path(&lab).0, Path::Er, "back on ER once healed");
+    let (path, v) = service_path(&lab);
+    assert_eq!(path, Path::Er, "back on ER once healed");
+    assert_eq!(v["lost"], 0, "{v}");
 
     // The pinned addresses never move: the VPN address is reached over the VPN even
     // while ER is fine.

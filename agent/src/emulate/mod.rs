@@ -2,7 +2,9 @@
 //! `sch_netem`, so delay, jitter, loss and duplication are applied by a relay: senders talk
 //! to `--listen`, each sender (flow) gets its own upstream socket to `--forward`, so replies
 //! travel back through the relay to the right sender. Each direction is one [`link::Link`]
-//! shared by all flows (a single bottleneck, like a real path).
+//! shared by all flows (a single bottleneck, like a real path). The relay keeps each
+//! datagram's TOS / traffic class (DSCP and ECN) on the way on, as a path that does not
+//! re-mark would.
 //!
 //! Packets wait in a time-ordered queue and a release thread sends each at its time: a
 //! timed wait to just before, then a short spin. The error this adds is measured by the
@@ -18,7 +20,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -74,7 +76,7 @@ impl EmulatorStats {
 
 #[derive(Debug)]
 enum Out {
-    ToServer(Arc<UdpSocket>),
+    ToServer(Arc<Flow>),
     /// Back to a sender, from listening socket `.0`.
     ToClient(usize, SocketAddr),
 }
@@ -83,6 +85,33 @@ enum Out {
 struct Waiting {
     data: Vec<u8>,
     out: Out,
+    /// The TOS / traffic class it arrived with.
+    tos: Option<u8>,
+}
+
+/// No TOS set on a socket yet.
+const TOS_UNSET: u16 = 0x100;
+
+/// One sender's upstream socket, and the TOS last set on it.
+#[derive(Debug)]
+struct Flow {
+    sock: UdpSocket,
+    tos: AtomicU16,
+}
+
+/// Sets `tos` on `sock` unless `last` says it already has it.
+fn keep_tos(sock: &UdpSocket, last: &AtomicU16, tos: Option<u8>) {
+    let Some(tos) = tos else { return };
+    if last.swap(u16::from(tos), Ordering::Relaxed) == u16::from(tos) {
+        return;
+    }
+    let s = socket2::SockRef::from(sock);
+    let v6 = sock.local_addr().is_ok_and(|a| a.is_ipv6());
+    let _ = if v6 {
+        s.set_tclass_v6(u32::from(tos))
+    } else {
+        s.set_tos_v4(u32::from(tos))
+    };
 }
 
 /// Time-ordered packets: (release time, arrival number) keeps equal times in order.
@@ -124,6 +153,12 @@ impl Emulator {
                     what: "set a receive timeout".to_string(),
                     source,
                 })?;
+            sys::enable_rx_metadata(&socket2::SockRef::from(&sock), listen.is_ipv6()).map_err(
+                |source| Error::Io {
+                    what: "ask for the TOS of received datagrams".to_string(),
+                    source,
+                },
+            )?;
             locals.push(sock.local_addr().unwrap_or(listen));
             socks.push((Arc::new(sock), forward));
         }
@@ -155,6 +190,11 @@ impl Emulator {
             pending: Mutex::new(Pending::default()),
             wake: Condvar::new(),
             flows: Mutex::new(HashMap::new()),
+            client_tos: self
+                .socks
+                .iter()
+                .map(|_| AtomicU16::new(TOS_UNSET))
+                .collect(),
         };
         std::thread::scope(|s| {
             s.spawn(|| relay.release());
@@ -186,7 +226,9 @@ struct Relay<'a> {
     pending: Mutex<Pending>,
     wake: Condvar,
     /// Upstream sockets by (listening socket, sender).
-    flows: Mutex<HashMap<(usize, SocketAddr), Arc<UdpSocket>>>,
+    flows: Mutex<HashMap<(usize, SocketAddr), Arc<Flow>>>,
+    /// The TOS last set on each listening socket.
+    client_tos: Vec<AtomicU16>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -195,7 +237,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Relay<'_> {
     /// Decides a packet's fate on `link` and queues its copies for release.
-    fn admit(&self, link: &Mutex<Link>, data: &[u8], out: &dyn Fn() -> Out) {
+    fn admit(&self, link: &Mutex<Link>, data: &[u8], tos: Option<u8>, out: &dyn Fn() -> Out) {
         let fate = lock(link).admit(sys::monotonic_ns(), data.len());
         let Fate::Released { at_ns, copies } = fate else {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -219,6 +261,7 @@ impl Relay<'_> {
                 Waiting {
                     data: data.to_vec(),
                     out: out(),
+                    tos,
                 },
             );
         }
@@ -229,12 +272,15 @@ impl Relay<'_> {
     fn send(&self, w: Waiting) {
         match w.out {
             Out::ToServer(up) => {
-                if up.send(&w.data).is_ok() {
+                keep_tos(&up.sock, &up.tos, w.tos);
+                if up.sock.send(&w.data).is_ok() {
                     self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Out::ToClient(i, to) => {
-                if self.emulator.socks[i].0.send_to(&w.data, to).is_ok() {
+                let sock = &self.emulator.socks[i].0;
+                keep_tos(sock, &self.client_tos[i], w.tos);
+                if sock.send_to(&w.data, to).is_ok() {
                     self.stats.returned.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -282,7 +328,7 @@ impl Relay<'_> {
         s: &'s std::thread::Scope<'s, '_>,
         listener: usize,
         from: SocketAddr,
-    ) -> Option<Arc<UdpSocket>> {
+    ) -> Option<Arc<Flow>> {
         let mut flows = lock(&self.flows);
         if let Some(u) = flows.get(&(listener, from)) {
             return Some(Arc::clone(u));
@@ -305,16 +351,30 @@ impl Relay<'_> {
                 u.set_read_timeout(Some(Duration::from_millis(50)))
                     .map(|()| u)
             })
+            .and_then(|u| {
+                sys::enable_rx_metadata(&socket2::SockRef::from(&u), forward.is_ipv6()).map(|()| u)
+            })
             .ok()?;
-        let up = Arc::new(up);
+        let up = Arc::new(Flow {
+            sock: up,
+            tos: AtomicU16::new(TOS_UNSET),
+        });
         flows.insert((listener, from), Arc::clone(&up));
         let reader = Arc::clone(&up);
         // Replies from --forward go back to this sender.
         s.spawn(move || {
-            let mut buf = vec![0u8; sys::MAX_DATAGRAM];
+            let mut batch = sys::RecvBatch::new(16);
+            let sock = socket2::SockRef::from(&reader.sock);
             while !self.stop.load(Ordering::Relaxed) {
-                if let Ok(n) = reader.recv(&mut buf) {
-                    self.admit(&self.reverse, &buf[..n], &|| Out::ToClient(listener, from));
+                let Ok(got) = batch.recv(&sock) else {
+                    continue;
+                };
+                for i in 0..got {
+                    if let Some((data, meta)) = batch.get(i) {
+                        self.admit(&self.reverse, data, meta.tos, &|| {
+                            Out::ToClient(listener, from)
+                        });
+                    }
                 }
             }
         });
@@ -324,10 +384,10 @@ impl Relay<'_> {
     /// Packets to listening socket `listener` go forward, each sender through its own
     /// upstream socket.
     fn receive<'s>(&'s self, s: &'s std::thread::Scope<'s, '_>, listener: usize) -> Result<()> {
-        let sock = &self.emulator.socks[listener].0;
-        let mut buf = vec![0u8; sys::MAX_DATAGRAM];
+        let sock = socket2::SockRef::from(&*self.emulator.socks[listener].0);
+        let mut batch = sys::RecvBatch::new(16);
         while !self.stop.load(Ordering::Relaxed) {
-            let (n, from) = match sock.recv_from(&mut buf) {
+            let got = match batch.recv(&sock) {
                 Ok(x) => x,
                 Err(e)
                     if matches!(
@@ -346,12 +406,22 @@ impl Relay<'_> {
                     });
                 }
             };
-            match self.flow(s, listener, from) {
-                Some(up) => {
-                    self.admit(&self.forward, &buf[..n], &|| Out::ToServer(Arc::clone(&up)));
-                }
-                None => {
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            for i in 0..got {
+                let Some((data, meta)) = batch.get(i) else {
+                    break;
+                };
+                let Some(from) = meta.src else {
+                    continue;
+                };
+                match self.flow(s, listener, from) {
+                    Some(up) => {
+                        self.admit(&self.forward, data, meta.tos, &|| {
+                            Out::ToServer(Arc::clone(&up))
+                        });
+                    }
+                    None => {
+                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
         }

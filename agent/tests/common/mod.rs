@@ -137,3 +137,51 @@ pub fn free_tcp() -> SocketAddr {
         .local_addr()
         .unwrap()
 }
+
+/// A child that prints `listen=ADDR` first (the reflector, the emulator), killed when
+/// dropped; the rest of its stderr is read in the background.
+pub struct Listening(Child, pub SocketAddr);
+
+impl Listening {
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(AGENT)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        let addr = first
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listen="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        std::thread::spawn(move || lines.for_each(drop));
+        Self(child, addr)
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The emulator in front of `forward`, with forward and reverse link settings.
+pub fn emulator(forward: SocketAddr, fwd: &str, rev: &str) -> Listening {
+    let forward = forward.to_string();
+    Listening::start(&[
+        "emulate",
+        "--listen",
+        "127.0.0.1:0",
+        "--forward",
+        &forward,
+        "--fwd",
+        fwd,
+        "--rev",
+        rev,
+    ])
+}

@@ -104,7 +104,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the events (route and DSCP changes) seen in a range, oldest first.
+    /// List the events (failovers and outages, route and DSCP changes) seen in a range,
+    /// oldest first.
     Events {
         /// Only this path name or kind [default: every path].
         #[arg(long)]
@@ -113,7 +114,9 @@ enum Command {
         #[arg(long)]
         site: Option<String>,
         /// Only events of this kind.
-        #[arg(long, value_parser = ["signature_change", "dscp_remarked"])]
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(
+            pathprobe_proto::event::EventKind::ALL.iter().map(|k| k.as_str())
+        ))]
         kind: Option<String>,
         #[command(flatten)]
         range: RangeArgs,

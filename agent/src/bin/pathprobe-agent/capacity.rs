@@ -2,11 +2,10 @@
 
 use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use crate::outbox::{CollectorArgs, Outbox, keep_report};
 use indicatif::{ProgressBar, ProgressStyle};
 use pathprobe_agent::capacity::client::{self, Event, Plan};
 use pathprobe_agent::capacity::knee::Thresholds;
@@ -14,7 +13,6 @@ use pathprobe_agent::capacity::rate::{self, Rate};
 use pathprobe_agent::capacity::wire::Direction;
 use pathprobe_agent::capacity::{present, sizing};
 use pathprobe_agent::output::Labels;
-use pathprobe_agent::spool::{BATCH, Delivery, Spool, Uploader};
 use pathprobe_proto::report::{ProbeProtocol, TimestampSource, Timestamping};
 
 use super::{PinArgs, ReportArgs, duration, no_answer, resolve, stop_on_signals};
@@ -123,18 +121,9 @@ pub struct CapacityArgs {
     json: bool,
     #[command(flatten)]
     report: ReportArgs,
-    /// Send each stage's report to this collector (like <http://10.0.0.5:8862>), so that
-    /// `compare` shows the path's throughput.
-    #[arg(long, env = "PATHPROBE_COLLECTOR")]
-    collector: Option<String>,
-    /// The agent's collector token, in this file.
-    #[arg(long, requires = "collector", env = "PATHPROBE_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
-    /// Where stage reports wait until the collector has them [default:
-    /// pathprobe-capacity-spool in the temp folder]; a later run with the same --spool
-    /// delivers what an earlier one could not.
-    #[arg(long, requires = "collector", env = "PATHPROBE_CAPACITY_SPOOL")]
-    spool: Option<PathBuf>,
+    /// Stage reports go to a collector too (so that `compare` shows the path's throughput).
+    #[command(flatten)]
+    collector: CollectorArgs,
 }
 
 fn plan(args: &CapacityArgs, target: SocketAddr) -> anyhow::Result<Plan> {
@@ -223,29 +212,7 @@ pub fn run(args: &CapacityArgs) -> anyhow::Result<ExitCode> {
     let target = resolve(&args.target)?;
     let plan = plan(args, target)?;
     let labels = labels(args, target)?;
-    let token = args
-        .token_file
-        .as_ref()
-        .map(|f| {
-            std::fs::read_to_string(f)
-                .map(|t| t.trim().to_string())
-                .with_context(|| {
-                    format!(
-                        "cannot read --token-file {}: put this agent's token from the collector's tokens file in it",
-                        f.display()
-                    )
-                })
-        })
-        .transpose()?;
-    let spool_dir = args
-        .spool
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join("pathprobe-capacity-spool"));
-    let mut spool = args
-        .collector
-        .as_ref()
-        .map(|_| Spool::open(&spool_dir, 100_000))
-        .transpose()?;
+    let mut outbox = args.collector.outbox("capacity")?;
     let stop = stop_on_signals()?;
     // A spinner with the current stage on a terminal; log lines otherwise.
     let bar = std::io::stderr().is_terminal().then(|| {
@@ -271,7 +238,7 @@ pub fn run(args: &CapacityArgs) -> anyhow::Result<ExitCode> {
             tracing::info!("{msg}");
         }
         if let Event::StageDone(s) = e
-            && let Err(err) = emit_stage(args, &labels, s, spool.as_mut())
+            && let Err(err) = emit_stage(args, &labels, s, outbox.as_mut())
         {
             failure.get_or_insert(err);
         }
@@ -281,8 +248,8 @@ pub fn run(args: &CapacityArgs) -> anyhow::Result<ExitCode> {
         b.finish_and_clear();
     }
     // Whatever happened, what was measured goes to the collector.
-    if let (Some(url), Some(spool)) = (&args.collector, spool.as_mut()) {
-        deliver(url, token, spool, &spool_dir)?;
+    if let Some(o) = outbox.as_mut() {
+        o.deliver("stage report")?;
     }
     let run = match result {
         Ok(r) => r,
@@ -305,56 +272,18 @@ pub fn run(args: &CapacityArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Sends every spooled stage report to the collector, in batches.
-fn deliver(
-    url: &str,
-    token: Option<String>,
-    spool: &mut Spool,
-    dir: &std::path::Path,
-) -> anyhow::Result<()> {
-    let uploader = Uploader::new(url, token);
-    while !spool.is_empty() {
-        let batch = spool.front(BATCH);
-        match uploader.deliver(&batch) {
-            Delivery::Delivered => spool.pop(batch.len()),
-            Delivery::Rejected { index, message } => {
-                tracing::error!(%message, "the collector refused a stage report: moved to rejected/");
-                spool.reject(index);
-            }
-            Delivery::Retry(why) => anyhow::bail!(
-                "the collector at {url} did not take the stage reports ({why}): {} wait in {}; run again with --spool {} to deliver them",
-                spool.len(),
-                dir.display(),
-                dir.display()
-            ),
-        }
-    }
-    tracing::info!(collector = %url, "stage reports delivered");
-    Ok(())
-}
-
 /// Prints a finished stage (JSON mode) and writes its report where asked.
 fn emit_stage(
     args: &CapacityArgs,
     labels: &Labels,
     s: &client::StageResult,
-    spool: Option<&mut Spool>,
+    outbox: Option<&mut Outbox>,
 ) -> anyhow::Result<()> {
     if args.json {
         let mut o = std::io::stdout().lock();
         writeln!(o, "{}", serde_json::to_string(&present::stage_json(s))?)?;
     }
-    if args.report.report_dir.is_none() && spool.is_none() {
-        return Ok(());
-    }
-    let r = present::stage_report(labels, s)?;
-    let json = r.to_json()?;
-    if let Some(dir) = &args.report.report_dir {
-        let file = dir.join(format!("{}.json", r.report_id));
-        std::fs::write(&file, &json).with_context(|| format!("cannot write {}", file.display()))?;
-    }
-    if let Some(spool) = spool {
-        spool.push(&json)?;
-    }
-    Ok(())
+    keep_report(args.report.report_dir.as_deref(), outbox, || {
+        Ok(present::stage_report(labels, s)?)
+    })
 }

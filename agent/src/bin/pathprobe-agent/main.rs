@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 mod capacity;
+mod failover;
+mod outbox;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -61,10 +63,17 @@ enum Command {
         /// Length of each stage of the capacity test that follows (0s skips it).
         #[arg(long, default_value = "1s", value_parser = duration)]
         capacity_stage: Duration,
+        /// Skip the failover drill (about 7 s).
+        #[arg(long)]
+        no_failover: bool,
     },
     /// Drive a path at rising load: where it saturates, where its latency inflates, and
     /// which ExpressRoute circuit and gateway sizes the traffic needs.
     Capacity(Box<capacity::CapacityArgs>),
+    /// Measure how long traffic to a service is lost when routing moves it between the
+    /// primary path (ExpressRoute) and the backup (the VPN), and back; --drill around a
+    /// maintenance window gives a verdict against --max-outage.
+    Failover(Box<failover::FailoverArgs>),
     /// The routers a path crosses and the RTT to each (TTL-limited UDP or TCP probes, one
     /// flow for the whole run, ICMP read from a raw socket: needs CAP_NET_RAW).
     Trace(TraceArgs),
@@ -734,13 +743,9 @@ fn emit_window(
             writeln!(o, "{}", output::event_text(e))?;
         }
     }
-    if let Some(dir) = &args.report.report_dir {
-        let r = output::report(labels, w, seen)?;
-        let file = dir.join(format!("{}.json", r.report_id));
-        std::fs::write(&file, r.to_json()?)
-            .with_context(|| format!("cannot write {}", file.display()))?;
-    }
-    Ok(())
+    outbox::keep_report(args.report.report_dir.as_deref(), None, || {
+        Ok(output::report(labels, w, seen)?)
+    })
 }
 
 fn run_probe(args: &ProbeArgs) -> anyhow::Result<ExitCode> {
@@ -817,6 +822,73 @@ fn run_decode(args: &DecodeArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+fn run_demo(cfg: &pathprobe_agent::demo::DemoConfig, json: bool) -> anyhow::Result<ExitCode> {
+    let stop = stop_on_signals()?;
+    eprintln!(
+        "pathprobe demo: a reflector behind an ExpressRoute-like (1 ms, steady) and a VPN-like (15 ms, jittery, lossy) emulated path, {} probes/s on each, for {}; a collector stores every {} window. Then a failover drill, and a capacity test over an emulated circuit ({}).",
+        cfg.rate,
+        humantime::format_duration(cfg.duration),
+        humantime::format_duration(cfg.window),
+        pathprobe_agent::demo::DEMO_CIRCUIT
+    );
+    let out = pathprobe_agent::demo::run(cfg, &stop)?;
+    let capacity = out.capacity.as_ref().map(|c| match c {
+        Ok(d) => Ok((
+            d,
+            present::summary_json(&d.run, &d.plan.thresholds, d.recommendation.as_ref()),
+        )),
+        Err(e) => Err(e.clone()),
+    });
+    if json {
+        let cap = match &capacity {
+            Some(Ok((_, v))) => v.clone(),
+            Some(Err(e)) => serde_json::json!({ "error": e }),
+            None => serde_json::Value::Null,
+        };
+        let mut v = serde_json::to_value(&out.comparison)?;
+        v["capacity"] = cap;
+        v["failover"] = match &out.failover {
+            Some(Ok(f)) => serde_json::json!({ "verdict": f.verdict, "events": f.run.events }),
+            Some(Err(e)) => serde_json::json!({ "error": e }),
+            None => serde_json::Value::Null,
+        };
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{}", pathprobe_collector::compare::table(&out.comparison));
+        match &out.failover {
+            Some(Ok(f)) => {
+                println!(
+                    "\nFailover drill: a service routed over ExpressRoute (primary) or the VPN (backup); ER goes dark {} in, routing notices {} later (as BFD would) and moves it to the VPN, then brings it back once ER is up:",
+                    humantime::format_duration(pathprobe_agent::demo::FAIL_AT),
+                    humantime::format_duration(pathprobe_agent::demo::DETECT)
+                );
+                for e in &f.run.events {
+                    println!("  {}", failover::event_text(e));
+                }
+                println!("  verdict against a 10 s target: {:?}", f.verdict);
+            }
+            Some(Err(e)) => println!("\nFailover drill: did not run: {e}"),
+            None => {}
+        }
+        match &capacity {
+            Some(Ok((d, _))) => println!(
+                "\nCapacity test: a knee search from {} to {} over an emulated ExpressRoute-like circuit ({}):\n{}",
+                Rate(d.plan.start_bps),
+                Rate(d.plan.max_bps),
+                pathprobe_agent::demo::DEMO_CIRCUIT,
+                present::text(&d.run, &d.plan.thresholds, d.recommendation.as_ref())
+            ),
+            Some(Err(e)) => println!("\nCapacity test: did not run: {e}"),
+            None => {}
+        }
+    }
+    eprintln!(
+        "\nThe database is {db}. Query it further with, for example:\n  cargo run -p pathprobe-collector -- compare --db {db} --a expressroute --b vpn --since 1h\n  cargo run -p pathprobe-collector -- histogram --db {db} --path vpn --format log --since 1h",
+        db = out.db.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -833,6 +905,7 @@ fn main() -> ExitCode {
         Command::Probe(args) => run_probe(&args),
         Command::Emulate(args) => run_emulate(&args),
         Command::Capacity(args) => capacity::run(&args),
+        Command::Failover(args) => failover::run(&args),
         Command::Trace(args) => run_trace(&args),
         Command::Demo {
             duration,
@@ -841,58 +914,18 @@ fn main() -> ExitCode {
             window,
             json,
             capacity_stage,
-        } => (|| {
-            let cfg = pathprobe_agent::demo::DemoConfig {
+            no_failover,
+        } => run_demo(
+            &pathprobe_agent::demo::DemoConfig {
                 duration,
                 dir: dir.unwrap_or_else(|| std::env::temp_dir().join("pathprobe-demo")),
                 rate,
                 window,
+                failover: !no_failover,
                 capacity_stage: (!capacity_stage.is_zero()).then_some(capacity_stage),
-            };
-            let stop = stop_on_signals()?;
-            eprintln!(
-                "pathprobe demo: a reflector behind an ExpressRoute-like (1 ms, steady) and a VPN-like (15 ms, jittery, lossy) emulated path, {rate} probes/s on each, for {}; a collector stores every {} window. Then a capacity test over an emulated circuit ({}).",
-                humantime::format_duration(duration),
-                humantime::format_duration(window),
-                pathprobe_agent::demo::DEMO_CIRCUIT
-            );
-            let out = pathprobe_agent::demo::run(&cfg, &stop)?;
-            let capacity = out.capacity.as_ref().map(|c| match c {
-                Ok(d) => Ok((
-                    d,
-                    present::summary_json(&d.run, &d.plan.thresholds, d.recommendation.as_ref()),
-                )),
-                Err(e) => Err(e.clone()),
-            });
-            if json {
-                let cap = match &capacity {
-                    Some(Ok((_, v))) => v.clone(),
-                    Some(Err(e)) => serde_json::json!({ "error": e }),
-                    None => serde_json::Value::Null,
-                };
-                let mut v = serde_json::to_value(&out.comparison)?;
-                v["capacity"] = cap;
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!("{}", pathprobe_collector::compare::table(&out.comparison));
-                match &capacity {
-                    Some(Ok((d, _))) => println!(
-                        "\nCapacity test: a knee search from {} to {} over an emulated ExpressRoute-like circuit ({}):\n{}",
-                        Rate(d.plan.start_bps),
-                        Rate(d.plan.max_bps),
-                        pathprobe_agent::demo::DEMO_CIRCUIT,
-                        present::text(&d.run, &d.plan.thresholds, d.recommendation.as_ref())
-                    ),
-                    Some(Err(e)) => println!("\nCapacity test: did not run: {e}"),
-                    None => {}
-                }
-            }
-            eprintln!(
-                "\nThe database is {db}. Query it further with, for example:\n  cargo run -p pathprobe-collector -- compare --db {db} --a expressroute --b vpn --since 1h\n  cargo run -p pathprobe-collector -- histogram --db {db} --path vpn --format log --since 1h",
-                db = out.db.display()
-            );
-            Ok(ExitCode::SUCCESS)
-        })(),
+            },
+            json,
+        ),
         Command::Run { config } => (|| {
             let cfg = pathprobe_agent::daemon::AgentConfig::load(&config)?;
             let stop = stop_on_signals()?;

@@ -1,0 +1,119 @@
+//! Where a command's reports go besides the terminal: a collector, through an on-disk
+//! spool, so that reports a collector could not take wait for the next run.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use pathprobe_agent::spool::{BATCH, Delivery, Spool, Uploader};
+use pathprobe_proto::report::WindowReport;
+
+/// Writes the report `build` makes into `dir` (as `REPORT_ID.json`) and queues it in
+/// `outbox`, for those that are given; `build` runs only if one is.
+pub fn keep_report(
+    dir: Option<&Path>,
+    outbox: Option<&mut Outbox>,
+    build: impl FnOnce() -> anyhow::Result<WindowReport>,
+) -> anyhow::Result<()> {
+    if dir.is_none() && outbox.is_none() {
+        return Ok(());
+    }
+    let r = build()?;
+    let json = r.to_json()?;
+    if let Some(dir) = dir {
+        let file = dir.join(format!("{}.json", r.report_id));
+        std::fs::write(&file, &json).with_context(|| format!("cannot write {}", file.display()))?;
+    }
+    if let Some(o) = outbox {
+        o.push(&json)?;
+    }
+    Ok(())
+}
+
+/// `--collector`, `--token-file` and `--spool`.
+#[derive(Debug, clap::Args)]
+pub struct CollectorArgs {
+    /// Send each report to this collector (like <http://10.0.0.5:8862>).
+    #[arg(long, env = "PATHPROBE_COLLECTOR")]
+    pub collector: Option<String>,
+    /// The agent's collector token, in this file.
+    #[arg(long, requires = "collector", env = "PATHPROBE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Where reports wait until the collector has them [default: pathprobe-COMMAND-spool
+    /// in the temp folder]; a later run with the same --spool delivers what an earlier one
+    /// could not.
+    #[arg(long, requires = "collector", env = "PATHPROBE_SPOOL")]
+    pub spool: Option<PathBuf>,
+}
+
+/// Reports on their way to a collector.
+pub struct Outbox {
+    url: String,
+    token: Option<String>,
+    spool: Spool,
+    dir: PathBuf,
+}
+
+impl CollectorArgs {
+    /// The outbox of `command`'s reports, when a collector is given.
+    pub fn outbox(&self, command: &str) -> anyhow::Result<Option<Outbox>> {
+        let Some(url) = &self.collector else {
+            return Ok(None);
+        };
+        let token = self
+            .token_file
+            .as_ref()
+            .map(|f| {
+                std::fs::read_to_string(f)
+                    .map(|t| t.trim().to_string())
+                    .with_context(|| {
+                        format!(
+                            "cannot read --token-file {}: put this agent's token from the collector's tokens file in it",
+                            f.display()
+                        )
+                    })
+            })
+            .transpose()?;
+        let dir = self
+            .spool
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("pathprobe-{command}-spool")));
+        let spool = Spool::open(&dir, 100_000)?;
+        Ok(Some(Outbox {
+            url: url.clone(),
+            token,
+            spool,
+            dir,
+        }))
+    }
+}
+
+impl Outbox {
+    /// Queues one report (JSON), durably.
+    pub fn push(&mut self, json: &[u8]) -> anyhow::Result<()> {
+        Ok(self.spool.push(json)?)
+    }
+
+    /// Sends every queued report, in batches; `what` names them in messages.
+    pub fn deliver(&mut self, what: &str) -> anyhow::Result<()> {
+        let uploader = Uploader::new(&self.url, self.token.clone());
+        while !self.spool.is_empty() {
+            let batch = self.spool.front(BATCH);
+            match uploader.deliver(&batch) {
+                Delivery::Delivered => self.spool.pop(batch.len()),
+                Delivery::Rejected { index, message } => {
+                    tracing::error!(%message, "the collector refused a {what}: moved to rejected/");
+                    self.spool.reject(index);
+                }
+                Delivery::Retry(why) => anyhow::bail!(
+                    "the collector at {} did not take the {what}s ({why}): {} wait in {}; run again with --spool {} to deliver them",
+                    self.url,
+                    self.spool.len(),
+                    self.dir.display(),
+                    self.dir.display()
+                ),
+            }
+        }
+        tracing::info!(collector = %self.url, "{what}s delivered");
+        Ok(())
+    }
+}

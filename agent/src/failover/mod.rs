@@ -1,0 +1,644 @@
+//! `pathprobe-agent failover`: how long traffic to a service is lost when routing moves it
+//! from the primary path (ExpressRoute) to the backup (the VPN) and back.
+//!
+//! A high-rate probe stream goes to the service address, which routing can reach over
+//! either path; its probes are followed one by one ([`detect`]), so an outage is measured
+//! from the first probe lost to the first answered after, to the probe interval. Which path
+//! carried the traffic before and after is told from the answers' hop counts (and RTT when
+//! the hop counts agree), compared with low-rate probes pinned to each path (`--primary`,
+//! `--backup`: addresses only one path reaches). Without pinned probes the path the run
+//! starts on is called `primary` and any other `backup`: start such a run while the
+//! primary carries the traffic.
+//!
+//! Events (`failover`, `failback`, `outage`, `path_change`) are printed as they are known
+//! (once their `after` side is measured) and travel in the window reports, so the collector
+//! keeps them. A drill (`--drill`) waits for the primary to fail, measures, waits for the
+//! failback and gives a verdict against `--max-outage`.
+
+pub mod detect;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use pathprobe_proto::event::{EventKind, Outage, PathEvent};
+
+use crate::probe::{ProbeConfig, Prober, Sink};
+use crate::session::{Decided, Outcome, WindowStats};
+use crate::watch::{self, Observed};
+use crate::{Error, Result};
+use detect::{DetectConfig, Detector, PathKey, Transition};
+
+/// The names of the two paths in events.
+pub const PRIMARY: &str = "primary";
+pub const BACKUP: &str = "backup";
+pub const UNKNOWN: &str = "unknown";
+
+/// How to run a failover measurement.
+#[derive(Debug, Clone)]
+pub struct FailoverConfig {
+    /// The stream to the service address.
+    pub service: ProbeConfig,
+    /// Low-rate probes that only the primary, or only the backup, can carry.
+    pub primary: Option<ProbeConfig>,
+    pub backup: Option<ProbeConfig>,
+    /// A run of lost probes at least this long is an outage.
+    pub min_outage_ns: u64,
+    /// How far the before and after figures of an event reach.
+    pub settle_ns: u64,
+    /// Three path switches within this long are flapping.
+    pub flap_window_ns: u64,
+    /// Drill mode: stop once the primary has failed and traffic is back on it, and judge
+    /// every outage against this limit.
+    pub drill_max_outage_ns: Option<u64>,
+}
+
+/// What the pinned probes of one path have seen.
+#[derive(Debug, Clone, Default)]
+pub struct PathHealth {
+    /// The hop counts of its answers.
+    pub key: Option<PathKey>,
+    /// RTTs of its latest answers (ns).
+    recent_rtt: VecDeque<u64>,
+    /// Wall time of its latest answered probe.
+    pub last_answer_ns: u64,
+}
+
+impl PathHealth {
+    /// The median RTT of the latest answers.
+    pub fn rtt_ns(&self) -> Option<u64> {
+        let mut v: Vec<u64> = self.recent_rtt.iter().copied().collect();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied()
+    }
+}
+
+/// How many answers a pinned path's RTT is the median of.
+const PINNED_RTTS: usize = 64;
+
+/// The sink of a pinned path's probes.
+struct PinnedSink {
+    health: Arc<Mutex<PathHealth>>,
+    sent_ttl: Option<u8>,
+}
+
+impl Sink for PinnedSink {
+    fn window(&mut self, _w: &WindowStats) {}
+
+    fn probes(&mut self, decided: &[Decided]) {
+        let mut h = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        for d in decided {
+            if let Outcome::Answered { rtt_ns, marks, .. } = d.outcome {
+                h.key = Some(PathKey::of(&marks, self.sent_ttl));
+                h.recent_rtt.push_back(rtt_ns);
+                if h.recent_rtt.len() > PINNED_RTTS {
+                    h.recent_rtt.pop_front();
+                }
+                h.last_answer_ns = h.last_answer_ns.max(d.scheduled_wall_ns);
+            }
+        }
+    }
+
+    fn wants_probes(&self) -> bool {
+        true
+    }
+}
+
+/// Names the path of a transition's side from its hop counts and RTT.
+#[derive(Debug, Clone, Default)]
+pub struct Namer {
+    pub primary: Option<PathHealth>,
+    pub backup: Option<PathHealth>,
+    /// Without pinned probes: the path the run started on.
+    pub initial: Option<PathKey>,
+}
+
+impl Namer {
+    /// `primary`, `backup` or `unknown` for a side with hop counts `key` and median RTT
+    /// `rtt_ns`.
+    pub fn name(&self, key: PathKey, rtt_ns: Option<u64>) -> &'static str {
+        let pinned: Vec<(&'static str, &PathHealth)> = [
+            (PRIMARY, self.primary.as_ref()),
+            (BACKUP, self.backup.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(n, h)| h.filter(|h| h.key.is_some()).map(|h| (n, h)))
+        .collect();
+        if pinned.is_empty() {
+            return match self.initial {
+                Some(k) if k.same_path(&key) => PRIMARY,
+                Some(_) => BACKUP,
+                None => UNKNOWN,
+            };
+        }
+        let matching: Vec<_> = pinned
+            .iter()
+            .filter(|(_, h)| h.key.is_some_and(|k| k.same_hops(&key)))
+            .collect();
+        if let [(name, _)] = matching.as_slice() {
+            return name;
+        }
+        // Hop counts do not tell (both paths, or neither, look the same): the nearer RTT.
+        let candidates = if matching.is_empty() {
+            pinned.iter().collect::<Vec<_>>()
+        } else {
+            matching
+        };
+        #[allow(clippy::cast_precision_loss)] // a ratio of RTTs
+        let distance = |h: &PathHealth| {
+            let (a, b) = (rtt_ns? as f64, h.rtt_ns()? as f64);
+            (a > 0.0 && b > 0.0).then(|| (a / b).ln().abs())
+        };
+        candidates
+            .iter()
+            .filter_map(|(n, h)| distance(h).map(|d| (*n, d)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or(UNKNOWN, |(n, _)| n)
+    }
+}
+
+/// The event of a transition, its paths named.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // RTTs in µs to ns
+pub fn event(t: &Transition, namer: &Namer, flapping: bool) -> PathEvent {
+    let rtt = |s: &Option<pathprobe_proto::event::Segment>| {
+        s.and_then(|s| s.rtt_p50_us).map(|us| (us * 1_000.0) as u64)
+    };
+    let before = namer.name(t.key_before, rtt(&t.before));
+    let after = namer.name(t.key_after, rtt(&t.after));
+    let kind = match (before, after) {
+        (b, a) if b == a && !t.switched() => EventKind::Outage,
+        (PRIMARY, BACKUP) => EventKind::Failover,
+        (BACKUP, PRIMARY) => EventKind::Failback,
+        _ => EventKind::PathChange,
+    };
+    let p50 = |s: &Option<pathprobe_proto::event::Segment>| {
+        s.and_then(|s| s.rtt_p50_us)
+            .map_or_else(|| "?".to_string(), |us| format!("{:.1}", us / 1_000.0))
+    };
+    let summary = format!(
+        "{before} → {after}: {:.1} ms without answers ({} probes lost); RTT p50 {} → {} ms{}",
+        t.outage_ms(),
+        t.lost,
+        p50(&t.before),
+        p50(&t.after),
+        if flapping { "; FLAPPING" } else { "" }
+    );
+    PathEvent {
+        kind,
+        at_unix_ns: t.first_after.sent_unix_ns,
+        before: None,
+        after: None,
+        summary,
+        trace: None,
+        trace_error: None,
+        outage: Some(Outage {
+            outage_ms: t.outage_ms(),
+            start_unix_ns: t.start_unix_ns,
+            end_unix_ns: t.first_after.sent_unix_ns,
+            path_before: before.to_string(),
+            path_after: after.to_string(),
+            last_reply_before: t.last_before,
+            first_reply_after: t.first_after,
+            lost: t.lost,
+            reordered: t.reordered,
+            duplicated: t.duplicated,
+            before: t.before,
+            after: t.after,
+            flapping,
+        }),
+    }
+}
+
+/// Where the drill stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drill {
+    /// Waiting for the primary to fail.
+    Waiting,
+    /// Traffic left the primary.
+    Left,
+    /// Traffic is back on the primary (or the primary failed and recovered in place).
+    Done,
+}
+
+/// A finished run.
+#[derive(Debug, Clone)]
+pub struct FailoverRun {
+    pub windows: Vec<WindowStats>,
+    pub events: Vec<PathEvent>,
+    /// In a drill: whether traffic left the primary and came back within the run.
+    pub drill_complete: bool,
+}
+
+/// The service stream's sink: follows probes, names transitions, attaches events to the
+/// next window, and holds each window back until the next one closes (so the events
+/// measured after the last window still go out with it).
+struct ServiceSink<'a, E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> {
+    detector: Detector,
+    namer_base: Namer,
+    primary: Option<Arc<Mutex<PathHealth>>>,
+    backup: Option<Arc<Mutex<PathHealth>>>,
+    watch: watch::Watcher,
+    sent_ttl: Option<u8>,
+    dscp: u8,
+    flap_window_ns: u64,
+    switches: VecDeque<u64>,
+    unsent: Vec<PathEvent>,
+    all: Vec<PathEvent>,
+    held: Option<WindowStats>,
+    emit_window: E,
+    on_event: V,
+    drill: Option<Drill>,
+    stop: &'a AtomicBool,
+}
+
+impl<E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> ServiceSink<'_, E, V> {
+    fn namer(&mut self) -> Namer {
+        let read = |h: &Option<Arc<Mutex<PathHealth>>>| {
+            h.as_ref()
+                .map(|h| h.lock().unwrap_or_else(PoisonError::into_inner).clone())
+        };
+        if self.namer_base.initial.is_none() {
+            self.namer_base.initial = self.detector.current();
+        }
+        Namer {
+            primary: read(&self.primary),
+            backup: read(&self.backup),
+            initial: self.namer_base.initial,
+        }
+    }
+
+    fn transitions(&mut self, ts: Vec<Transition>) {
+        for t in ts {
+            let namer = self.namer();
+            let mut e = event(&t, &namer, false);
+            if let Some(o) = e.outage.as_mut()
+                && o.path_before != o.path_after
+            {
+                let at = e.at_unix_ns;
+                self.switches.push_back(at);
+                while self
+                    .switches
+                    .front()
+                    .is_some_and(|&s| s + self.flap_window_ns < at)
+                {
+                    self.switches.pop_front();
+                }
+                if self.switches.len() >= 3 {
+                    o.flapping = true;
+                    e.summary.push_str("; FLAPPING");
+                }
+            }
+            self.drill_step(&e);
+            (self.on_event)(&e);
+            self.unsent.push(e.clone());
+            self.all.push(e);
+        }
+    }
+
+    fn drill_step(&mut self, e: &PathEvent) {
+        let (Some(state), Some(o)) = (self.drill, e.outage.as_ref()) else {
+            return;
+        };
+        let next = match state {
+            Drill::Waiting if o.path_before == PRIMARY && o.path_after == PRIMARY => Drill::Done,
+            Drill::Waiting if o.path_before == PRIMARY => Drill::Left,
+            Drill::Left if o.path_after == PRIMARY => Drill::Done,
+            s => s,
+        };
+        if next == Drill::Done {
+            self.stop.store(true, Ordering::Relaxed);
+        }
+        self.drill = Some(next);
+    }
+
+    fn flush(&mut self) {
+        if let Some(w) = self.held.take() {
+            let signature = watch::signature(&w.marks, self.sent_ttl, self.dscp);
+            let mut events = self.watch.observe(signature, w.end_wall_ns);
+            events.append(&mut self.unsent);
+            (self.emit_window)(&w, &Observed { signature, events });
+        }
+    }
+}
+
+impl<E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> Sink for ServiceSink<'_, E, V> {
+    fn window(&mut self, w: &WindowStats) {
+        self.flush();
+        self.held = Some(w.clone());
+    }
+
+    fn probes(&mut self, decided: &[Decided]) {
+        let rtt = |h: &Option<Arc<Mutex<PathHealth>>>| {
+            h.as_ref()
+                .and_then(|h| h.lock().unwrap_or_else(PoisonError::into_inner).rtt_ns())
+        };
+        if let (Some(p), Some(b)) = (rtt(&self.primary), rtt(&self.backup)) {
+            self.detector.set_levels(p, b);
+        }
+        self.detector.push(decided);
+        let ready = self.detector.take_ready();
+        self.transitions(ready);
+    }
+
+    fn wants_probes(&self) -> bool {
+        true
+    }
+}
+
+/// A failover measurement with its sockets open.
+#[derive(Debug)]
+pub struct Failover {
+    cfg: FailoverConfig,
+    /// The stream to the service address.
+    pub service: Prober,
+    primary: Option<Prober>,
+    backup: Option<Prober>,
+}
+
+impl Failover {
+    /// Checks `cfg` and opens every socket.
+    pub fn open(cfg: FailoverConfig) -> Result<Self> {
+        validate(&cfg)?;
+        let service = Prober::open(cfg.service.clone())?;
+        let open_pinned = |c: &Option<ProbeConfig>| c.clone().map(Prober::open).transpose();
+        let (primary, backup) = (open_pinned(&cfg.primary)?, open_pinned(&cfg.backup)?);
+        Ok(Self {
+            cfg,
+            service,
+            primary,
+            backup,
+        })
+    }
+
+    /// Runs the measurement until `stop` (or the duration, or a finished drill): each
+    /// window with its events goes to `emit_window` (one window late), each event to
+    /// `on_event` as soon as it is measured.
+    pub fn run(
+        &self,
+        stop: &AtomicBool,
+        emit_window: impl FnMut(&WindowStats, &Observed),
+        on_event: impl FnMut(&PathEvent),
+    ) -> Result<FailoverRun> {
+        run(self, stop, emit_window, on_event)
+    }
+}
+
+fn run(
+    f: &Failover,
+    stop: &AtomicBool,
+    emit_window: impl FnMut(&WindowStats, &Observed),
+    on_event: impl FnMut(&PathEvent),
+) -> Result<FailoverRun> {
+    let (cfg, service, primary, backup) = (&f.cfg, &f.service, &f.primary, &f.backup);
+    let health = |p: &Option<Prober>| {
+        p.as_ref()
+            .map(|_| Arc::new(Mutex::new(PathHealth::default())))
+    };
+    let (primary_health, backup_health) = (health(primary), health(backup));
+    let pinned_stop = AtomicBool::new(false);
+    // The run's own stop: `stop` (the caller's) sets it, and so does a finished drill,
+    // which must not stop anything of the caller's.
+    let run_stop = AtomicBool::new(false);
+    let mut sink = ServiceSink {
+        detector: Detector::new(DetectConfig {
+            sent_ttl: service.sent_ttl,
+            min_outage_ns: cfg.min_outage_ns,
+            confirm: 3,
+            confirm_ns: 100_000_000,
+            span_ns: cfg.settle_ns,
+            edge_ns: 1_000_000_000,
+            max_records: 4 << 20,
+        }),
+        namer_base: Namer::default(),
+        primary: primary_health.clone(),
+        backup: backup_health.clone(),
+        watch: watch::Watcher::default(),
+        sent_ttl: service.sent_ttl,
+        dscp: cfg.service.dscp,
+        flap_window_ns: cfg.flap_window_ns,
+        switches: VecDeque::new(),
+        unsent: Vec::new(),
+        all: Vec::new(),
+        held: None,
+        emit_window,
+        on_event,
+        drill: cfg.drill_max_outage_ns.map(|_| Drill::Waiting),
+        stop: &run_stop,
+    };
+    let windows = std::thread::scope(|s| {
+        for (prober, h) in [(primary, &primary_health), (backup, &backup_health)] {
+            if let (Some(p), Some(h)) = (prober, h) {
+                let pinned_stop = &pinned_stop;
+                s.spawn(move || {
+                    let mut sink = PinnedSink {
+                        health: Arc::clone(h),
+                        sent_ttl: p.sent_ttl,
+                    };
+                    if let Err(e) = p.run_into(pinned_stop, &mut sink) {
+                        tracing::warn!(target = %p.config().target, error = %e, "a pinned path's probes stopped");
+                    }
+                });
+            }
+        }
+        let (pinned_stop, run_stop) = (&pinned_stop, &run_stop);
+        s.spawn(move || {
+            while !pinned_stop.load(Ordering::Relaxed) {
+                if stop.load(Ordering::Relaxed) {
+                    run_stop.store(true, Ordering::Relaxed);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        let result = service.run_into(run_stop, &mut sink);
+        pinned_stop.store(true, Ordering::Relaxed);
+        result
+    });
+    let windows = windows?;
+    let last = sink.detector.finish();
+    sink.transitions(last);
+    sink.flush();
+    let drill_complete = sink.drill == Some(Drill::Done);
+    let events = std::mem::take(&mut sink.all);
+    drop(sink);
+    Ok(FailoverRun {
+        windows,
+        events,
+        drill_complete,
+    })
+}
+
+/// A drill's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// The primary failed and came back, and no outage exceeded the target.
+    Pass,
+    /// An outage exceeded the target.
+    Fail,
+    /// The primary did not fail, or traffic did not come back to it, within the run.
+    Incomplete,
+}
+
+/// Judges a drill: every outage against `max_outage_ns`.
+#[allow(clippy::cast_precision_loss)] // milliseconds
+pub fn verdict(run: &FailoverRun, max_outage_ns: u64) -> Verdict {
+    let limit_ms = max_outage_ns as f64 / 1e6;
+    let worst = run
+        .events
+        .iter()
+        .filter_map(|e| e.outage.as_ref())
+        .map(|o| o.outage_ms)
+        .fold(0.0, f64::max);
+    if worst > limit_ms {
+        Verdict::Fail
+    } else if run.drill_complete {
+        Verdict::Pass
+    } else {
+        Verdict::Incomplete
+    }
+}
+
+/// Checks a configuration's settings against each other.
+pub fn validate(cfg: &FailoverConfig) -> Result<()> {
+    if cfg.min_outage_ns < cfg.service.interval_ns.saturating_mul(2) {
+        return Err(Error::Config(format!(
+            "--min-outage {:?} is under two probe intervals: raise it or the rate",
+            std::time::Duration::from_nanos(cfg.min_outage_ns)
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pathprobe_proto::event::{EdgeProbe, Segment};
+
+    const MS: u64 = 1_000_000;
+
+    fn key(h: u8) -> PathKey {
+        PathKey {
+            fwd_hops: Some(h),
+            rev_hops: Some(h),
+            level: None,
+        }
+    }
+
+    fn health(h: u8, rtt_ms: u64) -> PathHealth {
+        PathHealth {
+            key: Some(key(h)),
+            recent_rtt: [rtt_ms * MS].into(),
+            last_answer_ns: 0,
+        }
+    }
+
+    fn seg(rtt_ms: f64) -> Segment {
+        Segment {
+            from_unix_ns: 0,
+            to_unix_ns: 1,
+            probes: 10,
+            lost: 0,
+            loss_pct: Some(0.0),
+            rtt_p50_us: Some(rtt_ms * 1_000.0),
+            rtt_p90_us: None,
+            rtt_p99_us: None,
+            fwd_hops: None,
+            rev_hops: None,
+        }
+    }
+
+    fn transition(before: u8, after: u8, rtt: (f64, f64)) -> Transition {
+        Transition {
+            key_before: key(before),
+            key_after: key(after),
+            last_before: Some(EdgeProbe {
+                seq: 9,
+                sent_unix_ns: 9 * MS,
+            }),
+            first_after: EdgeProbe {
+                seq: 1_510,
+                sent_unix_ns: 1_510 * MS,
+            },
+            start_unix_ns: 10 * MS,
+            lost: 1_500,
+            reordered: 0,
+            duplicated: 0,
+            before: Some(seg(rtt.0)),
+            after: Some(seg(rtt.1)),
+        }
+    }
+
+    #[test]
+    fn pinned_hop_counts_name_the_paths() {
+        let namer = Namer {
+            primary: Some(health(1, 4)),
+            backup: Some(health(2, 10)),
+            initial: None,
+        };
+        let e = event(&transition(1, 2, (4.0, 10.0)), &namer, false);
+        let o = e.outage.unwrap();
+        assert_eq!(e.kind, EventKind::Failover);
+        assert_eq!(
+            (o.path_before.as_str(), o.path_after.as_str()),
+            ("primary", "backup")
+        );
+        assert!((o.outage_ms - 1_500.0).abs() < 1e-9);
+        let back = event(&transition(2, 1, (10.0, 4.0)), &namer, false);
+        assert_eq!(back.kind, EventKind::Failback);
+        let same = event(&transition(1, 1, (4.0, 4.0)), &namer, false);
+        assert_eq!(same.kind, EventKind::Outage);
+    }
+
+    #[test]
+    fn equal_hop_counts_are_told_apart_by_rtt() {
+        // An IPsec tunnel hides its routers: both paths show one hop.
+        let namer = Namer {
+            primary: Some(health(1, 4)),
+            backup: Some(health(1, 30)),
+            initial: None,
+        };
+        assert_eq!(namer.name(key(1), Some(5 * MS)), PRIMARY);
+        assert_eq!(namer.name(key(1), Some(25 * MS)), BACKUP);
+        assert_eq!(namer.name(key(1), None), UNKNOWN);
+        let e = event(&transition(1, 1, (4.0, 28.0)), &namer, false);
+        assert_eq!(e.kind, EventKind::Failover, "same hops, the backup's RTT");
+    }
+
+    #[test]
+    fn without_pinned_probes_the_starting_path_is_the_primary() {
+        let namer = Namer {
+            initial: Some(key(1)),
+            ..Namer::default()
+        };
+        assert_eq!(namer.name(key(1), None), PRIMARY);
+        assert_eq!(namer.name(key(3), None), BACKUP);
+        assert_eq!(Namer::default().name(key(1), None), UNKNOWN);
+    }
+
+    #[test]
+    fn a_drill_passes_fails_or_is_incomplete() {
+        let namer = Namer {
+            primary: Some(health(1, 4)),
+            backup: Some(health(2, 10)),
+            initial: None,
+        };
+        let over = event(&transition(1, 2, (4.0, 10.0)), &namer, false);
+        let run = |events: Vec<PathEvent>, done| FailoverRun {
+            windows: Vec::new(),
+            events,
+            drill_complete: done,
+        };
+        assert_eq!(
+            verdict(&run(vec![over.clone()], true), 10_000 * MS),
+            Verdict::Pass
+        );
+        assert_eq!(
+            verdict(&run(vec![over.clone()], true), 1_000 * MS),
+            Verdict::Fail
+        );
+        assert_eq!(
+            verdict(&run(vec![over], false), 10_000 * MS),
+            Verdict::Incomplete
+        );
+    }
+}
