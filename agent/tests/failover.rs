@@ -98,6 +98,25 @@ fn a_scheduled_blackout_is_measured_to_the_probe_interval_and_reaches_the_collec
     let outage = stored[0].event.outage.as_ref().unwrap();
     assert!((outage.outage_ms - ms).abs() < 1e-9);
     assert_eq!(outage.path_before, "primary");
+    // `compare expressroute vpn` shows it: a failover run's events concern both paths.
+    let side = |n: &str| pathprobe_collector::store::Selector {
+        name_or_kind: n.into(),
+        site: None,
+    };
+    let c = pathprobe_collector::compare::compare(
+        &store,
+        &side("expressroute"),
+        &side("vpn"),
+        0,
+        u64::MAX,
+    )
+    .unwrap();
+    assert_eq!(c.events.len(), 1, "{:?}", c.events);
+    assert!(
+        pathprobe_collector::compare::table(&c).contains("service (other"),
+        "{}",
+        pathprobe_collector::compare::table(&c)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -1,7 +1,8 @@
 //! ExpressRoute vs VPN, side by side: the figures of two path selections over one time
 //! range, each computed from the exact merge of their windows, with the difference (b − a)
-//! and ratio (b / a) of every figure, and what happened to either side in the range (its
-//! events: route and marking changes).
+//! and ratio (b / a) of every figure, and what happened in the range: the events of either
+//! side (route and marking changes) and every failover, failback and outage of the site
+//! (those belong to the service path a failover run probes, and concern both sides).
 
 use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
@@ -11,9 +12,12 @@ use pathprobe_proto::hist::{Metric, Summary};
 use serde::Serialize;
 
 use crate::Result;
+use pathprobe_proto::event::EventKind;
+
 use crate::store::{EventRow, Merged, Selector, Store};
 
-/// Most events a comparison lists per side (the newest are cut; `/v1/events` has them all).
+/// Most events a comparison takes per side and per failover kind, and lists three times
+/// this at most (the newest are cut; `/v1/events` has them all).
 pub const MAX_EVENTS: usize = 100;
 
 /// One figure of both sides.
@@ -111,6 +115,18 @@ pub fn compare(
     let mb = store.query(b, from_ns, to_ns)?;
     let mut events = store.events(a, from_ns, to_ns, None, MAX_EVENTS)?;
     events.extend(store.events(b, from_ns, to_ns, None, MAX_EVENTS)?);
+    let site = Selector {
+        name_or_kind: String::new(),
+        site: a.site.clone(),
+    };
+    for kind in [
+        EventKind::Failover,
+        EventKind::Failback,
+        EventKind::Outage,
+        EventKind::PathChange,
+    ] {
+        events.extend(store.events(&site, from_ns, to_ns, Some(kind), MAX_EVENTS)?);
+    }
     let key = |e: &EventRow| {
         (
             e.event.at_unix_ns,
@@ -122,8 +138,10 @@ pub fn compare(
         )
     };
     events.sort_by_cached_key(key);
-    // A path both selectors match is listed once.
+    // An event found twice (a path both selectors match, a failover of side a) is listed
+    // once.
     events.dedup();
+    events.truncate(3 * MAX_EVENTS);
     let rows = figures(&ma)
         .into_iter()
         .zip(figures(&mb))

@@ -165,6 +165,10 @@ struct Pending {
 pub struct Detector {
     cfg: DetectConfig,
     current: Option<PathKey>,
+    /// The path the run started on (completed while traffic stays on it).
+    initial: Option<PathKey>,
+    /// A transition has happened.
+    moved: bool,
     last_ok: Option<EdgeProbe>,
     gap: Option<Gap>,
     candidate: Option<Candidate>,
@@ -182,6 +186,8 @@ impl Detector {
         Self {
             cfg,
             current: None,
+            initial: None,
+            moved: false,
             last_ok: None,
             gap: None,
             candidate: None,
@@ -212,6 +218,11 @@ impl Detector {
     /// The path carrying traffic now, as far as the answers tell.
     pub const fn current(&self) -> Option<PathKey> {
         self.current
+    }
+
+    /// The path the run started on.
+    pub const fn initial(&self) -> Option<PathKey> {
+        self.initial
     }
 
     /// Feeds probes in sequence order.
@@ -287,6 +298,7 @@ impl Detector {
         let Some(current) = self.current else {
             // The first answer sets the path; loss before it is the start of the run.
             self.current = Some(key);
+            self.initial = Some(key);
             self.last_ok = Some(edge);
             self.gap = None;
             return;
@@ -295,6 +307,9 @@ impl Detector {
             // What this answer shows that the path's key lacked (an RTT level known only
             // now) completes it.
             self.current = Some(current.filled_from(&key));
+            if !self.moved {
+                self.initial = self.current;
+            }
             // Back on the path (an odd answer in between was not a switch).
             if let Some(c) = self.candidate.take() {
                 self.gap = merge_gaps(c.gap, self.gap);
@@ -340,6 +355,7 @@ impl Detector {
         // A transition ends the previous one's `after` segment.
         let start = gap.map_or(first.sent_unix_ns, |g| g.first_lost.sent_unix_ns);
         self.complete_pending(start);
+        self.moved = true;
         let last_before = self.last_ok;
         let t = Transition {
             key_before: before,

@@ -234,7 +234,6 @@ pub struct FailoverRun {
 /// measured after the last window still go out with it).
 struct ServiceSink<'a, E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> {
     detector: Detector,
-    namer_base: Namer,
     primary: Option<Arc<Mutex<PathHealth>>>,
     backup: Option<Arc<Mutex<PathHealth>>>,
     watch: watch::Watcher,
@@ -252,18 +251,15 @@ struct ServiceSink<'a, E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> 
 }
 
 impl<E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> ServiceSink<'_, E, V> {
-    fn namer(&mut self) -> Namer {
+    fn namer(&self) -> Namer {
         let read = |h: &Option<Arc<Mutex<PathHealth>>>| {
             h.as_ref()
                 .map(|h| h.lock().unwrap_or_else(PoisonError::into_inner).clone())
         };
-        if self.namer_base.initial.is_none() {
-            self.namer_base.initial = self.detector.current();
-        }
         Namer {
             primary: read(&self.primary),
             backup: read(&self.backup),
-            initial: self.namer_base.initial,
+            initial: self.detector.initial(),
         }
     }
 
@@ -409,7 +405,6 @@ fn run(
             edge_ns: 1_000_000_000,
             max_records: 4 << 20,
         }),
-        namer_base: Namer::default(),
         primary: primary_health.clone(),
         backup: backup_health.clone(),
         watch: watch::Watcher::default(),
@@ -613,6 +608,87 @@ mod tests {
         assert_eq!(namer.name(key(1), None), PRIMARY);
         assert_eq!(namer.name(key(3), None), BACKUP);
         assert_eq!(Namer::default().name(key(1), None), UNKNOWN);
+    }
+
+    #[test]
+    fn the_third_switch_within_the_flap_window_is_flapping_and_a_drill_ends_at_failback() {
+        let stop = AtomicBool::new(false);
+        let mut got: Vec<PathEvent> = Vec::new();
+        let mut sink = ServiceSink {
+            detector: Detector::new(DetectConfig {
+                sent_ttl: Some(64),
+                min_outage_ns: 20 * MS,
+                confirm: 3,
+                confirm_ns: 100 * MS,
+                span_ns: 1_000 * MS,
+                edge_ns: 1_000 * MS,
+                max_records: 1 << 20,
+            }),
+            primary: None,
+            backup: None,
+            watch: watch::Watcher::default(),
+            sent_ttl: Some(64),
+            dscp: 0,
+            flap_window_ns: 60_000 * MS,
+            switches: VecDeque::new(),
+            unsent: Vec::new(),
+            all: Vec::new(),
+            held: None,
+            emit_window: |_: &WindowStats, _: &Observed| {},
+            on_event: |e: &PathEvent| got.push(e.clone()),
+            drill: Some(Drill::Waiting),
+            stop: &stop,
+        };
+        // Two seconds at a time on one path, then the other: one router, then two.
+        let mut seq = 0u64;
+        for (i, hops) in [1u8, 2, 1, 2, 1].into_iter().enumerate() {
+            let probes: Vec<Decided> = (0..2_000)
+                .map(|_| {
+                    seq += 1;
+                    Decided {
+                        seq,
+                        scheduled_ns: seq * MS,
+                        scheduled_wall_ns: seq * MS,
+                        outcome: Outcome::Answered {
+                            rtt_ns: 4 * MS,
+                            marks: crate::session::Marks {
+                                far_ttl: Some(64 - hops),
+                                back_ttl: Some(64 - hops),
+                                ..crate::session::Marks::default()
+                            },
+                            reordered: false,
+                        },
+                    }
+                })
+                .collect();
+            sink.probes(&probes);
+            if i == 2 {
+                // Out to the backup and back: the drill is done.
+                assert!(
+                    stop.load(Ordering::Relaxed),
+                    "the drill stops at the failback"
+                );
+            }
+        }
+        let last = sink.detector.finish();
+        sink.transitions(last);
+        drop(sink);
+        let kinds: Vec<_> = got.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                EventKind::Failover,
+                EventKind::Failback,
+                EventKind::Failover,
+                EventKind::Failback
+            ]
+        );
+        let flapping: Vec<_> = got
+            .iter()
+            .map(|e| e.outage.as_ref().unwrap().flapping)
+            .collect();
+        assert_eq!(flapping, [false, false, true, true]);
+        assert!(got[2].summary.ends_with("; FLAPPING"), "{}", got[2].summary);
     }
 
     #[test]
