@@ -103,7 +103,7 @@ pub struct Transition {
     pub start_unix_ns: u64,
     /// Probes lost between the last answer before and the first after.
     pub lost: u64,
-    /// The probe interval, which bounds the error of the outage's length.
+    /// Answers reordered, and extra copies, within `edge_ns` of the outage.
     pub reordered: u64,
     pub duplicated: u64,
     pub before: Option<Segment>,

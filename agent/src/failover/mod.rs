@@ -157,9 +157,10 @@ impl Namer {
     }
 }
 
-/// The event of a transition, its paths named.
+/// The event of a transition, its paths named (not yet flagged as flapping: that takes the
+/// run's history).
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // RTTs in µs to ns
-pub fn event(t: &Transition, namer: &Namer, flapping: bool) -> PathEvent {
+pub fn event(t: &Transition, namer: &Namer) -> PathEvent {
     let rtt = |s: &Option<pathprobe_proto::event::Segment>| {
         s.and_then(|s| s.rtt_p50_us).map(|us| (us * 1_000.0) as u64)
     };
@@ -176,12 +177,11 @@ pub fn event(t: &Transition, namer: &Namer, flapping: bool) -> PathEvent {
             .map_or_else(|| "?".to_string(), |us| format!("{:.1}", us / 1_000.0))
     };
     let summary = format!(
-        "{before} → {after}: {:.1} ms without answers ({} probes lost); RTT p50 {} → {} ms{}",
+        "{before} → {after}: {:.1} ms without answers ({} probes lost); RTT p50 {} → {} ms",
         t.outage_ms(),
         t.lost,
         p50(&t.before),
         p50(&t.after),
-        if flapping { "; FLAPPING" } else { "" }
     );
     PathEvent {
         kind,
@@ -204,7 +204,7 @@ pub fn event(t: &Transition, namer: &Namer, flapping: bool) -> PathEvent {
             duplicated: t.duplicated,
             before: t.before,
             after: t.after,
-            flapping,
+            flapping: false,
         }),
     }
 }
@@ -266,7 +266,7 @@ impl<E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> ServiceSink<'_, E,
     fn transitions(&mut self, ts: Vec<Transition>) {
         for t in ts {
             let namer = self.namer();
-            let mut e = event(&t, &namer, false);
+            let mut e = event(&t, &namer);
             if let Some(o) = e.outage.as_mut()
                 && o.path_before != o.path_after
             {
@@ -311,6 +311,16 @@ impl<E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> ServiceSink<'_, E,
         if let Some(w) = self.held.take() {
             let signature = watch::signature(&w.marks, self.sent_ttl, self.dscp);
             let mut events = self.watch.observe(signature, w.end_wall_ns);
+            for e in &mut events {
+                if e.kind == EventKind::SignatureChange {
+                    // This runs on the aggregator's thread, which must not wait seconds for
+                    // routers to answer; the failover event says where traffic went.
+                    e.trace_error = Some(
+                        "a failover run does not trace: see its failover event, or run `pathprobe-agent trace`"
+                            .to_string(),
+                    );
+                }
+            }
             events.append(&mut self.unsent);
             (self.emit_window)(&w, &Observed { signature, events });
         }
@@ -570,7 +580,7 @@ mod tests {
             backup: Some(health(2, 10)),
             initial: None,
         };
-        let e = event(&transition(1, 2, (4.0, 10.0)), &namer, false);
+        let e = event(&transition(1, 2, (4.0, 10.0)), &namer);
         let o = e.outage.unwrap();
         assert_eq!(e.kind, EventKind::Failover);
         assert_eq!(
@@ -578,9 +588,9 @@ mod tests {
             ("primary", "backup")
         );
         assert!((o.outage_ms - 1_500.0).abs() < 1e-9);
-        let back = event(&transition(2, 1, (10.0, 4.0)), &namer, false);
+        let back = event(&transition(2, 1, (10.0, 4.0)), &namer);
         assert_eq!(back.kind, EventKind::Failback);
-        let same = event(&transition(1, 1, (4.0, 4.0)), &namer, false);
+        let same = event(&transition(1, 1, (4.0, 4.0)), &namer);
         assert_eq!(same.kind, EventKind::Outage);
     }
 
@@ -595,7 +605,7 @@ mod tests {
         assert_eq!(namer.name(key(1), Some(5 * MS)), PRIMARY);
         assert_eq!(namer.name(key(1), Some(25 * MS)), BACKUP);
         assert_eq!(namer.name(key(1), None), UNKNOWN);
-        let e = event(&transition(1, 1, (4.0, 28.0)), &namer, false);
+        let e = event(&transition(1, 1, (4.0, 28.0)), &namer);
         assert_eq!(e.kind, EventKind::Failover, "same hops, the backup's RTT");
     }
 
@@ -698,7 +708,7 @@ mod tests {
             backup: Some(health(2, 10)),
             initial: None,
         };
-        let over = event(&transition(1, 2, (4.0, 10.0)), &namer, false);
+        let over = event(&transition(1, 2, (4.0, 10.0)), &namer);
         let run = |events: Vec<PathEvent>, done| FailoverRun {
             windows: Vec::new(),
             events,
