@@ -30,8 +30,8 @@
 //! [[drill]]                     # a failover drill in a maintenance window (`failover --drill`)
 //! name = "service"
 //! target = "10.1.0.1:862"       # the service address, routed over either path
-//! primary = "10.10.2.2:862"     # optional: reflectors only one path reaches
-//! backup = "10.20.3.2:862"
+//! primary = "10.10.2.2:862"     # optional: reflectors only one path reaches (or pinned
+//! backup = "10.20.3.2:862"      # to it: "HOST:PORT,bind=ADDR" / ",interface=IF" / ",fwmark=N")
 //! start = "2026-11-28T02:00:00Z"
 //! duration = "2h"               # the window; the drill ends once traffic is back on the primary
 //! max_outage = "10s"
@@ -47,7 +47,7 @@ use pathprobe_proto::report::{PathInfo, PathKind, ProbeProtocol};
 use pathprobe_proto::stamp::{Mode, TimestampFormat};
 use serde::Deserialize;
 
-use crate::failover::{self, Failover, FailoverConfig, Verdict};
+use crate::failover::{self, Failover, FailoverConfig, PinnedPath, Verdict};
 use crate::output::{self, Labels};
 use crate::probe::{ProbeConfig, Prober};
 use crate::reflector::{self, ReflectorConfig, ReflectorStats};
@@ -257,15 +257,7 @@ impl AgentConfig {
                 d.proto
             )));
         }
-        let start = humantime::parse_rfc3339_weak(&d.start)
-            .map_err(|e| {
-                bad(format!(
-                    "start = \"{}\" is not a time ({e}): write it like 2026-11-28T02:00:00Z",
-                    d.start
-                ))
-            })?
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, nanos);
+        let start = drill_start(&d.start).map_err(bad)?;
         let length = dur("duration", Some(&d.duration), Duration::ZERO)?;
         let late = nanos(dur(
             "timeout",
@@ -273,16 +265,16 @@ impl AgentConfig {
             Duration::from_secs(1),
         )?);
         let window = nanos(dur("window", d.window.as_deref(), Duration::from_secs(10))?);
-        let stream = |target: SocketAddr, rate: u32, protocol, pinned: bool| {
+        let stream = |field: &str, pin: &PinnedPath, rate: u32, protocol| {
             if rate == 0 {
                 return Err(bad("rates must be at least 1".to_string()));
             }
             let cfg = ProbeConfig {
                 protocol,
-                target,
-                bind: if pinned { None } else { d.bind },
-                interface: if pinned { None } else { d.interface.clone() },
-                fwmark: if pinned { None } else { d.fwmark },
+                target: resolve(field, &pin.target)?,
+                bind: pin.bind,
+                interface: pin.interface.clone(),
+                fwmark: pin.fwmark,
                 interval_ns: 1_000_000_000 / u64::from(rate),
                 count: None,
                 duration_ns: Some(nanos(length)),
@@ -302,16 +294,20 @@ impl AgentConfig {
         let pinned_rate = d.pinned_rate.unwrap_or(20);
         let pinned = |field: &str, t: &Option<String>| {
             t.as_deref()
-                .map(|t| stream(resolve(field, t)?, pinned_rate, ProbeProtocol::Stamp, true))
+                .map(|t| {
+                    let p: PinnedPath = t.parse().map_err(|e| bad(format!("{field}: {e}")))?;
+                    stream(field, &p, pinned_rate, ProbeProtocol::Stamp)
+                })
                 .transpose()
         };
+        let service = PinnedPath {
+            target: d.target.clone(),
+            bind: d.bind,
+            interface: d.interface.clone(),
+            fwmark: d.fwmark,
+        };
         let cfg = FailoverConfig {
-            service: stream(
-                resolve("target", &d.target)?,
-                d.rate.unwrap_or(1_000),
-                d.proto,
-                false,
-            )?,
+            service: stream("target", &service, d.rate.unwrap_or(1_000), d.proto)?,
             primary: pinned("primary", &d.primary)?,
             backup: pinned("backup", &d.backup)?,
             min_outage_ns: nanos(dur(
@@ -399,6 +395,15 @@ impl AgentConfig {
         cfg.validate().map_err(|e| bad(e.to_string()))?;
         Ok(cfg)
     }
+}
+
+/// A drill's start time in ns since 1970, or what is wrong with it.
+fn drill_start(start: &str) -> std::result::Result<u64, String> {
+    humantime::parse_rfc3339_weak(start)
+        .map_err(|e| {
+            format!("start = \"{start}\" is not a time ({e}): write it like 2026-11-28T02:00:00Z")
+        })
+        .map(|t| t.duration_since(std::time::UNIX_EPOCH).map_or(0, nanos))
 }
 
 fn token(c: &CollectorSection) -> Result<Option<String>> {

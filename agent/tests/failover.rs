@@ -41,7 +41,8 @@ fn a_scheduled_blackout_is_measured_to_the_probe_interval_and_reaches_the_collec
         "--target",
         &em.1.to_string(),
         "--primary",
-        &r.addr.to_string(),
+        // Pinned by source address too, as where both paths reach the same reflector.
+        &format!("{},bind=127.0.0.1", r.addr),
         "--rate",
         "1000",
         "--duration",
@@ -157,6 +158,18 @@ fn bad_failover_flags_are_named() {
     );
     let o = failover(&["--target", &r.addr.to_string(), "--rate", "0"]);
     assert_eq!(o.status.code(), Some(2));
+    let o = failover(&[
+        "--target",
+        &r.addr.to_string(),
+        "--primary",
+        "127.0.0.1:1,mark=1",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--primary") && err.contains("fwmark=N"),
+        "{err}"
+    );
     let o = failover(&["--target", "127.0.0.1:1", "--duration", "5s"]);
     assert_eq!(o.status.code(), Some(2), "a closed port: nothing answers");
 }

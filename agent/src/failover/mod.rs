@@ -34,6 +34,59 @@ pub const PRIMARY: &str = "primary";
 pub const BACKUP: &str = "backup";
 pub const UNKNOWN: &str = "unknown";
 
+/// A pinned path's far end and how its probes are pinned to the path:
+/// `HOST:PORT[,bind=ADDR][,interface=NAME][,fwmark=N]`. An address only one path reaches
+/// needs no more; where both paths reach the same address, the source address, interface
+/// or firewall mark picks the path (policy routing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedPath {
+    pub target: String,
+    pub bind: Option<std::net::SocketAddr>,
+    pub interface: Option<String>,
+    pub fwmark: Option<u32>,
+}
+
+impl std::str::FromStr for PinnedPath {
+    type Err = String;
+    fn from_str(v: &str) -> std::result::Result<Self, String> {
+        let mut parts = v.split(',');
+        let target = parts.next().unwrap_or_default().trim().to_string();
+        if target.is_empty() {
+            return Err(format!("`{v}` has no HOST:PORT first"));
+        }
+        let mut p = Self {
+            target,
+            bind: None,
+            interface: None,
+            fwmark: None,
+        };
+        for kv in parts {
+            let (k, val) = kv.split_once('=').unwrap_or((kv, ""));
+            let bad = |what: &str| format!("`{kv}` in `{v}`: {what}");
+            match k.trim() {
+                "bind" => {
+                    let ip = val.parse::<std::net::IpAddr>().map(|ip| (ip, 0).into());
+                    p.bind = Some(
+                        val.parse()
+                            .or(ip)
+                            .map_err(|_| bad("bind= takes an address (ADDR or ADDR:PORT)"))?,
+                    );
+                }
+                "interface" if !val.is_empty() => p.interface = Some(val.to_string()),
+                "fwmark" => {
+                    p.fwmark = Some(val.parse().map_err(|_| bad("fwmark= takes a number"))?);
+                }
+                _ => {
+                    return Err(bad(
+                        "use bind=ADDR, interface=NAME or fwmark=N after HOST:PORT, comma-separated",
+                    ));
+                }
+            }
+        }
+        Ok(p)
+    }
+}
+
 /// How to run a failover measurement.
 #[derive(Debug, Clone)]
 pub struct FailoverConfig {
@@ -571,6 +624,31 @@ mod tests {
             before: Some(seg(rtt.0)),
             after: Some(seg(rtt.1)),
         }
+    }
+
+    #[test]
+    fn a_pinned_path_is_an_address_and_how_to_pin_it() {
+        let p: PinnedPath = "10.10.2.2:862".parse().unwrap();
+        assert_eq!(
+            (p.target.as_str(), p.bind, p.fwmark),
+            ("10.10.2.2:862", None, None)
+        );
+        let p: PinnedPath = "10.1.0.1:862,bind=10.0.0.5,interface=eth1,fwmark=100"
+            .parse()
+            .unwrap();
+        assert_eq!(p.bind, Some("10.0.0.5:0".parse().unwrap()));
+        assert_eq!(p.interface.as_deref(), Some("eth1"));
+        assert_eq!(p.fwmark, Some(100));
+        for bad in [
+            "",
+            "10.1.0.1:862,mark=1",
+            "10.1.0.1:862,fwmark=x",
+            "10.1.0.1:862,bind=eth1",
+        ] {
+            assert!(bad.parse::<PinnedPath>().is_err(), "{bad}");
+        }
+        let err = "10.1.0.1:862,mark=1".parse::<PinnedPath>().unwrap_err();
+        assert!(err.contains("fwmark=N"), "{err}");
     }
 
     #[test]

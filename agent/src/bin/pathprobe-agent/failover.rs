@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
 use clap::ValueEnum;
-use pathprobe_agent::failover::{self, FailoverConfig, FailoverRun, Verdict};
+use pathprobe_agent::failover::{self, FailoverConfig, FailoverRun, PinnedPath, Verdict};
 use pathprobe_agent::output::{self, Labels};
 use pathprobe_agent::probe::{self, ProbeConfig};
 use pathprobe_agent::session::WindowStats;
@@ -39,13 +39,14 @@ pub struct FailoverArgs {
     /// Probes per second to the service: the outage is measured to 1/rate.
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=100_000), env = "PATHPROBE_RATE")]
     rate: u32,
-    /// A reflector only the primary path (ExpressRoute) reaches, HOST:PORT: low-rate
-    /// probes there tell which path is alive and what it looks like.
+    /// A reflector over the primary path (ExpressRoute) only: low-rate probes there tell
+    /// which path is alive and what it looks like. HOST:PORT of an address only that path
+    /// reaches, or pinned to it: HOST:PORT,bind=ADDR / ,interface=NAME / ,fwmark=N.
     #[arg(long, env = "PATHPROBE_PRIMARY")]
-    primary: Option<String>,
-    /// A reflector only the backup path (the VPN) reaches.
+    primary: Option<PinnedPath>,
+    /// A reflector over the backup path (the VPN) only, like --primary.
     #[arg(long, env = "PATHPROBE_BACKUP")]
-    backup: Option<String>,
+    backup: Option<PinnedPath>,
     /// Probes per second to each of --primary and --backup.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000), env = "PATHPROBE_PINNED_RATE")]
     pinned_rate: u32,
@@ -102,18 +103,17 @@ fn rfc3339(ns: u64) -> String {
 
 fn stream(
     args: &FailoverArgs,
-    target: &str,
+    path: &PinnedPath,
     rate: u32,
     protocol: ProbeProtocol,
-    pin: bool,
 ) -> anyhow::Result<ProbeConfig> {
     let late = nanos(args.timeout);
     Ok(ProbeConfig {
         protocol,
-        target: resolve(target)?,
-        bind: pin.then_some(args.pin.bind).flatten(),
-        interface: pin.then(|| args.pin.interface.clone()).flatten(),
-        fwmark: pin.then_some(args.pin.fwmark).flatten(),
+        target: resolve(&path.target)?,
+        bind: path.bind,
+        interface: path.interface.clone(),
+        fwmark: path.fwmark,
         interval_ns: 1_000_000_000 / u64::from(rate),
         count: None,
         duration_ns: args.duration.map(nanos),
@@ -135,13 +135,19 @@ fn config(args: &FailoverArgs) -> anyhow::Result<FailoverConfig> {
         FailoverProto::Stamp => ProbeProtocol::Stamp,
         FailoverProto::TcpSyn => ProbeProtocol::TcpSyn,
     };
-    let pinned = |t: &Option<String>| {
-        t.as_deref()
-            .map(|t| stream(args, t, args.pinned_rate, ProbeProtocol::Stamp, false))
+    let pinned = |p: &Option<PinnedPath>| {
+        p.as_ref()
+            .map(|p| stream(args, p, args.pinned_rate, ProbeProtocol::Stamp))
             .transpose()
     };
+    let service = PinnedPath {
+        target: args.target.clone(),
+        bind: args.pin.bind,
+        interface: args.pin.interface.clone(),
+        fwmark: args.pin.fwmark,
+    };
     let cfg = FailoverConfig {
-        service: stream(args, &args.target, args.rate, protocol, true)?,
+        service: stream(args, &service, args.rate, protocol)?,
         primary: pinned(&args.primary)?,
         backup: pinned(&args.backup)?,
         min_outage_ns: nanos(args.min_outage),
