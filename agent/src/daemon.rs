@@ -287,6 +287,8 @@ impl AgentConfig {
                 // A drill waits for the primary to fail: silence shows as loss.
                 no_reply_ns: u64::MAX,
                 ssid: 0,
+                // Follow routing probe by probe: the point is to see it move.
+                route_each_probe: true,
             };
             cfg.validate().map_err(|e| bad(e.to_string()))?;
             Ok(cfg)
@@ -391,6 +393,7 @@ impl AgentConfig {
             // A daemon never gives up on a path: a silent target shows as 100% loss.
             no_reply_ns: u64::MAX,
             ssid: p.ssid,
+            route_each_probe: false,
         };
         cfg.validate().map_err(|e| bad(e.to_string()))?;
         Ok(cfg)

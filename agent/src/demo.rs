@@ -319,6 +319,7 @@ fn failover_demo(
         late_timeout_ns: 500_000_000,
         no_reply_ns: 3_000_000_000,
         ssid: 0,
+        route_each_probe: true,
     };
     let max_outage = Duration::from_secs(10);
     let session = Failover::open(FailoverConfig {

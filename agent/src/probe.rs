@@ -80,6 +80,12 @@ pub struct ProbeConfig {
     /// Give up when nothing at all has answered this long after the first probe.
     pub no_reply_ns: u64,
     pub ssid: u16,
+    /// Route every probe afresh (an unconnected socket: the kernel looks the route up per
+    /// datagram), so a probe stream follows routing the moment it changes. A connected
+    /// socket keeps its route until the kernel invalidates it, which a link coming back
+    /// does not always do; but only a connected socket hears ICMP port unreachable, so
+    /// probing uses one unless it must follow failovers.
+    pub route_each_probe: bool,
 }
 
 impl ProbeConfig {
@@ -251,8 +257,10 @@ fn open(cfg: &ProbeConfig) -> Result<(Socket, Timestamping)> {
                 .map_err(io_err("set the TTL"))?;
         }
     }
-    sock.connect(&cfg.target.into())
-        .map_err(io_err(&format!("reach {}", cfg.target)))?;
+    if !cfg.route_each_probe {
+        sock.connect(&cfg.target.into())
+            .map_err(io_err(&format!("reach {}", cfg.target)))?;
+    }
     let _ = sock.set_recv_buffer_size(8 << 20);
     let _ = sock.set_send_buffer_size(8 << 20);
     sys::enable_rx_metadata(&sock, v6).map_err(io_err("ask for TTL and TOS"))?;
@@ -410,6 +418,8 @@ fn sender(
     let mut due: Vec<u64> = Vec::with_capacity(BATCH);
     let mut pending: Vec<(u32, u64)> = Vec::with_capacity(BATCH);
     let (mut seq, mut tx_id) = (0u32, 0u32);
+    // An unconnected socket names the target in every datagram.
+    let to = cfg.route_each_probe.then_some(cfg.target);
     while let Some(now) = schedule.wait(stop) {
         let t1_wall = sys::realtime_ns();
         let t1 = TimestampFormat::Ntp.encode(t1_wall).unwrap_or_default();
@@ -418,7 +428,7 @@ fn sender(
         for &scheduled in &due {
             if let Some(buf) = batch.next_slot() {
                 build_probe(cfg, buf, seq, t1, ee);
-                batch.commit(cfg.size, None, None);
+                batch.commit(cfg.size, to, None);
                 push(
                     q,
                     TxEvent::Sent(Sent {
@@ -457,6 +467,17 @@ fn sender(
     shared.sender_done.store(true, Ordering::Release);
 }
 
+/// An address with an IPv4-mapped IPv6 address written as IPv4.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => v6
+            .ip()
+            .to_ipv4_mapped()
+            .map_or(a, |ip| SocketAddr::new(ip.into(), v6.port())),
+        SocketAddr::V4(_) => a,
+    }
+}
+
 /// DSCP2 of a reply's Class-of-Service TLV: the DSCP the far end received. Not from a TLV
 /// the reflector flagged as unrecognized or malformed (it echoes those unchanged).
 fn far_dscp(tlvs: &[u8]) -> Option<u8> {
@@ -468,10 +489,11 @@ fn far_dscp(tlvs: &[u8]) -> Option<u8> {
         .map(|c| c.dscp2)
 }
 
+/// `only_from`: on an unconnected socket, the target; a datagram from anywhere else is not
+/// an answer (a connected socket has the kernel drop those).
 fn receiver(
     sock: &Socket,
-    mode: Mode,
-    key: Option<&AuthKey>,
+    (mode, key, only_from): (Mode, Option<&AuthKey>, Option<SocketAddr>),
     ring: &ArrayQueue<RxEvent>,
     shared: &Shared,
 ) {
@@ -509,9 +531,10 @@ fn receiver(
             let Some((payload, meta)) = batch.get(i) else {
                 break;
             };
+            let ours = only_from.is_none_or(|t| meta.src.map(canonical) == Some(canonical(t)));
             let parsed = ReflectorPacket::new_checked(payload, mode)
                 .ok()
-                .filter(|p| !meta.truncated && key.is_none_or(|k| p.verify(k).is_ok()));
+                .filter(|p| ours && !meta.truncated && key.is_none_or(|k| p.verify(k).is_ok()));
             let Some(packet) = parsed else {
                 shared.malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -759,7 +782,10 @@ fn run(
         local_sync,
         sink,
         |start_ns, q, shared| sender(sock, cfg, start_ns, ee, q, shared),
-        |q, shared| receiver(sock, cfg.mode(), cfg.key.as_ref(), q, shared),
+        |q, shared| {
+            let only_from = cfg.route_each_probe.then_some(cfg.target);
+            receiver(sock, (cfg.mode(), cfg.key.as_ref(), only_from), q, shared);
+        },
     )
 }
 

@@ -105,8 +105,10 @@ fn root_failover_measures_blackout_failover_and_failback() {
         ms(blackout)
     );
     assert_eq!(paths(blackout), ("primary", "primary"));
-    // Link down: nothing injected; the probes in flight on ER (4 ms of RTT) are lost.
-    assert!(ms(over) <= 4.0 + 2.0, "failover: {}", ms(over));
+    // Link down: routing moves as soon as the hosts see the carrier go, so what is lost is
+    // the probes in flight on ER (4 ms of RTT) and the kernel's carrier-to-route time
+    // (0 to 2 ms in 20 link-downs here, BENCHMARKS.md): at most both, plus two intervals.
+    assert!(ms(over) <= 4.0 + 2.0 + 2.0, "failover: {}", ms(over));
     assert_eq!(paths(over), ("primary", "backup"));
     assert_eq!(over["before"]["fwd_hops"], 1, "{over}");
     assert_eq!(over["after"]["fwd_hops"], 2, "{over}");

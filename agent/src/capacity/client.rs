@@ -296,6 +296,7 @@ fn stamp(plan: &Plan, length: Duration) -> Option<Stamped> {
         late_timeout_ns: 500_000_000,
         no_reply_ns: length_ns.saturating_add(2_000_000_000),
         ssid: 0,
+        route_each_probe: false,
     })
     .ok()?;
     let windows = prober.run(&AtomicBool::new(false), |_| {}).ok()?;

@@ -146,6 +146,9 @@ struct Gap {
 struct Candidate {
     key: PathKey,
     first: EdgeProbe,
+    /// The first answer after the loss (on this key, or on an earlier candidate's when no
+    /// probe was lost since): where traffic resumed.
+    resumed: EdgeProbe,
     count: u32,
     /// The loss just before the first answer on the new key.
     gap: Option<Gap>,
@@ -310,14 +313,21 @@ impl Detector {
             if !self.moved {
                 self.initial = self.current;
             }
-            // Back on the path (an odd answer in between was not a switch).
+            // Back on the path (an odd answer in between was not a switch). Traffic resumed
+            // at the odd answers, unless probes were lost after them too.
+            let mut resumed = edge;
             if let Some(c) = self.candidate.take() {
+                if self.gap.is_none() {
+                    resumed = c.resumed;
+                }
                 self.gap = merge_gaps(c.gap, self.gap);
             }
             if let Some(g) = self.gap.take() {
-                let length = edge.sent_unix_ns.saturating_sub(g.first_lost.sent_unix_ns);
+                let length = resumed
+                    .sent_unix_ns
+                    .saturating_sub(g.first_lost.sent_unix_ns);
                 if length >= self.cfg.min_outage_ns {
-                    self.transition(current, current, Some(g), edge);
+                    self.transition(current, current, Some(g), resumed);
                 }
             }
             self.last_ok = Some(edge);
@@ -326,13 +336,19 @@ impl Detector {
         match self.candidate.as_mut() {
             Some(c) if c.key.same_path(&key) => c.count += 1,
             _ => {
-                let gap = self
-                    .candidate
-                    .take()
-                    .map_or(self.gap.take(), |c| merge_gaps(c.gap, self.gap.take()));
+                // A candidate replaced by answers on yet other hop counts (both ends of a
+                // path coming back a few milliseconds apart) keeps where traffic resumed,
+                // unless probes were lost in between.
+                let previous = self.candidate.take();
+                let resumed = match (previous, self.gap) {
+                    (Some(c), None) => c.resumed,
+                    _ => edge,
+                };
+                let gap = previous.map_or(self.gap.take(), |c| merge_gaps(c.gap, self.gap.take()));
                 self.candidate = Some(Candidate {
                     key,
                     first: edge,
+                    resumed,
                     count: 1,
                     gap,
                 });
@@ -345,7 +361,7 @@ impl Detector {
             self.candidate = None;
             // Loss among the confirming answers belongs to the new path.
             self.gap = None;
-            self.transition(current, c.key, c.gap, c.first);
+            self.transition(current, c.key, c.gap, c.resumed);
             self.current = Some(c.key);
             self.last_ok = Some(edge);
         }
@@ -643,6 +659,7 @@ mod tests {
     fn asymmetric_routing_while_a_path_comes_back_is_one_failback() {
         let mut s = Stream::new();
         s.answers(1_000, 2, 10); // on the backup
+        s.lost(1); // in flight as the route changed
         // For 6 ms the forward path is back on the primary but answers still return over
         // the backup: one hop out, two back.
         s.push(
@@ -665,7 +682,14 @@ mod tests {
             (Some(2), Some(1))
         );
         assert_eq!(t[0].key_after.rev_hops, Some(1));
-        assert_eq!(t[0].lost, 0);
+        // Traffic resumed at the first transient answer: one probe, 1 ms, was lost.
+        assert_eq!(t[0].lost, 1);
+        assert_eq!(t[0].first_after.seq, 1_001);
+        assert!(
+            (t[0].outage_ms() - 1.0).abs() < 1e-9,
+            "{}",
+            t[0].outage_ms()
+        );
     }
 
     #[test]

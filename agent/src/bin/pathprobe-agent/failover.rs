@@ -127,6 +127,8 @@ fn stream(
         // at all is a wrong address.
         no_reply_ns: late.max(3_000_000_000),
         ssid: 0,
+        // Follow routing probe by probe: the point is to see it move.
+        route_each_probe: true,
     })
 }
 

@@ -722,6 +722,7 @@ fn probe_config(args: &ProbeArgs) -> anyhow::Result<ProbeConfig> {
                 .unwrap_or(args.timeout.max(Duration::from_secs(3))),
         ),
         ssid: args.ssid,
+        route_each_probe: false,
     };
     Ok(cfg)
 }
