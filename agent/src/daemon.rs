@@ -47,7 +47,7 @@ use pathprobe_proto::report::{PathInfo, PathKind, ProbeProtocol};
 use pathprobe_proto::stamp::{Mode, TimestampFormat};
 use serde::Deserialize;
 
-use crate::failover::{self, Failover, FailoverConfig, PinnedPath, Verdict};
+use crate::failover::{self, Failover, FailoverConfig, PinnedPath, StreamTiming, Verdict};
 use crate::output::{self, Labels};
 use crate::probe::{ProbeConfig, Prober};
 use crate::reflector::{self, ReflectorConfig, ReflectorStats};
@@ -265,31 +265,19 @@ impl AgentConfig {
             Duration::from_secs(1),
         )?);
         let window = nanos(dur("window", d.window.as_deref(), Duration::from_secs(10))?);
+        let timing = StreamTiming {
+            dscp: d.dscp,
+            duration_ns: Some(nanos(length)),
+            window_ns: window,
+            late_timeout_ns: late,
+            // A drill waits for the primary to fail: silence shows as loss.
+            no_reply_ns: u64::MAX,
+        };
         let stream = |field: &str, pin: &PinnedPath, rate: u32, protocol| {
             if rate == 0 {
                 return Err(bad("rates must be at least 1".to_string()));
             }
-            let cfg = ProbeConfig {
-                protocol,
-                target: resolve(field, &pin.target)?,
-                bind: pin.bind,
-                interface: pin.interface.clone(),
-                fwmark: pin.fwmark,
-                interval_ns: 1_000_000_000 / u64::from(rate),
-                count: None,
-                duration_ns: Some(nanos(length)),
-                size: crate::probe::default_size(Mode::Unauthenticated),
-                dscp: d.dscp,
-                ttl: None,
-                key: None,
-                window_ns: window.max(1),
-                late_timeout_ns: late,
-                // A drill waits for the primary to fail: silence shows as loss.
-                no_reply_ns: u64::MAX,
-                ssid: 0,
-                // Follow routing probe by probe: the point is to see it move.
-                route_each_probe: true,
-            };
+            let cfg = timing.stream(resolve(field, &pin.target)?, pin, rate, protocol);
             cfg.validate().map_err(|e| bad(e.to_string()))?;
             Ok(cfg)
         };

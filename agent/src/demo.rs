@@ -28,8 +28,9 @@ use crate::capacity::wire::Direction;
 use crate::daemon::{AgentConfig, CollectorSection, PathSection};
 use crate::emulate::link::{LinkConfig, Profile};
 use crate::emulate::{Emulator, EmulatorConfig, EmulatorStats};
-use crate::failover::{self, Failover, FailoverConfig, FailoverRun, Verdict};
-use crate::probe::ProbeConfig;
+use crate::failover::{
+    self, Failover, FailoverConfig, FailoverRun, PinnedPath, StreamTiming, Verdict,
+};
 use crate::reflector::{self, ReflectorConfig, ReflectorStats};
 use crate::{Error, Result, daemon};
 
@@ -302,24 +303,21 @@ fn failover_demo(
     let vpn = emulator(Profile::Vpn.link(), 12).map_err(|e| e.to_string())?;
     let router = Router::bind(er.local, vpn.local).map_err(|e| e.to_string())?;
     let service = router.client.local_addr().map_err(|e| e.to_string())?;
-    let stream = |target, rate: u64| ProbeConfig {
-        protocol: ProbeProtocol::Stamp,
-        target,
-        bind: None,
-        interface: None,
-        fwmark: None,
-        interval_ns: 1_000_000_000 / rate,
-        count: None,
-        duration_ns: Some(nanos(FAILOVER_RUN)),
-        size: crate::probe::default_size(pathprobe_proto::stamp::Mode::Unauthenticated),
+    let timing = StreamTiming {
         dscp: 0,
-        ttl: None,
-        key: None,
+        duration_ns: Some(nanos(FAILOVER_RUN)),
         window_ns: 2_000_000_000,
         late_timeout_ns: 500_000_000,
         no_reply_ns: 3_000_000_000,
-        ssid: 0,
-        route_each_probe: true,
+    };
+    let stream = |target, rate| {
+        let pin = PinnedPath {
+            target: String::new(),
+            bind: None,
+            interface: None,
+            fwmark: None,
+        };
+        timing.stream(target, &pin, rate, ProbeProtocol::Stamp)
     };
     let max_outage = Duration::from_secs(10);
     let session = Failover::open(FailoverConfig {

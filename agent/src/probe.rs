@@ -593,6 +593,11 @@ pub trait Sink {
     fn wants_probes(&self) -> bool {
         false
     }
+    /// The sink has what it came for: the session stops as if `stop` were set (without
+    /// touching the caller's flag).
+    fn finished(&self) -> bool {
+        false
+    }
 }
 
 impl<F: FnMut(&WindowStats)> Sink for F {
@@ -870,7 +875,7 @@ fn aggregate(
                 });
             }
         }
-        if stop.load(Ordering::Relaxed) {
+        if stop.load(Ordering::Relaxed) || sink.finished() {
             shared.stop_tx.store(true, Ordering::Relaxed);
         }
         let sending_over = shared.sender_done.load(Ordering::Acquire);

@@ -103,6 +103,21 @@ pub struct Marks {
     pub back_dscp: Option<u8>,
 }
 
+impl Marks {
+    /// Routers out (the TTL we sent, `sent_ttl`, less the TTL the far end received; not
+    /// believed when the far end claims more than we sent) and back (the answer's TTL below
+    /// the far end's initial TTL).
+    pub fn hops(&self, sent_ttl: Option<u8>) -> (Option<u8>, Option<u8>) {
+        (
+            sent_ttl
+                .zip(self.far_ttl)
+                .and_then(|(sent, far)| sent.checked_sub(far)),
+            self.back_ttl
+                .map(pathprobe_proto::event::Signature::hops_below_initial),
+        )
+    }
+}
+
 /// How often each value of one mark was seen in a window (few distinct values: a path's
 /// hop count moves only when its route does).
 #[derive(Debug, Default)]

@@ -32,11 +32,10 @@ pub fn signature(marks: &Marks, sent_ttl: Option<u8>, dscp: u8) -> Option<Signat
     if *marks == Marks::default() {
         return None;
     }
+    let (fwd_hops, rev_hops) = marks.hops(sent_ttl);
     Some(Signature {
-        fwd_hops: sent_ttl
-            .zip(marks.far_ttl)
-            .and_then(|(sent, far)| sent.checked_sub(far)),
-        rev_hops: marks.back_ttl.map(Signature::hops_below_initial),
+        fwd_hops,
+        rev_hops,
         dscp_sent: dscp,
         dscp_far: marks.far_dscp,
         dscp_back: marks.back_dscp,

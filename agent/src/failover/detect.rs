@@ -35,13 +35,10 @@ pub struct PathKey {
 impl PathKey {
     /// The key of an answer with `marks` to a probe sent with `sent_ttl`.
     pub fn of(marks: &Marks, sent_ttl: Option<u8>) -> Self {
+        let (fwd_hops, rev_hops) = marks.hops(sent_ttl);
         Self {
-            fwd_hops: sent_ttl
-                .zip(marks.far_ttl)
-                .and_then(|(s, f)| s.checked_sub(f)),
-            rev_hops: marks
-                .back_ttl
-                .map(pathprobe_proto::event::Signature::hops_below_initial),
+            fwd_hops,
+            rev_hops,
             level: None,
         }
     }

@@ -87,6 +87,50 @@ impl std::str::FromStr for PinnedPath {
     }
 }
 
+/// What every probe stream of a failover run shares.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamTiming {
+    pub dscp: u8,
+    pub duration_ns: Option<u64>,
+    pub window_ns: u64,
+    pub late_timeout_ns: u64,
+    /// Give up when nothing at all has answered this long (`u64::MAX`: never).
+    pub no_reply_ns: u64,
+}
+
+impl StreamTiming {
+    /// A STAMP (or `tcp-syn`) stream to `target` at `rate` probes a second, pinned as `pin`
+    /// says, on an unconnected socket: each probe is routed afresh, since the point is to
+    /// see routing move.
+    pub fn stream(
+        &self,
+        target: std::net::SocketAddr,
+        pin: &PinnedPath,
+        rate: u32,
+        protocol: pathprobe_proto::report::ProbeProtocol,
+    ) -> ProbeConfig {
+        ProbeConfig {
+            protocol,
+            target,
+            bind: pin.bind,
+            interface: pin.interface.clone(),
+            fwmark: pin.fwmark,
+            interval_ns: 1_000_000_000 / u64::from(rate.max(1)),
+            count: None,
+            duration_ns: self.duration_ns,
+            size: crate::probe::default_size(pathprobe_proto::stamp::Mode::Unauthenticated),
+            dscp: self.dscp,
+            ttl: None,
+            key: None,
+            window_ns: self.window_ns.max(1),
+            late_timeout_ns: self.late_timeout_ns,
+            no_reply_ns: self.no_reply_ns,
+            ssid: 0,
+            route_each_probe: true,
+        }
+    }
+}
+
 /// How to run a failover measurement.
 #[derive(Debug, Clone)]
 pub struct FailoverConfig {
@@ -285,7 +329,7 @@ pub struct FailoverRun {
 /// The service stream's sink: follows probes, names transitions, attaches events to the
 /// next window, and holds each window back until the next one closes (so the events
 /// measured after the last window still go out with it).
-struct ServiceSink<'a, E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> {
+struct ServiceSink<E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> {
     detector: Detector,
     primary: Option<Arc<Mutex<PathHealth>>>,
     backup: Option<Arc<Mutex<PathHealth>>>,
@@ -300,10 +344,9 @@ struct ServiceSink<'a, E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> 
     emit_window: E,
     on_event: V,
     drill: Option<Drill>,
-    stop: &'a AtomicBool,
 }
 
-impl<E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> ServiceSink<'_, E, V> {
+impl<E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> ServiceSink<E, V> {
     fn namer(&self) -> Namer {
         let read = |h: &Option<Arc<Mutex<PathHealth>>>| {
             h.as_ref()
@@ -354,9 +397,6 @@ impl<E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> ServiceSink<'_, E,
             Drill::Left if o.path_after == PRIMARY => Drill::Done,
             s => s,
         };
-        if next == Drill::Done {
-            self.stop.store(true, Ordering::Relaxed);
-        }
         self.drill = Some(next);
     }
 
@@ -380,7 +420,7 @@ impl<E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> ServiceSink<'_, E,
     }
 }
 
-impl<E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> Sink for ServiceSink<'_, E, V> {
+impl<E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> Sink for ServiceSink<E, V> {
     fn window(&mut self, w: &WindowStats) {
         self.flush();
         self.held = Some(w.clone());
@@ -401,6 +441,11 @@ impl<E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> Sink for ServiceSi
 
     fn wants_probes(&self) -> bool {
         true
+    }
+
+    /// A drill ends itself once traffic is back on the primary; that stops only this run.
+    fn finished(&self) -> bool {
+        self.drill == Some(Drill::Done)
     }
 }
 
@@ -455,9 +500,6 @@ fn run(
     };
     let (primary_health, backup_health) = (health(primary), health(backup));
     let pinned_stop = AtomicBool::new(false);
-    // The run's own stop: `stop` (the caller's) sets it, and so does a finished drill,
-    // which must not stop anything of the caller's.
-    let run_stop = AtomicBool::new(false);
     let mut sink = ServiceSink {
         detector: Detector::new(DetectConfig {
             sent_ttl: service.sent_ttl,
@@ -481,7 +523,6 @@ fn run(
         emit_window,
         on_event,
         drill: cfg.drill_max_outage_ns.map(|_| Drill::Waiting),
-        stop: &run_stop,
     };
     let windows = std::thread::scope(|s| {
         for (prober, h) in [(primary, &primary_health), (backup, &backup_health)] {
@@ -498,16 +539,7 @@ fn run(
                 });
             }
         }
-        let (pinned_stop, run_stop) = (&pinned_stop, &run_stop);
-        s.spawn(move || {
-            while !pinned_stop.load(Ordering::Relaxed) {
-                if stop.load(Ordering::Relaxed) {
-                    run_stop.store(true, Ordering::Relaxed);
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        });
-        let result = service.run_into(run_stop, &mut sink);
+        let result = service.run_into(stop, &mut sink);
         pinned_stop.store(true, Ordering::Relaxed);
         result
     });
@@ -700,7 +732,6 @@ mod tests {
 
     #[test]
     fn the_third_switch_within_the_flap_window_is_flapping_and_a_drill_ends_at_failback() {
-        let stop = AtomicBool::new(false);
         let mut got: Vec<PathEvent> = Vec::new();
         let mut sink = ServiceSink {
             detector: Detector::new(DetectConfig {
@@ -725,7 +756,6 @@ mod tests {
             emit_window: |_: &WindowStats, _: &Observed| {},
             on_event: |e: &PathEvent| got.push(e.clone()),
             drill: Some(Drill::Waiting),
-            stop: &stop,
         };
         // Two seconds at a time on one path, then the other: one router, then two.
         let mut seq = 0u64;
@@ -752,10 +782,7 @@ mod tests {
             sink.probes(&probes);
             if i == 2 {
                 // Out to the backup and back: the drill is done.
-                assert!(
-                    stop.load(Ordering::Relaxed),
-                    "the drill stops at the failback"
-                );
+                assert!(sink.finished(), "the drill stops at the failback");
             }
         }
         let last = sink.detector.finish();

@@ -7,14 +7,15 @@ use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
 use clap::ValueEnum;
-use pathprobe_agent::failover::{self, FailoverConfig, FailoverRun, PinnedPath, Verdict};
+use pathprobe_agent::failover::{
+    self, FailoverConfig, FailoverRun, PinnedPath, StreamTiming, Verdict,
+};
 use pathprobe_agent::output::{self, Labels};
-use pathprobe_agent::probe::{self, ProbeConfig};
+use pathprobe_agent::probe::ProbeConfig;
 use pathprobe_agent::session::WindowStats;
 use pathprobe_agent::watch::Observed;
 use pathprobe_proto::event::{EventKind, Outage, PathEvent};
 use pathprobe_proto::report::ProbeProtocol;
-use pathprobe_proto::stamp::Mode;
 use serde::Serialize;
 
 use super::{PinArgs, ReportArgs, duration, no_answer, resolve, stop_on_signals};
@@ -108,28 +109,16 @@ fn stream(
     protocol: ProbeProtocol,
 ) -> anyhow::Result<ProbeConfig> {
     let late = nanos(args.timeout);
-    Ok(ProbeConfig {
-        protocol,
-        target: resolve(&path.target)?,
-        bind: path.bind,
-        interface: path.interface.clone(),
-        fwmark: path.fwmark,
-        interval_ns: 1_000_000_000 / u64::from(rate),
-        count: None,
-        duration_ns: args.duration.map(nanos),
-        size: probe::default_size(Mode::Unauthenticated),
+    let timing = StreamTiming {
         dscp: args.dscp,
-        ttl: None,
-        key: None,
-        window_ns: nanos(args.window).max(1),
+        duration_ns: args.duration.map(nanos),
+        window_ns: nanos(args.window),
         late_timeout_ns: late,
         // A drill may wait long for the primary to fail, but a service that never answers
         // at all is a wrong address.
         no_reply_ns: late.max(3_000_000_000),
-        ssid: 0,
-        // Follow routing probe by probe: the point is to see it move.
-        route_each_probe: true,
-    })
+    };
+    Ok(timing.stream(resolve(&path.target)?, path, rate, protocol))
 }
 
 fn config(args: &FailoverArgs) -> anyhow::Result<FailoverConfig> {
