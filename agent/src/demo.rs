@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pathprobe_collector::compare::{self, Comparison};
-use pathprobe_collector::serve::{ServeConfig, serve};
+use pathprobe_collector::serve::{Limits, ServeConfig, serve};
 use pathprobe_collector::store::{Selector, Store};
 use pathprobe_proto::report::{PathKind, ProbeProtocol};
 use pathprobe_proto::stamp::TimestampFormat;
@@ -376,7 +376,7 @@ fn start_collector(
             listen: addr,
             db: db.to_owned(),
             tokens: None,
-            max_body: 16 << 20,
+            limits: Limits::default(),
         },
         async move {
             let _ = stopped.await;

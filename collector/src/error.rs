@@ -51,6 +51,15 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// A report that would give its agent more paths than the collector keeps for one.
+    #[error(
+        "report {index} would give agent `{agent}` more than {limit} paths: remove paths from its configuration, or raise --max-paths-per-agent on the collector"
+    )]
+    TooManyPaths {
+        index: usize,
+        agent: String,
+        limit: u64,
+    },
     /// A report that cannot be decoded or merged.
     #[error("report {origin}: {source}")]
     Report {

@@ -2,12 +2,17 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `POST /v1/reports` | a JSON array of window reports; 200 `{"accepted","duplicates"}` once stored durably; 400 malformed (the message names the report and field), 401 no or unknown token, 403 a report of another agent, 413 too large, 503 store unavailable (retry) |
+//! | `POST /v1/reports` | a JSON array of window reports; 200 `{"accepted","duplicates"}` once stored durably; any refusal is `pathprobe_proto::ingest::Refused` (`error`, `reason`, `index` of the report, `limit`, `retry`): 400 malformed or outside the horizon, 401 no or unknown token, 403 a report of another agent, 413 body or batch too large, 422 one path too many for the agent, 503 busy or store unavailable (retry) |
 //! | `GET /v1/paths` | the paths known, with windows and time span |
 //! | `GET /v1/compare?a=&b=&site=&since=|from=&to=` | side-by-side figures with difference and ratio, and both sides' events |
 //! | `GET /v1/events?path=&site=&kind=&limit=&since=|from=&to=` | events (failovers, failbacks, outages, signature changes, DSCP re-marking) seen in the range, oldest first, each with its path; `path` is a name or kind, all paths without it |
 //! | `GET /v1/histogram?path=&metric=&site=&since=|from=&to=&format=v2|log` | the merged histogram in HdrHistogram's formats |
 //! | `GET /metrics` | Prometheus text exposition |
+//!
+//! Everything a token holder can make the collector hold is bounded ([`Limits`]): the body,
+//! the reports in a batch, the batches ingested at once, the paths of one agent and the
+//! paths `/metrics` keeps. Reports are validated on their encoded histograms (never built
+//! into 230 KiB bucket arrays) and stored as they arrived.
 //!
 //! A batch is accepted whole or not at all, so an agent that retries after any error can
 //! never leave half a batch behind; a report already stored is acknowledged again and not
@@ -24,22 +29,58 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use hdrhistogram::Histogram;
 use pathprobe_proto::event::EventKind;
 use pathprobe_proto::hist::{self, Metric};
-use pathprobe_proto::report::{Counters, WindowReport};
+use pathprobe_proto::ingest::{Reason, Refused};
+use pathprobe_proto::report::{Counters, EncodedReport};
 use serde::Deserialize;
+use serde::de::{DeserializeSeed, SeqAccess, Visitor};
 use serde_json::json;
+use serde_json::value::RawValue;
+use tokio::sync::Semaphore;
 
 use crate::store::{Selector, Store};
 use crate::{Error, Result, compare};
 
 /// Largest request body accepted.
 pub const DEFAULT_MAX_BODY: usize = 16 << 20;
+
+/// What one collector takes from the agents, so that no token holder can make it hold
+/// more than these allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request body, in octets.
+    pub max_body: usize,
+    /// Most reports in one batch (an agent sends 100).
+    pub max_batch: usize,
+    /// Most batches decoded and stored at once; more get 503 and retry.
+    pub max_concurrent_ingests: usize,
+    /// Most paths one agent may have.
+    pub max_paths_per_agent: u64,
+    /// Most paths `/metrics` keeps series for; later ones are counted, not exported.
+    pub max_metric_paths: usize,
+    /// Oldest window start accepted, back from now: until retention sets it, the horizon
+    /// of what the collector keeps.
+    pub max_report_age: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body: DEFAULT_MAX_BODY,
+            max_batch: 1_000,
+            max_concurrent_ingests: 4,
+            max_paths_per_agent: crate::store::DEFAULT_MAX_PATHS_PER_AGENT,
+            max_metric_paths: 1_000,
+            max_report_age: Duration::from_hours(30 * 24),
+        }
+    }
+}
 
 /// Bearer tokens, one per agent.
 #[derive(Debug, Clone, Default)]
@@ -95,31 +136,75 @@ pub struct ServeConfig {
     pub db: PathBuf,
     /// `None` accepts reports from anyone (for a lab on loopback).
     pub tokens: Option<Tokens>,
-    pub max_body: usize,
+    pub limits: Limits,
 }
 
-#[derive(Debug, Default)]
+/// Classic Prometheus buckets for latency, in seconds.
+const LATENCY_BUCKETS_S: [f64; 17] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+/// A path's figures for `/metrics`: classic RTT buckets (a few hundred octets, where the
+/// report's histogram is 230 KiB) and counters.
+#[derive(Debug, Default, Clone)]
 struct PathMetrics {
     labels: String,
-    rtt: Option<Histogram<u64>>,
+    /// Samples at or below each of [`LATENCY_BUCKETS_S`].
+    rtt_le: [u64; LATENCY_BUCKETS_S.len()],
+    rtt_count: u64,
+    /// Sum of the samples' bucket values (each within 0.1% of the sample), ns.
+    rtt_sum_ns: u128,
     counters: Counters,
+}
+
+impl PathMetrics {
+    /// Adds a report's counters and its RTT histogram blob (checked when it was read).
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    fn add(&mut self, counters: &Counters, rtt_blob: Option<&[u8]>) {
+        let _ = self.counters.merge(counters);
+        let Some(blob) = rtt_blob else { return };
+        let le_ns = LATENCY_BUCKETS_S.map(|le| (le * 1e9) as u64);
+        let _ = hist::for_each_bucket(Metric::Rtt, blob, &mut |value, n| {
+            for (i, &le) in le_ns.iter().enumerate() {
+                if value <= le {
+                    self.rtt_le[i] = self.rtt_le[i].saturating_add(n);
+                }
+            }
+            self.rtt_count = self.rtt_count.saturating_add(n);
+            self.rtt_sum_ns = self
+                .rtt_sum_ns
+                .saturating_add(u128::from(value) * u128::from(n));
+        });
+    }
 }
 
 #[derive(Debug, Default)]
 struct Metrics {
     ingested: u64,
     duplicates: u64,
-    rejected: BTreeMap<&'static str, u64>,
+    rejected: BTreeMap<Reason, u64>,
     paths: BTreeMap<String, PathMetrics>,
+    /// Reports of paths beyond `max_metric_paths`, left out of `/metrics`.
+    paths_left_out: u64,
 }
 
 struct AppState {
     db: PathBuf,
     writer: Mutex<Store>,
     tokens: Option<Tokens>,
-    max_body: usize,
+    limits: Limits,
     metrics: Mutex<Metrics>,
+    ingests: Semaphore,
+    /// Windows set aside by the rollup (and found at start).
+    quarantined: std::sync::atomic::AtomicU64,
+    /// Ingests waiting for the writer: the rollup steps aside for them between passes.
+    waiting_writers: std::sync::atomic::AtomicUsize,
 }
+
+/// Windows one rollup pass takes while holding the writer: small, so that an ingest never
+/// waits long behind the rollup.
+const ROLLUP_PASS: usize = 200;
 
 fn now_ns() -> u64 {
     SystemTime::now()
@@ -131,16 +216,36 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// The HTTP status of a refusal.
+fn status_of(reason: Reason) -> StatusCode {
+    match reason {
+        Reason::Unauthorized => StatusCode::UNAUTHORIZED,
+        Reason::Forbidden => StatusCode::FORBIDDEN,
+        Reason::TooLarge | Reason::TooManyReports => StatusCode::PAYLOAD_TOO_LARGE,
+        Reason::TooManyPaths => StatusCode::UNPROCESSABLE_ENTITY,
+        Reason::Unreadable | Reason::Malformed | Reason::Version | Reason::Horizon => {
+            StatusCode::BAD_REQUEST
+        }
+        Reason::Busy | Reason::Store => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
 impl AppState {
-    fn reject(&self, reason: &'static str, status: StatusCode, message: String) -> Response {
+    fn refuse(&self, refused: Refused) -> Response {
         *self
             .metrics
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .rejected
-            .entry(reason)
+            .entry(refused.reason)
             .or_default() += 1;
-        error(status, message)
+        let status = status_of(refused.reason);
+        let mut resp = (status, axum::Json(refused)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        resp
     }
 
     /// The agent the request's bearer token belongs to (`None` without a tokens file).
@@ -155,32 +260,34 @@ impl AppState {
             .and_then(|v| v.strip_prefix("Bearer "));
         match presented.and_then(|t| tokens.0.get(t.trim())) {
             Some(agent) => Ok(Some(agent.clone())),
-            None => Err(self.reject(
-                "unauthorized",
-                StatusCode::UNAUTHORIZED,
-                "missing or unknown bearer token: send `Authorization: Bearer TOKEN` with the agent's token from the collector's tokens file".to_string(),
-            )),
+            None => Err(self.refuse(Refused::new(
+                Reason::Unauthorized,
+                "missing or unknown bearer token: send `Authorization: Bearer TOKEN` with the agent's token from the collector's tokens file",
+            ))),
         }
     }
 
-    fn record(&self, reports: &[WindowReport], accepted: u64, duplicates: u64) {
+    /// Adds the reports of a stored batch to `/metrics`, keeping at most
+    /// `max_metric_paths` label sets.
+    fn record(&self, figures: Vec<(String, PathMetrics)>, accepted: u64, duplicates: u64) {
         let mut m = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
         m.ingested += accepted;
         m.duplicates += duplicates;
-        for r in reports {
-            let key = format!(
-                "agent=\"{}\",site=\"{}\",path=\"{}\",kind=\"{}\"",
-                r.agent_id,
-                r.site.as_deref().unwrap_or(""),
-                r.path.name,
-                r.path.kind
-            );
-            let p = m.paths.entry(key.clone()).or_default();
-            p.labels = key;
-            let _ = p.counters.merge(&r.counters);
-            if let Some(h) = r.histograms.get(&Metric::Rtt) {
-                let into = p.rtt.get_or_insert_with(|| Metric::Rtt.new_histogram());
-                let _ = hist::merge(Metric::Rtt, into, h);
+        for (key, figures) in figures {
+            let full = m.paths.len() >= self.limits.max_metric_paths;
+            match m.paths.get_mut(&key) {
+                Some(p) => {
+                    let _ = p.counters.merge(&figures.counters);
+                    for (a, b) in p.rtt_le.iter_mut().zip(figures.rtt_le) {
+                        *a = a.saturating_add(b);
+                    }
+                    p.rtt_count = p.rtt_count.saturating_add(figures.rtt_count);
+                    p.rtt_sum_ns = p.rtt_sum_ns.saturating_add(figures.rtt_sum_ns);
+                }
+                None if full => m.paths_left_out += 1,
+                None => {
+                    m.paths.insert(key, figures);
+                }
             }
         }
     }
@@ -190,6 +297,172 @@ impl AppState {
         Store::open_read_only(&self.db)
             .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
     }
+}
+
+/// Admits at most `max_concurrent_ingests` batches at once, before their bodies are read,
+/// so that memory is bounded by that many bodies.
+async fn ingest_gate(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Ok(_permit) = st.ingests.try_acquire() else {
+        let limit = st.limits.max_concurrent_ingests;
+        return st.refuse(
+            Refused::new(
+                Reason::Busy,
+                format!("the collector is ingesting {limit} batches already (--max-concurrent-ingests): retry in a second"),
+            )
+            .limit(limit as u64),
+        );
+    };
+    next.run(req).await
+}
+
+/// A JSON array of reports, kept as borrowed raw text, refused past `max` elements
+/// without reading further.
+struct Batch<'a> {
+    max: usize,
+    over: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> DeserializeSeed<'de> for Batch<'_> {
+    type Value = Vec<&'de RawValue>;
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Batch<'_> {
+    type Value = Vec<&'de RawValue>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON array of window reports")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.max));
+        while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+            if out.len() == self.max {
+                self.over.set(true);
+                return Err(serde::de::Error::custom("too many reports"));
+            }
+            out.push(raw);
+        }
+        Ok(out)
+    }
+}
+
+/// The `/metrics` key of a report's path.
+fn metric_key(r: &EncodedReport) -> String {
+    format!(
+        "agent=\"{}\",site=\"{}\",path=\"{}\",kind=\"{}\"",
+        r.agent_id,
+        r.site.as_deref().unwrap_or(""),
+        r.path.name,
+        r.path.kind
+    )
+}
+
+/// Reads, checks and stores one batch; runs on a blocking thread. Each report is checked
+/// as it is read, on its encoded histograms; nothing is stored unless all pass.
+fn ingest_batch(
+    st: &AppState,
+    body: &[u8],
+    agent: Option<&str>,
+) -> std::result::Result<
+    (
+        pathprobe_proto::ingest::Accepted,
+        Vec<(String, PathMetrics)>,
+    ),
+    Refused,
+> {
+    let over = std::cell::Cell::new(false);
+    let max = st.limits.max_batch;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let raws = Batch { max, over: &over }
+        .deserialize(&mut de)
+        .and_then(|r| de.end().map(|()| r))
+        .map_err(|e| {
+            if over.get() {
+                Refused::new(
+                    Reason::TooManyReports,
+                    format!("more than {max} reports in one request: send at most {max} per batch"),
+                )
+                .limit(max as u64)
+            } else {
+                Refused::new(
+                    Reason::Malformed,
+                    format!("the body is not a JSON array of window reports: {e}"),
+                )
+            }
+        })?;
+    let now = now_ns();
+    let age = u64::try_from(st.limits.max_report_age.as_nanos()).unwrap_or(u64::MAX);
+    let earliest = now.saturating_sub(age);
+    let mut reports = Vec::with_capacity(raws.len());
+    for (i, raw) in raws.iter().enumerate() {
+        let r = EncodedReport::from_json(raw.get().as_bytes()).map_err(|e| {
+            let reason = if matches!(e, pathprobe_proto::Error::UnsupportedVersion { .. }) {
+                Reason::Version
+            } else {
+                Reason::Malformed
+            };
+            Refused::new(reason, format!("report {i}: {e}")).at(i)
+        })?;
+        r.check_horizon(now, earliest)
+            .map_err(|e| Refused::new(Reason::Horizon, format!("report {i}: {e}")).at(i))?;
+        if let Some(agent) = agent
+            && r.agent_id != agent
+        {
+            return Err(Refused::new(
+                Reason::Forbidden,
+                format!(
+                    "report {i} is from agent `{}` but the token belongs to `{agent}`",
+                    r.agent_id
+                ),
+            )
+            .at(i));
+        }
+        reports.push(r);
+    }
+    st.waiting_writers.fetch_add(1, Ordering::SeqCst);
+    let mut writer = st.writer.lock().unwrap_or_else(PoisonError::into_inner);
+    st.waiting_writers.fetch_sub(1, Ordering::SeqCst);
+    let stored = writer.ingest(&reports, now);
+    drop(writer);
+    let outcome = match stored {
+        Ok(o) => o,
+        Err(Error::TooManyPaths {
+            index,
+            agent,
+            limit,
+        }) => {
+            let e = Error::TooManyPaths {
+                index,
+                agent,
+                limit,
+            };
+            return Err(Refused::new(Reason::TooManyPaths, e.to_string())
+                .at(index)
+                .limit(limit));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "ingest failed");
+            return Err(Refused::new(Reason::Store, format!("{e}; retry later")));
+        }
+    };
+    let mut figures: BTreeMap<String, PathMetrics> = BTreeMap::new();
+    for r in &reports {
+        let key = metric_key(r);
+        let p = figures.entry(key.clone()).or_default();
+        p.labels = key;
+        p.add(
+            &r.counters,
+            r.histograms.get(&Metric::Rtt).map(|e| e.blob.as_slice()),
+        );
+    }
+    Ok((outcome, figures.into_iter().collect()))
 }
 
 async fn ingest(
@@ -204,90 +477,35 @@ async fn ingest(
     let body = match body {
         Ok(b) => b,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return st.reject(
-                "too_large",
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "request body over {} octets: send fewer reports per request",
-                    st.max_body
-                ),
+            let max = st.limits.max_body;
+            return st.refuse(
+                Refused::new(
+                    Reason::TooLarge,
+                    format!("request body over {max} octets: send fewer reports per request"),
+                )
+                .limit(max as u64),
             );
         }
         Err(e) => {
-            return st.reject(
-                "unreadable",
-                StatusCode::BAD_REQUEST,
+            return st.refuse(Refused::new(
+                Reason::Unreadable,
                 format!("cannot read the body: {e}"),
-            );
+            ));
         }
     };
-    let raws: Vec<Box<serde_json::value::RawValue>> = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return st.reject(
-                "malformed",
-                StatusCode::BAD_REQUEST,
-                format!("the body is not a JSON array of window reports: {e}"),
-            );
-        }
-    };
-    let mut reports = Vec::with_capacity(raws.len());
-    for (i, raw) in raws.iter().enumerate() {
-        match WindowReport::from_json(raw.get().as_bytes()) {
-            Ok(r) => reports.push(r),
-            Err(e) => {
-                let reason = if matches!(e, pathprobe_proto::Error::UnsupportedVersion { .. }) {
-                    "version"
-                } else {
-                    "malformed"
-                };
-                return st.reject(reason, StatusCode::BAD_REQUEST, format!("report {i}: {e}"));
-            }
-        }
-    }
-    if let Some(agent) = &agent
-        && let Some((i, r)) = reports
-            .iter()
-            .enumerate()
-            .find(|(_, r)| r.agent_id != *agent)
-    {
-        return st.reject(
-            "forbidden",
-            StatusCode::FORBIDDEN,
-            format!(
-                "report {i} is from agent `{}` but the token belongs to `{agent}`",
-                r.agent_id
-            ),
-        );
-    }
     let st2 = Arc::clone(&st);
-    let stored = tokio::task::spawn_blocking(move || {
-        let result = st2
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .ingest(&reports, now_ns());
-        (result, reports)
-    })
-    .await;
-    match stored {
-        Ok((Ok(outcome), reports)) => {
-            st.record(&reports, outcome.accepted, outcome.duplicates);
+    let done =
+        tokio::task::spawn_blocking(move || ingest_batch(&st2, &body, agent.as_deref())).await;
+    match done {
+        Ok(Ok((outcome, figures))) => {
+            st.record(figures, outcome.accepted, outcome.duplicates);
             (StatusCode::OK, axum::Json(outcome)).into_response()
         }
-        Ok((Err(e), _)) => {
-            tracing::error!(error = %e, "ingest failed");
-            st.reject(
-                "store",
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("{e}; retry later"),
-            )
-        }
-        Err(e) => st.reject(
-            "store",
-            StatusCode::SERVICE_UNAVAILABLE,
+        Ok(Err(refused)) => st.refuse(refused),
+        Err(e) => st.refuse(Refused::new(
+            Reason::Store,
             format!("ingest task failed: {e}; retry later"),
-        ),
+        )),
     }
 }
 
@@ -463,12 +681,6 @@ async fn events_handler(State(st): State<Arc<AppState>>, Query(q): Query<EventsQ
     }
 }
 
-/// Classic Prometheus buckets for latency, in seconds.
-const LATENCY_BUCKETS_S: [f64; 17] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0,
-];
-
 /// A per-path gauge: name, help, value.
 type Gauge = (&'static str, &'static str, fn(&Counters) -> Option<f64>);
 /// A per-path counter: what, value.
@@ -512,10 +724,8 @@ fn path_series(out: &mut String, m: &Metrics) {
         "# HELP pathprobe_rtt_seconds Probe round-trip time, from the reports received since the collector started."
     );
     let _ = writeln!(out, "# TYPE pathprobe_rtt_seconds histogram");
-    for p in m.paths.values() {
-        let Some(h) = &p.rtt else { continue };
-        for le in LATENCY_BUCKETS_S {
-            let n = h.count_between(0, (le * 1e9) as u64);
+    for p in m.paths.values().filter(|p| p.rtt_count > 0) {
+        for (le, n) in LATENCY_BUCKETS_S.iter().zip(p.rtt_le) {
             let _ = writeln!(
                 out,
                 "pathprobe_rtt_seconds_bucket{{{},le=\"{le}\"}} {n}",
@@ -525,20 +735,18 @@ fn path_series(out: &mut String, m: &Metrics) {
         let _ = writeln!(
             out,
             "pathprobe_rtt_seconds_bucket{{{},le=\"+Inf\"}} {}",
-            p.labels,
-            h.len()
+            p.labels, p.rtt_count
         );
         let _ = writeln!(
             out,
             "pathprobe_rtt_seconds_sum{{{}}} {}",
             p.labels,
-            h.mean() * h.len() as f64 / 1e9
+            p.rtt_sum_ns as f64 / 1e9
         );
         let _ = writeln!(
             out,
             "pathprobe_rtt_seconds_count{{{}}} {}",
-            p.labels,
-            h.len()
+            p.labels, p.rtt_count
         );
     }
     for (name, help, f) in GAUGES {
@@ -562,7 +770,7 @@ fn path_series(out: &mut String, m: &Metrics) {
 }
 
 /// The whole exposition: per-path series, then the collector's own health.
-fn exposition(m: &Metrics, store_bytes: u64) -> String {
+fn exposition(m: &Metrics, store_bytes: u64, quarantined: u64) -> String {
     let mut out = String::new();
     path_series(&mut out, m);
     for (name, kind, help, value) in [
@@ -584,6 +792,18 @@ fn exposition(m: &Metrics, store_bytes: u64) -> String {
             "Size of the store's files.",
             store_bytes,
         ),
+        (
+            "pathprobe_collector_windows_quarantined",
+            "gauge",
+            "Stored windows set aside because they cannot be merged (see the store's quarantine table).",
+            quarantined,
+        ),
+        (
+            "pathprobe_collector_metric_paths_left_out_total",
+            "counter",
+            "Reports of paths left out of these metrics because --max-metric-paths series are kept already.",
+            m.paths_left_out,
+        ),
     ] {
         let _ = writeln!(
             out,
@@ -594,19 +814,12 @@ fn exposition(m: &Metrics, store_bytes: u64) -> String {
         out,
         "# HELP pathprobe_collector_requests_rejected_total Report requests refused, by reason.\n# TYPE pathprobe_collector_requests_rejected_total counter"
     );
-    for reason in [
-        "unauthorized",
-        "forbidden",
-        "too_large",
-        "unreadable",
-        "malformed",
-        "version",
-        "store",
-    ] {
-        let n = m.rejected.get(reason).copied().unwrap_or(0);
+    for reason in Reason::ALL {
+        let n = m.rejected.get(&reason).copied().unwrap_or(0);
         let _ = writeln!(
             out,
-            "pathprobe_collector_requests_rejected_total{{reason=\"{reason}\"}} {n}"
+            "pathprobe_collector_requests_rejected_total{{reason=\"{}\"}} {n}",
+            reason.as_str()
         );
     }
     out
@@ -624,6 +837,7 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let text = exposition(
         &st.metrics.lock().unwrap_or_else(PoisonError::into_inner),
         store_bytes(&st.db),
+        st.quarantined.load(Ordering::Relaxed),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
@@ -634,7 +848,9 @@ pub async fn serve(
     cfg: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let store = Store::open(&cfg.db)?;
+    let mut store = Store::open(&cfg.db)?;
+    store.set_max_paths_per_agent(cfg.limits.max_paths_per_agent);
+    let quarantined = store.quarantined()?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| Error::Bind {
@@ -645,8 +861,11 @@ pub async fn serve(
         db: cfg.db.clone(),
         writer: Mutex::new(store),
         tokens: cfg.tokens,
-        max_body: cfg.max_body,
+        limits: cfg.limits,
         metrics: Mutex::new(Metrics::default()),
+        ingests: Semaphore::new(cfg.limits.max_concurrent_ingests.max(1)),
+        quarantined: std::sync::atomic::AtomicU64::new(quarantined),
+        waiting_writers: std::sync::atomic::AtomicUsize::new(0),
     });
     let stop = Arc::new(AtomicBool::new(false));
     let roller = {
@@ -654,12 +873,19 @@ pub async fn serve(
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(500));
-                loop {
-                    let rolled = st
-                        .writer
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .roll_up(2_000);
+                while !stop.load(Ordering::Relaxed) {
+                    if st.waiting_writers.load(Ordering::SeqCst) > 0 {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    }
+                    let rolled = {
+                        let mut w = st.writer.lock().unwrap_or_else(PoisonError::into_inner);
+                        let r = w.roll_up(ROLLUP_PASS);
+                        if let Ok(q) = w.quarantined() {
+                            st.quarantined.store(q, Ordering::Relaxed);
+                        }
+                        r
+                    };
                     match rolled {
                         Ok(0) => break,
                         Ok(_) => {}
@@ -673,13 +899,19 @@ pub async fn serve(
         })
     };
     let app = Router::new()
-        .route("/v1/reports", post(ingest))
+        .route(
+            "/v1/reports",
+            post(ingest).layer(middleware::from_fn_with_state(
+                Arc::clone(&state),
+                ingest_gate,
+            )),
+        )
         .route("/v1/paths", get(paths))
         .route("/v1/compare", get(compare_handler))
         .route("/v1/histogram", get(histogram_handler))
         .route("/v1/events", get(events_handler))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(cfg.max_body))
+        .layer(DefaultBodyLimit::max(cfg.limits.max_body))
         .with_state(Arc::clone(&state));
     let bound = listener.local_addr().unwrap_or(cfg.listen);
     tracing::info!(listen = %bound, db = %cfg.db.display(), auth = state.tokens.is_some(), "collector serving");

@@ -36,6 +36,12 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &["--max-body", "1000000"])
+    }
+
+    /// A collector with these extra `serve` flags. Fixtures are dated November 2026, so
+    /// the horizon of what it keeps reaches back far enough for them.
+    fn start_with(dir: &Path, extra: &[&str]) -> Self {
         let tokens = dir.join("tokens");
         std::fs::write(
             &tokens,
@@ -43,7 +49,14 @@ impl Server {
         )
         .unwrap();
         let mut child = Command::new(COLLECTOR)
-            .args(["serve", "--listen", "127.0.0.1:0", "--max-body", "1000000"])
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .args(
+                (!extra.contains(&"--max-report-age"))
+                    .then_some(["--max-report-age", "36500d"])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--db")
             .arg(dir.join("store.db"))
             .arg("--tokens")
@@ -64,6 +77,18 @@ impl Server {
         };
         std::thread::spawn(move || lines.for_each(drop));
         Self { child, addr }
+    }
+
+    /// The collector's peak resident memory (`VmHWM`), in octets.
+    fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kb * 1024
     }
 
     fn kill9(&mut self) {
@@ -95,7 +120,10 @@ fn http(
     token: Option<&str>,
     body: &[u8],
 ) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
+    // A server killed mid-burst refuses or resets: status 0.
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
@@ -104,7 +132,9 @@ fn http(
         "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    s.write_all(head.as_bytes()).unwrap();
+    if s.write_all(head.as_bytes()).is_err() {
+        return (0, String::new());
+    }
     // The server may answer (413) and close before it has read all of a large body.
     for chunk in body.chunks(1 << 16) {
         if s.write_all(chunk).is_err() {
@@ -578,4 +608,288 @@ fn every_acknowledged_report_survives_kill_9() {
         paths.contains(&format!("\"windows\":{}", 60 * 50)),
         "exactly once: {paths}"
     );
+}
+
+/// The JSON of `r` with `edit` applied to it: inputs no agent of ours writes.
+fn edited(r: &WindowReport, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let mut v: serde_json::Value = serde_json::from_slice(&r.to_json().unwrap()).unwrap();
+    edit(&mut v);
+    v.to_string()
+}
+
+fn refusal(body: &str) -> pathprobe_proto::ingest::Refused {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// Windows stored, and windows not yet rolled up, read from the store beside the server.
+fn store_counts(d: &Path) -> (u64, u64) {
+    pathprobe_collector::store::Store::open_read_only(&d.join("store.db"))
+        .unwrap()
+        .counts()
+        .unwrap()
+}
+
+/// The adversarial run: `sent = 2^64 - 1` and buckets of 2^62 were accepted with a 200,
+/// after which no rollup of the path succeeded and compare answered 503 for good, even for
+/// the 7,003 reports of another agent.
+#[test]
+fn reports_no_sender_can_produce_are_refused_and_rollups_go_on() {
+    let d = dir("poison");
+    let s = Server::start_with(&d, &[]);
+    let good = report(1, "ams-01", "er", PathKind::Expressroute, T0, &[1000, 2000]);
+    let max_sent = edited(&good, |v| v["counters"]["sent"] = u64::MAX.into());
+    let (status, body) = http(
+        s.addr,
+        "POST",
+        "/v1/reports",
+        Some(TOKEN),
+        format!("[{max_sent}]").as_bytes(),
+    );
+    assert_eq!(status, 400, "{body}");
+    let r = refusal(&body);
+    assert_eq!((r.index, r.retry), (Some(0), false));
+    assert!(r.error.contains("counters.sent"), "{body}");
+
+    let mut huge = Metric::Rtt.new_histogram();
+    huge.record_n(1_500, 1 << 62).unwrap();
+    let huge = pathprobe_proto::hist::encode(Metric::Rtt, &huge).unwrap();
+    let huge_buckets = edited(&good, |v| {
+        use base64::Engine as _;
+        v["histograms"]["rtt_ns"] = base64::engine::general_purpose::STANDARD
+            .encode(&huge)
+            .into();
+    });
+    let (status, body) = http(
+        s.addr,
+        "POST",
+        "/v1/reports",
+        Some(TOKEN),
+        format!(
+            "[{},{huge_buckets}]",
+            String::from_utf8(good.to_json().unwrap()).unwrap()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status, 400, "{body}");
+    let r = refusal(&body);
+    assert_eq!(r.index, Some(1));
+    assert!(r.error.contains("rtt_ns"), "{body}");
+
+    // Another agent's 7,003 reports are stored and rolled up, and compare answers.
+    let others: Vec<WindowReport> = (0..7_003)
+        .map(|i| {
+            report(
+                100 + i,
+                "fra-01",
+                "vpn",
+                PathKind::Vpn,
+                T0 + u64::from(i) * W,
+                &[3_000 + u64::from(i % 100)],
+            )
+        })
+        .collect();
+    for chunk in others.chunks(1_000) {
+        let (status, body) = http(
+            s.addr,
+            "POST",
+            "/v1/reports",
+            Some(OTHER_TOKEN),
+            &batch(chunk),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_mins(2);
+    while store_counts(&d) != (7_003, 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            store_counts(&d)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let q = format!(
+        "/v1/compare?a=vpn&b=er&from={}&to={}",
+        T0 / 1_000_000_000,
+        (T0 + 7_003 * W) / 1_000_000_000
+    );
+    let (status, body) = http(s.addr, "GET", &q, None, b"");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let windows = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["figure"] == "windows")
+        .unwrap();
+    assert_eq!(windows["a"], 7_003.0, "{body}");
+}
+
+/// A report whose window ends more than five minutes ahead of the collector's clock, or
+/// starts before what it keeps, or lasts more than an hour, is refused and named.
+#[test]
+fn windows_outside_the_horizon_are_refused() {
+    let d = dir("horizon");
+    let s = Server::start_with(&d, &["--max-report-age", "1d"]);
+    let now = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    )
+    .unwrap();
+    for (start, want) in [
+        (now + 10 * 60 * 1_000_000_000, "agent's clock"),
+        (now - 2 * 86_400 * 1_000_000_000, "too old"),
+    ] {
+        let r = report(1, "ams-01", "er", PathKind::Expressroute, start, &[1000]);
+        let (status, body) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &batch(&[r]));
+        assert_eq!(status, 400, "{body}");
+        let r = refusal(&body);
+        assert_eq!(r.reason, pathprobe_proto::ingest::Reason::Horizon);
+        assert!(r.error.contains(want), "{body}");
+    }
+    let ok = report(2, "ams-01", "er", PathKind::Expressroute, now - W, &[1000]);
+    let (status, body) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &batch(&[ok]));
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Each bound a token holder meets is refused with its limit named: reports per batch,
+/// paths per agent, concurrent ingests.
+#[test]
+fn limits_are_refused_with_the_limit_named() {
+    let d = dir("limits");
+    let s = Server::start_with(
+        &d,
+        &[
+            "--max-batch",
+            "10",
+            "--max-paths-per-agent",
+            "3",
+            "--max-concurrent-ingests",
+            "1",
+        ],
+    );
+    let many: Vec<WindowReport> = (0..11)
+        .map(|i| {
+            report(
+                i,
+                "ams-01",
+                "er",
+                PathKind::Expressroute,
+                T0 + u64::from(i) * W,
+                &[1000],
+            )
+        })
+        .collect();
+    let (status, body) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &batch(&many));
+    assert_eq!(status, 413, "{body}");
+    let r = refusal(&body);
+    assert_eq!(r.limit, Some(10));
+    assert!(r.error.contains("at most 10"), "{body}");
+
+    let paths: Vec<WindowReport> = (0..4)
+        .map(|i| {
+            report(
+                20 + i,
+                "ams-01",
+                &format!("p{i}"),
+                PathKind::Vpn,
+                T0,
+                &[1000],
+            )
+        })
+        .collect();
+    let (status, body) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &batch(&paths));
+    assert_eq!(status, 422, "{body}");
+    let r = refusal(&body);
+    assert_eq!((r.index, r.limit), (Some(3), Some(3)));
+    assert!(r.error.contains("--max-paths-per-agent"), "{body}");
+    // Nothing of the refused batch was stored; three paths fit.
+    let (status, body) = http(
+        s.addr,
+        "POST",
+        "/v1/reports",
+        Some(TOKEN),
+        &batch(&paths[..3]),
+    );
+    assert_eq!(status, 200, "{body}");
+
+    // One ingest at a time: a request whose body is still arriving holds the only place.
+    let mut slow = TcpStream::connect(s.addr).unwrap();
+    slow.write_all(
+        format!(
+            "POST /v1/reports HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n["
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (status, body) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), b"[]");
+        if status == 503 {
+            break body;
+        }
+        // The slow request may not have reached the gate yet.
+        assert_eq!(status, 200, "{body}");
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let r = refusal(&body);
+    assert!(r.retry && r.limit == Some(1), "{body}");
+    assert!(r.error.contains("--max-concurrent-ingests"), "{body}");
+    drop(slow);
+}
+
+/// One 10.8 MB batch of 10,000 reports took the collector to 2.27 GB, and never back. Now
+/// the largest batch the limits allow (1,000 reports, each of its own path, with dense
+/// histograms), posted 20 times, keeps its peak resident memory under 300 MB.
+#[test]
+fn twenty_of_the_largest_batches_keep_the_collector_under_300_mb() {
+    let d = dir("memory");
+    let s = Server::start_with(&d, &[]);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut reports = Vec::new();
+    for i in 0..1_000u32 {
+        let mut r = report(i, "ams-01", &format!("path-{i}"), PathKind::Vpn, T0, &[]);
+        let (mut rtt, mut sched) = (
+            Metric::Rtt.new_histogram(),
+            Metric::RttScheduled.new_histogram(),
+        );
+        for _ in 0..500 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = 1_000 + x % 5_000_000_000;
+            rtt.record(v).unwrap();
+            sched.record(v + x % 1_000).unwrap();
+        }
+        r.counters.sent = 501;
+        r.counters.received = 500;
+        r.histograms = [(Metric::Rtt, rtt), (Metric::RttScheduled, sched)].into();
+        reports.push(String::from_utf8(r.to_json().unwrap()).unwrap());
+    }
+    let template = format!("[{}]", reports.join(","));
+    assert!(template.len() < 16 << 20, "{} octets", template.len());
+    for round in 0..20u32 {
+        // New report ids each round, so every batch is stored, not acknowledged as a retry.
+        let body = template.replace(
+            "\"report_id\":\"00",
+            &format!("\"report_id\":\"{round:02x}"),
+        );
+        let (status, text) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), body.as_bytes());
+        assert_eq!(status, 200, "round {round}: {text}");
+        eprintln!("round {round}: peak RSS {} MB", s.peak_rss() >> 20);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["accepted"], 1_000, "round {round}: {text}");
+    }
+    let (status, metrics) = http(s.addr, "GET", "/metrics", None, b"");
+    assert_eq!(status, 200);
+    let peak = s.peak_rss();
+    eprintln!(
+        "collector peak RSS after 20 batches of 1,000 reports ({} octets each): {} MB; /metrics {} octets",
+        template.len(),
+        peak >> 20,
+        metrics.len()
+    );
+    assert!(peak < 300 << 20, "peak RSS {} MB", peak >> 20);
 }

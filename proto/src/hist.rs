@@ -235,6 +235,29 @@ fn v2_bytes(metric: Metric, bytes: &[u8]) -> Result<Cow<'_, [u8]>> {
     Ok(v2)
 }
 
+/// Checks a V2 blob (compressed or not) of `metric` completely, without building a
+/// histogram, and returns its total count.
+pub fn count(metric: Metric, bytes: &[u8]) -> Result<u64> {
+    let v2 = v2_bytes(metric, bytes)?;
+    scan_v2(metric, &v2, &mut |_, _| {})
+}
+
+/// Checks a V2 blob of `metric` completely, then calls `each(value, count)` for every
+/// non-empty bucket (`value` is the bucket's lowest value), without building a histogram.
+/// On error `each` is never called.
+pub fn for_each_bucket(
+    metric: Metric,
+    bytes: &[u8],
+    each: &mut dyn FnMut(u64, u64),
+) -> Result<u64> {
+    let v2 = v2_bytes(metric, bytes)?;
+    scan_v2(metric, &v2, &mut |_, _| {})?;
+    let c = metric.config();
+    scan_v2(metric, &v2, &mut |index, count| {
+        each(value_at_index(c, index), count);
+    })
+}
+
 /// Adds `from` into `into`, exactly. Both must have `metric`'s configuration, and the total
 /// count must fit in 64 bits.
 pub fn merge(metric: Metric, into: &mut Histogram<u64>, from: &Histogram<u64>) -> Result<()> {

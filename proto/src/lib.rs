@@ -5,6 +5,7 @@
 //! - [`hist`]: the one histogram configuration per metric and the V2+DEFLATE codec.
 //! - [`report`]: the versioned window report an agent sends to the collector.
 //! - [`event`]: a path's signature (hop counts, DSCP) and the events it raises.
+//! - [`ingest`]: what the collector answers to a batch of reports.
 //! - [`capacity`]: the load datagram and the control messages of a capacity test.
 //!
 //! No sockets, threads or clock reads: time is always an argument.
@@ -13,6 +14,7 @@ pub mod capacity;
 mod error;
 pub mod event;
 pub mod hist;
+pub mod ingest;
 pub mod report;
 pub mod stamp;
 

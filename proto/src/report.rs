@@ -35,6 +35,25 @@ pub const REPORT_VERSION: u32 = 1;
 /// Longest agent id, site or path name.
 pub const MAX_NAME_LEN: usize = 64;
 
+/// The highest probe rate a window can claim: 10^7 probes a second, far above any one
+/// sender (the engine tops out near 10^6/s). Every packet counter and histogram count of a
+/// window is bounded by this rate over the window's length (at least one second).
+pub const MAX_PROBES_PER_SECOND: u64 = 10_000_000;
+
+/// The longest window a report may cover.
+pub const MAX_WINDOW_NS: u64 = 3_600_000_000_000;
+
+/// How far past the receiver's clock a window may end (agent clocks drift; NTP keeps them
+/// within milliseconds, so five minutes is a broken clock, not drift).
+pub const MAX_FUTURE_NS: u64 = 300_000_000_000;
+
+/// Most extra copies of one answer a window can count as duplicates: a path that copies
+/// every packet more often than this is a forwarding loop, not a measurement.
+pub const MAX_COPIES_PER_ANSWER: u64 = 16;
+
+/// Largest probe payload whose octets the counters can add (a UDP datagram).
+const MAX_PROBE_OCTETS: u64 = 65_535;
+
 /// What kind of path a probe measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -282,9 +301,11 @@ impl<'de> Deserialize<'de> for ReportId {
     }
 }
 
-/// One window of one path, decoded and validated.
+/// One window of one path, validated, with its histograms in form `H`: decoded
+/// ([`WindowReport`], for agents and queries) or still encoded ([`EncodedReport`], for
+/// ingest, which never needs the buckets and must not pay 230 KiB per latency histogram).
 #[derive(Debug, Clone, PartialEq)]
-pub struct WindowReport {
+pub struct Report<H> {
     pub report_id: ReportId,
     pub agent_id: String,
     pub site: Option<String>,
@@ -294,11 +315,42 @@ pub struct WindowReport {
     pub owd_clock: ClockState,
     pub counters: Counters,
     /// Metrics recorded this window; a metric with no samples may be absent.
-    pub histograms: BTreeMap<Metric, Histogram<u64>>,
+    pub histograms: BTreeMap<Metric, H>,
     /// What the window saw of the path's hops and DSCP; `None` when nothing answered.
     pub signature: Option<Signature>,
     /// Events raised when the window closed ([`crate::event`]).
     pub events: Vec<PathEvent>,
+}
+
+/// A report whose histograms are decoded.
+pub type WindowReport = Report<Histogram<u64>>;
+
+/// A report whose histograms are kept as the V2 (+DEFLATE) blobs they arrived in, each
+/// checked completely and counted.
+pub type EncodedReport = Report<Encoded>;
+
+/// A histogram blob that [`hist::count`] has checked completely, and its total count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub blob: Vec<u8>,
+    pub count: u64,
+}
+
+/// What validation needs of a histogram: its total count.
+pub trait Counted {
+    fn total_count(&self) -> u64;
+}
+
+impl Counted for Histogram<u64> {
+    fn total_count(&self) -> u64 {
+        self.len()
+    }
+}
+
+impl Counted for Encoded {
+    fn total_count(&self) -> u64 {
+        self.count
+    }
 }
 
 /// The report as it travels.
@@ -359,6 +411,23 @@ impl WindowReport {
 
     /// Decodes and validates a JSON report. The version is checked before anything else.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        let encoded = EncodedReport::from_json(bytes)?;
+        let histograms = encoded
+            .histograms
+            .iter()
+            .map(|(&m, e)| Ok((m, hist::decode(m, &e.blob)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            histograms,
+            ..encoded.without_histograms()
+        })
+    }
+}
+
+impl EncodedReport {
+    /// Decodes and validates a JSON report, checking every histogram blob completely
+    /// without building it. The version is checked before anything else.
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
         let VersionOnly { version } = serde_json::from_slice(bytes).map_err(|e| json_error(&e))?;
         if version > REPORT_VERSION {
             return Err(Error::UnsupportedVersion {
@@ -381,7 +450,8 @@ impl WindowReport {
                     metric: m.key(),
                     reason: format!("not base64: {e}"),
                 })?;
-                Ok((m, hist::decode(m, &blob)?))
+                let count = hist::count(m, &blob)?;
+                Ok((m, Encoded { blob, count }))
             })
             .collect::<Result<_>>()?;
         let report = Self {
@@ -401,6 +471,43 @@ impl WindowReport {
         Ok(report)
     }
 
+    /// The same report with no histograms, of any form (to be filled in by the caller).
+    fn without_histograms<H>(self) -> Report<H> {
+        Report {
+            report_id: self.report_id,
+            agent_id: self.agent_id,
+            site: self.site,
+            path: self.path,
+            window: self.window,
+            timestamping: self.timestamping,
+            owd_clock: self.owd_clock,
+            counters: self.counters,
+            histograms: BTreeMap::new(),
+            signature: self.signature,
+            events: self.events,
+        }
+    }
+}
+
+/// The histogram check that depends on the form: configuration for decoded ones (encoded
+/// ones were checked against it while counted).
+pub trait CheckForm {
+    fn check_form(&self, metric: Metric) -> Result<()>;
+}
+
+impl CheckForm for Histogram<u64> {
+    fn check_form(&self, metric: Metric) -> Result<()> {
+        metric.check(self)
+    }
+}
+
+impl CheckForm for Encoded {
+    fn check_form(&self, _metric: Metric) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl<H: Counted + CheckForm> Report<H> {
     /// Checks the fields that JSON typing alone does not.
     pub fn validate(&self) -> Result<()> {
         check_name("agent_id", &self.agent_id)?;
@@ -439,14 +546,155 @@ impl WindowReport {
                     .to_string(),
             });
         }
-        for (m, h) in &self.histograms {
-            m.check(h)?;
+        let length = self.window.end_unix_ns - self.window.start_unix_ns;
+        if length > MAX_WINDOW_NS {
+            return Err(Error::InvalidField {
+                field: "window",
+                reason: format!(
+                    "lasts {} s; a window lasts at most {} s",
+                    length / 1_000_000_000,
+                    MAX_WINDOW_NS / 1_000_000_000
+                ),
+            });
         }
+        for (m, h) in &self.histograms {
+            h.check_form(*m)?;
+        }
+        check_counts(&self.counters, length, |m| {
+            self.histograms.get(&m).map_or(0, Counted::total_count)
+        })?;
         event::validate(self.signature.as_ref(), &self.events)
+    }
+
+    /// Checks that the window lies within what a receiver at `now_ns` keeps: it starts no
+    /// earlier than `earliest_ns` (the retention start) and ends at most
+    /// [`MAX_FUTURE_NS`] after `now_ns`.
+    pub fn check_horizon(&self, now_ns: u64, earliest_ns: u64) -> Result<()> {
+        if self.window.start_unix_ns < earliest_ns {
+            return Err(Error::InvalidField {
+                field: "window",
+                reason: format!(
+                    "starts {} s before the oldest time this collector keeps: the report is too old to store",
+                    (earliest_ns - self.window.start_unix_ns) / 1_000_000_000
+                ),
+            });
+        }
+        let ahead = self.window.end_unix_ns.saturating_sub(now_ns);
+        if ahead > MAX_FUTURE_NS {
+            return Err(Error::InvalidField {
+                field: "window",
+                reason: format!(
+                    "ends {} s after the collector's clock (at most {} s is allowed): fix the agent's clock (NTP)",
+                    ahead / 1_000_000_000,
+                    MAX_FUTURE_NS / 1_000_000_000
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
-fn check_name(field: &'static str, value: &str) -> Result<()> {
+/// The most probes (or samples) a window of `length_ns` can count: [`MAX_PROBES_PER_SECOND`]
+/// over the window, and at least over one second.
+pub fn max_probes(length_ns: u64) -> u64 {
+    let ns = u128::from(length_ns.max(1_000_000_000));
+    u64::try_from(ns * u128::from(MAX_PROBES_PER_SECOND) / 1_000_000_000).unwrap_or(u64::MAX)
+}
+
+/// The counters must agree with each other, with the window's length, and with the total
+/// count of each histogram (`count_of`, 0 for an absent one): what a real sender can have
+/// produced, so that no accepted report can make a merge overflow.
+pub fn check_counts(c: &Counters, length_ns: u64, count_of: impl Fn(Metric) -> u64) -> Result<()> {
+    let bad = |field: &'static str, reason: String| Err(Error::InvalidField { field, reason });
+    let limit = max_probes(length_ns);
+    for (name, v) in [
+        ("counters.sent", c.sent),
+        ("counters.received", c.received),
+        ("counters.lost", c.lost),
+        ("counters.duplicated", c.duplicated),
+        ("counters.reordered", c.reordered),
+        ("counters.late", c.late),
+        ("counters.send_slots_missed", c.send_slots_missed),
+        ("counters.ring_drops", c.ring_drops),
+        ("counters.malformed", c.malformed),
+        ("counters.owd_clamped", c.owd_clamped),
+        ("counters.refused", c.refused),
+    ] {
+        if v > limit {
+            return bad(
+                name,
+                format!(
+                    "{v} is more than {MAX_PROBES_PER_SECOND} probes a second could give in a window of {length_ns} ns (at most {limit})"
+                ),
+            );
+        }
+    }
+    // Each probe sent is received, lost, or still undecided: never more than one of them.
+    if c.received + c.lost > c.sent {
+        return bad(
+            "counters",
+            format!(
+                "received ({}) + lost ({}) exceeds sent ({})",
+                c.received, c.lost, c.sent
+            ),
+        );
+    }
+    for (name, v, most) in [
+        ("counters.reordered", c.reordered, c.received),
+        ("counters.refused", c.refused, c.received),
+        (
+            "counters.duplicated",
+            c.duplicated,
+            c.received * MAX_COPIES_PER_ANSWER,
+        ),
+        ("counters.owd_clamped", c.owd_clamped, 2 * c.received),
+        (
+            "counters.bytes_sent",
+            c.bytes_sent,
+            c.sent * MAX_PROBE_OCTETS,
+        ),
+        (
+            "counters.bytes_received",
+            c.bytes_received,
+            c.received * MAX_PROBE_OCTETS,
+        ),
+    ] {
+        if v > most {
+            return bad(
+                name,
+                format!("{v} is more than the received and sent counts allow ({most})"),
+            );
+        }
+    }
+    // A histogram holds one sample per answer (RTT), per pair of neighbours (IPDV), per
+    // loss run ended (at most one per answer, and one at the end), or per sample interval.
+    for m in Metric::ALL {
+        let n = count_of(m);
+        let (ok, rule) = match m {
+            Metric::Rtt => (n == c.received, "equal `received`"),
+            // Optional: senders without a schedule (one-shot tools) leave it out.
+            Metric::RttScheduled => (n == 0 || n == c.received, "be absent or equal `received`"),
+            Metric::OwdForward | Metric::OwdReverse => (n <= c.received, "be at most `received`"),
+            Metric::Ipdv => (n <= 2 * c.received, "be at most twice `received`"),
+            Metric::LossRun => (n <= c.received + 1, "be at most `received` + 1"),
+            Metric::Throughput => (n <= limit, "fit the window's length"),
+        };
+        if !ok {
+            return Err(Error::Histogram {
+                metric: m.key(),
+                reason: format!(
+                    "holds {n} samples but must {rule} ({} received, {} sent)",
+                    c.received, c.sent
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks an agent id, site or path name: 1 to [`MAX_NAME_LEN`] letters, digits, `.`, `_`,
+/// `-` or `:` (so that it is safe as a label and in a URL).
+pub fn check_name(field: &'static str, value: &str) -> Result<()> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':');
     if value.is_empty() || value.len() > MAX_NAME_LEN || !value.chars().all(ok_char) {
         return Err(Error::InvalidField {
@@ -727,6 +975,102 @@ mod tests {
         };
         assert!(a.merge(&one).is_err());
         assert_eq!(a, before);
+    }
+
+    fn refusal(v: &serde_json::Value) -> Error {
+        WindowReport::from_json(&serde_json::to_vec(v).unwrap()).unwrap_err()
+    }
+
+    /// The adversarial run's first input: `sent = 2^64 - 1` was accepted and then made every
+    /// rollup of the path fail.
+    #[test]
+    fn counters_no_sender_can_produce_are_refused() {
+        let mut v = json(&sample(&[1, 2]));
+        v["counters"]["sent"] = u64::MAX.into();
+        let err = refusal(&v);
+        assert!(err.to_string().contains("counters.sent"), "{err}");
+        for (field, value) in [
+            ("received", 10u64), // more received than sent
+            ("lost", 3),         // received + lost > sent
+            ("reordered", 3),    // more reordered than received
+            ("refused", 3),      // more refused than received
+            ("duplicated", 33),  // more copies than 16 per answer
+            ("bytes_received", 1 << 40),
+        ] {
+            let mut v = json(&sample(&[1, 2]));
+            v["counters"][field] = value.into();
+            let err = refusal(&v);
+            assert!(
+                matches!(err, Error::InvalidField { .. }),
+                "{field} = {value}: {err}"
+            );
+        }
+        // 10^7 probes a second over a 10 s window is the most a window can claim.
+        let mut v = json(&sample(&[]));
+        v["counters"]["sent"] = 100_000_001u64.into();
+        v["counters"]["lost"] = 0.into();
+        assert!(refusal(&v).to_string().contains("at most 100000000"));
+        v["counters"]["sent"] = 100_000_000u64.into();
+        WindowReport::from_json(&serde_json::to_vec(&v).unwrap()).unwrap();
+    }
+
+    /// The second input: buckets of 2^62 were accepted and broke every merged answer.
+    #[test]
+    fn histogram_counts_must_match_the_counters() {
+        let mut huge = Metric::Rtt.new_histogram();
+        huge.record_n(1_000, 1 << 62).unwrap();
+        let mut v = json(&sample(&[1_000]));
+        v["histograms"]["rtt_ns"] = BASE64
+            .encode(hist::encode(Metric::Rtt, &huge).unwrap())
+            .into();
+        let err = refusal(&v);
+        assert!(
+            matches!(
+                err,
+                Error::Histogram {
+                    metric: "rtt_ns",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("equal `received`"), "{err}");
+        // A report with replies but no RTT histogram is refused too.
+        let mut v = json(&sample(&[1_000]));
+        v["histograms"].as_object_mut().unwrap().remove("rtt_ns");
+        assert!(matches!(refusal(&v), Error::Histogram { .. }));
+    }
+
+    #[test]
+    fn a_window_longer_than_an_hour_is_refused() {
+        let mut v = json(&sample(&[1]));
+        v["window"]["end_unix_ns"] = (1_795_685_400_000_000_000u64 + MAX_WINDOW_NS + 1).into();
+        assert!(refusal(&v).to_string().contains("at most 3600 s"));
+    }
+
+    #[test]
+    fn the_horizon_refuses_old_and_future_windows() {
+        let r = sample(&[1]);
+        let end = r.window.end_unix_ns;
+        r.check_horizon(end, r.window.start_unix_ns).unwrap();
+        r.check_horizon(end - MAX_FUTURE_NS, 0).unwrap();
+        let future = r.check_horizon(end - MAX_FUTURE_NS - 1_000_000_000, 0);
+        assert!(future.unwrap_err().to_string().contains("agent's clock"));
+        let old = r.check_horizon(end, r.window.start_unix_ns + 1);
+        assert!(old.unwrap_err().to_string().contains("too old"));
+    }
+
+    #[test]
+    fn an_encoded_report_counts_what_the_decoded_one_holds() {
+        let r = sample(&[10, 20, 30_000]);
+        let bytes = r.to_json().unwrap();
+        let e = EncodedReport::from_json(&bytes).unwrap();
+        assert_eq!(e.histograms[&Metric::Rtt].count, 3);
+        assert_eq!(
+            hist::decode(Metric::Rtt, &e.histograms[&Metric::Rtt].blob).unwrap(),
+            r.histograms[&Metric::Rtt]
+        );
+        assert_eq!(e.counters, r.counters);
     }
 
     #[test]

@@ -103,7 +103,7 @@ impl Collector {
             listen: addr,
             db: dir.join("store.db"),
             tokens: Some(Tokens::load(&dir.join("tokens")).unwrap()),
-            max_body: 16 << 20,
+            limits: pathprobe_collector::serve::Limits::default(),
         };
         let task = rt.spawn(serve(cfg, async move {
             let _ = rx.await;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::Parser;
 use pathprobe_collector::compare;
-use pathprobe_collector::serve::{ServeConfig, serve};
+use pathprobe_collector::serve::{Limits, ServeConfig, serve};
 use pathprobe_collector::store::{Selector, Store};
 use pathprobe_proto::hist::Metric;
 use pathprobe_proto::report::{
@@ -150,7 +150,7 @@ fn http_ingest(args: &Args, windows: u32) -> Result<()> {
             listen: addr,
             db: args.db.clone(),
             tokens: None,
-            max_body: 16 << 20,
+            limits: Limits::default(),
         },
         async move {
             let _ = stop_rx.await;

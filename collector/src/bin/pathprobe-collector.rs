@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
-use pathprobe_collector::serve::{DEFAULT_MAX_BODY, ServeConfig, Tokens};
+use pathprobe_collector::serve::{DEFAULT_MAX_BODY, Limits, ServeConfig, Tokens};
 use pathprobe_collector::store::{Selector, Store};
 use pathprobe_collector::{Error, compare, export, inspect, time_range};
 use pathprobe_proto::hist::Metric;
@@ -57,6 +58,49 @@ impl RangeArgs {
     }
 }
 
+/// What the collector takes from agents; each refusal names the flag that sets its limit.
+#[derive(Debug, Args)]
+#[expect(
+    clippy::struct_field_names,
+    reason = "the fields are the flags: --max-*"
+)]
+struct LimitArgs {
+    /// Largest request body, in octets.
+    #[arg(long, default_value_t = DEFAULT_MAX_BODY, env = "PATHPROBE_MAX_BODY")]
+    max_body: usize,
+    /// Most reports in one request (agents send 100).
+    #[arg(long, default_value_t = Limits::default().max_batch, env = "PATHPROBE_MAX_BATCH",
+          value_parser = clap::value_parser!(u32).range(1..=100_000).map(|v| v as usize))]
+    max_batch: usize,
+    /// Most requests decoded and stored at once; more are answered 503 (retry).
+    #[arg(long, default_value_t = Limits::default().max_concurrent_ingests, env = "PATHPROBE_MAX_CONCURRENT_INGESTS",
+          value_parser = clap::value_parser!(u32).range(1..=256).map(|v| v as usize))]
+    max_concurrent_ingests: usize,
+    /// Most paths one agent may have.
+    #[arg(long, default_value_t = Limits::default().max_paths_per_agent, env = "PATHPROBE_MAX_PATHS_PER_AGENT",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_paths_per_agent: u64,
+    /// Most paths /metrics exports series for.
+    #[arg(long, default_value_t = Limits::default().max_metric_paths, env = "PATHPROBE_MAX_METRIC_PATHS")]
+    max_metric_paths: usize,
+    /// Oldest window accepted, back from now (e.g. 30d).
+    #[arg(long, default_value = "30d", env = "PATHPROBE_MAX_REPORT_AGE", value_parser = humantime::parse_duration)]
+    max_report_age: std::time::Duration,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_body: self.max_body,
+            max_batch: self.max_batch,
+            max_concurrent_ingests: self.max_concurrent_ingests,
+            max_paths_per_agent: self.max_paths_per_agent,
+            max_metric_paths: self.max_metric_paths,
+            max_report_age: self.max_report_age,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Receive reports over HTTP and answer queries (see the library docs for the API).
@@ -70,9 +114,8 @@ enum Command {
         /// reach the port can send reports.
         #[arg(long, env = "PATHPROBE_TOKENS")]
         tokens: Option<PathBuf>,
-        /// Largest request body, in octets.
-        #[arg(long, default_value_t = DEFAULT_MAX_BODY, env = "PATHPROBE_MAX_BODY")]
-        max_body: usize,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Compare two paths (by name or kind) side by side, with difference and ratio.
     Compare {
@@ -197,7 +240,7 @@ fn run_serve(
     listen: SocketAddr,
     db: PathBuf,
     tokens: Option<&PathBuf>,
-    max_body: usize,
+    limits: Limits,
 ) -> anyhow::Result<()> {
     let tokens = tokens.map(|p| Tokens::load(p)).transpose()?;
     if tokens.is_none() {
@@ -207,7 +250,7 @@ fn run_serve(
         listen,
         db,
         tokens,
-        max_body,
+        limits,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -271,8 +314,8 @@ fn main() -> ExitCode {
             listen,
             db,
             tokens,
-            max_body,
-        } => run_serve(*listen, db.db.clone(), tokens.as_ref(), *max_body),
+            limits,
+        } => run_serve(*listen, db.db.clone(), tokens.as_ref(), limits.limits()),
         Command::Compare {
             a,
             b,
