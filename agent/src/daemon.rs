@@ -51,7 +51,7 @@ use crate::failover::{self, Failover, FailoverConfig, PinnedPath, StreamTiming, 
 use crate::output::{self, Labels};
 use crate::probe::{ProbeConfig, Prober};
 use crate::reflector::{self, ReflectorConfig, ReflectorStats};
-use crate::spool::{BATCH, Delivery, Spool, Uploader};
+use crate::spool::{Spool, Step, Uploader};
 use crate::{Error, Result, keyfile};
 
 /// The configuration file.
@@ -223,6 +223,27 @@ impl AgentConfig {
                 file.display()
             )));
         }
+        cfg.check_names(file, &text)?;
+        if let Some(c) = &cfg.collector {
+            check_collector_url(&c.url).map_err(|reason| {
+                let at = line_of(&text, &[Key::Name("collector"), Key::Name("url")]);
+                Error::Config(format!(
+                    "{}{}: [collector] url: {reason}",
+                    file.display(),
+                    at
+                ))
+            })?;
+            if c.spool_max_reports == 0 {
+                return Err(Error::Config(format!(
+                    "{}{}: [collector] spool_max_reports must be at least 1",
+                    file.display(),
+                    line_of(
+                        &text,
+                        &[Key::Name("collector"), Key::Name("spool_max_reports")]
+                    )
+                )));
+            }
+        }
         for p in &cfg.paths {
             cfg.probe_config(file, p)?;
         }
@@ -230,6 +251,47 @@ impl AgentConfig {
             Self::drill_config(file, d)?;
         }
         Ok(cfg)
+    }
+
+    /// The agent id, the site and every path and drill name follow the rules reports do
+    /// (so that no window fails later for its name), and no two paths or drills share a
+    /// name. Errors give the file and line.
+    fn check_names(&self, file: &Path, text: &str) -> Result<()> {
+        let at = |keys: &[Key<'_>]| format!("{}{}", file.display(), line_of(text, keys));
+        let named = |field: &'static str, value: &str, keys: &[Key<'_>]| {
+            check_name(field, value).map_err(|e| Error::Config(format!("{}: {e}", at(keys))))
+        };
+        named("agent_id", &self.agent_id, &[Key::Name("agent_id")])?;
+        if let Some(site) = &self.site {
+            named("site", site, &[Key::Name("site")])?;
+        }
+        let mut seen = std::collections::HashMap::new();
+        let all_names = self
+            .paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ("path", i, &p.name))
+            .chain(
+                self.drills
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| ("drill", i, &d.name)),
+            );
+        for (table, i, name) in all_names {
+            let keys = [Key::Name(table), Key::At(i), Key::Name("name")];
+            named("name", name, &keys)?;
+            if let Some((first_table, first)) = seen.insert(name.clone(), (table, i)) {
+                let first_at = line_of(
+                    text,
+                    &[Key::Name(first_table), Key::At(first), Key::Name("name")],
+                );
+                return Err(Error::Config(format!(
+                    "{}: {table} name `{name}` is used already (at{first_at}): every path and drill needs a name of its own, since its reports are found by it",
+                    at(&keys)
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The settings of one `[[drill]]`, and when it starts (ns since 1970).
@@ -388,6 +450,70 @@ impl AgentConfig {
     }
 }
 
+/// One step into a TOML document: a table key or an array index.
+#[derive(Debug, Clone, Copy)]
+enum Key<'a> {
+    Name(&'a str),
+    At(usize),
+}
+
+/// `:LINE` of the value at `keys` in the TOML `text`, or nothing when it cannot be found.
+fn line_of(text: &str, keys: &[Key<'_>]) -> String {
+    let Ok(root) = toml::de::DeTable::parse(text) else {
+        return String::new();
+    };
+    let root = toml::Spanned::new(0..text.len(), toml::de::DeValue::Table(root.into_inner()));
+    let mut at = &root;
+    for k in keys {
+        let next = match *k {
+            Key::Name(n) => at.get_ref().get(n),
+            Key::At(i) => at.get_ref().get(i),
+        };
+        let Some(next) = next else {
+            return String::new();
+        };
+        at = next;
+    }
+    let start = at.span().start.min(text.len());
+    format!(":{}", text[..start].matches('\n').count() + 1)
+}
+
+/// A name as reports carry it, checked with the rules of `proto`.
+fn check_name(field: &'static str, value: &str) -> std::result::Result<(), String> {
+    pathprobe_proto::report::check_name(field, value).map_err(|e| e.to_string())
+}
+
+/// The collector's address: `http://HOST:PORT`.
+fn check_collector_url(url: &str) -> std::result::Result<(), String> {
+    let uri: ureq::http::Uri = url
+        .parse()
+        .map_err(|e| format!("\"{url}\" is not a URL ({e}): write it like http://10.0.0.5:8862"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "\"{url}\": this build sends reports over plain HTTP only (TLS is not built in yet): use http:// on a network you trust"
+            ));
+        }
+        Some(other) => {
+            return Err(format!(
+                "\"{url}\": `{other}://` is not how reports travel: write it like http://10.0.0.5:8862"
+            ));
+        }
+        None => {
+            return Err(format!(
+                "\"{url}\" has no scheme: write it like http://10.0.0.5:8862"
+            ));
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!(
+            "\"{url}\" names no host: write it like http://10.0.0.5:8862"
+        ));
+    }
+    Ok(())
+}
+
 /// A drill's start time in ns since 1970, or what is wrong with it.
 fn drill_start(start: &str) -> std::result::Result<u64, String> {
     humantime::parse_rfc3339_weak(start)
@@ -413,37 +539,62 @@ fn token(c: &CollectorSection) -> Result<Option<String>> {
     }
 }
 
-/// On the way out: delivers what it can in one pass, leaving the rest spooled for the next
-/// start.
+/// How long a path or the uploader waits after a failure before it tries again, at most.
+const MAX_BACKOFF: Duration = Duration::from_mins(1);
+
+/// On the way out: delivers what it can, leaving the rest spooled for the next start.
 fn flush(spool: &mut Spool, uploader: &Uploader) {
-    while !spool.is_empty() {
-        let batch = spool.front(BATCH);
-        match uploader.deliver(&batch) {
-            Delivery::Delivered => spool.pop(batch.len()),
-            Delivery::Rejected { index, .. } => spool.reject(index),
-            Delivery::Retry(_) => break,
-        }
+    while let Step::Delivered(..) | Step::Rejected { .. } | Step::Halved { .. } =
+        spool.deliver_once(uploader)
+    {}
+    if spool.held() > 0 {
+        tracing::error!(
+            held = spool.held(),
+            dir = %spool.dir().display(),
+            "reports held in memory are lost at shutdown: the spool could not be written and the collector did not take them"
+        );
     }
-    if !spool.is_empty() {
+    let on_disk = spool.len() - spool.held();
+    if on_disk > 0 {
         tracing::warn!(
-            spooled = spool.len(),
-            "collector unreachable at shutdown: reports stay spooled for the next start"
+            spooled = on_disk,
+            "the collector did not take every report at shutdown: they stay spooled for the next start"
         );
     }
 }
 
-/// Delivers spooled reports until `stop` is set and `rx` is closed.
+/// Queues a report; a spool that cannot be written is logged and counted, and the report
+/// is held in memory meanwhile.
+fn enqueue(spool: &mut Spool, report: &[u8]) {
+    let held = spool.held();
+    let pushed = spool.push(report);
+    if held > 0 && spool.held() == 0 {
+        tracing::info!(written = held, dir = %spool.dir().display(), "the spool takes writes again: held reports written");
+    }
+    if let Err(e) = pushed {
+        tracing::error!(
+            error = %e,
+            write_errors = spool.write_errors,
+            held = spool.held(),
+            "cannot write to the spool: reports are held in memory until it can be written"
+        );
+    }
+}
+
+/// Delivers spooled reports until `stop` is set and `rx` is closed. Nothing the collector,
+/// the disk or a report does ends it: it logs, counts and tries again.
 fn upload(
+    mut spool: Spool,
     section: &CollectorSection,
     token: Option<String>,
     rx: &mpsc::Receiver<Vec<u8>>,
     stop: &AtomicBool,
-) -> Result<()> {
-    let mut spool = Spool::open(&section.spool_dir, section.spool_max_reports)?;
+) {
     let uploader = Uploader::new(&section.url, token);
     let mut backoff = Duration::from_millis(500);
     let mut retry_at = std::time::Instant::now();
     let mut reported_drops = 0;
+    let mut disk_retry_at = std::time::Instant::now();
     if !spool.is_empty() {
         tracing::info!(spooled = spool.len(), dir = %section.spool_dir.display(), "delivering reports left from an earlier run");
     }
@@ -451,30 +602,40 @@ fn upload(
         let wait = if spool.is_empty() {
             Duration::from_millis(500)
         } else {
-            retry_at.saturating_duration_since(std::time::Instant::now())
+            retry_at
+                .saturating_duration_since(std::time::Instant::now())
+                .min(Duration::from_millis(500))
         };
         match rx.recv_timeout(wait) {
-            Ok(r) => spool.push(&r)?,
+            Ok(r) => enqueue(&mut spool, &r),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 if stop.load(Ordering::Relaxed) {
                     flush(&mut spool, &uploader);
-                    return Ok(());
+                    return;
                 }
-                if spool.is_empty() {
-                    return Ok(());
-                }
-                // Every prober has ended; keep delivering what is spooled.
                 std::thread::sleep(wait);
             }
         }
         while let Ok(r) = rx.try_recv() {
-            spool.push(&r)?;
+            enqueue(&mut spool, &r);
+        }
+        if spool.held() > 0 && std::time::Instant::now() >= disk_retry_at {
+            match spool.retry_writes() {
+                Ok(()) => {
+                    tracing::info!(dir = %section.spool_dir.display(), "the spool takes writes again: held reports written");
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, held = spool.held(), "the spool still cannot be written");
+                }
+            }
+            disk_retry_at = std::time::Instant::now() + Duration::from_secs(5);
         }
         if spool.dropped > reported_drops {
             tracing::error!(
                 dropped = spool.dropped,
                 max = section.spool_max_reports,
+                held = spool.held(),
                 "spool full: oldest reports dropped"
             );
             reported_drops = spool.dropped;
@@ -482,37 +643,159 @@ fn upload(
         if spool.is_empty() || std::time::Instant::now() < retry_at {
             continue;
         }
-        let batch = spool.front(BATCH);
-        match uploader.deliver(&batch) {
-            Delivery::Delivered => {
-                spool.pop(batch.len());
+        let later = |backoff: &mut Duration, retry_at: &mut std::time::Instant| {
+            *retry_at = std::time::Instant::now() + *backoff;
+            *backoff = (*backoff * 2).min(Duration::from_secs(30));
+        };
+        match spool.deliver_once(&uploader) {
+            Step::Idle => {}
+            Step::Delivered(a, n) => {
                 backoff = Duration::from_millis(500);
                 tracing::debug!(
-                    delivered = batch.len(),
+                    delivered = n,
+                    accepted = a.accepted,
+                    duplicates = a.duplicates,
                     spooled = spool.len(),
                     "reports delivered"
                 );
             }
-            Delivery::Rejected { index, message } => {
-                tracing::error!(report = %batch.get(index).map(|p| p.display().to_string()).unwrap_or_default(), %message, "collector refused a report: moved to rejected/");
-                spool.reject(index);
+            Step::Rejected { origin, message } => {
+                tracing::error!(report = %origin, %message, "the collector refused a report for good: set aside in rejected/");
             }
-            Delivery::Retry(why) => {
+            Step::Halved { now, message } => {
+                tracing::warn!(%message, per_batch = now, "the collector found the batch too large: sending fewer reports per batch");
+            }
+            Step::Refused(why) => {
+                tracing::warn!(collector = %section.url, error = %why, spooled = spool.len(), retry_in = ?backoff, "the collector refused the batch: reports kept in the spool");
+                later(&mut backoff, &mut retry_at);
+            }
+            Step::Unreachable(why) => {
                 tracing::warn!(collector = %section.url, error = %why, spooled = spool.len(), retry_in = ?backoff, "collector unreachable: reports kept in the spool");
-                retry_at = std::time::Instant::now() + backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                later(&mut backoff, &mut retry_at);
             }
         }
     }
 }
 
-/// Runs the agent until `stop` is set.
+/// Sleeps `d` in short steps; false if `stop` was set meanwhile.
+fn pause(d: Duration, stop: &AtomicBool) -> bool {
+    let until = std::time::Instant::now() + d;
+    while std::time::Instant::now() < until {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50).min(d));
+    }
+    !stop.load(Ordering::Relaxed)
+}
+
+/// Probes one path until `stop`: a target that is down, a socket that cannot be opened yet
+/// or a session that ends (even by a panic) is logged, and the path is tried again with
+/// back-off. It never gives up while the agent runs.
+fn probe_path(
+    cfg: &AgentConfig,
+    probe: &ProbeConfig,
+    p: &PathSection,
+    first: Option<Prober>,
+    stop: &AtomicBool,
+    tx: &mpsc::Sender<Vec<u8>>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    let mut opened = first;
+    while !stop.load(Ordering::Relaxed) {
+        let prober = match opened
+            .take()
+            .map_or_else(|| Prober::open(probe.clone()), Ok)
+        {
+            Ok(prober) => prober,
+            Err(e) => {
+                tracing::error!(path = %p.name, error = %e, retry_in = ?backoff, "cannot open the path: trying again");
+                if !pause(backoff, stop) {
+                    break;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        let labels = Labels {
+            path: PathInfo {
+                name: p.name.clone(),
+                kind: p.kind,
+                local: prober.local,
+                remote: prober.config().target,
+                protocol: p.proto,
+                dscp: p.dscp,
+                packet_size: prober.packet_size(),
+            },
+            agent_id: cfg.agent_id.clone(),
+            site: cfg.site.clone(),
+            timestamping: prober.timestamping,
+        };
+        tracing::info!(path = %p.name, target = %p.target, "probing");
+        let started = std::time::Instant::now();
+        let session = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            crate::watch::run_watched(&prober, stop, false, |w, seen| {
+                let f = output::window_figures(&labels, w, seen);
+                tracing::info!("{}", output::line(&f));
+                for e in &seen.events {
+                    tracing::warn!(path = %labels.path.name, "{}", output::event_text(e));
+                }
+                match output::report(&labels, w, seen).and_then(|r| Ok(r.to_json()?)) {
+                    Ok(json) => {
+                        let _ = tx.send(json);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot build a window report"),
+                }
+            })
+        }));
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        match session {
+            Ok(Ok(_)) => {
+                tracing::warn!(path = %p.name, retry_in = ?backoff, "probing ended: starting again");
+            }
+            Ok(Err(e)) => {
+                tracing::error!(path = %p.name, error = %e, retry_in = ?backoff, "probing stopped: starting again");
+            }
+            Err(_) => {
+                tracing::error!(path = %p.name, retry_in = ?backoff, "the probing thread panicked: starting again");
+            }
+        }
+        // A session that ran a while was healthy: start the back-off over.
+        if started.elapsed() > MAX_BACKOFF {
+            backoff = Duration::from_secs(1);
+        }
+        if !pause(backoff, stop) {
+            break;
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Runs the agent until `stop` is set. What cannot work is refused before anything
+/// starts: an unwritable spool, an unreadable token or key, a reflector port in use, a
+/// path the agent lacks the privilege for. After that the agent never gives up on a
+/// path; it returns an error (exit non-zero) only when a part it cannot run without, the
+/// reflector, stops.
 pub fn run(file: &Path, cfg: &AgentConfig, stop: &AtomicBool) -> Result<()> {
-    let probers = cfg
-        .paths
-        .iter()
-        .map(|p| Ok((p, Prober::open(cfg.probe_config(file, p)?)?)))
-        .collect::<Result<Vec<_>>>()?;
+    let mut paths = Vec::with_capacity(cfg.paths.len());
+    for p in &cfg.paths {
+        let probe = cfg.probe_config(file, p)?;
+        // A setting the agent cannot use (a privilege it lacks) is refused now; anything
+        // else (an address not up yet) is tried again by the path's thread.
+        let first = match Prober::open(probe.clone()) {
+            Ok(prober) => Some(prober),
+            Err(e @ Error::Config(_)) => {
+                return Err(Error::Config(format!("path `{}`: {e}", p.name)));
+            }
+            Err(e) => {
+                tracing::error!(path = %p.name, error = %e, "cannot open the path yet: it will be tried again");
+                None
+            }
+        };
+        paths.push((p, probe, first));
+    }
     let reflector = cfg
         .reflector
         .as_ref()
@@ -531,56 +814,27 @@ pub fn run(file: &Path, cfg: &AgentConfig, stop: &AtomicBool) -> Result<()> {
     let collector = cfg
         .collector
         .as_ref()
-        .map(|c| Ok::<_, Error>((c, token(c)?)))
+        .map(|c| {
+            Ok::<_, Error>((
+                c,
+                token(c)?,
+                Spool::open(&c.spool_dir, c.spool_max_reports)?,
+            ))
+        })
         .transpose()?;
     let (tx, rx) = mpsc::channel::<Vec<u8>>();
     let stats = ReflectorStats::default();
     std::thread::scope(|s| -> Result<()> {
-        let uploader = collector.map(|(c, t)| s.spawn(move || upload(c, t, &rx, stop)));
-        if let Some((rc, sock)) = &reflector {
+        let uploader =
+            collector.map(|(c, t, spool)| s.spawn(move || upload(spool, c, t, &rx, stop)));
+        let reflecting = reflector.as_ref().map(|(rc, sock)| {
             tracing::info!(listen = %rc.listen, "reflecting");
             let stats = &stats;
-            s.spawn(move || {
-                if let Err(e) = reflector::run(sock, rc, stop, stats) {
-                    tracing::error!(error = %e, "reflector stopped");
-                }
-            });
-        }
-        for (p, prober) in &probers {
+            s.spawn(move || reflector::run(sock, rc, stop, stats))
+        });
+        for (p, probe, first) in paths {
             let tx = tx.clone();
-            let labels = Labels {
-                path: PathInfo {
-                    name: p.name.clone(),
-                    kind: p.kind,
-                    local: prober.local,
-                    remote: prober.config().target,
-                    protocol: p.proto,
-                    dscp: p.dscp,
-                    packet_size: prober.packet_size(),
-                },
-                agent_id: cfg.agent_id.clone(),
-                site: cfg.site.clone(),
-                timestamping: prober.timestamping,
-            };
-            tracing::info!(path = %p.name, target = %p.target, "probing");
-            s.spawn(move || {
-                let result = crate::watch::run_watched(prober, stop, |w, seen| {
-                    let f = output::window_figures(&labels, w, seen);
-                    tracing::info!("{}", output::line(&f));
-                    for e in &seen.events {
-                        tracing::warn!(path = %labels.path.name, "{}", output::event_text(e));
-                    }
-                    match output::report(&labels, w, seen).and_then(|r| Ok(r.to_json()?)) {
-                        Ok(json) => {
-                            let _ = tx.send(json);
-                        }
-                        Err(e) => tracing::error!(error = %e, "cannot build a window report"),
-                    }
-                });
-                if let Err(e) = result {
-                    tracing::error!(path = %labels.path.name, error = %e, "probing stopped");
-                }
-            });
+            s.spawn(move || probe_path(cfg, &probe, p, first, stop, &tx));
         }
         for d in &cfg.drills {
             let tx = tx.clone();
@@ -591,12 +845,60 @@ pub fn run(file: &Path, cfg: &AgentConfig, stop: &AtomicBool) -> Result<()> {
             });
         }
         drop(tx);
-        if let Some(u) = uploader {
-            u.join()
-                .map_err(|_| Error::Config("the uploader thread panicked".to_string()))??;
-        }
-        Ok(())
+        supervise(reflecting, uploader, stop)
     })
+}
+
+/// Watches the parts the agent cannot run without (the paths look after themselves) until
+/// `stop`; when one ends, stops everything and says why (exit non-zero).
+fn supervise(
+    reflecting: Option<std::thread::ScopedJoinHandle<'_, Result<()>>>,
+    uploader: Option<std::thread::ScopedJoinHandle<'_, ()>>,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let mut failure = None;
+    while !stop.load(Ordering::Relaxed) {
+        if reflecting
+            .as_ref()
+            .is_some_and(std::thread::ScopedJoinHandle::is_finished)
+        {
+            failure = Some("the reflector stopped");
+            break;
+        }
+        if uploader
+            .as_ref()
+            .is_some_and(std::thread::ScopedJoinHandle::is_finished)
+        {
+            failure = Some("the uploader stopped");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if failure.is_some() {
+        stop.store(true, Ordering::Relaxed);
+    }
+    let mut outcome = Ok(());
+    if let Some(r) = reflecting {
+        match r.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => outcome = Err(Error::Config(format!("the reflector stopped: {e}"))),
+            Err(_) => outcome = Err(Error::Config("the reflector thread panicked".to_string())),
+        }
+    }
+    if let Some(u) = uploader
+        && u.join().is_err()
+    {
+        outcome = Err(Error::Config(
+            "the uploader thread panicked; reports stay spooled for the next start".to_string(),
+        ));
+    }
+    match (failure, outcome) {
+        (_, Err(e)) => Err(e),
+        (Some(what), Ok(())) => Err(Error::Config(format!(
+            "{what} while the agent had work: it exits so that its service manager restarts it"
+        ))),
+        (None, Ok(())) => Ok(()),
+    }
 }
 
 /// Runs one `[[drill]]`: waits for its start, runs it (reports to `tx`), logs each event

@@ -31,6 +31,15 @@ pub enum Error {
         what: String,
         source: std::io::Error,
     },
+    /// A spool directory the agent cannot write.
+    #[error(
+        "the spool {} cannot be written: {source}; give the agent's user write access to it, or set spool_dir (--spool) to a writable directory",
+        dir.display()
+    )]
+    Spool {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     /// A port below 1024 without the privilege to bind it.
     #[error(
         "binding UDP {addr} needs root or CAP_NET_BIND_SERVICE (ports below 1024 are privileged): run as root, grant it with `setcap cap_net_bind_service=+ep $(which pathprobe-agent)`, or use another port, e.g. --listen {suggestion}"

@@ -598,6 +598,12 @@ pub trait Sink {
     fn finished(&self) -> bool {
         false
     }
+    /// Whether the session returns its windows when it ends (for a summary). A session
+    /// that runs for good (the daemon's) must not: each window holds its histograms, about
+    /// 1 MiB, and they would pile up for as long as it runs.
+    fn keeps_windows(&self) -> bool {
+        true
+    }
 }
 
 impl<F: FnMut(&WindowStats)> Sink for F {
@@ -763,7 +769,9 @@ pub(crate) fn run_engine(
     }
     for w in tracker.take_closed() {
         sink.window(&w);
-        windows.push(w);
+        if sink.keeps_windows() {
+            windows.push(w);
+        }
     }
     Ok(windows)
 }
@@ -858,11 +866,23 @@ fn aggregate(
         if !decided.is_empty() {
             sink.probes(&decided);
         }
+        // A session that never gives up (the daemon's) counts "port unreachable" and goes
+        // on: the reflector may start later, and its probes count as lost meanwhile.
+        let never_give_up = cfg.no_reply_ns == u64::MAX;
         for w in tracker.take_closed() {
+            if never_give_up && shared.unreachable.swap(false, Ordering::Relaxed) {
+                tracing::warn!(
+                    target = %cfg.target,
+                    lost = w.counters.lost,
+                    "the target answered \"port unreachable\" this window: nothing listens there yet; probing goes on"
+                );
+            }
             sink.window(&w);
-            windows.push(w);
+            if sink.keeps_windows() {
+                windows.push(w);
+            }
         }
-        if !answered {
+        if !answered && !never_give_up {
             if shared.unreachable.load(Ordering::Relaxed) {
                 return Err(Error::Unreachable { target: cfg.target });
             }

@@ -218,12 +218,28 @@ fn trace_error(e: &Error) -> String {
 
 /// Runs `prober` until it ends or `stop` is set, handing each closed window with its
 /// signature and events to `emit`, in order, on a thread of its own (a trace there never
-/// holds up the probes' accounting). Returns every window and the last known signature.
+/// holds up the probes' accounting). Returns every window (none unless `keep_windows`:
+/// a session that runs for good must not pile them up) and the last known signature.
 pub fn run_watched(
     prober: &Prober,
     stop: &AtomicBool,
+    keep_windows: bool,
     mut emit: impl FnMut(&WindowStats, &Observed) + Send,
 ) -> Result<(Vec<WindowStats>, Option<Signature>)> {
+    /// Hands each window to the watcher thread.
+    struct Forward {
+        tx: mpsc::Sender<WindowStats>,
+        keep: bool,
+    }
+    impl crate::probe::Sink for Forward {
+        fn window(&mut self, w: &WindowStats) {
+            // The watcher thread ends only when this sender is gone.
+            let _ = self.tx.send(w.clone());
+        }
+        fn keeps_windows(&self) -> bool {
+            self.keep
+        }
+    }
     let mut watch = PathWatch::new(prober);
     let (tx, rx) = mpsc::channel::<WindowStats>();
     std::thread::scope(|s| {
@@ -234,10 +250,12 @@ pub fn run_watched(
             }
             watch.known()
         });
-        let windows = prober.run(stop, move |w| {
-            // The watcher thread ends only when this sender is gone.
-            let _ = tx.send(w.clone());
-        });
+        let mut sink = Forward {
+            tx,
+            keep: keep_windows,
+        };
+        let windows = prober.run_into(stop, &mut sink);
+        drop(sink);
         let known = watcher
             .join()
             .map_err(|_| Error::Config("the path watcher thread panicked".to_string()))?;

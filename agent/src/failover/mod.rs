@@ -182,6 +182,10 @@ struct PinnedSink {
 impl Sink for PinnedSink {
     fn window(&mut self, _w: &WindowStats) {}
 
+    fn keeps_windows(&self) -> bool {
+        false
+    }
+
     fn probes(&mut self, decided: &[Decided]) {
         let mut h = self.health.lock().unwrap_or_else(PoisonError::into_inner);
         for d in decided {

@@ -763,7 +763,7 @@ fn run_probe(args: &ProbeArgs) -> anyhow::Result<ExitCode> {
         prober.timestamping,
     )?;
     let mut failure: Option<anyhow::Error> = None;
-    let result = pathprobe_agent::watch::run_watched(&prober, &stop, |w, seen| {
+    let result = pathprobe_agent::watch::run_watched(&prober, &stop, true, |w, seen| {
         if let Err(e) = emit_window(args, &labels, w, seen) {
             failure.get_or_insert(e);
         }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use pathprobe_agent::spool::{BATCH, Delivery, Spool, Uploader};
+use pathprobe_agent::spool::{Spool, Step, Uploader};
 use pathprobe_proto::report::WindowReport;
 
 /// Writes the report `build` makes into `dir` (as `REPORT_ID.json`) and queues it in
@@ -24,7 +24,7 @@ pub fn keep_report(
         std::fs::write(&file, &json).with_context(|| format!("cannot write {}", file.display()))?;
     }
     if let Some(o) = outbox {
-        o.push(&json)?;
+        o.push(&json);
     }
     Ok(())
 }
@@ -88,30 +88,35 @@ impl CollectorArgs {
 }
 
 impl Outbox {
-    /// Queues one report (JSON), durably.
-    pub fn push(&mut self, json: &[u8]) -> anyhow::Result<()> {
-        Ok(self.spool.push(json)?)
+    /// Queues one report (JSON), durably; if the spool cannot be written, it is held in
+    /// memory and delivered from there.
+    pub fn push(&mut self, json: &[u8]) {
+        if let Err(e) = self.spool.push(json) {
+            tracing::error!(error = %e, "cannot write to the spool: the report is held in memory");
+        }
     }
 
     /// Sends every queued report, in batches; `what` names them in messages.
     pub fn deliver(&mut self, what: &str) -> anyhow::Result<()> {
         let uploader = Uploader::new(&self.url, self.token.clone());
-        while !self.spool.is_empty() {
-            let batch = self.spool.front(BATCH);
-            match uploader.deliver(&batch) {
-                Delivery::Delivered => self.spool.pop(batch.len()),
-                Delivery::Rejected { index, message } => {
-                    tracing::error!(%message, "the collector refused a {what}: moved to rejected/");
-                    self.spool.reject(index);
+        loop {
+            let why = match self.spool.deliver_once(&uploader) {
+                Step::Idle => break,
+                Step::Delivered(..) | Step::Halved { .. } => continue,
+                Step::Rejected { message, .. } => {
+                    tracing::error!(%message, "the collector refused a {what}: set aside in rejected/");
+                    continue;
                 }
-                Delivery::Retry(why) => anyhow::bail!(
-                    "the collector at {} did not take the {what}s ({why}): {} wait in {}; run again with --spool {} to deliver them",
-                    self.url,
-                    self.spool.len(),
-                    self.dir.display(),
-                    self.dir.display()
-                ),
-            }
+                Step::Refused(why) => format!("it refused them: {why}"),
+                Step::Unreachable(why) => format!("it did not answer: {why}"),
+            };
+            anyhow::bail!(
+                "the collector at {} did not take the {what}s ({why}): {} wait in {}; run again with --spool {} to deliver them",
+                self.url,
+                self.spool.len(),
+                self.dir.display(),
+                self.dir.display()
+            );
         }
         tracing::info!(collector = %self.url, "{what}s delivered");
         Ok(())
