@@ -128,6 +128,17 @@ pub struct ReflectorSection {
     pub auth_key_file: Option<PathBuf>,
     #[serde(default = "default_max_rate")]
     pub max_rate_per_source: u32,
+    /// `copy` (the default), `keep` or a DSCP from 0 to 63: see `reflect --reply-dscp`.
+    pub reply_dscp: Option<String>,
+}
+
+impl ReflectorSection {
+    /// The reply DSCP policy; what is wrong with it otherwise.
+    pub fn reply_dscp(&self) -> std::result::Result<reflector::ReplyDscp, String> {
+        self.reply_dscp
+            .as_deref()
+            .map_or(Ok(reflector::ReplyDscp::Copy), str::parse)
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -224,6 +235,15 @@ impl AgentConfig {
             )));
         }
         cfg.check_names(file, &text)?;
+        if let Some(r) = &cfg.reflector {
+            r.reply_dscp().map_err(|reason| {
+                let at = line_of(&text, &[Key::Name("reflector"), Key::Name("reply_dscp")]);
+                Error::Config(format!(
+                    "{}{at}: [reflector] reply_dscp: {reason}",
+                    file.display()
+                ))
+            })?;
+        }
         if let Some(c) = &cfg.collector {
             check_collector_url(&c.url).map_err(|reason| {
                 let at = line_of(&text, &[Key::Name("collector"), Key::Name("url")]);
@@ -805,6 +825,7 @@ pub fn run(file: &Path, cfg: &AgentConfig, stop: &AtomicBool) -> Result<()> {
                 key: r.auth_key_file.as_deref().map(keyfile::load).transpose()?,
                 stateful: r.stateful,
                 max_rate_per_source: r.max_rate_per_source,
+                reply_dscp: r.reply_dscp().map_err(Error::Config)?,
                 timestamp_format: TimestampFormat::Ntp,
             };
             let sock = reflector::bind(rc.listen)?;

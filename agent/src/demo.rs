@@ -82,6 +82,7 @@ fn capacity_demo(
         listen: refl_addr,
         max_rate_bps: 1_000_000_000,
         max_stage: Duration::from_mins(1),
+        key: None,
     })
     .map_err(|e| e.to_string())?;
     let load_port = SocketAddr::new(refl_addr.ip(), refl_addr.port().saturating_add(1));
@@ -114,6 +115,7 @@ fn capacity_demo(
         probe_rate: 100,
         tcp_streams: Vec::new(),
         thresholds: Thresholds::default(),
+        key: None,
     };
     let done = AtomicBool::new(false);
     let stats = EmulatorStats::default();
@@ -406,6 +408,7 @@ pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
         key: None,
         stateful: false,
         max_rate_per_source: 250_000,
+        reply_dscp: reflector::ReplyDscp::Copy,
         timestamp_format: TimestampFormat::Ntp,
     };
     let refl_sock = reflector::bind(refl_cfg.listen)?;

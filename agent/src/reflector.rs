@@ -2,13 +2,18 @@
 //! receive stamp, reply built by `proto`, T3 taken just before the batch is sent.
 //!
 //! - Stateless mode copies the sender's sequence number; stateful mode numbers each
-//!   session's replies (a session is a source address and port with an SSID).
-//! - The reply carries the received TTL, answers Class of Service with the DSCP and ECN it
-//!   received, and is sent with DSCP1 when the request asks for one (RP = 0), else with the
-//!   DSCP it arrived with.
+//!   session's replies (a session is a source address and port with an SSID). Sessions are
+//!   bounded per source address ([`MAX_SESSIONS_PER_SOURCE`]) and in all; a source over its
+//!   bound gets no new session, and only sessions idle for [`SESSION_IDLE`] are ever
+//!   forgotten, so no source can reset another's numbering.
+//! - The reply carries the received TTL and answers Class of Service with the DSCP and ECN
+//!   it received. Its own DSCP follows `--reply-dscp` ([`ReplyDscp`]): by default DSCP1 when
+//!   the request asks for one, else the DSCP it arrived with; or one fixed value; or the
+//!   socket's own marking. RP tells the sender whether the reply carries DSCP1.
 //! - A per-source packet-rate cap (token bucket) keeps it from being used to flood a third
 //!   party with spoofed requests. Malformed requests, and in authenticated mode any request
-//!   whose HMAC fails, are counted and dropped: nothing is ever sent back for them.
+//!   whose HMAC fails, are counted and dropped before they cost anything: nothing is sent
+//!   back, and they take no token of the rate cap and no session.
 
 use std::collections::HashMap;
 use std::io;
@@ -16,7 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use pathprobe_proto::stamp::reflect::{ReflectInput, finish, prepare};
+use pathprobe_proto::stamp::reflect::{ReflectInput, finish, prepare_verified, verify};
 use pathprobe_proto::stamp::tlv::{
     ClassOfService, TimestampInformation, TlvIter, TlvReflectInfo, sync_source, timestamp_method,
     tlv_type,
@@ -33,6 +38,39 @@ const BATCH: usize = 64;
 /// Most sources (rate limiting) or sessions (stateful numbering) remembered; beyond it the
 /// idle ones are forgotten.
 const MAX_TRACKED: usize = 65_536;
+/// Most stateful sessions of one source address (a sender uses one per path and SSID).
+pub const MAX_SESSIONS_PER_SOURCE: u32 = 256;
+/// A stateful session silent this long may be forgotten (its numbering restarts).
+pub const SESSION_IDLE: Duration = Duration::from_mins(1);
+
+/// The DSCP replies are sent with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReplyDscp {
+    /// DSCP1 when the request's Class-of-Service TLV asks for one, else the DSCP the
+    /// request arrived with (RFC 8972 §5.2).
+    #[default]
+    Copy,
+    /// Always this DSCP (0 to 63), whatever the request asks.
+    Fixed(u8),
+    /// The socket's own marking (what the system or a firewall rule sets): no per-reply TOS.
+    Keep,
+}
+
+impl std::str::FromStr for ReplyDscp {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "copy" => Ok(Self::Copy),
+            "keep" => Ok(Self::Keep),
+            n => match n.parse::<u8>() {
+                Ok(d) if d <= 63 => Ok(Self::Fixed(d)),
+                _ => Err(format!(
+                    "`{n}` is not a reply DSCP: use copy, keep, or a DSCP from 0 to 63 (e.g. 0 so that no reply claims a network-control class)"
+                )),
+            },
+        }
+    }
+}
 
 /// How the reflector runs.
 #[derive(Debug, Clone)]
@@ -43,6 +81,7 @@ pub struct ReflectorConfig {
     /// Most requests per second answered per source address; 0 turns the cap off.
     pub max_rate_per_source: u32,
     pub timestamp_format: TimestampFormat,
+    pub reply_dscp: ReplyDscp,
 }
 
 /// Counters, readable from another thread while the reflector runs.
@@ -54,6 +93,9 @@ pub struct ReflectorStats {
     pub auth_failed: AtomicU64,
     pub rate_limited: AtomicU64,
     pub send_failed: AtomicU64,
+    /// Requests dropped in stateful mode because their source had its most sessions, or the
+    /// table was full of active ones.
+    pub session_limited: AtomicU64,
 }
 
 impl ReflectorStats {
@@ -61,12 +103,13 @@ impl ReflectorStats {
     pub fn line(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "received {} reflected {} malformed {} auth-failed {} rate-limited {} send-failed {}",
+            "received {} reflected {} malformed {} auth-failed {} rate-limited {} session-limited {} send-failed {}",
             g(&self.received),
             g(&self.reflected),
             g(&self.malformed),
             g(&self.auth_failed),
             g(&self.rate_limited),
+            g(&self.session_limited),
             g(&self.send_failed)
         )
     }
@@ -186,13 +229,58 @@ fn requested_dscp(tlvs: &[u8]) -> Option<u8> {
         .map(|c| c.dscp1)
 }
 
+/// Stateful numbering: one counter per (source address and port, SSID), bounded per
+/// source address and in all.
+#[derive(Debug, Default)]
+struct Sessions {
+    /// Next sequence number and when the session was last heard, ns.
+    next: HashMap<(SocketAddr, u16), (u32, u64)>,
+    per_source: HashMap<IpAddr, u32>,
+    /// When idle sessions were last swept, ns.
+    swept: u64,
+}
+
+impl Sessions {
+    /// The reply's sequence number for `(src, ssid)` at `now_ns`; `None` when the session is
+    /// new and its source has its most sessions, or the table is full of active ones.
+    fn next(&mut self, src: SocketAddr, ssid: u16, now_ns: u64) -> Option<u32> {
+        if let Some((next, heard)) = self.next.get_mut(&(src, ssid)) {
+            let seq = *next;
+            *next = next.wrapping_add(1);
+            *heard = now_ns;
+            return Some(seq);
+        }
+        let idle = u64::try_from(SESSION_IDLE.as_nanos()).unwrap_or(u64::MAX);
+        if self.next.len() >= MAX_TRACKED && now_ns.saturating_sub(self.swept) >= idle / 60 {
+            // At most once a second: forget sessions silent for SESSION_IDLE, whoever's.
+            self.swept = now_ns;
+            let per_source = &mut self.per_source;
+            self.next.retain(|(a, _), (_, heard)| {
+                let keep = now_ns.saturating_sub(*heard) < idle;
+                if !keep && let Some(n) = per_source.get_mut(&a.ip()) {
+                    *n -= 1;
+                }
+                keep
+            });
+            self.per_source.retain(|_, n| *n > 0);
+        }
+        let count = self.per_source.get(&src.ip()).copied().unwrap_or(0);
+        if count >= MAX_SESSIONS_PER_SOURCE || self.next.len() >= MAX_TRACKED {
+            return None;
+        }
+        *self.per_source.entry(src.ip()).or_default() += 1;
+        self.next.insert((src, ssid), (1, now_ns));
+        Some(0)
+    }
+}
+
 /// What one reflector keeps between datagrams.
 struct State<'a> {
     cfg: &'a ReflectorConfig,
     stats: &'a ReflectorStats,
     mode: Mode,
     limiter: RateLimiter,
-    sessions: HashMap<(SocketAddr, u16), u32>,
+    sessions: Sessions,
     ee: ErrorEstimate,
     ts_info: TimestampInformation,
 }
@@ -202,65 +290,82 @@ impl State<'_> {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The reply's own sequence number in stateful mode: per source and SSID.
-    fn session_seq(&mut self, src: SocketAddr, payload: &[u8]) -> Option<u32> {
-        if !self.cfg.stateful {
-            return None;
-        }
-        let at = if self.mode == Mode::Authenticated {
-            26
-        } else {
-            14
-        };
-        let ssid = u16::from_be_bytes([payload[at], payload[at + 1]]);
-        if self.sessions.len() >= MAX_TRACKED && !self.sessions.contains_key(&(src, ssid)) {
-            self.sessions.clear();
-        }
-        let next = self.sessions.entry((src, ssid)).or_insert(0);
-        let seq = *next;
-        *next = next.wrapping_add(1);
-        Some(seq)
-    }
-
-    /// Queues the reply to one datagram in `tx`, or counts why there is none.
+    /// Queues the reply to one datagram in `tx`, or counts why there is none. The request is
+    /// checked whole (and its HMAC, in authenticated mode) before it takes a token of its
+    /// source's rate or a session: garbage, from anyone, costs a legitimate sender nothing.
     fn answer(&mut self, payload: &[u8], meta: &RecvMeta, now_mono: u64, tx: &mut SendBatch) {
         let Some(src) = meta.src else {
             return Self::count(&self.stats.malformed);
         };
-        if meta.truncated || payload.len() < self.mode.base_len() {
+        if meta.truncated {
             return Self::count(&self.stats.malformed);
+        }
+        match verify(payload, self.cfg.key.as_ref()) {
+            Ok(()) => {}
+            Err(ProtoError::AuthenticationFailed) => return Self::count(&self.stats.auth_failed),
+            Err(_) => return Self::count(&self.stats.malformed),
         }
         if !self.limiter.allow(src.ip(), now_mono) {
             return Self::count(&self.stats.rate_limited);
         }
+        let sequence_number = if self.cfg.stateful {
+            let at = if self.mode == Mode::Authenticated {
+                26
+            } else {
+                14
+            };
+            let ssid = u16::from_be_bytes([payload[at], payload[at + 1]]);
+            let Some(seq) = self.sessions.next(src, ssid, now_mono) else {
+                return Self::count(&self.stats.session_limited);
+            };
+            Some(seq)
+        } else {
+            None
+        };
         let t2 = meta.kernel_rx_ns.unwrap_or_else(sys::realtime_ns);
         let Ok(t2) = self.cfg.timestamp_format.encode(t2) else {
             return Self::count(&self.stats.malformed);
         };
         let received_tos = meta.tos.unwrap_or(0);
         let dscp1 = requested_dscp(&payload[self.mode.base_len()..]);
+        let (tos, carries_dscp1) = reply_tos(self.cfg.reply_dscp, dscp1, received_tos);
         let input = ReflectInput {
             key: self.cfg.key.as_ref(),
-            sequence_number: self.session_seq(src, payload),
+            sequence_number,
             receive_timestamp: t2,
             error_estimate: self.ee,
             received_ttl: meta.ttl.unwrap_or(0),
             tlv: TlvReflectInfo {
                 received_tos,
-                reverse_path: 0,
+                reverse_path: u8::from(!carries_dscp1),
                 timestamp_information: self.ts_info,
             },
         };
         let Some(slot) = tx.next_slot() else { return };
-        match prepare(payload, &input, slot) {
+        match prepare_verified(payload, &input, slot) {
             Ok(r) => {
-                // DSCP1 when asked for (RP = 0 above), else the DSCP it came with.
-                let tos = dscp1.map_or(received_tos & !0x03, |d| d << 2);
-                tx.commit(r.len, Some(src), Some((self.cfg.listen.is_ipv6(), tos)));
+                tx.commit(
+                    r.len,
+                    Some(src),
+                    tos.map(|t| (self.cfg.listen.is_ipv6(), t)),
+                );
             }
-            Err(ProtoError::AuthenticationFailed) => Self::count(&self.stats.auth_failed),
             Err(_) => Self::count(&self.stats.malformed),
         }
+    }
+}
+
+/// The TOS a reply is sent with (`None`: the socket's own) and whether it carries the
+/// DSCP1 the request asked for (RP = 0), under `policy`.
+fn reply_tos(policy: ReplyDscp, dscp1: Option<u8>, received_tos: u8) -> (Option<u8>, bool) {
+    match policy {
+        ReplyDscp::Copy => (
+            Some(dscp1.map_or(received_tos & !0x03, |d| d << 2)),
+            dscp1.is_some(),
+        ),
+        ReplyDscp::Fixed(d) => (Some(d << 2), dscp1 == Some(d)),
+        // The socket's marking is not known here: DSCP1 is not known to be honoured.
+        ReplyDscp::Keep => (None, false),
     }
 }
 
@@ -302,7 +407,7 @@ pub fn run(
             Mode::Unauthenticated
         },
         limiter: RateLimiter::new(cfg.max_rate_per_source),
-        sessions: HashMap::new(),
+        sessions: Sessions::default(),
         ee,
         ts_info,
     };
@@ -363,6 +468,98 @@ mod tests {
         assert_eq!(more, 10);
         // Another source has its own bucket.
         assert!(r.allow("192.0.2.2".parse().unwrap(), t0));
+    }
+
+    /// The adversarial run: 131,072 SSIDs from another address reset a legitimate
+    /// session's numbering to 0 (the table was cleared when full).
+    #[test]
+    fn another_source_cannot_reset_a_session() {
+        let mut s = Sessions::default();
+        let legit: SocketAddr = "192.0.2.1:40000".parse().unwrap();
+        let t0 = 1_000_000_000;
+        for i in 0..10 {
+            assert_eq!(s.next(legit, 7, t0 + i), Some(u32::try_from(i).unwrap()));
+        }
+        let attacker: IpAddr = "198.51.100.9".parse().unwrap();
+        let mut refused = 0;
+        for ssid in 0..131_072u32 {
+            let port = u16::try_from(1024 + ssid % 60_000).unwrap();
+            let ssid16 = u16::try_from(ssid % 65_536).unwrap();
+            if s.next(SocketAddr::new(attacker, port), ssid16, t0 + 20)
+                .is_none()
+            {
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, 131_072 - MAX_SESSIONS_PER_SOURCE);
+        assert_eq!(s.next(legit, 7, t0 + 30), Some(10), "numbering goes on");
+        // Sources with their own bound each: another legitimate sender gets a session.
+        assert_eq!(
+            s.next("192.0.2.2:40000".parse().unwrap(), 7, t0 + 40),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn a_full_table_forgets_only_idle_sessions() {
+        let mut s = Sessions::default();
+        let idle = u64::try_from(SESSION_IDLE.as_nanos()).unwrap();
+        let active: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        assert_eq!(s.next(active, 0, 0), Some(0));
+        let mut t = 0;
+        let mut filled = 1;
+        'fill: for a in 0..=255u8 {
+            for b in 0..=255u8 {
+                let ip = IpAddr::from([10, 0, a, b]);
+                if s.next(SocketAddr::new(ip, 9), 0, t).is_some() {
+                    filled += 1;
+                }
+                if filled == MAX_TRACKED {
+                    break 'fill;
+                }
+            }
+        }
+        // Full: a newcomer waits while every session is active...
+        t += 1_000_000_000;
+        assert_eq!(s.next(active, 0, t), Some(1));
+        assert_eq!(s.next("203.0.113.1:5".parse().unwrap(), 0, t), None);
+        // ...and gets one once the silent ones have been idle for SESSION_IDLE.
+        t += idle;
+        assert_eq!(s.next(active, 0, t), Some(2));
+        assert_eq!(s.next("203.0.113.1:5".parse().unwrap(), 0, t + 1), Some(0));
+        assert_eq!(s.next(active, 0, t + 2), Some(3));
+    }
+
+    #[test]
+    fn reply_dscp_follows_the_policy_and_rp_says_whether_dscp1_was_honoured() {
+        let ef = 46u8;
+        // copy: DSCP1 when asked, else the received DSCP (ECN bits cleared).
+        assert_eq!(
+            reply_tos(ReplyDscp::Copy, Some(ef), 0),
+            (Some(ef << 2), true)
+        );
+        assert_eq!(
+            reply_tos(ReplyDscp::Copy, None, (34 << 2) | 1),
+            (Some(34 << 2), false)
+        );
+        // A fixed value caps what a sender can have replies marked with (CS6, CS7 asked).
+        assert_eq!(
+            reply_tos(ReplyDscp::Fixed(0), Some(48), 0),
+            (Some(0), false)
+        );
+        assert_eq!(
+            reply_tos(ReplyDscp::Fixed(0), Some(56), 0),
+            (Some(0), false)
+        );
+        assert_eq!(
+            reply_tos(ReplyDscp::Fixed(ef), Some(ef), 0),
+            (Some(ef << 2), true)
+        );
+        assert_eq!(reply_tos(ReplyDscp::Keep, Some(63), 63 << 2), (None, false));
+        assert_eq!("copy".parse(), Ok(ReplyDscp::Copy));
+        assert_eq!("keep".parse(), Ok(ReplyDscp::Keep));
+        assert_eq!("0".parse(), Ok(ReplyDscp::Fixed(0)));
+        assert!("64".parse::<ReplyDscp>().unwrap_err().contains("0 to 63"));
     }
 
     #[test]

@@ -6,7 +6,8 @@
     clippy::cast_precision_loss,
     clippy::cast_possible_truncation,
     clippy::cast_sign_loss,
-    reason = "test code: a failed unwrap is a failed test"
+    clippy::many_single_char_names,
+    reason = "test code: a failed unwrap is a failed test; short names in control exchanges"
 )]
 
 use std::io::{BufRead, BufReader, Write};
@@ -181,34 +182,82 @@ fn say(c: &mut TcpStream, r: &mut BufReader<TcpStream>, line: &str) -> serde_jso
     serde_json::from_str(&answer).unwrap()
 }
 
+/// A control connection and its reader, with a read timeout.
+fn connect(r: &Reflector) -> (TcpStream, BufReader<TcpStream>) {
+    let c = TcpStream::connect(r.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let rd = BufReader::new(c.try_clone().unwrap());
+    (c, rd)
+}
+
+/// True when the far end closed the connection: the end of the stream, or a reset (a
+/// close with our unread line still in its buffer), never a timeout.
+fn closed(rd: &mut BufReader<TcpStream>) -> bool {
+    let mut rest = String::new();
+    match rd.read_line(&mut rest) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
+}
+
+const HELLO: &str = "{\"op\":\"hello\",\"version\":1,\"session\":7}\n";
+
+/// A capacity test of one short stage; retried while the far end is still giving back the
+/// slot of a connection that just closed (bounded).
+fn one_stage(r: &Reflector, extra: &[&str]) -> Output {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut args = vec![
+            "--start",
+            "5mbit",
+            "--max",
+            "5mbit",
+            "--steps",
+            "1",
+            "--stage-duration",
+            "1s",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = capacity(&r.addr.to_string(), &args);
+        if o.status.success()
+            || !stderr(&o).contains("busy")
+            || std::time::Instant::now() > deadline
+        {
+            return o;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn hostile_control_input_gets_errors_and_the_far_end_keeps_serving() {
     let r = Reflector::start(&["--allow-capacity", "--capacity-max-rate", "100mbit"]);
-    let mut c = TcpStream::connect(r.addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut rd = BufReader::new(c.try_clone().unwrap());
-    let a = say(&mut c, &mut rd, "{\"op\":\"result\",\"id\":1}\n");
-    assert_eq!(a["ok"], false);
-    assert!(a["error"].as_str().unwrap().contains("hello"), "{a}");
-    let a = say(&mut c, &mut rd, "not json at all\n");
-    assert!(
-        a["error"]
-            .as_str()
-            .unwrap()
-            .contains("not a capacity request"),
-        "{a}"
-    );
-    let a = say(
-        &mut c,
-        &mut rd,
-        "{\"op\":\"hello\",\"version\":99,\"session\":1}\n",
-    );
-    assert!(a["error"].as_str().unwrap().contains("version 99"), "{a}");
-    let a = say(
-        &mut c,
-        &mut rd,
-        "{\"op\":\"hello\",\"version\":1,\"session\":7}\n",
-    );
+    // Before hello: anything else, a line that is not a request, a wrong version or an
+    // overlong line gets its error, and the session ends there.
+    let long = format!("{}\n", "x".repeat(10_000));
+    for (line, needle) in [
+        ("{\"op\":\"result\",\"id\":1}\n", "hello"),
+        ("not json at all\n", "not a capacity request"),
+        (
+            "{\"op\":\"hello\",\"version\":99,\"session\":1}\n",
+            "version 99",
+        ),
+        (long.as_str(), "too long"),
+    ] {
+        let (mut c, mut rd) = connect(&r);
+        let a = say(&mut c, &mut rd, line);
+        assert_eq!(a["ok"], false, "{a}");
+        assert!(
+            a["error"].as_str().unwrap().contains(needle),
+            "{needle}: {a}"
+        );
+        assert!(closed(&mut rd), "{needle}: the session ends");
+    }
+    // After hello: requests beyond the caps are refused and the session goes on.
+    let (mut c, mut rd) = connect(&r);
+    let a = say(&mut c, &mut rd, HELLO);
     assert_eq!(a["ok"], true, "{a}");
     for (line, needle) in [
         (
@@ -233,21 +282,122 @@ fn hostile_control_input_gets_errors_and_the_far_end_keeps_serving() {
         assert_eq!(a["ok"], false, "{line}: {a}");
         assert!(a["error"].as_str().unwrap().contains(needle), "{line}: {a}");
     }
-    // A line longer than the limit ends the conversation.
-    let long = format!("{}\n", "x".repeat(10_000));
-    c.write_all(long.as_bytes()).unwrap();
-    let mut answer = String::new();
-    rd.read_line(&mut answer).unwrap();
-    assert!(answer.contains("too long"), "{answer}");
-    drop(c);
-    // A second client while the first is connected is told the far end is busy; after
-    // it leaves, a real test runs.
-    let busy = TcpStream::connect(r.addr).unwrap();
+    // While it holds the slot, another test is told the far end is busy.
     let other = capacity(&r.addr.to_string(), &["--stage-duration", "1s"]);
     assert_eq!(other.status.code(), Some(1));
     assert!(stderr(&other).contains("busy"), "{}", stderr(&other));
-    drop(busy);
-    std::thread::sleep(Duration::from_millis(200));
+    // A malformed line ends the session; then a real test runs.
+    let a = say(&mut c, &mut rd, "{\"op\":\"stage\"\n");
+    assert!(
+        a["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a capacity request"),
+        "{a}"
+    );
+    assert!(closed(&mut rd));
+    let o = one_stage(&r, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// The adversarial run: a silent TCP connection held the single slot for 60 s, and a
+/// garbage line every 30 s kept it for more than 90 s. Now the slot goes only to a valid
+/// hello, and a session silent for 10 s (beyond its stage) is closed.
+#[test]
+fn only_a_hello_takes_the_slot_and_a_silent_session_is_closed() {
+    let r = Reflector::start(&["--allow-capacity"]);
+    let (_silent, mut silent_rd) = connect(&r);
+    let (mut babbler, mut babbler_rd) = connect(&r);
+    let a = say(&mut babbler, &mut babbler_rd, "garbage\n");
+    assert_eq!(a["ok"], false, "{a}");
+    assert!(closed(&mut babbler_rd), "garbage ends the connection");
+    // Neither holds the slot: a real test runs beside the silent connection.
+    let o = one_stage(&r, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A session that said hello and then nothing is closed after the idle time.
+    let (mut c, mut rd) = connect(&r);
+    let a = say(&mut c, &mut rd, HELLO);
+    assert_eq!(a["ok"], true, "{a}");
+    let t = std::time::Instant::now();
+    let mut line = String::new();
+    let _ = rd.read_line(&mut line);
+    assert!(line.contains("no request within the idle time"), "{line}");
+    assert!(closed(&mut rd));
+    let idle = t.elapsed();
+    assert!(
+        idle >= Duration::from_secs(9) && idle < Duration::from_secs(20),
+        "{idle:?}"
+    );
+    // The silent one was closed too, holding nothing.
+    let mut rest = String::new();
+    let _ = silent_rd.read_line(&mut rest);
+    assert!(rest.contains("idle"), "{rest}");
+}
+
+/// With `--auth-key-file`, the reflector's capacity test asks for an HMAC over a fresh
+/// challenge; a keyless hello got "ok" before.
+#[test]
+fn a_keyed_reflector_takes_only_tests_that_prove_its_key() {
+    let dir = std::env::temp_dir().join(format!("pathprobe-capkey-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (good, bad) = (dir.join("good.key"), dir.join("bad.key"));
+    std::fs::write(
+        &good,
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+    )
+    .unwrap();
+    std::fs::write(
+        &bad,
+        "ff112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+    )
+    .unwrap();
+    let r = Reflector::start(&[
+        "--allow-capacity",
+        "--auth-key-file",
+        good.to_str().unwrap(),
+    ]);
+    // A keyless hello is asked to prove the key, and gets no slot for answering otherwise.
+    let (mut c, mut rd) = connect(&r);
+    let a = say(&mut c, &mut rd, HELLO);
+    assert!(
+        a["challenge"].as_str().is_some_and(|h| h.len() == 32),
+        "{a}"
+    );
+    assert!(a.get("sink_port").is_none(), "{a}");
+    let a = say(
+        &mut c,
+        &mut rd,
+        "{\"op\":\"auth\",\"proof\":\"00000000000000000000000000000000\"}\n",
+    );
+    assert!(
+        a["error"]
+            .as_str()
+            .unwrap()
+            .contains("authentication failed"),
+        "{a}"
+    );
+    assert!(closed(&mut rd));
+    let o = one_stage(&r, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--auth-key-file"), "{}", stderr(&o));
+    let o = one_stage(&r, &["--auth-key-file", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("authentication failed"),
+        "{}",
+        stderr(&o)
+    );
+    let o = one_stage(&r, &["--auth-key-file", good.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The adversarial run: with `--capacity-max-rate 10mbit`, a TCP download reached
+/// 36,796 Mbit/s on loopback. Now TCP stages are paced to the far end's cap, both ways.
+#[test]
+fn tcp_stages_hold_the_far_ends_rate_cap() {
+    let cap = 10e6;
+    let r = Reflector::start(&["--allow-capacity", "--capacity-max-rate", "10mbit"]);
     let o = capacity(
         &r.addr.to_string(),
         &[
@@ -258,11 +408,31 @@ fn hostile_control_input_gets_errors_and_the_far_end_keeps_serving() {
             "--steps",
             "1",
             "--stage-duration",
-            "1s",
+            "2s",
+            "--direction",
+            "both",
+            "--tcp-streams",
+            "1,2",
             "--json",
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    let sum: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    let tcp = sum["tcp"].as_array().unwrap();
+    assert_eq!(tcp.len(), 4, "{sum}");
+    for t in tcp {
+        let got = t["goodput_bps"].as_f64().unwrap();
+        eprintln!(
+            "{} streams {}: {:.2} Mbit/s",
+            t["streams"],
+            t["direction"],
+            got / 1e6
+        );
+        assert!(got <= 1.05 * cap, "{t}: above the cap");
+        // Paced, not starved: loopback carries the cap easily.
+        assert!(got >= 0.8 * cap, "{t}");
+    }
 }
 
 #[test]

@@ -510,3 +510,82 @@ fn the_per_source_cap_limits_a_flood() {
         replies.len()
     );
 }
+
+/// The adversarial run: 112-octet garbage from the prober's own address (spoofable off
+/// loopback) took the rate cap's tokens before the HMAC was checked, and cost the
+/// authenticated prober 91.8% loss. Now only requests that pass the HMAC are charged.
+#[test]
+fn garbage_from_the_probers_address_costs_an_authenticated_prober_nothing() {
+    let key = key_file(
+        "flood",
+        "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+    );
+    let r = Reflector::start(&["--auth-key-file", &key, "--max-rate-per-source", "1000"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let (stop, to) = (std::sync::Arc::clone(&stop), r.addr);
+        std::thread::spawn(move || {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let garbage = [0x5au8; 112];
+            // Bounded: at most 200,000 datagrams or until the probe is done.
+            let mut sent = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 200_000 {
+                let _ = s.send_to(&garbage, to);
+                sent += 1;
+                if sent.is_multiple_of(64) {
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+            }
+            sent
+        })
+    };
+    let o = probe(&[
+        "--target",
+        &r.addr.to_string(),
+        "--rate",
+        "200",
+        "--count",
+        "400",
+        "--json",
+        "--auth-key-file",
+        &key,
+    ]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flooded = flood.join().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary = json_lines(&o).pop().unwrap();
+    // Far more garbage than the cap's 1,000/s went by; every probe was answered.
+    assert!(flooded > 4_000, "{flooded}");
+    assert_eq!(summary["received"], 400, "{summary}");
+}
+
+/// An unauthenticated sender could have replies marked with any DSCP (CS6 and CS7 were
+/// tried). `--reply-dscp 0` stops that; `copy`, the default, honours the request.
+#[test]
+fn reply_dscp_policy_decides_what_replies_carry() {
+    for (policy, want) in [(None, 48), (Some("0"), 0), (Some("10"), 10)] {
+        let r = Reflector::start(&policy.map(|p| vec!["--reply-dscp", p]).unwrap_or_default());
+        let o = probe(&[
+            "--target",
+            &r.addr.to_string(),
+            "--rate",
+            "500",
+            "--count",
+            "50",
+            "--json",
+            "--dscp",
+            "48",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let summary = json_lines(&o).pop().unwrap();
+        let sig = &summary["signature"];
+        assert_eq!(sig["dscp_far"], 48, "{policy:?}: {sig}");
+        assert_eq!(sig["dscp_back"], want, "{policy:?}: {sig}");
+    }
+    let o = Command::new(AGENT)
+        .args(["reflect", "--reply-dscp", "64"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("0 to 63"));
+}

@@ -7,9 +7,69 @@
 //! - **Control** (TCP, the reflector's port number): one JSON object per line each way.
 //!   The client says `hello`, then for each stage `stage` (the sink resets and, for down
 //!   and both, the far end starts sending) and `result`; `tcp` and `tcp_result` for a TCP
-//!   stage. Every answer carries `ok`, and `error` when it is false.
+//!   stage. Every answer carries `ok`, and `error` when it is false. The far end gives a
+//!   test its one slot only after a valid `hello`; when it has an authentication key, the
+//!   `hello` answer carries a fresh `challenge` and the slot waits for an `auth` whose
+//!   `proof` is [`hello_proof`] under that key.
 
 use serde::{Deserialize, Serialize};
+
+use crate::stamp::AuthKey;
+use crate::{Error, Result};
+
+/// Octets of a `hello` challenge.
+pub const CHALLENGE_LEN: usize = 16;
+
+/// What the proof covers: a fixed label (so that no tag of another protocol under the same
+/// key can serve), the challenge and the session id.
+fn proof_covers(challenge: &[u8; CHALLENGE_LEN], session: u64) -> [u8; 48] {
+    let mut covered = [0u8; 48];
+    covered[..24].copy_from_slice(b"pathprobe capacity hello");
+    covered[24..40].copy_from_slice(challenge);
+    covered[40..].copy_from_slice(&session.to_be_bytes());
+    covered
+}
+
+/// The proof that the client holds the far end's key: HMAC-SHA-256 (truncated as STAMP
+/// truncates it) over the label, the far end's challenge and the session id.
+pub fn hello_proof(key: &AuthKey, challenge: &[u8; CHALLENGE_LEN], session: u64) -> [u8; 16] {
+    key.tag(&proof_covers(challenge, session))
+}
+
+/// Checks a client's proof, in constant time.
+pub fn check_hello_proof(
+    key: &AuthKey,
+    challenge: &[u8; CHALLENGE_LEN],
+    session: u64,
+    proof: &[u8],
+) -> Result<()> {
+    key.verify(&proof_covers(challenge, session), proof)
+}
+
+/// Hexadecimal text of octets (challenges and proofs travel as text in JSON).
+pub fn to_hex(b: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    b.iter()
+        .flat_map(|x| [DIGITS[usize::from(x >> 4)], DIGITS[usize::from(x & 0xf)]])
+        .map(char::from)
+        .collect()
+}
+
+/// Octets of hexadecimal text of exactly `N` octets.
+pub fn from_hex<const N: usize>(s: &str) -> Result<[u8; N]> {
+    let bad = || Error::InvalidField {
+        field: "hex",
+        reason: format!("expected {} hexadecimal digits", 2 * N),
+    };
+    if s.len() != 2 * N || !s.is_ascii() {
+        return Err(bad());
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
 
 /// The first octets of every load datagram.
 pub const MAGIC: [u8; 4] = *b"PPLD";
@@ -79,6 +139,10 @@ pub enum Request {
         version: u32,
         session: u64,
     },
+    /// The answer to the `hello` challenge: [`hello_proof`] in hexadecimal.
+    Auth {
+        proof: String,
+    },
     /// Start stage `id`: the sink counts it; for down/both the far end sends to the
     /// client's address at `client_port`.
     Stage {
@@ -111,6 +175,9 @@ pub struct Reply {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// `hello`, when the far end has a key: what the `auth` proof must cover (hexadecimal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub challenge: Option<String>,
     /// `hello`: the UDP sink port and the TCP sink port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sink_port: Option<u16>,
@@ -183,6 +250,23 @@ impl SinkCount {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hello_proof_holds_only_for_its_key_challenge_and_session() {
+        let key = AuthKey::new(&[7u8; 32]).unwrap();
+        let other = AuthKey::new(&[8u8; 32]).unwrap();
+        let challenge = [0x42u8; CHALLENGE_LEN];
+        let proof = hello_proof(&key, &challenge, 9);
+        check_hello_proof(&key, &challenge, 9, &proof).unwrap();
+        assert!(check_hello_proof(&other, &challenge, 9, &proof).is_err());
+        assert!(check_hello_proof(&key, &[0x43; CHALLENGE_LEN], 9, &proof).is_err());
+        assert!(check_hello_proof(&key, &challenge, 10, &proof).is_err());
+        assert!(check_hello_proof(&key, &challenge, 9, &proof[..15]).is_err());
+        let text = to_hex(&proof);
+        assert_eq!(from_hex::<16>(&text).unwrap(), proof);
+        assert!(from_hex::<16>("zz").is_err());
+        assert!(from_hex::<2>("é0").is_err());
+    }
 
     #[test]
     fn load_header_round_trips_and_rejects_strangers() {

@@ -62,6 +62,9 @@ pub struct Plan {
     pub probe_rate: u32,
     pub tcp_streams: Vec<u32>,
     pub thresholds: Thresholds,
+    /// The far reflector's key: it proves the test may run, and authenticates the STAMP
+    /// stream under load.
+    pub key: Option<pathprobe_proto::stamp::AuthKey>,
 }
 
 /// What one direction of a stage delivered.
@@ -177,10 +180,24 @@ impl Control {
             session: u64::from_be_bytes(id),
             sink_port: 0,
         };
-        let hello = c.call(&Request::Hello {
+        let mut hello = c.call(&Request::Hello {
             version: VERSION,
             session: c.session,
         })?;
+        if let Some(challenge) = hello.challenge.take() {
+            let Some(key) = &plan.key else {
+                return Err(Error::Config(format!(
+                    "{} asks capacity tests to prove its authentication key: give --auth-key-file with the reflector's key",
+                    plan.target
+                )));
+            };
+            let challenge = super::wire::from_hex::<{ super::wire::CHALLENGE_LEN }>(&challenge)
+                .map_err(|e| Error::Config(format!("the far end's challenge is not valid: {e}")))?;
+            let proof = super::wire::hello_proof(key, &challenge, c.session);
+            hello = c.call(&Request::Auth {
+                proof: super::wire::to_hex(&proof),
+            })?;
+        }
         c.sink_port = hello
             .sink_port
             .ok_or_else(|| Error::Config("the far end named no sink port".to_string()))?;
@@ -287,10 +304,14 @@ fn stamp(plan: &Plan, length: Duration) -> Option<Stamped> {
         interval_ns: 1_000_000_000 / u64::from(plan.probe_rate.max(1)),
         count: None,
         duration_ns: Some(length_ns),
-        size: pathprobe_proto::stamp::Mode::Unauthenticated.base_len(),
+        size: if plan.key.is_some() {
+            pathprobe_proto::stamp::Mode::Authenticated.base_len()
+        } else {
+            pathprobe_proto::stamp::Mode::Unauthenticated.base_len()
+        },
         dscp: 0,
         ttl: None,
-        key: None,
+        key: plan.key.clone(),
         window_ns: length_ns.saturating_add(60_000_000_000),
         // Half a second: far above any path's RTT plus a full bottleneck queue.
         late_timeout_ns: 500_000_000,
@@ -470,9 +491,9 @@ fn tcp(
                 let (first, last) = (&first, &last);
                 s.spawn(move || {
                     if direction == Direction::Up {
-                        tcp_send(c, plan.stage, stop)
+                        tcp_send(c, plan.stage, None, stop)
                     } else {
-                        tcp_receive(c, plan.stage, stop, first, last)
+                        tcp_receive(c, plan.stage, None, stop, first, last)
                     }
                 })
             })

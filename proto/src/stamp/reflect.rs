@@ -54,11 +54,34 @@ pub struct Reflection {
 /// packet is refused ([`Error::Truncated`]). Stamp T3 and sign with [`finish`] just before
 /// sending.
 pub fn prepare(request: &[u8], input: &ReflectInput<'_>, reply: &mut [u8]) -> Result<Reflection> {
-    let mode = input.mode();
+    verify(request, input.key)?;
+    prepare_verified(request, input, reply)
+}
+
+/// Checks a request's length for the mode `key` implies and, in authenticated mode, its
+/// HMAC: what a reflector must know before it spends anything (a rate-limit token, a
+/// session) on the request.
+pub fn verify(request: &[u8], key: Option<&AuthKey>) -> Result<()> {
+    let mode = if key.is_some() {
+        Mode::Authenticated
+    } else {
+        Mode::Unauthenticated
+    };
     let packet = SenderPacket::new_checked(request, mode)?;
-    if let Some(key) = input.key {
+    if let Some(key) = key {
         packet.verify(key)?;
     }
+    Ok(())
+}
+
+/// [`prepare`] for a request [`verify`] has passed: the HMAC is not computed twice.
+pub fn prepare_verified(
+    request: &[u8],
+    input: &ReflectInput<'_>,
+    reply: &mut [u8],
+) -> Result<Reflection> {
+    let mode = input.mode();
+    let packet = SenderPacket::new_checked(request, mode)?;
     let len = request.len();
     let Some(reply) = reply.get_mut(..len) else {
         return Err(Error::Truncated {

@@ -98,6 +98,10 @@ pub struct CapacityArgs {
     /// Also measure TCP goodput with these numbers of parallel streams, like 1,4,16.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=64), env = "PATHPROBE_CAPACITY_TCP_STREAMS")]
     tcp_streams: Vec<u32>,
+    /// The far reflector's authentication key (hexadecimal file), when it has one: proves
+    /// to it that this test may run, and authenticates the STAMP stream under load.
+    #[arg(long, env = "PATHPROBE_AUTH_KEY_FILE")]
+    auth_key_file: Option<std::path::PathBuf>,
     /// A stage passes only if at least this much of the offered load arrives.
     #[arg(long, default_value = "95%", value_parser = fraction, env = "PATHPROBE_CAPACITY_MIN_DELIVERED")]
     min_delivered: f64,
@@ -153,6 +157,11 @@ fn plan(args: &CapacityArgs, target: SocketAddr) -> anyhow::Result<Plan> {
         size: args.size,
         probe_rate: args.probe_rate,
         tcp_streams: args.tcp_streams.clone(),
+        key: args
+            .auth_key_file
+            .as_deref()
+            .map(pathprobe_agent::keyfile::load)
+            .transpose()?,
         thresholds: Thresholds {
             min_delivered: args.min_delivered,
             max_loss: args.max_loss,

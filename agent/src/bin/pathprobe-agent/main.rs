@@ -152,6 +152,11 @@ struct ReflectArgs {
     /// from being used to flood a third party with spoofed requests.
     #[arg(long, default_value_t = 250_000, env = "PATHPROBE_MAX_RATE_PER_SOURCE")]
     max_rate_per_source: u32,
+    /// The DSCP of replies: `copy` (the DSCP1 a request's Class-of-Service TLV asks for,
+    /// else the DSCP it arrived with), a fixed value 0 to 63 (so that no sender can have
+    /// replies marked as network control, CS6/CS7), or `keep` (the socket's own marking).
+    #[arg(long, default_value = "copy", env = "PATHPROBE_REPLY_DSCP")]
+    reply_dscp: reflector::ReplyDscp,
     /// Timestamp format of T2 and T3.
     #[arg(
         long,
@@ -592,6 +597,7 @@ fn run_reflect(args: &ReflectArgs) -> anyhow::Result<ExitCode> {
         key,
         stateful: args.stateful,
         max_rate_per_source: args.max_rate_per_source,
+        reply_dscp: args.reply_dscp,
         timestamp_format: match args.timestamp_format {
             FormatArg::Ntp => TimestampFormat::Ntp,
             FormatArg::Ptp => TimestampFormat::Ptp,
@@ -611,6 +617,7 @@ fn run_reflect(args: &ReflectArgs) -> anyhow::Result<ExitCode> {
             listen: bound,
             max_rate_bps: args.capacity_max_rate.bps(),
             max_stage: args.capacity_max_stage,
+            key: cfg.key.clone(),
         })?;
         tracing::info!(
             control = %bound,
