@@ -620,6 +620,86 @@ mod tests {
         assert!(reason.contains("not one valid report"), "{reason}");
     }
 
+    /// A valid report's JSON.
+    fn valid_report(id: u8) -> Vec<u8> {
+        use pathprobe_proto::hist::Metric;
+        use pathprobe_proto::report::{
+            ClockState, Counters, PathInfo, PathKind, ProbeProtocol, ReportId, TimestampSource,
+            Timestamping, Window, WindowReport,
+        };
+        let mut rtt = Metric::Rtt.new_histogram();
+        rtt.record(1_000).unwrap();
+        WindowReport {
+            report_id: ReportId([id; 16]),
+            agent_id: "a".into(),
+            site: None,
+            path: PathInfo {
+                name: "er".into(),
+                kind: PathKind::Expressroute,
+                local: "127.0.0.1:1".parse().unwrap(),
+                remote: "127.0.0.1:2".parse().unwrap(),
+                protocol: ProbeProtocol::Stamp,
+                dscp: 0,
+                packet_size: 52,
+            },
+            window: Window {
+                start_unix_ns: 1_000_000_000,
+                end_unix_ns: 2_000_000_000,
+            },
+            timestamping: Timestamping {
+                rx: TimestampSource::Kernel,
+                tx: TimestampSource::Kernel,
+            },
+            owd_clock: ClockState::Unavailable,
+            counters: Counters {
+                sent: 1,
+                received: 1,
+                ..Counters::default()
+            },
+            histograms: [(Metric::Rtt, rtt)].into(),
+            signature: None,
+            events: Vec::new(),
+        }
+        .to_json()
+        .unwrap()
+    }
+
+    /// The adversarial run: a truncated, empty or 16 MB file at the head of the spool
+    /// turned every batch into a 400 or 413, and a valid report followed by `,{}` shifted
+    /// the index the collector named so that 13 valid reports went to rejected/. Now each
+    /// file is checked alone before it joins a batch.
+    #[test]
+    fn files_that_are_not_one_report_are_set_aside_before_they_join_a_batch() {
+        let d = dir("corrupt");
+        let mut s = Spool::open(&d, 100).unwrap();
+        let good = valid_report(1);
+        let mut with_more = good.clone();
+        with_more.extend_from_slice(b",{}");
+        s.push(&[]).unwrap();
+        s.push(&good[..good.len() / 2]).unwrap();
+        s.push(&with_more).unwrap();
+        s.push(&vec![b' '; 16 << 20]).unwrap();
+        s.push(&good).unwrap();
+        s.push(&valid_report(2)).unwrap();
+        let batch = s.front(BATCH);
+        assert_eq!(batch.len(), 2, "only the two valid reports are sent");
+        assert_eq!(batch[0].body, good);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.rejected, 4);
+        let reasons: Vec<String> = fs::read_dir(d.join("rejected"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "reason"))
+            .map(|p| fs::read_to_string(p).unwrap())
+            .collect();
+        assert_eq!(reasons.len(), 4);
+        assert!(
+            reasons.iter().any(|r| r.contains("more than any report")),
+            "{reasons:?}"
+        );
+        assert!(reasons.iter().all(|r| !r.is_empty()));
+    }
+
     #[test]
     fn typed_refusals_map_to_the_right_step() {
         let r = |reason, index, retry| {

@@ -36,17 +36,41 @@ fn dir(name: &str) -> PathBuf {
     d
 }
 
+/// An agent process, killed when dropped (a failed assertion must not leave it running).
+struct Agent(Option<Child>);
+
+impl Agent {
+    fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+
+    fn wait(mut self) -> std::process::ExitStatus {
+        self.0.take().unwrap().wait().unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// `run --config` of `config`, its log in `log`; as `nobody` when we are root, so that file
 /// permissions bind it.
-fn agent(config: &Path, log: &Path) -> Child {
-    common::unprivileged(AGENT)
-        .args(["run", "--config"])
-        .arg(config)
-        .env("PATHPROBE_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
+fn agent(config: &Path, log: &Path) -> Agent {
+    Agent(Some(
+        common::unprivileged(AGENT)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("PATHPROBE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    ))
 }
 
 fn wait_for(log: &Path, what: &str, within: Duration) -> String {
@@ -61,11 +85,12 @@ fn wait_for(log: &Path, what: &str, within: Duration) -> String {
     }
 }
 
-fn terminate(mut child: Child) -> std::process::ExitStatus {
+fn terminate(mut agent: Agent) -> std::process::ExitStatus {
+    let pid = agent.0.as_ref().unwrap().id();
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &pid.to_string()])
         .status();
-    child.wait().unwrap()
+    agent.0.take().unwrap().wait().unwrap()
 }
 
 /// Windows the agent logged for path `name` (one line each).
@@ -104,7 +129,7 @@ fn a_spool_that_cannot_be_written_is_refused_at_start() {
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
         let log = d.join("agent.log");
         let started = Instant::now();
-        let status = agent(&config, &log).wait().unwrap();
+        let status = agent(&config, &log).wait();
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(!status.success(), "{spool}: {text}");
         assert!(started.elapsed() < Duration::from_secs(10));
@@ -199,7 +224,7 @@ fn a_path_whose_target_is_down_at_start_is_probed_once_it_comes_up() {
     let mut child = agent(&config, &log);
     wait_for(&log, "port unreachable", Duration::from_secs(10));
     assert!(
-        child.try_wait().unwrap().is_none(),
+        child.try_wait().is_none(),
         "the agent gives up on nothing while it has a path"
     );
     let _reflector = common::Reflector::start_on(&target.to_string(), &[]);

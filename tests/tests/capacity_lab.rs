@@ -29,6 +29,7 @@ fn capacity(lab: &Lab, start: &str, max: &str) -> serde_json::Value {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
+    eprintln!("{out}");
     serde_json::from_str(out.lines().last().unwrap()).unwrap()
 }
 

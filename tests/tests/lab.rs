@@ -70,6 +70,7 @@ struct Case {
 struct Baseline {
     min: f64,
     p99: f64,
+    max: f64,
 }
 
 #[test]
@@ -116,6 +117,7 @@ fn root_lab_paths_carry_the_configured_delay_jitter_and_loss() {
         let base = Baseline {
             min: rtt(&delayed, "min") - 2_000.0,
             p99: rtt(&delayed, "p99") - 2_000.0,
+            max: rtt(&delayed, "max") - 2_000.0,
         };
         lab.emulate(case.path, &case.cfg);
         let v = probe(&lab, case.to, N, 200);
@@ -140,9 +142,16 @@ fn root_lab_paths_carry_the_configured_delay_jitter_and_loss() {
             base.p99
         );
         assert!(min >= d - j, "min {min} below D - J; {ctx}");
+        // The p99 bound needs its own statistics: the sample p99 of the lab's latency e
+        // is itself an estimate, and e's tail shifts between runs. Bound by the baseline's
+        // largest sample instead: a new draw of e exceeds the largest of N earlier draws
+        // with probability 1/(N + 1), so the N samples here hold about one such, and the
+        // p99 (the 1% = N/100 highest) can pass D + J + that maximum only if N/100 of them
+        // do: with N = 1,000, 10 where one is expected (Poisson: about 10^-7).
         assert!(
-            p99 <= d + j + base.p99,
-            "p99 {p99} above D + J + lab p99; {ctx}"
+            p99 <= d + j + base.max,
+            "p99 {p99} above D + J + the lab's largest latency {}; {ctx}",
+            base.max
         );
         // The jitter: p90 - p50 of U(-J, J) is 0.8 J; the lab's own spread moves it by at
         // most its (p99 - min).

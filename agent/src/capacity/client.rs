@@ -433,6 +433,7 @@ fn stage(
         delivered_bps: dirs.iter().map(|d| d.delivered_bps).min().unwrap_or(0),
         loss: dirs.iter().map(|d| d.loss).fold(0.0, f64::max),
         rtt_p99_ns: p99(stamp.as_ref()),
+        sender_late_p99_ns: paced.map_or(0, |p| p.behind_p99_ns),
     };
     Ok(StageResult {
         number: number as usize,

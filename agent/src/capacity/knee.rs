@@ -55,6 +55,10 @@ pub struct StageOutcome {
     pub loss: f64,
     /// p99 RTT of the STAMP stream during the stage; `None` if none came back.
     pub rtt_p99_ns: Option<u64>,
+    /// The load generator's own p99 lateness (its catch-up bursts queue at the bottleneck
+    /// for about that long): added to the RTT limit, since it is the sender's, not the
+    /// path's. 0 when unknown (download: the far end paces).
+    pub sender_late_p99_ns: u64,
 }
 
 /// Why a stage passed or not.
@@ -79,9 +83,11 @@ pub fn judge(s: &StageOutcome, idle_p99_ns: u64, th: &Thresholds) -> Judgement {
             && s.delivered_bps as f64 >= th.min_delivered * s.offered_bps as f64,
         loss_ok: s.loss <= th.max_loss,
         // No RTT sample at all under load: every probe was lost, which is not a pass.
-        rtt_ok: s
-            .rtt_p99_ns
-            .is_some_and(|r| r <= th.rtt_limit_ns(idle_p99_ns)),
+        rtt_ok: s.rtt_p99_ns.is_some_and(|r| {
+            r <= th
+                .rtt_limit_ns(idle_p99_ns)
+                .saturating_add(s.sender_late_p99_ns)
+        }),
     }
 }
 
@@ -169,6 +175,7 @@ mod tests {
                 delivered_bps: offered * 998 / 1000,
                 loss: 0.0,
                 rtt_p99_ns: Some(MS + offered_mbit * 10_000),
+                sender_late_p99_ns: 0,
             }
         } else {
             #[allow(clippy::cast_precision_loss)]
@@ -178,8 +185,24 @@ mod tests {
                 delivered_bps: cap,
                 loss,
                 rtt_p99_ns: Some(51 * MS),
+                sender_late_p99_ns: 0,
             }
         }
+    }
+
+    #[test]
+    fn a_late_senders_own_bursts_do_not_count_as_the_paths_inflation() {
+        let th = Thresholds::default();
+        let mut s = bottleneck(30);
+        // Idle p99 1 ms: the limit is 3 ms (3 × idle).
+        s.rtt_p99_ns = Some(5 * MS);
+        assert!(!judge(&s, MS, &th).rtt_ok, "2 ms over the limit");
+        s.sender_late_p99_ns = 2 * MS;
+        assert!(judge(&s, MS, &th).rtt_ok, "the sender was 2 ms late at p99");
+        // A standing queue is far beyond any sender's lateness.
+        let mut over = bottleneck(60);
+        over.sender_late_p99_ns = 2 * MS;
+        assert!(!judge(&over, MS, &th).passed());
     }
 
     #[test]
@@ -227,6 +250,7 @@ mod tests {
             delivered_bps: 100,
             loss: 0.0,
             rtt_p99_ns: Some(MS),
+            sender_late_p99_ns: 0,
         };
         assert!(judge(&ok, MS, &th).passed());
         let j = judge(
@@ -245,6 +269,7 @@ mod tests {
             judge(
                 &StageOutcome {
                     rtt_p99_ns: Some(3 * MS),
+                    sender_late_p99_ns: 0,
                     ..ok
                 },
                 MS,
@@ -255,6 +280,7 @@ mod tests {
         let j = judge(
             &StageOutcome {
                 rtt_p99_ns: Some(3 * MS + 1),
+                sender_late_p99_ns: 0,
                 ..ok
             },
             MS,
@@ -265,6 +291,7 @@ mod tests {
             !judge(
                 &StageOutcome {
                     rtt_p99_ns: None,
+                    sender_late_p99_ns: 0,
                     ..ok
                 },
                 MS,

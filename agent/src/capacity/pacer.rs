@@ -66,6 +66,10 @@ pub struct Paced {
     pub gso: bool,
     /// How far behind its schedule the pacer fell at worst, ns.
     pub max_behind_ns: u64,
+    /// The 99th percentile of how late it was at each send (a host's scheduling stalls): a
+    /// late sender sends what was due at once, and that burst queues at a bottleneck even
+    /// below its rate.
+    pub behind_p99_ns: u64,
     /// Start and end of sending, monotonic ns.
     pub start_ns: u64,
     pub end_ns: u64,
@@ -112,6 +116,8 @@ pub fn pace(sock: &Socket, load: &Load, stop: &AtomicBool, try_gso: bool) -> io:
         start_ns: start,
         ..Paced::default()
     };
+    // Lateness of each send, µs, kept without allocating on the way (first 65,536).
+    let mut late_us: Vec<u32> = Vec::with_capacity(1 << 16);
     let mut seq = 0u64;
     let mut header = LoadHeader {
         stage: load.stage,
@@ -134,6 +140,9 @@ pub fn pace(sock: &Socket, load: &Load, stop: &AtomicBool, try_gso: bool) -> io:
         // Everything due by now, one system call at a time.
         let due = (((now - start) as f64 / interval) as u64 + 1).min(total);
         done.max_behind_ns = done.max_behind_ns.max(now - next_at);
+        if late_us.len() < late_us.capacity() {
+            late_us.push(u32::try_from((now - next_at) / 1_000).unwrap_or(u32::MAX));
+        }
         while seq < due {
             let n = usize::try_from(due - seq).unwrap_or(burst).min(burst);
             let took = if let Some(batch) = batch.as_mut() {
@@ -161,6 +170,11 @@ pub fn pace(sock: &Socket, load: &Load, stop: &AtomicBool, try_gso: bool) -> io:
         }
     }
     done.end_ns = sys::monotonic_ns();
+    if !late_us.is_empty() {
+        let at = late_us.len() * 99 / 100;
+        let (_, p99, _) = late_us.select_nth_unstable(at);
+        done.behind_p99_ns = u64::from(*p99) * 1_000;
+    }
     Ok(done)
 }
 

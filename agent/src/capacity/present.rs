@@ -62,6 +62,8 @@ pub fn stage_json(s: &StageResult) -> Value {
         "passed": s.judgement.passed(),
         "judgement": s.judgement,
         "sender_short": s.sender_short,
+        // The load generator's own p99 lateness, allowed on top of the RTT limit.
+        "sender_late_p99_us": us(s.outcome.sender_late_p99_ns),
     })
 }
 

@@ -150,7 +150,11 @@ fn http_ingest(args: &Args, windows: u32) -> Result<()> {
             listen: addr,
             db: args.db.clone(),
             tokens: None,
-            limits: Limits::default(),
+            // The windows are dated from T0 (November 2026): keep them whatever today is.
+            limits: Limits {
+                max_report_age: Duration::from_hours(24 * 365 * 100),
+                ..Limits::default()
+            },
         },
         async move {
             let _ = stop_rx.await;
