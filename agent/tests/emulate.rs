@@ -58,7 +58,11 @@ fn delay_jitter_and_loss_come_out_as_configured() {
     ]);
     // The emulator's own error: RTT through it with nothing configured.
     let base = through(reflector.1, &[], 1000);
-    let (base_p50, base_p99) = (f(&base, "rtt_us", "p50"), f(&base, "rtt_us", "p99"));
+    let (base_p50, base_p99, base_max) = (
+        f(&base, "rtt_us", "p50"),
+        f(&base, "rtt_us", "p99"),
+        f(&base, "rtt_us", "max"),
+    );
     assert_eq!(base["lost"], 0);
 
     // 10 ms forward, 4 ms back, uniform jitter of ±1 ms each way.
@@ -81,13 +85,16 @@ fn delay_jitter_and_loss_come_out_as_configured() {
         p50 >= 14_000.0 && p50 <= 14_000.0 + base_p99,
         "p50 {p50} vs 14 ms + [0, {base_p99}] (baseline p50 {base_p50})"
     );
-    // RTT = 14 ms + two jitters in ±1 ms + the emulator's own delay (≥ 0, p99 as measured):
-    // never below 12 ms, and its p99 at most 16 ms plus the baseline p99.
+    // RTT = 14 ms + two jitters in ±1 ms + the emulator's own delay e (≥ 0): never below
+    // 12 ms. Its p99 is bounded by 16 ms plus the baseline's largest e, not its sample p99
+    // (an estimate with no allowance): a new draw of e exceeds the largest of the 1,000
+    // baseline draws with probability 1/1,001, so about 2 of these 2,000 do, and the p99
+    // (the 20 highest) passes the bound only if 20 do (Poisson: about 10^-12).
     let (min, p99) = (f(&d, "rtt_us", "min"), f(&d, "rtt_us", "p99"));
     assert!(min >= 12_000.0, "min {min}");
     assert!(
-        p99 <= 16_000.0 + base_p99,
-        "p99 {p99} vs 16 ms + {base_p99}"
+        p99 <= 16_000.0 + base_max,
+        "p99 {p99} vs 16 ms + the emulator's largest own delay {base_max} (p99 {base_p99})"
     );
     assert!(
         f(&d, "rtt_us", "p90") - f(&d, "rtt_us", "p50") > 300.0,

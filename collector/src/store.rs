@@ -839,17 +839,8 @@ impl Store {
     }
 
     fn load_histograms(conn: &Connection, report_id: &[u8], acc: &mut Acc) -> Result<()> {
-        let mut stmt = conn
-            .prepare_cached("SELECT metric, blob FROM report_histograms WHERE report_id = ?1")
-            .map_err(db("read histograms"))?;
-        let rows = stmt
-            .query_map([report_id], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })
-            .map_err(db("read histograms"))?;
-        for row in rows {
-            let (metric, blob) = row.map_err(db("read histograms"))?;
-            acc.add_blob(&metric, &blob)?;
+        for (metric, blob) in Self::read_blobs(conn, report_id)? {
+            acc.add_blob(metric.key(), &blob)?;
         }
         Ok(())
     }
