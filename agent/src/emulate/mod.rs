@@ -114,6 +114,29 @@ fn keep_tos(sock: &UdpSocket, last: &AtomicU16, tos: Option<u8>) {
     };
 }
 
+/// Turns a batch's kernel receive stamps (`CLOCK_REALTIME`) into monotonic arrival times,
+/// with the offset between the clocks read right after the batch arrived; a datagram
+/// without a stamp arrived "now".
+struct ArrivalClock {
+    mono_ns: u64,
+    offset_ns: i128,
+}
+
+impl ArrivalClock {
+    fn now() -> Self {
+        let mono_ns = sys::monotonic_ns();
+        let offset_ns = i128::from(sys::realtime_ns()) - i128::from(mono_ns);
+        Self { mono_ns, offset_ns }
+    }
+
+    fn arrived(&self, meta: &sys::RecvMeta) -> u64 {
+        meta.kernel_rx_ns
+            .and_then(|k| u64::try_from(i128::from(k) - self.offset_ns).ok())
+            // A stamp can only be earlier than the read that returned it.
+            .map_or(self.mono_ns, |t| t.min(self.mono_ns))
+    }
+}
+
 /// Time-ordered packets: (release time, arrival number) keeps equal times in order.
 type Queue = BinaryHeap<Reverse<(u64, u64, usize)>>;
 
@@ -159,6 +182,8 @@ impl Emulator {
                     source,
                 },
             )?;
+            // Kernel receive stamps, where the kernel gives them, date each packet's arrival.
+            let _ = sys::enable_timestamping(&socket2::SockRef::from(&sock), false);
             locals.push(sock.local_addr().unwrap_or(listen));
             socks.push((Arc::new(sock), forward));
         }
@@ -237,8 +262,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Relay<'_> {
     /// Decides a packet's fate on `link` and queues its copies for release.
-    fn admit(&self, link: &Mutex<Link>, data: &[u8], tos: Option<u8>, out: &dyn Fn() -> Out) {
-        let fate = lock(link).admit(sys::monotonic_ns(), data.len());
+    /// `arrived_ns` is when the kernel received it (monotonic), so a receive thread that was
+    /// scheduled late neither delays the packet nor moves it across a blackout's edge.
+    fn admit(
+        &self,
+        link: &Mutex<Link>,
+        (data, arrived_ns): (&[u8], u64),
+        tos: Option<u8>,
+        out: &dyn Fn() -> Out,
+    ) {
+        let fate = lock(link).admit(arrived_ns, data.len());
         let Fate::Released { at_ns, copies } = fate else {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -355,6 +388,7 @@ impl Relay<'_> {
                 sys::enable_rx_metadata(&socket2::SockRef::from(&u), forward.is_ipv6()).map(|()| u)
             })
             .ok()?;
+        let _ = sys::enable_timestamping(&socket2::SockRef::from(&up), false);
         let up = Arc::new(Flow {
             sock: up,
             tos: AtomicU16::new(TOS_UNSET),
@@ -369,9 +403,11 @@ impl Relay<'_> {
                 let Ok(got) = batch.recv(&sock) else {
                     continue;
                 };
+                let clock = ArrivalClock::now();
                 for i in 0..got {
                     if let Some((data, meta)) = batch.get(i) {
-                        self.admit(&self.reverse, data, meta.tos, &|| {
+                        let arrived = (data, clock.arrived(meta));
+                        self.admit(&self.reverse, arrived, meta.tos, &|| {
                             Out::ToClient(listener, from)
                         });
                     }
@@ -406,6 +442,7 @@ impl Relay<'_> {
                     });
                 }
             };
+            let clock = ArrivalClock::now();
             for i in 0..got {
                 let Some((data, meta)) = batch.get(i) else {
                     break;
@@ -415,7 +452,8 @@ impl Relay<'_> {
                 };
                 match self.flow(s, listener, from) {
                     Some(up) => {
-                        self.admit(&self.forward, data, meta.tos, &|| {
+                        let arrived = (data, clock.arrived(meta));
+                        self.admit(&self.forward, arrived, meta.tos, &|| {
                             Out::ToServer(Arc::clone(&up))
                         });
                     }
