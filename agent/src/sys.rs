@@ -7,7 +7,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::mem::{MaybeUninit, size_of, zeroed};
+use std::mem::{MaybeUninit, align_of, size_of, zeroed};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -19,6 +19,27 @@ use socket2::Socket;
 pub const MAX_DATAGRAM: usize = 9216;
 /// Room for the control messages of one datagram (timestamps, TTL, TOS, extended error).
 const CONTROL_LEN: usize = 256;
+
+/// The control-message buffer of one datagram. The kernel and `CMSG_FIRSTHDR`/`CMSG_NXTHDR`
+/// place a `cmsghdr` at its start and at `CMSG_ALIGN`ed offsets after it, and this module
+/// reads and writes those headers through references, which must be aligned: a plain
+/// `[u8; N]` (alignment 1) does not promise that. Aligned as quinn-udp's `Aligned` is.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Control([u8; CONTROL_LEN]);
+
+const _: () = assert!(align_of::<Control>() >= align_of::<libc::cmsghdr>());
+const _: () = assert!(size_of::<Control>() == CONTROL_LEN);
+
+impl Control {
+    const fn new() -> Self {
+        Self([0; CONTROL_LEN])
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut libc::c_void {
+        self.0.as_mut_ptr().cast()
+    }
+}
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = MaybeUninit::<libc::timespec>::uninit();
@@ -277,7 +298,7 @@ unsafe fn parse_control(msg: &libc::msghdr, meta: &mut RecvMeta) {
 pub struct RecvBatch {
     bufs: Vec<[u8; MAX_DATAGRAM]>,
     names: Vec<libc::sockaddr_storage>,
-    controls: Vec<[u8; CONTROL_LEN]>,
+    controls: Vec<Control>,
     iovecs: Vec<libc::iovec>,
     msgs: Vec<libc::mmsghdr>,
     metas: Vec<RecvMeta>,
@@ -305,7 +326,7 @@ impl RecvBatch {
             bufs: vec![[0u8; MAX_DATAGRAM]; capacity],
             // SAFETY: these libc structs are plain old data; zero is valid for each.
             names: vec![unsafe { zeroed() }; capacity],
-            controls: vec![[0u8; CONTROL_LEN]; capacity],
+            controls: vec![Control::new(); capacity],
             iovecs: vec![unsafe { zeroed() }; capacity],
             msgs: vec![unsafe { zeroed() }; capacity],
             metas: vec![RecvMeta::default(); capacity],
@@ -328,7 +349,7 @@ impl RecvBatch {
                 libc::socklen_t::try_from(size_of::<libc::sockaddr_storage>()).unwrap_or(128);
             hdr.msg_iov = &raw mut self.iovecs[i];
             hdr.msg_iovlen = 1;
-            hdr.msg_control = self.controls[i].as_mut_ptr().cast();
+            hdr.msg_control = self.controls[i].as_mut_ptr();
             hdr.msg_controllen = CONTROL_LEN;
             hdr.msg_flags = 0;
             self.msgs[i].msg_len = 0;
@@ -380,7 +401,7 @@ pub struct SendBatch {
     dests: Vec<Option<SocketAddr>>,
     tos: Vec<Option<(bool, u8)>>,
     names: Vec<libc::sockaddr_storage>,
-    controls: Vec<[u8; CONTROL_LEN]>,
+    controls: Vec<Control>,
     iovecs: Vec<libc::iovec>,
     msgs: Vec<libc::mmsghdr>,
     queued: usize,
@@ -409,7 +430,7 @@ impl SendBatch {
             tos: vec![None; capacity],
             // SAFETY: plain old data; zero is valid.
             names: vec![unsafe { zeroed() }; capacity],
-            controls: vec![[0u8; CONTROL_LEN]; capacity],
+            controls: vec![Control::new(); capacity],
             iovecs: vec![unsafe { zeroed() }; capacity],
             msgs: vec![unsafe { zeroed() }; capacity],
             queued: 0,
@@ -495,9 +516,9 @@ impl SendBatch {
                 // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic.
                 let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
                 let buf = &mut self.controls[i];
-                buf[..space].fill(0);
+                buf.0[..space].fill(0);
                 let hdr = libc::msghdr {
-                    msg_control: buf.as_mut_ptr().cast(),
+                    msg_control: buf.as_mut_ptr(),
                     msg_controllen: space,
                     // SAFETY: plain old data; the rest of this temporary is unused.
                     ..unsafe { zeroed() }
@@ -519,7 +540,7 @@ impl SendBatch {
             hdr.msg_iov = &raw mut self.iovecs[i];
             hdr.msg_iovlen = 1;
             hdr.msg_control = if controllen > 0 {
-                self.controls[i].as_mut_ptr().cast()
+                self.controls[i].as_mut_ptr()
             } else {
                 std::ptr::null_mut()
             };
@@ -546,12 +567,12 @@ impl SendBatch {
 /// hands each to `f` as (datagram number since timestamping was enabled, `CLOCK_REALTIME`
 /// ns). Returns how many were read.
 pub fn drain_tx_timestamps(sock: &Socket, mut f: impl FnMut(u32, u64)) -> usize {
-    let mut control = [0u8; CONTROL_LEN];
+    let mut control = Control::new();
     let mut count = 0;
     loop {
         // SAFETY: plain old data.
         let mut msg: libc::msghdr = unsafe { zeroed() };
-        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_control = control.as_mut_ptr();
         msg.msg_controllen = CONTROL_LEN;
         // SAFETY: msg points at a live control buffer of the stated size; no data buffer
         // is needed with SOF_TIMESTAMPING_OPT_TSONLY.
@@ -786,6 +807,22 @@ mod tests {
             .unwrap();
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         s
+    }
+
+    /// `cmsghdr` is read and written through references into these buffers: each must
+    /// have its alignment, in the batches' vectors and on the stack alike.
+    #[test]
+    fn control_buffers_are_aligned_for_cmsghdr() {
+        let align = align_of::<libc::cmsghdr>();
+        let aligned = |c: &Control| (std::ptr::from_ref(c) as usize).is_multiple_of(align);
+        let recv = RecvBatch::new(7);
+        let send = SendBatch::new(5);
+        assert!(recv.controls.iter().chain(&send.controls).all(aligned));
+        for _ in 0..4 {
+            let (_odd, c) = (0u8, Control::new());
+            assert!(aligned(&c));
+        }
+        assert!(align_of::<Control>() >= align, "{align}");
     }
 
     #[test]
