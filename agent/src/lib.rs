@@ -9,6 +9,7 @@
 pub mod capacity;
 pub mod daemon;
 pub mod decode;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod emulate;
 mod error;

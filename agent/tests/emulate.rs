@@ -139,6 +139,7 @@ fn the_relay_keeps_the_dscp_both_ways() {
     assert!(!out.contains("dscp_remarked"), "{out}");
 }
 
+#[cfg(feature = "demo")]
 #[test]
 fn the_demo_shows_vpn_slower_and_lossier_than_expressroute_and_one_failover() {
     let _one_at_a_time = SERIAL

@@ -9,12 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 mod capacity;
+#[cfg(feature = "demo")]
+mod demo;
 mod failover;
 mod outbox;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use pathprobe_agent::capacity::present;
 use pathprobe_agent::capacity::rate::Rate;
 use pathprobe_agent::capacity::server::{Server as CapacityServer, ServerConfig};
 use pathprobe_agent::decode::{self, Direction};
@@ -44,29 +45,8 @@ enum Command {
     Probe(Box<ProbeArgs>),
     /// The whole system on this machine in one command: a reflector, an ExpressRoute-like and
     /// a VPN-like emulated path, a collector and an agent probing both; then the comparison.
-    Demo {
-        /// How long to probe.
-        #[arg(long, default_value = "30s", value_parser = duration)]
-        duration: Duration,
-        /// Where the database and the spool go [default: pathprobe-demo in the temp folder].
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Probes per second on each path.
-        #[arg(long, default_value_t = 100)]
-        rate: u32,
-        /// Window length.
-        #[arg(long, default_value = "5s", value_parser = duration)]
-        window: Duration,
-        /// Print the comparison as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Length of each stage of the capacity test that follows (0s skips it).
-        #[arg(long, default_value = "1s", value_parser = duration)]
-        capacity_stage: Duration,
-        /// Skip the failover drill (about 7 s).
-        #[arg(long)]
-        no_failover: bool,
-    },
+    #[cfg(feature = "demo")]
+    Demo(demo::DemoArgs),
     /// Drive a path at rising load: where it saturates, where its latency inflates, and
     /// which ExpressRoute circuit and gateway sizes the traffic needs.
     Capacity(Box<capacity::CapacityArgs>),
@@ -830,73 +810,6 @@ fn run_decode(args: &DecodeArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn run_demo(cfg: &pathprobe_agent::demo::DemoConfig, json: bool) -> anyhow::Result<ExitCode> {
-    let stop = stop_on_signals()?;
-    eprintln!(
-        "pathprobe demo: a reflector behind an ExpressRoute-like (1 ms, steady) and a VPN-like (15 ms, jittery, lossy) emulated path, {} probes/s on each, for {}; a collector stores every {} window. Then a failover drill, and a capacity test over an emulated circuit ({}).",
-        cfg.rate,
-        humantime::format_duration(cfg.duration),
-        humantime::format_duration(cfg.window),
-        pathprobe_agent::demo::DEMO_CIRCUIT
-    );
-    let out = pathprobe_agent::demo::run(cfg, &stop)?;
-    let capacity = out.capacity.as_ref().map(|c| match c {
-        Ok(d) => Ok((
-            d,
-            present::summary_json(&d.run, &d.plan.thresholds, d.recommendation.as_ref()),
-        )),
-        Err(e) => Err(e.clone()),
-    });
-    if json {
-        let cap = match &capacity {
-            Some(Ok((_, v))) => v.clone(),
-            Some(Err(e)) => serde_json::json!({ "error": e }),
-            None => serde_json::Value::Null,
-        };
-        let mut v = serde_json::to_value(&out.comparison)?;
-        v["capacity"] = cap;
-        v["failover"] = match &out.failover {
-            Some(Ok(f)) => serde_json::json!({ "verdict": f.verdict, "events": f.run.events }),
-            Some(Err(e)) => serde_json::json!({ "error": e }),
-            None => serde_json::Value::Null,
-        };
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!("{}", pathprobe_collector::compare::table(&out.comparison));
-        match &out.failover {
-            Some(Ok(f)) => {
-                println!(
-                    "\nFailover drill: a service routed over ExpressRoute (primary) or the VPN (backup); ER goes dark {} in, routing notices {} later (as BFD would) and moves it to the VPN, then brings it back once ER is up:",
-                    humantime::format_duration(pathprobe_agent::demo::FAIL_AT),
-                    humantime::format_duration(pathprobe_agent::demo::DETECT)
-                );
-                for e in &f.run.events {
-                    println!("  {}", failover::event_text(e));
-                }
-                println!("  verdict against a 10 s target: {:?}", f.verdict);
-            }
-            Some(Err(e)) => println!("\nFailover drill: did not run: {e}"),
-            None => {}
-        }
-        match &capacity {
-            Some(Ok((d, _))) => println!(
-                "\nCapacity test: a knee search from {} to {} over an emulated ExpressRoute-like circuit ({}):\n{}",
-                Rate(d.plan.start_bps),
-                Rate(d.plan.max_bps),
-                pathprobe_agent::demo::DEMO_CIRCUIT,
-                present::text(&d.run, &d.plan.thresholds, d.recommendation.as_ref())
-            ),
-            Some(Err(e)) => println!("\nCapacity test: did not run: {e}"),
-            None => {}
-        }
-    }
-    eprintln!(
-        "\nThe database is {db}. Query it further with, for example:\n  cargo run -p pathprobe-collector -- compare --db {db} --a expressroute --b vpn --since 1h\n  cargo run -p pathprobe-collector -- histogram --db {db} --path vpn --format log --since 1h",
-        db = out.db.display()
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -915,25 +828,8 @@ fn main() -> ExitCode {
         Command::Capacity(args) => capacity::run(&args),
         Command::Failover(args) => failover::run(&args),
         Command::Trace(args) => run_trace(&args),
-        Command::Demo {
-            duration,
-            dir,
-            rate,
-            window,
-            json,
-            capacity_stage,
-            no_failover,
-        } => run_demo(
-            &pathprobe_agent::demo::DemoConfig {
-                duration,
-                dir: dir.unwrap_or_else(|| std::env::temp_dir().join("pathprobe-demo")),
-                rate,
-                window,
-                failover: !no_failover,
-                capacity_stage: (!capacity_stage.is_zero()).then_some(capacity_stage),
-            },
-            json,
-        ),
+        #[cfg(feature = "demo")]
+        Command::Demo(args) => demo::run(&args),
         Command::Run { config } => (|| {
             let cfg = pathprobe_agent::daemon::AgentConfig::load(&config)?;
             let stop = stop_on_signals()?;
