@@ -22,7 +22,9 @@ fuzz_target!(|data: &[u8]| {
     let mut histograms = decoded.histograms.clone();
     for _ in 0..10 {
         let copy = counters;
-        counters.merge(&copy).expect("counters of 1,024 windows fit");
+        counters
+            .merge(&copy)
+            .expect("counters of 1,024 windows fit");
         for (&m, h) in histograms.iter_mut() {
             let copy = h.clone();
             hist::merge(m, h, &copy).expect("histograms of 1,024 windows merge");
