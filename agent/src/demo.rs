@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use pathprobe_collector::compare::{self, Comparison};
 use pathprobe_collector::serve::{Limits, ServeConfig, serve};
 use pathprobe_collector::store::{Selector, Store};
-use pathprobe_proto::report::{PathKind, ProbeProtocol};
+use pathprobe_proto::report::{Counters, PathKind, ProbeProtocol};
 use pathprobe_proto::stamp::TimestampFormat;
 
 use crate::capacity::client::{self, Plan};
@@ -27,7 +27,7 @@ use crate::capacity::sizing::{self, Recommendation};
 use crate::capacity::wire::Direction;
 use crate::daemon::{AgentConfig, CollectorSection, PathSection};
 use crate::emulate::link::{LinkConfig, Profile};
-use crate::emulate::{Emulator, EmulatorConfig, EmulatorStats};
+use crate::emulate::{Emulator, EmulatorConfig, EmulatorStats, Timeliness};
 use crate::failover::{
     self, Failover, FailoverConfig, FailoverRun, PinnedPath, StreamTiming, Verdict,
 };
@@ -52,11 +52,19 @@ pub struct DemoConfig {
     pub capacity_stage: Option<Duration>,
 }
 
+/// More than this many per thousand packets late through an emulator, and what it emulates
+/// is not what was measured: the demo says so.
+pub const LATE_PERMILLE: u64 = 10;
+
 /// What it leaves behind.
 #[derive(Debug, Clone)]
 pub struct DemoOutcome {
     pub db: PathBuf,
     pub comparison: Comparison,
+    /// Where this machine could not keep up with the comparison's paths (an emulator that
+    /// released packets late, a prober that missed send slots or dropped from its rings):
+    /// those figures include the machine's own delay. Empty when everything kept up.
+    pub fell_behind: Vec<String>,
     /// The failover drill, or why it did not run.
     pub failover: Option<std::result::Result<FailoverDemo, String>>,
     /// The capacity test, or why it did not run.
@@ -127,6 +135,16 @@ fn capacity_demo(
         r
     })
     .map_err(|e| e.to_string())?;
+    // A stage is judged on its RTT p99: with more than 1% of packets released over 1 ms
+    // late, the p99 is the emulator's lateness, not the circuit's queue, and stages fail
+    // that the circuit would carry. Such a capacity would be wrong: it is not reported.
+    let late = stats.timeliness();
+    if late.fell_behind(LATE_PERMILLE) {
+        return Err(format!(
+            "not reported: the emulated circuit fell behind ({}), so the stages' loss and RTT would be this machine's, not the circuit's. Run the demo on a quieter machine, or build it with --release",
+            late.text()
+        ));
+    }
     let recommendation = run
         .knee
         .capacity_bps
@@ -219,6 +237,9 @@ const FAILOVER_RUN: Duration = Duration::from_secs(6);
 pub struct FailoverDemo {
     pub run: FailoverRun,
     pub verdict: Verdict,
+    /// Where an emulator of the drill fell behind, and by how much that can move an
+    /// outage's edges. Empty when both kept up.
+    pub fell_behind: Vec<String>,
 }
 
 /// The service address of the failover demo: a router with two next hops (fresh ER and VPN
@@ -345,8 +366,48 @@ fn failover_demo(
         r
     })
     .map_err(|e| e.to_string())?;
+    // An outage is measured between two answers: an emulator that sent either late moves
+    // that edge by as much, so a drill over emulators that fell behind says by how much.
+    let caveat = [("ExpressRoute", &er_stats), ("VPN", &vpn_stats)]
+        .into_iter()
+        .map(|(name, stats)| (name, stats.timeliness()))
+        .filter(|(_, late)| late.fell_behind(LATE_PERMILLE))
+        .map(|(name, late)| {
+            format!(
+                "the {name}-like emulator fell behind ({}): each outage may be off by up to {:.1} ms",
+                late.text(),
+                late.worst_ms()
+            )
+        })
+        .collect();
     let verdict = failover::verdict(&run, nanos(max_outage));
-    Ok(FailoverDemo { run, verdict })
+    Ok(FailoverDemo {
+        run,
+        verdict,
+        fell_behind: caveat,
+    })
+}
+
+/// What went wrong on this machine for path `name`, if anything: its emulator released
+/// more than [`LATE_PERMILLE`] of its packets late, or its prober missed more than that
+/// share of its send slots, or dropped anything from its rings.
+fn kept_up(name: &str, emulator: &Timeliness, prober: &Counters) -> Vec<String> {
+    let mut said = Vec::new();
+    if emulator.fell_behind(LATE_PERMILLE) {
+        said.push(format!(
+            "{name}: the emulator fell behind: {}; the RTT and jitter through it include that",
+            emulator.text()
+        ));
+    }
+    let missed = u128::from(prober.send_slots_missed) * 1_000
+        > u128::from(prober.sent) * u128::from(LATE_PERMILLE);
+    if missed || prober.ring_drops > 0 {
+        said.push(format!(
+            "{name}: the prober fell behind: {} of {} send slots missed, {} records dropped from full rings",
+            prober.send_slots_missed, prober.sent, prober.ring_drops
+        ));
+    }
+    said
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -474,18 +535,69 @@ pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
         name_or_kind: k.to_string(),
         site: None,
     };
-    let comparison = compare::compare(
-        &store,
-        &sel("expressroute"),
-        &sel("vpn"),
-        from.saturating_sub(60_000_000_000),
-        now_ns() + 1,
-    )
-    .map_err(|e| Error::Config(e.to_string()))?;
+    let (since, until) = (from.saturating_sub(60_000_000_000), now_ns() + 1);
+    let comparison = compare::compare(&store, &sel("expressroute"), &sel("vpn"), since, until)
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let mut fell_behind = Vec::new();
+    for (name, stats) in [("expressroute", &er_stats), ("vpn", &vpn_stats)] {
+        let counters = store
+            .query(&sel(name), since, until)
+            .map_err(|e| Error::Config(e.to_string()))?
+            .aggregate
+            .counters;
+        fell_behind.extend(kept_up(name, &stats.timeliness(), &counters));
+    }
     Ok(DemoOutcome {
         db,
         comparison,
+        fell_behind,
         failover,
         capacity,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn late(late: u64, of: u64) -> Timeliness {
+        Timeliness {
+            released: of,
+            late,
+            late_max_ns: 8_400_000,
+        }
+    }
+
+    #[test]
+    fn a_path_is_flagged_only_past_one_percent_late_or_a_ring_drop() {
+        let fine = Counters {
+            sent: 1_000,
+            send_slots_missed: 10,
+            ..Counters::default()
+        };
+        assert!(kept_up("er", &late(10, 1_000), &fine).is_empty());
+        let said = kept_up("er", &late(11, 1_000), &fine);
+        assert_eq!(
+            said,
+            [
+                "er: the emulator fell behind: 11 of 1000 packets (1.10%) left more than 1 ms late, the worst by 8.4 ms; the RTT and jitter through it include that"
+            ]
+        );
+        let missed = Counters {
+            send_slots_missed: 11,
+            ..fine
+        };
+        assert_eq!(kept_up("vpn", &late(0, 1_000), &missed).len(), 1);
+        let dropped = Counters {
+            ring_drops: 1,
+            ..fine
+        };
+        let said = kept_up("vpn", &late(0, 1_000), &dropped);
+        assert_eq!(
+            said,
+            [
+                "vpn: the prober fell behind: 10 of 1000 send slots missed, 1 records dropped from full rings"
+            ]
+        );
+    }
 }

@@ -51,6 +51,10 @@ pub struct EmulatorConfig {
     pub seed: u64,
 }
 
+/// A packet sent more than this after its release time counts as late: the emulator fell
+/// behind (its threads were not scheduled in time), and what it was emulating is off.
+pub const LATE_NS: u64 = 1_000_000;
+
 /// Counters, readable while it runs.
 #[derive(Debug, Default)]
 pub struct EmulatorStats {
@@ -58,18 +62,81 @@ pub struct EmulatorStats {
     pub returned: AtomicU64,
     pub dropped: AtomicU64,
     pub duplicated: AtomicU64,
+    /// Packets sent more than [`LATE_NS`] after their release time.
+    pub late: AtomicU64,
+    /// The most any packet was sent after its release time, ns.
+    pub late_max_ns: AtomicU64,
+}
+
+/// How well an emulator kept its schedule: packets released, those released late, and the
+/// worst lateness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeliness {
+    pub released: u64,
+    pub late: u64,
+    pub late_max_ns: u64,
+}
+
+impl Timeliness {
+    /// True when more than `permille` per thousand packets left late.
+    pub fn fell_behind(&self, permille: u64) -> bool {
+        u128::from(self.late) * 1_000 > u128::from(self.released) * u128::from(permille)
+    }
+
+    /// "12 of 6,004 packets (0.20%) left more than 1 ms late, the worst by 8.4 ms".
+    pub fn text(&self) -> String {
+        #[allow(clippy::cast_precision_loss, reason = "a percentage to print")]
+        let pct = if self.released == 0 {
+            0.0
+        } else {
+            self.late as f64 * 100.0 / self.released as f64
+        };
+        format!(
+            "{} of {} packets ({pct:.2}%) left more than {} ms late, the worst by {:.1} ms",
+            self.late,
+            self.released,
+            LATE_NS / 1_000_000,
+            self.worst_ms()
+        )
+    }
+
+    /// The worst lateness, in milliseconds.
+    pub fn worst_ms(&self) -> f64 {
+        #[allow(clippy::cast_precision_loss, reason = "milliseconds to print")]
+        let ms = self.late_max_ns as f64 / 1e6;
+        ms
+    }
 }
 
 impl EmulatorStats {
+    /// How well the emulator has kept its schedule so far.
+    pub fn timeliness(&self) -> Timeliness {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Timeliness {
+            released: g(&self.forwarded) + g(&self.returned),
+            late: g(&self.late),
+            late_max_ns: g(&self.late_max_ns),
+        }
+    }
+
+    fn note_release(&self, late_ns: u64) {
+        if late_ns > LATE_NS {
+            self.late.fetch_add(1, Ordering::Relaxed);
+        }
+        self.late_max_ns.fetch_max(late_ns, Ordering::Relaxed);
+    }
+
     /// A one-line summary.
     pub fn line(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "forwarded {} returned {} dropped {} duplicated {}",
+            "forwarded {} returned {} dropped {} duplicated {} late {} (worst {} µs)",
             g(&self.forwarded),
             g(&self.returned),
             g(&self.dropped),
-            g(&self.duplicated)
+            g(&self.duplicated),
+            g(&self.late),
+            g(&self.late_max_ns) / 1_000
         )
     }
 }
@@ -334,6 +401,8 @@ impl Relay<'_> {
                     let w = p.packets.remove(&key);
                     drop(p);
                     if let Some(w) = w {
+                        self.stats
+                            .note_release(sys::monotonic_ns().saturating_sub(at));
                         self.send(w);
                     }
                 }

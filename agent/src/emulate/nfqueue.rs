@@ -388,6 +388,7 @@ impl NfqueueEmulator {
                     &stats.returned
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
+                stats.note_release(now.saturating_sub(h.at_ns));
                 put_verdict(&mut verdicts, h.queue, h.id, NF_ACCEPT);
                 if verdicts.len() >= VERDICT_BATCH * 32 {
                     self.flush(&mut verdicts);

@@ -75,14 +75,27 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         };
         let mut v = serde_json::to_value(&out.comparison)?;
         v["capacity"] = cap;
+        v["fell_behind"] = serde_json::json!(out.fell_behind);
         v["failover"] = match &out.failover {
-            Some(Ok(f)) => serde_json::json!({ "verdict": f.verdict, "events": f.run.events }),
+            Some(Ok(f)) => serde_json::json!({
+                "verdict": f.verdict,
+                "events": f.run.events,
+                "fell_behind": f.fell_behind,
+            }),
             Some(Err(e)) => serde_json::json!({ "error": e }),
             None => serde_json::Value::Null,
         };
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{}", pathprobe_collector::compare::table(&out.comparison));
+        if !out.fell_behind.is_empty() {
+            println!(
+                "\nThis machine could not keep up, so these figures include its own delay (run the demo on a quieter machine, or build it with --release):"
+            );
+            for line in &out.fell_behind {
+                println!("  {line}");
+            }
+        }
         match &out.failover {
             Some(Ok(f)) => {
                 println!(
@@ -94,6 +107,9 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
                     println!("  {}", failover::event_text(e));
                 }
                 println!("  verdict against a 10 s target: {:?}", f.verdict);
+                for line in &f.fell_behind {
+                    println!("  this machine could not keep up: {line}");
+                }
             }
             Some(Err(e)) => println!("\nFailover drill: did not run: {e}"),
             None => {}
