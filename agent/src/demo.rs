@@ -27,7 +27,7 @@ use crate::capacity::sizing::{self, Recommendation};
 use crate::capacity::wire::Direction;
 use crate::daemon::{AgentConfig, CollectorSection, PathSection};
 use crate::emulate::link::{LinkConfig, Profile};
-use crate::emulate::{Emulator, EmulatorConfig, EmulatorStats, Timeliness};
+use crate::emulate::{Emulator, EmulatorConfig, EmulatorStats, LATE_LOG2, Timeliness};
 use crate::failover::{
     self, Failover, FailoverConfig, FailoverRun, PinnedPath, StreamTiming, Verdict,
 };
@@ -52,8 +52,9 @@ pub struct DemoConfig {
     pub capacity_stage: Option<Duration>,
 }
 
-/// More than this many per thousand packets late through an emulator, and what it emulates
-/// is not what was measured: the demo says so.
+/// More than this many per thousand packets late through an emulator (by `2^LATE_LOG2` ns,
+/// about 1 ms, or for the capacity test by half its RTT margin), and what it emulates is
+/// not what was measured: the demo says so.
 pub const LATE_PERMILLE: u64 = 10;
 
 /// What it leaves behind.
@@ -135,14 +136,18 @@ fn capacity_demo(
         r
     })
     .map_err(|e| e.to_string())?;
-    // A stage is judged on its RTT p99: with more than 1% of packets released over 1 ms
-    // late, the p99 is the emulator's lateness, not the circuit's queue, and stages fail
-    // that the circuit would carry. Such a capacity would be wrong: it is not reported.
+    // A stage is judged on its RTT p99 against a limit above the idle p99. With more than
+    // 1% of packets released late by half that margin or more (a probe crosses the
+    // emulator twice), the p99 is the emulator's lateness, not the circuit's queue, and
+    // stages fail that the circuit would carry: such a capacity is not reported.
+    let margin = plan.thresholds.rtt_limit_ns(run.idle_p99_ns) - run.idle_p99_ns;
+    let log2 = (margin / 2).max(1).ilog2();
     let late = stats.timeliness();
-    if late.fell_behind(LATE_PERMILLE) {
+    if late.fell_behind(log2, LATE_PERMILLE) {
         return Err(format!(
-            "not reported: the emulated circuit fell behind ({}), so the stages' loss and RTT would be this machine's, not the circuit's. Run the demo on a quieter machine, or build it with --release",
-            late.text()
+            "not reported: the emulated circuit fell behind ({}, against an RTT margin of {:.1} ms), so the stages' RTT would be this machine's, not the circuit's. Run the demo on a quieter machine, or build it with --release",
+            late.text(log2),
+            nanos_ms(margin)
         ));
     }
     let recommendation = run
@@ -371,11 +376,11 @@ fn failover_demo(
     let caveat = [("ExpressRoute", &er_stats), ("VPN", &vpn_stats)]
         .into_iter()
         .map(|(name, stats)| (name, stats.timeliness()))
-        .filter(|(_, late)| late.fell_behind(LATE_PERMILLE))
+        .filter(|(_, late)| late.fell_behind(LATE_LOG2, LATE_PERMILLE))
         .map(|(name, late)| {
             format!(
                 "the {name}-like emulator fell behind ({}): each outage may be off by up to {:.1} ms",
-                late.text(),
+                late.text(LATE_LOG2),
                 late.worst_ms()
             )
         })
@@ -393,10 +398,10 @@ fn failover_demo(
 /// share of its send slots, or dropped anything from its rings.
 fn kept_up(name: &str, emulator: &Timeliness, prober: &Counters) -> Vec<String> {
     let mut said = Vec::new();
-    if emulator.fell_behind(LATE_PERMILLE) {
+    if emulator.fell_behind(LATE_LOG2, LATE_PERMILLE) {
         said.push(format!(
             "{name}: the emulator fell behind: {}; the RTT and jitter through it include that",
-            emulator.text()
+            emulator.text(LATE_LOG2)
         ));
     }
     let missed = u128::from(prober.send_slots_missed) * 1_000
@@ -408,6 +413,12 @@ fn kept_up(name: &str, emulator: &Timeliness, prober: &Counters) -> Vec<String> 
         ));
     }
     said
+}
+
+fn nanos_ms(ns: u64) -> f64 {
+    #[allow(clippy::cast_precision_loss, reason = "milliseconds to print")]
+    let ms = ns as f64 / 1e6;
+    ms
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -561,11 +572,7 @@ mod tests {
     use super::*;
 
     fn late(late: u64, of: u64) -> Timeliness {
-        Timeliness {
-            released: of,
-            late,
-            late_max_ns: 8_400_000,
-        }
+        Timeliness::from_counts(of, late, LATE_LOG2, 8_400_000)
     }
 
     #[test]
@@ -580,7 +587,7 @@ mod tests {
         assert_eq!(
             said,
             [
-                "er: the emulator fell behind: 11 of 1000 packets (1.10%) left more than 1 ms late, the worst by 8.4 ms; the RTT and jitter through it include that"
+                "er: the emulator fell behind: 11 of 1000 packets (1.10%) left 1.05 ms or more late, the worst by 8.4 ms; the RTT and jitter through it include that"
             ]
         );
         let missed = Counters {

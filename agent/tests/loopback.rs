@@ -29,6 +29,13 @@ fn probe(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Probes, requires success, and returns the summary (the last JSON line).
+fn probe_summary(args: &[&str]) -> serde_json::Value {
+    let o = probe(args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    json_lines(&o).pop().unwrap()
+}
+
 fn json_lines(o: &Output) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(&o.stdout)
         .lines()
@@ -110,7 +117,7 @@ fn every_probe_is_counted_and_windows_add_up_to_the_summary() {
 #[test]
 fn ipv6_probes_are_answered_and_timed_by_the_kernel() {
     let r = Reflector::start_on("[::1]:0", &[]);
-    let o = probe(&[
+    let summary = probe_summary(&[
         "--target",
         &r.addr.to_string(),
         "--rate",
@@ -121,8 +128,6 @@ fn ipv6_probes_are_answered_and_timed_by_the_kernel() {
         "--dscp",
         "46",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let summary = json_lines(&o).pop().unwrap();
     assert_eq!(
         (summary["sent"].as_u64(), summary["received"].as_u64()),
         (Some(200), Some(200))
@@ -142,7 +147,7 @@ fn authenticated_probes_need_the_same_key() {
     );
     let r = Reflector::start(&["--auth-key-file", &good]);
     let target = r.addr.to_string();
-    let o = probe(&[
+    let summary = probe_summary(&[
         "--target",
         &target,
         "--rate",
@@ -153,8 +158,6 @@ fn authenticated_probes_need_the_same_key() {
         "--auth-key-file",
         &good,
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let summary = json_lines(&o).pop().unwrap();
     assert_eq!(
         (summary["sent"].as_u64(), summary["received"].as_u64()),
         (Some(100), Some(100))
@@ -272,7 +275,7 @@ fn binding_port_862_without_privilege_says_what_to_do() {
 #[test]
 fn a_probe_too_short_for_class_of_service_still_sees_hops_but_no_far_dscp() {
     let r = Reflector::start(&[]);
-    let o = probe(&[
+    let summary = probe_summary(&[
         "--target",
         &r.addr.to_string(),
         "--rate",
@@ -285,8 +288,6 @@ fn a_probe_too_short_for_class_of_service_still_sees_hops_but_no_far_dscp() {
         "--dscp",
         "10",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let summary = json_lines(&o).pop().unwrap();
     let sig = &summary["signature"];
     assert_eq!(sig["fwd_hops"], 0, "{summary}");
     assert_eq!(sig["rev_hops"], 0);
@@ -301,7 +302,7 @@ fn window_reports_decode_and_add_up_to_the_summary() {
     let r = Reflector::start(&[]);
     let dir = std::env::temp_dir().join(format!("pathprobe-reports-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let o = probe(&[
+    let summary = probe_summary(&[
         "--target",
         &r.addr.to_string(),
         "--rate",
@@ -324,8 +325,6 @@ fn window_reports_decode_and_add_up_to_the_summary() {
         "--dscp",
         "46",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let summary = json_lines(&o).pop().unwrap();
     let mut agg = pathprobe_proto::report::Aggregate::default();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let report = pathprobe_proto::report::WindowReport::from_json(
@@ -565,7 +564,7 @@ fn garbage_from_the_probers_address_costs_an_authenticated_prober_nothing() {
 fn reply_dscp_policy_decides_what_replies_carry() {
     for (policy, want) in [(None, 48), (Some("0"), 0), (Some("10"), 10)] {
         let r = Reflector::start(&policy.map(|p| vec!["--reply-dscp", p]).unwrap_or_default());
-        let o = probe(&[
+        let summary = probe_summary(&[
             "--target",
             &r.addr.to_string(),
             "--rate",
@@ -576,8 +575,6 @@ fn reply_dscp_policy_decides_what_replies_carry() {
             "--dscp",
             "48",
         ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let summary = json_lines(&o).pop().unwrap();
         let sig = &summary["signature"];
         assert_eq!(sig["dscp_far"], 48, "{policy:?}: {sig}");
         assert_eq!(sig["dscp_back"], want, "{policy:?}: {sig}");

@@ -51,9 +51,13 @@ pub struct EmulatorConfig {
     pub seed: u64,
 }
 
-/// A packet sent more than this after its release time counts as late: the emulator fell
-/// behind (its threads were not scheduled in time), and what it was emulating is off.
-pub const LATE_NS: u64 = 1_000_000;
+/// Lateness (how long after its release time a packet was sent) is counted in powers of
+/// two: bucket `k` holds packets sent `2^(k-1)` to `2^k - 1` ns late (bucket 0: on time),
+/// the last bucket everything from about a second on.
+const LATE_BUCKETS: usize = 32;
+
+/// The lateness the demo and the CLI report by default: `2^LATE_LOG2` ns, about 1 ms.
+pub const LATE_LOG2: u32 = 20;
 
 /// Counters, readable while it runs.
 #[derive(Debug, Default)]
@@ -62,40 +66,67 @@ pub struct EmulatorStats {
     pub returned: AtomicU64,
     pub dropped: AtomicU64,
     pub duplicated: AtomicU64,
-    /// Packets sent more than [`LATE_NS`] after their release time.
-    pub late: AtomicU64,
+    /// Packets by lateness, in powers of two (see [`LATE_BUCKETS`]).
+    late: [AtomicU64; LATE_BUCKETS],
     /// The most any packet was sent after its release time, ns.
     pub late_max_ns: AtomicU64,
 }
 
-/// How well an emulator kept its schedule: packets released, those released late, and the
-/// worst lateness.
+/// How well an emulator kept its schedule: packets released, their lateness in powers of
+/// two, and the worst lateness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeliness {
     pub released: u64,
-    pub late: u64,
+    late: [u64; LATE_BUCKETS],
     pub late_max_ns: u64,
 }
 
 impl Timeliness {
-    /// True when more than `permille` per thousand packets left late.
-    pub fn fell_behind(&self, permille: u64) -> bool {
-        u128::from(self.late) * 1_000 > u128::from(self.released) * u128::from(permille)
+    /// A record of `released` packets of which `late` were sent `2^log2` ns or more late,
+    /// the worst by `late_max_ns` (for tests and benchmarks).
+    pub fn from_counts(released: u64, late: u64, log2: u32, late_max_ns: u64) -> Self {
+        let mut buckets = [0; LATE_BUCKETS];
+        buckets[0] = released.saturating_sub(late);
+        buckets[bucket(1 << log2.min(62))] = late;
+        Self {
+            released,
+            late: buckets,
+            late_max_ns,
+        }
     }
 
-    /// "12 of 6,004 packets (0.20%) left more than 1 ms late, the worst by 8.4 ms".
-    pub fn text(&self) -> String {
-        #[allow(clippy::cast_precision_loss, reason = "a percentage to print")]
-        let pct = if self.released == 0 {
-            0.0
-        } else {
-            self.late as f64 * 100.0 / self.released as f64
-        };
+    /// Packets sent `2^log2` ns or more after their release time: exact up to `2^30` ns
+    /// (every bucket above `log2` holds only such packets, and none below it does); past
+    /// that, every packet a second or more late.
+    pub fn late_at_least(&self, log2: u32) -> u64 {
+        let from = usize::try_from(log2).map_or(LATE_BUCKETS, |k| k + 1);
+        self.late.iter().skip(from.min(LATE_BUCKETS - 1)).sum()
+    }
+
+    /// True when more than `permille` per thousand packets left `2^log2` ns or more late.
+    pub fn fell_behind(&self, log2: u32, permille: u64) -> bool {
+        u128::from(self.late_at_least(log2)) * 1_000
+            > u128::from(self.released) * u128::from(permille)
+    }
+
+    /// "12 of 6004 packets (0.20%) left 1.05 ms or more late, the worst by 8.4 ms".
+    pub fn text(&self, log2: u32) -> String {
+        let late = self.late_at_least(log2);
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "a percentage and a time to print"
+        )]
+        let (pct, at_ms) = (
+            if self.released == 0 {
+                0.0
+            } else {
+                late as f64 * 100.0 / self.released as f64
+            },
+            (1u64 << log2.min(62)) as f64 / 1e6,
+        );
         format!(
-            "{} of {} packets ({pct:.2}%) left more than {} ms late, the worst by {:.1} ms",
-            self.late,
+            "{late} of {} packets ({pct:.2}%) left {at_ms:.2} ms or more late, the worst by {:.1} ms",
             self.released,
-            LATE_NS / 1_000_000,
             self.worst_ms()
         )
     }
@@ -108,21 +139,26 @@ impl Timeliness {
     }
 }
 
+/// The lateness bucket of `late_ns`: its bit length, the last bucket at most.
+fn bucket(late_ns: u64) -> usize {
+    usize::try_from(u64::BITS - late_ns.leading_zeros())
+        .unwrap_or(LATE_BUCKETS)
+        .min(LATE_BUCKETS - 1)
+}
+
 impl EmulatorStats {
     /// How well the emulator has kept its schedule so far.
     pub fn timeliness(&self) -> Timeliness {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Timeliness {
             released: g(&self.forwarded) + g(&self.returned),
-            late: g(&self.late),
+            late: std::array::from_fn(|i| g(&self.late[i])),
             late_max_ns: g(&self.late_max_ns),
         }
     }
 
     fn note_release(&self, late_ns: u64) {
-        if late_ns > LATE_NS {
-            self.late.fetch_add(1, Ordering::Relaxed);
-        }
+        self.late[bucket(late_ns)].fetch_add(1, Ordering::Relaxed);
         self.late_max_ns.fetch_max(late_ns, Ordering::Relaxed);
     }
 
@@ -130,13 +166,12 @@ impl EmulatorStats {
     pub fn line(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "forwarded {} returned {} dropped {} duplicated {} late {} (worst {} µs)",
+            "forwarded {} returned {} dropped {} duplicated {}; {}",
             g(&self.forwarded),
             g(&self.returned),
             g(&self.dropped),
             g(&self.duplicated),
-            g(&self.late),
-            g(&self.late_max_ns) / 1_000
+            self.timeliness().text(LATE_LOG2)
         )
     }
 }
@@ -533,5 +568,40 @@ impl Relay<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lateness_is_counted_exactly_at_powers_of_two() {
+        let stats = EmulatorStats::default();
+        stats.forwarded.store(6, Ordering::Relaxed);
+        for late in [0, 1_000, (1 << 20) - 1, 1 << 20, 3_000_000, u64::MAX] {
+            stats.note_release(late);
+        }
+        let t = stats.timeliness();
+        assert_eq!(t.late_at_least(0), 5, "all but the one on time");
+        assert_eq!(t.late_at_least(LATE_LOG2), 3, "2^20 ns and more");
+        assert_eq!(t.late_at_least(21), 2);
+        assert_eq!(t.late_at_least(30), 1, "2^30 ns (about a second) and more");
+        assert_eq!(t.late_at_least(40), 1, "the last bucket keeps the rest");
+        assert_eq!(t.late_max_ns, u64::MAX);
+        // 3 of 6 is over any share below a half.
+        assert!(t.fell_behind(LATE_LOG2, 499));
+        assert!(!t.fell_behind(LATE_LOG2, 500));
+    }
+
+    #[test]
+    fn a_record_from_counts_reads_back() {
+        let t = Timeliness::from_counts(1_000, 11, LATE_LOG2, 8_400_000);
+        assert_eq!(t.late_at_least(LATE_LOG2), 11);
+        assert_eq!(t.late_at_least(LATE_LOG2 + 1), 0);
+        assert_eq!(
+            t.text(LATE_LOG2),
+            "11 of 1000 packets (1.10%) left 1.05 ms or more late, the worst by 8.4 ms"
+        );
     }
 }
