@@ -93,7 +93,7 @@ fn capacity_demo(
         max_stage: Duration::from_mins(1),
         key: None,
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| format!("did not run: {e}"))?;
     let load_port = SocketAddr::new(refl_addr.ip(), refl_addr.port().saturating_add(1));
     let circuit_link: LinkConfig = DEMO_CIRCUIT.parse()?;
     let return_link: LinkConfig = "delay=1ms".parse()?;
@@ -106,7 +106,7 @@ fn capacity_demo(
         reverse_link: return_link,
         seed: 3,
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| format!("did not run: {e}"))?;
     let plan = Plan {
         target: circuit.locals[0],
         control: Some(refl_addr),
@@ -135,19 +135,22 @@ fn capacity_demo(
         done.store(true, Ordering::Relaxed);
         r
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| format!("did not complete: {e}"))?;
     // A stage is judged on its RTT p99 against a limit above the idle p99. With more than
     // 1% of packets released late by half that margin or more (a probe crosses the
     // emulator twice), the p99 is the emulator's lateness, not the circuit's queue, and
     // stages fail that the circuit would carry: such a capacity is not reported.
-    let margin = plan.thresholds.rtt_limit_ns(run.idle_p99_ns) - run.idle_p99_ns;
+    let margin = plan
+        .thresholds
+        .rtt_limit_ns(run.idle_p99_ns)
+        .saturating_sub(run.idle_p99_ns);
     let log2 = (margin / 2).max(1).ilog2();
     let late = stats.timeliness();
     if late.fell_behind(log2, LATE_PERMILLE) {
         return Err(format!(
-            "not reported: the emulated circuit fell behind ({}, against an RTT margin of {:.1} ms), so the stages' RTT would be this machine's, not the circuit's. Run the demo on a quieter machine, or build it with --release",
+            "ran, but its capacity is not reported: the emulated circuit fell behind ({}, against an RTT margin of {:.1} ms), so the stages' RTT would be this machine's, not the circuit's. Run the demo on a quieter machine, or build it with --release",
             late.text(log2),
-            nanos_ms(margin)
+            Duration::from_nanos(margin).as_secs_f64() * 1e3
         ));
     }
     let recommendation = run
@@ -413,12 +416,6 @@ fn kept_up(name: &str, emulator: &Timeliness, prober: &Counters) -> Vec<String> 
         ));
     }
     said
-}
-
-fn nanos_ms(ns: u64) -> f64 {
-    #[allow(clippy::cast_precision_loss, reason = "milliseconds to print")]
-    let ms = ns as f64 / 1e6;
-    ms
 }
 
 fn nanos(d: Duration) -> u64 {

@@ -122,7 +122,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
                 demo::DEMO_CIRCUIT,
                 present::text(&d.run, &d.plan.thresholds, d.recommendation.as_ref())
             ),
-            Some(Err(e)) => println!("\nCapacity test: did not run: {e}"),
+            Some(Err(e)) => println!("\nCapacity test: {e}"),
             None => {}
         }
     }
