@@ -26,14 +26,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
+use http_body_util::LengthLimitError;
 use pathprobe_proto::event::EventKind;
 use pathprobe_proto::hist::{self, Metric};
 use pathprobe_proto::ingest::{Reason, Refused};
@@ -67,6 +67,9 @@ pub struct Limits {
     /// Oldest window start accepted, back from now: until retention sets it, the horizon
     /// of what the collector keeps.
     pub max_report_age: Duration,
+    /// How long an admitted batch's body may take to arrive (16 MiB in a minute is about
+    /// 2.2 Mbit/s); a slower one is refused, to retry, and gives its place back.
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -78,6 +81,7 @@ impl Default for Limits {
             max_paths_per_agent: crate::store::DEFAULT_MAX_PATHS_PER_AGENT,
             max_metric_paths: 1_000,
             max_report_age: Duration::from_hours(30 * 24),
+            body_timeout: Duration::from_mins(1),
         }
     }
 }
@@ -300,8 +304,14 @@ impl AppState {
 }
 
 /// Admits at most `max_concurrent_ingests` batches at once, before their bodies are read,
-/// so that memory is bounded by that many bodies.
+/// so that memory is bounded by that many bodies. Only a token holder takes a place, and
+/// only for as long as its body takes to arrive (`body_timeout`): a peer that sends a
+/// request's head and then nothing cannot hold the places and stop every agent's ingest.
 async fn ingest_gate(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let agent = match st.authorize(req.headers()) {
+        Ok(agent) => agent,
+        Err(refused) => return refused,
+    };
     let Ok(_permit) = st.ingests.try_acquire() else {
         let limit = st.limits.max_concurrent_ingests;
         return st.refuse(
@@ -312,7 +322,41 @@ async fn ingest_gate(State(st): State<Arc<AppState>>, req: Request, next: Next) 
             .limit(limit as u64),
         );
     };
-    next.run(req).await
+    let (mut parts, body) = req.into_parts();
+    parts.extensions.insert(Agent(agent));
+    let max = st.limits.max_body;
+    let within = st.limits.body_timeout;
+    let body = match tokio::time::timeout(within, axum::body::to_bytes(body, max)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) if over_limit(&e) => {
+            return st.refuse(
+                Refused::new(
+                    Reason::TooLarge,
+                    format!("request body over {max} octets: send fewer reports per request"),
+                )
+                .limit(max as u64),
+            );
+        }
+        Ok(Err(e)) => {
+            return st.refuse(Refused::new(
+                Reason::Unreadable,
+                format!("cannot read the body: {e}"),
+            ));
+        }
+        Err(_) => {
+            let mut refused = Refused::new(
+                Reason::Unreadable,
+                format!(
+                    "the request body did not arrive within {} (--body-timeout): send it at once, or fewer reports per request",
+                    humantime::format_duration(within)
+                ),
+            );
+            refused.retry = true;
+            return st.refuse(refused);
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(body)))
+        .await
 }
 
 /// A JSON array of reports, kept as borrowed raw text, refused past `max` elements
@@ -465,34 +509,21 @@ fn ingest_batch(
     Ok((outcome, figures.into_iter().collect()))
 }
 
+/// True when a body was cut at the size limit (the error `to_bytes` wraps).
+fn over_limit(e: &axum::Error) -> bool {
+    std::error::Error::source(e).is_some_and(<dyn std::error::Error>::is::<LengthLimitError>)
+}
+
+/// The agent the gate authorized for a batch (`None` without a tokens file).
+#[derive(Debug, Clone)]
+struct Agent(Option<String>);
+
+/// A batch the gate admitted: authorized, and its whole body read within its limits.
 async fn ingest(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: std::result::Result<Bytes, BytesRejection>,
+    Extension(Agent(agent)): Extension<Agent>,
+    body: Bytes,
 ) -> Response {
-    let agent = match st.authorize(&headers) {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let body = match body {
-        Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            let max = st.limits.max_body;
-            return st.refuse(
-                Refused::new(
-                    Reason::TooLarge,
-                    format!("request body over {max} octets: send fewer reports per request"),
-                )
-                .limit(max as u64),
-            );
-        }
-        Err(e) => {
-            return st.refuse(Refused::new(
-                Reason::Unreadable,
-                format!("cannot read the body: {e}"),
-            ));
-        }
-    };
     let st2 = Arc::clone(&st);
     let done =
         tokio::task::spawn_blocking(move || ingest_batch(&st2, &body, agent.as_deref())).await;

@@ -815,29 +815,90 @@ fn limits_are_refused_with_the_limit_named() {
     assert_eq!(status, 200, "{body}");
 
     // One ingest at a time: a request whose body is still arriving holds the only place.
-    let mut slow = TcpStream::connect(s.addr).unwrap();
-    slow.write_all(
-        format!(
-            "POST /v1/reports HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n["
-        )
-        .as_bytes(),
-    )
-    .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let body = loop {
-        let (status, body) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), b"[]");
-        if status == 503 {
-            break body;
-        }
-        // The slow request may not have reached the gate yet.
-        assert_eq!(status, 200, "{body}");
-        assert!(std::time::Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (_slow, body) = hold_the_place(s.addr, TOKEN);
     let r = refusal(&body);
     assert!(r.retry && r.limit == Some(1), "{body}");
     assert!(r.error.contains("--max-concurrent-ingests"), "{body}");
-    drop(slow);
+}
+
+/// Sends a batch's head and one octet of its 100-octet body with `token`, so that it holds
+/// an ingest place, and returns it with the body of the 503 that another batch then gets.
+/// The slow request can itself meet the place taken, by a probing batch that is being
+/// stored at that moment, and be refused; it is then sent again.
+fn hold_the_place(addr: SocketAddr, token: &str) -> (TcpStream, String) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut slow = TcpStream::connect(addr).unwrap();
+        slow.write_all(
+            format!(
+                "POST /v1/reports HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n["
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        slow.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        loop {
+            assert!(std::time::Instant::now() < deadline, "no 503 within 10 s");
+            let (status, body) = http(addr, "POST", "/v1/reports", Some(TOKEN), b"[]");
+            if status == 503 {
+                return (slow, body);
+            }
+            // The slow request may not have reached the gate yet, or was refused there.
+            assert_eq!(status, 200, "{body}");
+            // An answer already (or the connection closed): the slow request was refused.
+            match slow.read_exact(&mut [0u8; 1]) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                _ => break,
+            }
+        }
+    }
+}
+
+/// A peer could hold the ingest places with requests whose body never comes: with no
+/// token, no place is taken at all (401 at once); with one, the place is given back at
+/// `--body-timeout`, with a refusal the agent retries.
+#[test]
+fn a_body_that_never_arrives_holds_no_ingest_place() {
+    let d = dir("slow-body");
+    let s = Server::start_with(
+        &d,
+        &["--max-concurrent-ingests", "1", "--body-timeout", "1s"],
+    );
+    // Without a token: refused before it can take the place.
+    let mut anonymous = TcpStream::connect(s.addr).unwrap();
+    anonymous
+        .write_all(b"POST /v1/reports HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n[")
+        .unwrap();
+    anonymous
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut head = [0u8; 12];
+    anonymous.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 401", "{}", String::from_utf8_lossy(&head));
+    for _ in 0..3 {
+        let (status, body) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), b"[]");
+        assert_eq!(status, 200, "{body}");
+    }
+    // With a token: it holds the place until its body is a second late, then is refused.
+    let (mut slow, _) = hold_the_place(s.addr, TOKEN);
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = slow.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("did not arrive within 1s (--body-timeout)"),
+        "{answer}"
+    );
+    assert!(answer.contains("\"retry\":true"), "{answer}");
+    let (status, body) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), b"[]");
+    assert_eq!(status, 200, "the place is free again: {body}");
 }
 
 /// One 10.8 MB batch of 10,000 reports took the collector to 2.27 GB, and never back. Now

@@ -60,10 +60,6 @@ impl RangeArgs {
 
 /// What the collector takes from agents; each refusal names the flag that sets its limit.
 #[derive(Debug, Args)]
-#[expect(
-    clippy::struct_field_names,
-    reason = "the fields are the flags: --max-*"
-)]
 struct LimitArgs {
     /// Largest request body, in octets.
     #[arg(long, default_value_t = DEFAULT_MAX_BODY, env = "PATHPROBE_MAX_BODY")]
@@ -86,6 +82,10 @@ struct LimitArgs {
     /// Oldest window accepted, back from now (e.g. 30d).
     #[arg(long, default_value = "30d", env = "PATHPROBE_MAX_REPORT_AGE", value_parser = humantime::parse_duration)]
     max_report_age: std::time::Duration,
+    /// How long an admitted batch's body may take to arrive; a slower one is refused (the
+    /// agent retries) and gives its ingest place back.
+    #[arg(long, default_value = "60s", env = "PATHPROBE_BODY_TIMEOUT", value_parser = humantime::parse_duration)]
+    body_timeout: std::time::Duration,
 }
 
 impl LimitArgs {
@@ -97,6 +97,7 @@ impl LimitArgs {
             max_paths_per_agent: self.max_paths_per_agent,
             max_metric_paths: self.max_metric_paths,
             max_report_age: self.max_report_age,
+            body_timeout: self.body_timeout,
         }
     }
 }
