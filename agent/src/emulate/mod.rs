@@ -112,18 +112,13 @@ impl Timeliness {
     /// "12 of 6004 packets (0.20%) left 1.05 ms or more late, the worst by 8.4 ms".
     pub fn text(&self, log2: u32) -> String {
         let late = self.late_at_least(log2);
-        #[allow(
-            clippy::cast_precision_loss,
-            reason = "a percentage and a time to print"
-        )]
-        let (pct, at_ms) = (
-            if self.released == 0 {
-                0.0
-            } else {
-                late as f64 * 100.0 / self.released as f64
-            },
-            (1u64 << log2.min(62)) as f64 / 1e6,
-        );
+        #[allow(clippy::cast_precision_loss, reason = "a percentage to print")]
+        let pct = if self.released == 0 {
+            0.0
+        } else {
+            late as f64 * 100.0 / self.released as f64
+        };
+        let at_ms = Duration::from_nanos(1 << log2.min(62)).as_secs_f64() * 1e3;
         format!(
             "{late} of {} packets ({pct:.2}%) left {at_ms:.2} ms or more late, the worst by {:.1} ms",
             self.released,
@@ -133,9 +128,7 @@ impl Timeliness {
 
     /// The worst lateness, in milliseconds.
     pub fn worst_ms(&self) -> f64 {
-        #[allow(clippy::cast_precision_loss, reason = "milliseconds to print")]
-        let ms = self.late_max_ns as f64 / 1e6;
-        ms
+        Duration::from_nanos(self.late_max_ns).as_secs_f64() * 1e3
     }
 }
 
