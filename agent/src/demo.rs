@@ -25,12 +25,12 @@ use crate::capacity::rate::Rate;
 use crate::capacity::server::{Server as CapacityServer, ServerConfig};
 use crate::capacity::sizing::{self, Recommendation};
 use crate::capacity::wire::Direction;
-use crate::daemon::{AgentConfig, CollectorSection, PathSection};
 use crate::emulate::link::{LinkConfig, Profile};
 use crate::emulate::{Emulator, EmulatorConfig, EmulatorStats, LATE_LOG2, Timeliness};
 use crate::failover::{
     self, Failover, FailoverConfig, FailoverRun, PinnedPath, StreamTiming, Verdict,
 };
+use crate::plan::{AgentFile, AgentPlan, CollectorSection, Overrides, PathSection};
 use crate::reflector::{self, ReflectorConfig, ReflectorStats};
 use crate::{Error, Result, daemon};
 
@@ -211,9 +211,9 @@ fn agent_config(
     vpn: SocketAddr,
     collector: SocketAddr,
     spool: PathBuf,
-) -> AgentConfig {
-    AgentConfig {
-        agent_id: "demo-agent".to_string(),
+) -> Result<AgentPlan> {
+    let file = AgentFile {
+        agent_id: Some("demo-agent".to_string()),
         site: Some("demo".to_string()),
         collector: Some(CollectorSection {
             url: format!("http://{collector}"),
@@ -228,7 +228,8 @@ fn agent_config(
             path("vpn", PathKind::Vpn, vpn, cfg),
         ],
         drills: Vec::new(),
-    }
+    };
+    AgentPlan::new(Path::new("demo"), "", file, &Overrides::default())
 }
 
 /// The failover demo's script (from the start of its paths): ExpressRoute goes dark at
@@ -499,7 +500,7 @@ pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
     let er = emulator(Profile::Expressroute, 1)?;
     let vpn = emulator(Profile::Vpn, 2)?;
     let collector_addr = loopback("collector")?;
-    let agent = agent_config(cfg, er.local, vpn.local, collector_addr, spool);
+    let agent = agent_config(cfg, er.local, vpn.local, collector_addr, spool)?;
     let (rt, collector_stop, collector) = start_collector(collector_addr, &db)?;
     let from = now_ns();
     let (paths_stop, relay_stop) = (AtomicBool::new(false), AtomicBool::new(false));
@@ -512,7 +513,7 @@ pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
         s.spawn(|| reflector::run(&refl_sock, &refl_cfg, &relay_stop, &refl_stats));
         s.spawn(|| er.run(&relay_stop, &er_stats));
         s.spawn(|| vpn.run(&relay_stop, &vpn_stats));
-        let agent_thread = s.spawn(|| daemon::run(Path::new("demo"), &agent, &paths_stop));
+        let agent_thread = s.spawn(|| daemon::run(agent, &paths_stop, &mut || None));
         let started = Instant::now();
         while started.elapsed() < cfg.duration
             && !stop.load(Ordering::Relaxed)

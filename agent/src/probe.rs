@@ -59,7 +59,7 @@ pub const fn default_size(mode: Mode) -> usize {
 }
 
 /// How to probe.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeConfig {
     /// STAMP, or one of the TCP probes ([`crate::tcp`]).
     pub protocol: ProbeProtocol,

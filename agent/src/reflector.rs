@@ -73,7 +73,7 @@ impl std::str::FromStr for ReplyDscp {
 }
 
 /// How the reflector runs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReflectorConfig {
     pub listen: SocketAddr,
     pub key: Option<AuthKey>,

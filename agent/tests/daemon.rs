@@ -8,7 +8,7 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pathprobe_collector::store::Store;
@@ -36,6 +36,10 @@ fn spooled(dir: &Path) -> usize {
         })
         .count()
     })
+}
+
+fn run_agent(config: &Path, log: &Path) -> std::process::Child {
+    common::run_agent(Command::new(AGENT), config, log)
 }
 
 #[test]
@@ -79,14 +83,7 @@ window = "2s"
 
     let collector = Collector::start(&dir, collector_addr);
     let log = dir.join("agent.log");
-    let mut agent = Command::new(AGENT)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("PATHPROBE_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut agent = run_agent(&config, &log);
     std::thread::sleep(Duration::from_secs(5));
     collector.stop();
 
@@ -178,14 +175,7 @@ max_outage = "10s"
     )
     .unwrap();
     let log = dir.join("agent.log");
-    let mut agent = Command::new(AGENT)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("PATHPROBE_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut agent = run_agent(&config, &log);
     // The outage ends the drill (the primary failed and recovered in place): it passes
     // long before its 20 s window closes.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -227,5 +217,157 @@ max_outage = "10s"
     let o = events[0].event.outage.as_ref().unwrap();
     // 500 probes/s: within two 2 ms intervals of the 400 ms injected (forward only).
     assert!((o.outage_ms - 400.0).abs() <= 4.0, "{}", o.outage_ms);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The windows the collector holds for the path `name`, per stored path row (a changed
+/// packet size is a new row), oldest first.
+fn stored_windows(store: &Store, name: &str) -> Vec<(u16, Vec<(u64, u64)>)> {
+    let sel = pathprobe_collector::store::Selector {
+        name_or_kind: name.into(),
+        site: None,
+    };
+    let rows = store.paths().unwrap();
+    let windows = store.windows(&sel).unwrap();
+    rows.iter()
+        .filter(|p| p.name == name)
+        .map(|p| {
+            let w = windows
+                .iter()
+                .filter(|w| w.path_id == p.id)
+                .map(|w| (w.start_ns, w.end_ns))
+                .collect();
+            (p.packet_size, w)
+        })
+        .collect()
+}
+
+fn now_ns() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    )
+    .unwrap()
+}
+
+fn wait_for_log(log: &Path, text: &str, times: usize) {
+    common::wait_for_log(log, text, times, Duration::from_secs(20));
+}
+
+#[test]
+fn sighup_restarts_changed_paths_and_unchanged_ones_lose_no_window() {
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("pathprobe-daemon-hup-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tokens"), format!("h-agent {TOKEN}\n")).unwrap();
+    let collector_addr = free_tcp();
+    let collector = Collector::start(&dir, collector_addr);
+    let r = common::Reflector::start(&[]);
+    let path = |name: &str, extra: &str| {
+        format!(
+            "[[path]]\nname = \"{name}\"\nkind = \"other\"\ntarget = \"{}\"\nrate = 50\nwindow = \"1s\"\ntimeout = \"300ms\"\n{extra}",
+            r.addr
+        )
+    };
+    let head = format!(
+        "agent_id = \"h-agent\"\n[collector]\nurl = \"http://{collector_addr}\"\ntoken = \"{TOKEN}\"\n"
+    );
+    let config = dir.join("agent.toml");
+    let write = |body: &str| std::fs::write(&config, format!("{head}{body}")).unwrap();
+    write(&[path("steady", ""), path("moved", ""), path("gone", "")].concat());
+    let log = dir.join("agent.log");
+    let mut agent = run_agent(&config, &log);
+    let hup = || {
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &agent.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    std::thread::sleep(Duration::from_millis(3_500));
+
+    // "moved" gets another packet size, "gone" goes, "fresh" comes; "steady" is as it was.
+    write(
+        &[
+            path("steady", ""),
+            path("moved", "size = 100\n"),
+            path("fresh", ""),
+        ]
+        .concat(),
+    );
+    let reloaded_at = now_ns();
+    hup();
+    wait_for_log(&log, "configuration reloaded", 1);
+    std::thread::sleep(Duration::from_millis(2_500));
+
+    // A file that does not load changes nothing.
+    write("[[path]]\nname = \"broken\"\nrate = fast\n");
+    hup();
+    wait_for_log(&log, "the new configuration is refused", 1);
+    std::thread::sleep(Duration::from_millis(1_500));
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    assert!(agent.wait().unwrap().success());
+    let stopped_at = now_ns();
+    collector.stop();
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains(r#"restarted=["moved"] started=["fresh"] stopped=["gone"]"#)
+            && text.contains("unchanged=1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("agent.toml:7"),
+        "the refusal names the line: {text}"
+    );
+    let store = Store::open_read_only(&dir.join("store.db")).unwrap();
+
+    // steady: one session throughout, every window end to end, none twice.
+    let steady = stored_windows(&store, "steady");
+    assert_eq!(steady.len(), 1, "{steady:?}");
+    let w = &steady[0].1;
+    for pair in w.windows(2) {
+        assert_eq!(pair[0].1, pair[1].0, "steady: a gap or an overlap: {w:?}");
+    }
+    assert!(
+        w.first().unwrap().0 < reloaded_at && w.last().unwrap().1 > reloaded_at,
+        "steady ran through both reloads"
+    );
+    let span_s = (w.last().unwrap().1 - w.first().unwrap().0) / 1_000_000_000;
+    assert!(
+        w.len() as u64 >= span_s,
+        "steady: {} windows over {span_s} s",
+        w.len()
+    );
+
+    // moved: the old session's last window reached the collector, then the new one began.
+    let moved = stored_windows(&store, "moved");
+    let old = &moved.iter().find(|(size, _)| *size != 100).unwrap().1;
+    let new = &moved.iter().find(|(size, _)| *size == 100).unwrap().1;
+    assert!(
+        old.last().unwrap().1 >= reloaded_at,
+        "moved: last window {old:?}"
+    );
+    assert!(old.last().unwrap().1 <= new.first().unwrap().0);
+
+    // gone: its last, partial window was delivered when it stopped.
+    let gone = &stored_windows(&store, "gone")[0].1;
+    let last = gone.last().unwrap();
+    assert!(
+        last.1 >= reloaded_at && last.1 - last.0 < 1_000_000_000,
+        "{gone:?}"
+    );
+
+    // fresh: started by the reload, and stopped with the agent.
+    let fresh = &stored_windows(&store, "fresh")[0].1;
+    assert!(fresh.first().unwrap().0 >= reloaded_at);
+    assert!(fresh.last().unwrap().1 <= stopped_at);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,7 +10,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use pathprobe_collector::store::Store;
@@ -61,28 +61,15 @@ impl Drop for Agent {
 /// `run --config` of `config`, its log in `log`; as `nobody` when we are root, so that file
 /// permissions bind it.
 fn agent(config: &Path, log: &Path) -> Agent {
-    Agent(Some(
-        common::unprivileged(AGENT)
-            .args(["run", "--config"])
-            .arg(config)
-            .env("PATHPROBE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    ))
+    Agent(Some(common::run_agent(
+        common::unprivileged(AGENT),
+        config,
+        log,
+    )))
 }
 
 fn wait_for(log: &Path, what: &str, within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.contains(what) {
-            return text;
-        }
-        assert!(Instant::now() < deadline, "no `{what}` in:\n{text}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_for_log(log, what, 1, within)
 }
 
 fn terminate(mut agent: Agent) -> std::process::ExitStatus {

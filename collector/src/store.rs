@@ -157,6 +157,14 @@ fn u64_of(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// One stored window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct WindowRow {
+    pub path_id: i64,
+    pub start_ns: u64,
+    pub end_ns: u64,
+}
+
 /// A stored path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PathRow {
@@ -624,6 +632,34 @@ impl Store {
             .map_err(db("list paths"))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(db("list paths"))
+    }
+
+    /// The windows stored for the paths `sel` matches, by path and then time: one row per
+    /// report, for audits of what arrived (gaps, overlaps, repeats).
+    pub fn windows(&self, sel: &Selector) -> Result<Vec<WindowRow>> {
+        let ids = self.select(sel)?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT path_id, start_ns, end_ns FROM reports WHERE path_id = ?1 ORDER BY start_ns",
+            )
+            .map_err(db("list windows"))?;
+        let mut out = Vec::new();
+        for id in ids {
+            let rows = stmt
+                .query_map([id], |r| {
+                    Ok(WindowRow {
+                        path_id: r.get(0)?,
+                        start_ns: u64_of(r.get(1)?),
+                        end_ns: u64_of(r.get(2)?),
+                    })
+                })
+                .map_err(db("list windows"))?;
+            for row in rows {
+                out.push(row.map_err(db("list windows"))?);
+            }
+        }
+        Ok(out)
     }
 
     /// The ids of the paths `sel` matches (without counting their windows, unlike `paths`).

@@ -132,7 +132,7 @@ impl StreamTiming {
 }
 
 /// How to run a failover measurement.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailoverConfig {
     /// The stream to the service address.
     pub service: ProbeConfig,

@@ -185,3 +185,29 @@ pub fn emulator(forward: SocketAddr, fwd: &str, rev: &str) -> Listening {
         rev,
     ])
 }
+
+/// `run --config CONFIG` from `agent` (the agent's command, as this user or another),
+/// logging into `log`.
+pub fn run_agent(mut agent: Command, config: &Path, log: &Path) -> Child {
+    agent
+        .args(["run", "--config"])
+        .arg(config)
+        .env("PATHPROBE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("the log file"))
+        .spawn()
+        .expect("the agent starts")
+}
+
+/// The log once it says `what` (`times` times over), within `within`.
+pub fn wait_for_log(log: &Path, what: &str, times: usize, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches(what).count() >= times {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "no `{what}` in:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

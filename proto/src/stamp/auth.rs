@@ -13,10 +13,21 @@ pub const HMAC_LEN: usize = 16;
 pub const MIN_KEY_LEN: usize = 16;
 
 /// A shared STAMP key, keyed once so that each packet costs one HMAC, not a key schedule.
+/// Two keys are equal when their octets are (compared by SHA-256 digest, so the key itself
+/// is not kept beside its schedule).
 #[derive(Clone)]
 pub struct AuthKey {
     mac: Hmac<Sha256>,
+    digest: [u8; 32],
 }
+
+impl PartialEq for AuthKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.digest == other.digest
+    }
+}
+
+impl Eq for AuthKey {}
 
 impl std::fmt::Debug for AuthKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -37,7 +48,8 @@ impl AuthKey {
             len: key.len(),
             min: MIN_KEY_LEN,
         })?;
-        Ok(Self { mac })
+        let digest = <Sha256 as sha2::Digest>::digest(key).into();
+        Ok(Self { mac, digest })
     }
 
     /// The truncated HMAC of `covered`.

@@ -2,7 +2,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +23,7 @@ use pathprobe_agent::emulate::link::{LinkConfig, Profile};
 use pathprobe_agent::emulate::nfqueue::{NfqueueConfig, NfqueueEmulator};
 use pathprobe_agent::emulate::{Emulator, EmulatorConfig, EmulatorStats};
 use pathprobe_agent::output::{self, Labels};
+use pathprobe_agent::plan::{AgentPlan, Overrides, PathSection};
 use pathprobe_agent::probe::{self, ProbeConfig};
 use pathprobe_agent::reflector::{self, ReflectorConfig, ReflectorStats};
 use pathprobe_agent::{Error, hexbytes, keyfile};
@@ -62,16 +63,64 @@ enum Command {
     Emulate(EmulateArgs),
     /// Run as the long-running agent: reflect, probe every configured path, and push every
     /// window report to the collector (spooled on disk while it is away).
-    Run {
-        /// The agent's TOML configuration.
-        #[arg(long, env = "PATHPROBE_CONFIG")]
-        config: PathBuf,
-    },
+    ///
+    /// Settings come from the flags, then the environment, then the file, then the
+    /// defaults. SIGHUP reads the file again: changed paths and drills restart, new ones
+    /// start, removed ones stop (their last window delivered), unchanged ones run on.
+    Run(RunArgs),
     /// Decode a STAMP test packet (the UDP payload, in hex) field by field.
     ///
     /// Paste the payload from a capture (Wireshark: Copy > as Hex Stream; tcpdump -X) to see
     /// what a sender or reflector, ours or a router's, put in each field.
     Decode(DecodeArgs),
+}
+
+/// `run`: the config file, and what the command line or environment set over it.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The agent's TOML configuration.
+    #[arg(long, env = "PATHPROBE_CONFIG")]
+    config: PathBuf,
+    /// Agent id for reports, over the file's agent id [default: the host name].
+    #[arg(long, env = "PATHPROBE_AGENT_ID")]
+    agent_id: Option<String>,
+    /// Site name for reports, over the file's site.
+    #[arg(long, env = "PATHPROBE_SITE")]
+    site: Option<String>,
+    /// The collector (like <http://10.0.0.5:8862>), over the file's [collector] url.
+    #[arg(long, env = "PATHPROBE_COLLECTOR")]
+    collector: Option<String>,
+    /// The agent's collector token, in this file, over the token (file) in the config.
+    #[arg(long, env = "PATHPROBE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Where reports wait for the collector, over the spool folder in the config.
+    #[arg(long, env = "PATHPROBE_SPOOL")]
+    spool: Option<PathBuf>,
+}
+
+/// `run`: the agent, until SIGINT or SIGTERM; SIGHUP reloads the file.
+fn run_agent(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let over = Overrides {
+        agent_id: args.agent_id.clone(),
+        site: args.site.clone(),
+        collector: args.collector.clone(),
+        token_file: args.token_file.clone(),
+        spool: args.spool.clone(),
+    };
+    let plan = AgentPlan::load(&args.config, &over)?;
+    let stop = stop_on_signals()?;
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))
+        .context("cannot install the SIGHUP handler")?;
+    let mut reload = || {
+        hup.swap(false, Ordering::Relaxed).then(|| {
+            tracing::info!(config = %args.config.display(), "SIGHUP: reading the configuration again");
+            AgentPlan::load(&args.config, &over)
+        })
+    };
+    pathprobe_agent::daemon::run(plan, &stop, &mut reload)?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -405,7 +454,10 @@ impl ReportArgs {
                 dscp,
                 packet_size,
             },
-            agent_id: self.agent_id.clone().unwrap_or_else(host_name),
+            agent_id: self
+                .agent_id
+                .clone()
+                .unwrap_or_else(pathprobe_agent::plan::host_name),
             site: self.site.clone(),
             timestamping,
         })
@@ -659,58 +711,41 @@ fn resolve(target: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("--target {target} resolves to no address"))
 }
 
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "agent".to_string())
-}
-
+/// The path plan of `probe`'s flags: the same conversion and checks as a `[[path]]` of the
+/// agent's config, then what only a command has (a count, a duration, giving up).
 fn probe_config(args: &ProbeArgs) -> anyhow::Result<ProbeConfig> {
-    let target = resolve(&args.target)?;
-    let key = args
-        .auth_key_file
-        .as_deref()
-        .map(keyfile::load)
-        .transpose()?;
-    let interval = match (args.rate, args.interval) {
-        (_, Some(i)) => i,
-        (Some(r), None) => Duration::from_nanos(1_000_000_000 / u64::from(r)),
-        (None, None) => Duration::from_millis(100),
-    };
-    let base = probe::default_size(if key.is_some() {
-        pathprobe_proto::stamp::Mode::Authenticated
-    } else {
-        pathprobe_proto::stamp::Mode::Unauthenticated
-    });
-    let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-    let cfg = ProbeConfig {
-        protocol: match args.proto {
+    let text = |d: Duration| humantime::format_duration(d).to_string();
+    let section = PathSection {
+        name: args.report.path_name.clone(),
+        kind: args.report.path_kind.into(),
+        proto: match args.proto {
             ProtoArg::Stamp => ProbeProtocol::Stamp,
             ProtoArg::TcpSyn => ProbeProtocol::TcpSyn,
             ProtoArg::TcpConnect => ProbeProtocol::TcpConnect,
         },
-        target,
+        target: args.target.clone(),
+        rate: args.rate,
+        interval: args.interval.map(text),
+        size: args.size,
+        dscp: args.dscp,
+        ttl: args.ttl,
         bind: args.pin.bind,
         interface: args.pin.interface.clone(),
         fwmark: args.pin.fwmark,
-        interval_ns: nanos(interval),
-        count: args.count,
-        duration_ns: args.duration.map(nanos),
-        size: args.size.unwrap_or(base),
-        dscp: args.dscp,
-        ttl: args.ttl,
-        key,
-        window_ns: nanos(args.window).max(1),
-        late_timeout_ns: nanos(args.timeout),
-        no_reply_ns: nanos(
-            args.no_reply_timeout
-                .unwrap_or(args.timeout.max(Duration::from_secs(3))),
-        ),
+        window: Some(text(args.window.max(Duration::from_nanos(1)))),
+        timeout: Some(text(args.timeout)),
+        auth_key_file: args.auth_key_file.clone(),
         ssid: args.ssid,
-        route_each_probe: false,
     };
+    let mut cfg = section.plan(Path::new("the command line"))?.probe;
+    let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    cfg.count = args.count;
+    cfg.duration_ns = args.duration.map(nanos);
+    cfg.no_reply_ns = nanos(
+        args.no_reply_timeout
+            .unwrap_or(args.timeout.max(Duration::from_secs(3))),
+    );
+    cfg.validate()?;
     Ok(cfg)
 }
 
@@ -830,13 +865,7 @@ fn main() -> ExitCode {
         Command::Trace(args) => run_trace(&args),
         #[cfg(feature = "demo")]
         Command::Demo(args) => demo::run(&args),
-        Command::Run { config } => (|| {
-            let cfg = pathprobe_agent::daemon::AgentConfig::load(&config)?;
-            let stop = stop_on_signals()?;
-            pathprobe_agent::daemon::run(&config, &cfg, &stop)?;
-            tracing::info!("stopped");
-            Ok(ExitCode::SUCCESS)
-        })(),
+        Command::Run(args) => run_agent(&args),
     };
     match result {
         Ok(code) => code,

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use pathprobe_agent::spool::{Spool, Step, Uploader};
+use pathprobe_agent::delivery::{self, Courier, Destination};
 use pathprobe_proto::report::WindowReport;
 
 /// Writes the report `build` makes into `dir` (as `REPORT_ID.json`) and queues it in
@@ -45,12 +45,11 @@ pub struct CollectorArgs {
     pub spool: Option<PathBuf>,
 }
 
-/// Reports on their way to a collector.
+/// Reports on their way to a collector: the agent's one delivery path
+/// ([`pathprobe_agent::delivery`]), drained once the command has its results.
 pub struct Outbox {
+    courier: Courier,
     url: String,
-    token: Option<String>,
-    spool: Spool,
-    dir: PathBuf,
 }
 
 impl CollectorArgs {
@@ -59,30 +58,18 @@ impl CollectorArgs {
         let Some(url) = &self.collector else {
             return Ok(None);
         };
-        let token = self
-            .token_file
-            .as_ref()
-            .map(|f| {
-                std::fs::read_to_string(f)
-                    .map(|t| t.trim().to_string())
-                    .with_context(|| {
-                        format!(
-                            "cannot read --token-file {}: put this agent's token from the collector's tokens file in it",
-                            f.display()
-                        )
-                    })
-            })
-            .transpose()?;
-        let dir = self
-            .spool
-            .clone()
-            .unwrap_or_else(|| std::env::temp_dir().join(format!("pathprobe-{command}-spool")));
-        let spool = Spool::open(&dir, 100_000)?;
-        Ok(Some(Outbox {
+        let to = Destination {
             url: url.clone(),
-            token,
-            spool,
-            dir,
+            token: delivery::read_token(None, self.token_file.as_deref(), "--token-file")?,
+            spool_dir: self
+                .spool
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join(format!("pathprobe-{command}-spool"))),
+            spool_max: 100_000,
+        };
+        Ok(Some(Outbox {
+            courier: Courier::open(&to)?,
+            url: url.clone(),
         }))
     }
 }
@@ -91,31 +78,19 @@ impl Outbox {
     /// Queues one report (JSON), durably; if the spool cannot be written, it is held in
     /// memory and delivered from there.
     pub fn push(&mut self, json: &[u8]) {
-        if let Err(e) = self.spool.push(json) {
-            tracing::error!(error = %e, "cannot write to the spool: the report is held in memory");
-        }
+        self.courier.push(json);
     }
 
     /// Sends every queued report, in batches; `what` names them in messages.
     pub fn deliver(&mut self, what: &str) -> anyhow::Result<()> {
-        let uploader = Uploader::new(&self.url, self.token.clone());
-        loop {
-            let why = match self.spool.deliver_once(&uploader) {
-                Step::Idle => break,
-                Step::Delivered(..) | Step::Halved { .. } => continue,
-                Step::Rejected { message, .. } => {
-                    tracing::error!(%message, "the collector refused a {what}: set aside in rejected/");
-                    continue;
-                }
-                Step::Refused(why) => format!("it refused them: {why}"),
-                Step::Unreachable(why) => format!("it did not answer: {why}"),
-            };
+        if let Err(u) = self.courier.drain() {
             anyhow::bail!(
-                "the collector at {} did not take the {what}s ({why}): {} wait in {}; run again with --spool {} to deliver them",
+                "the collector at {} did not take the {what}s ({}): {} wait in {}; run again with --spool {} to deliver them",
                 self.url,
-                self.spool.len(),
-                self.dir.display(),
-                self.dir.display()
+                u.why,
+                u.left,
+                u.dir.display(),
+                u.dir.display()
             );
         }
         tracing::info!(collector = %self.url, "{what}s delivered");

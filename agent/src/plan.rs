@@ -1,0 +1,983 @@
+//! The agent plan: everything an agent runs (its paths, drills, reflector and collector),
+//! validated once, from every source it can come from, into one type ([`AgentPlan`]).
+//!
+//! Sources, highest first: the command line, the environment (`PATHPROBE_*`, which clap
+//! reads for each flag), the TOML file, then the defaults. The daemon builds its plan from
+//! all four, and again on `SIGHUP`; `probe` builds a path's plan ([`PathSection::plan`])
+//! from its flags through the same checks; the demo builds one in code. Central
+//! configuration will hand the agent a file of the same shape.
+//!
+//! Relative file names (spool, token and key files) are relative to the config file.
+//!
+//! ```toml
+//! agent_id = "ams-dc1-01"       # default: the host name (--agent-id, PATHPROBE_AGENT_ID)
+//! site = "ams"
+//!
+//! [collector]
+//! url = "http://127.0.0.1:8862"
+//! token = "..."                 # or token_file = "agent.token"
+//! spool_dir = "spool"           # the default
+//! spool_max_reports = 100000
+//!
+//! [reflector]                   # optional
+//! listen = "0.0.0.0:862"
+//!
+//! [[path]]
+//! name = "expressroute"
+//! kind = "expressroute"
+//! target = "10.1.0.4:862"
+//! rate = 10                     # or interval = "100ms"
+//! dscp = 46
+//! bind = "10.0.0.1:0"           # or interface = "eth1", fwmark = 100
+//! # proto = "tcp-syn"           # or "tcp-connect"; STAMP by default; target = any listener
+//!
+//! [[drill]]                     # a failover drill in a maintenance window (`failover --drill`)
+//! name = "service"
+//! target = "10.1.0.1:862"       # the service address, routed over either path
+//! primary = "10.10.2.2:862"     # optional: reflectors only one path reaches (or pinned
+//! backup = "10.20.3.2:862"      # to it: "HOST:PORT,bind=ADDR" / ",interface=IF" / ",fwmark=N")
+//! start = "2026-11-28T02:00:00Z"
+//! duration = "2h"               # the window; the drill ends once traffic is back on the primary
+//! max_outage = "10s"
+//! ```
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pathprobe_proto::report::{PathKind, ProbeProtocol};
+use pathprobe_proto::stamp::{Mode, TimestampFormat};
+use serde::Deserialize;
+
+use crate::delivery::{self, Destination};
+use crate::failover::{self, FailoverConfig, PinnedPath, StreamTiming};
+use crate::probe::ProbeConfig;
+use crate::reflector::{self, ReflectorConfig};
+use crate::{Error, Result, keyfile};
+
+/// The configuration file as written (relative files anchored at the file).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    /// The agent's name in reports [default: the host name].
+    pub agent_id: Option<String>,
+    pub site: Option<String>,
+    pub collector: Option<CollectorSection>,
+    pub reflector: Option<ReflectorSection>,
+    #[serde(default, rename = "path")]
+    pub paths: Vec<PathSection>,
+    #[serde(default, rename = "drill")]
+    pub drills: Vec<DrillSection>,
+}
+
+/// A failover drill at a set time: the options of `failover --drill`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillSection {
+    /// The path name of its reports.
+    pub name: String,
+    /// `stamp` (the default) or `tcp-syn`.
+    #[serde(default)]
+    pub proto: ProbeProtocol,
+    pub target: String,
+    /// Probes per second to the service [default: 1,000].
+    pub rate: Option<u32>,
+    pub primary: Option<String>,
+    pub backup: Option<String>,
+    /// Probes per second to each pinned reflector [default: 20].
+    pub pinned_rate: Option<u32>,
+    /// When the drill starts (RFC 3339).
+    pub start: String,
+    /// How long the maintenance window lasts.
+    pub duration: String,
+    /// The longest outage that passes [default: 10s].
+    pub max_outage: Option<String>,
+    pub min_outage: Option<String>,
+    pub settle: Option<String>,
+    pub window: Option<String>,
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub dscp: u8,
+    pub bind: Option<SocketAddr>,
+    pub interface: Option<String>,
+    pub fwmark: Option<u32>,
+}
+
+/// Where reports go.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorSection {
+    pub url: String,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    #[serde(default = "default_spool_dir")]
+    pub spool_dir: PathBuf,
+    #[serde(default = "default_spool_max")]
+    pub spool_max_reports: usize,
+}
+
+const fn default_spool_max() -> usize {
+    100_000
+}
+
+fn default_spool_dir() -> PathBuf {
+    PathBuf::from("spool")
+}
+
+/// The reflector, if this agent answers probes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReflectorSection {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub stateful: bool,
+    pub auth_key_file: Option<PathBuf>,
+    #[serde(default = "default_max_rate")]
+    pub max_rate_per_source: u32,
+    /// `copy` (the default), `keep` or a DSCP from 0 to 63: see `reflect --reply-dscp`.
+    pub reply_dscp: Option<String>,
+}
+
+impl ReflectorSection {
+    /// The reply DSCP policy; what is wrong with it otherwise.
+    pub fn reply_dscp(&self) -> std::result::Result<reflector::ReplyDscp, String> {
+        self.reply_dscp
+            .as_deref()
+            .map_or(Ok(reflector::ReplyDscp::Copy), str::parse)
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 862))
+}
+
+const fn default_max_rate() -> u32 {
+    250_000
+}
+
+/// One path to probe: the options of `probe`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathSection {
+    pub name: String,
+    pub kind: PathKind,
+    /// `stamp` (the default), `tcp-syn` or `tcp-connect`.
+    #[serde(default)]
+    pub proto: ProbeProtocol,
+    pub target: String,
+    pub rate: Option<u32>,
+    pub interval: Option<String>,
+    pub size: Option<usize>,
+    #[serde(default)]
+    pub dscp: u8,
+    pub ttl: Option<u8>,
+    pub bind: Option<SocketAddr>,
+    pub interface: Option<String>,
+    pub fwmark: Option<u32>,
+    pub window: Option<String>,
+    pub timeout: Option<String>,
+    pub auth_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub ssid: u16,
+}
+
+fn duration(
+    file: &Path,
+    path: &str,
+    field: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration> {
+    value.map_or(Ok(default), |v| {
+        humantime::parse_duration(v).map_err(|e| {
+            Error::Config(format!(
+                "{}: path `{path}`: {field} = \"{v}\" is not a duration ({e}): write it like 10s, 500ms or 1h",
+                file.display()
+            ))
+        })
+    })
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Settings from the command line or the environment: they win over the file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    pub agent_id: Option<String>,
+    pub site: Option<String>,
+    /// The collector's URL: replaces `[collector] url`, or makes a `[collector]`.
+    pub collector: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub spool: Option<PathBuf>,
+}
+
+/// One path to probe, checked: its name and kind in reports, and how to probe it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PathPlan {
+    pub name: String,
+    pub kind: PathKind,
+    pub probe: ProbeConfig,
+}
+
+/// One drill, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DrillPlan {
+    pub name: String,
+    pub proto: ProbeProtocol,
+    /// The service address as written.
+    pub target: String,
+    pub dscp: u8,
+    /// When it starts, as written and in ns since 1970.
+    pub start: String,
+    pub start_ns: u64,
+    pub failover: FailoverConfig,
+}
+
+/// Everything an agent runs, checked: what the daemon supervises.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentPlan {
+    pub agent_id: String,
+    pub site: Option<String>,
+    pub collector: Option<Destination>,
+    pub reflector: Option<ReflectorConfig>,
+    pub paths: Vec<PathPlan>,
+    pub drills: Vec<DrillPlan>,
+}
+
+/// The host's name, the default agent id.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "agent".to_string())
+}
+
+impl AgentFile {
+    /// Reads `file` (syntax and type errors carry the line), with relative files anchored
+    /// at it; the text too, for the lines of later errors.
+    pub fn read(file: &Path) -> Result<(Self, String)> {
+        let text = std::fs::read_to_string(file).map_err(|source| Error::Io {
+            what: format!("read the config file {}", file.display()),
+            source,
+        })?;
+        let mut cfg: Self = toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let at = line.map_or_else(String::new, |l| format!(":{l}"));
+            Error::Config(format!("{}{at}: {}", file.display(), e.message()))
+        })?;
+        let base = file.parent().unwrap_or_else(|| Path::new("."));
+        let anchor = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(c) = &mut cfg.collector {
+            anchor(&mut c.spool_dir);
+            c.token_file.as_mut().map(anchor);
+        }
+        if let Some(r) = &mut cfg.reflector {
+            r.auth_key_file.as_mut().map(anchor);
+        }
+        for p in &mut cfg.paths {
+            p.auth_key_file.as_mut().map(anchor);
+        }
+        Ok((cfg, text))
+    }
+}
+
+impl AgentPlan {
+    /// The plan of the config `file` under `over`. Errors name the file and line, or the
+    /// flag, and say how to fix it.
+    pub fn load(file: &Path, over: &Overrides) -> Result<Self> {
+        let (cfg, text) = AgentFile::read(file)?;
+        Self::new(file, &text, cfg, over)
+    }
+
+    /// The plan of `cfg` (read from `origin`, whose TOML `text` gives the lines in errors;
+    /// empty for a plan built in code) under `over`.
+    pub fn new(origin: &Path, text: &str, mut cfg: AgentFile, over: &Overrides) -> Result<Self> {
+        let file = origin;
+        if let Some(id) = &over.agent_id {
+            check_name("agent_id", id)
+                .map_err(|e| Error::Config(format!("--agent-id (PATHPROBE_AGENT_ID): {e}")))?;
+        }
+        if let Some(site) = &over.site {
+            check_name("site", site)
+                .map_err(|e| Error::Config(format!("--site (PATHPROBE_SITE): {e}")))?;
+        }
+        cfg.check_names(file, text)?;
+        let agent_id = over
+            .agent_id
+            .clone()
+            .or_else(|| cfg.agent_id.clone())
+            .unwrap_or_else(host_name);
+        let site = over.site.clone().or_else(|| cfg.site.clone());
+        cfg.apply_collector_flags(file, over)?;
+        if cfg.paths.is_empty() && cfg.reflector.is_none() && cfg.drills.is_empty() {
+            return Err(Error::Config(format!(
+                "{}: nothing to do: add a [reflector] section, a [[path]] or a [[drill]]",
+                file.display()
+            )));
+        }
+        let reflector = cfg
+            .reflector
+            .as_ref()
+            .map(|r| -> Result<_> {
+                let reply_dscp = r.reply_dscp().map_err(|reason| {
+                    let at = line_of(text, &[Key::Name("reflector"), Key::Name("reply_dscp")]);
+                    Error::Config(format!(
+                        "{}{at}: [reflector] reply_dscp: {reason}",
+                        file.display()
+                    ))
+                })?;
+                Ok(ReflectorConfig {
+                    listen: r.listen,
+                    key: r.auth_key_file.as_deref().map(keyfile::load).transpose()?,
+                    stateful: r.stateful,
+                    max_rate_per_source: r.max_rate_per_source,
+                    reply_dscp,
+                    timestamp_format: TimestampFormat::Ntp,
+                })
+            })
+            .transpose()?;
+        let collector = cfg
+            .collector
+            .as_ref()
+            .map(|c| -> Result<_> {
+                let from_flag = over.collector.is_some();
+                check_collector_url(&c.url).map_err(|reason| {
+                    let at = line_of(text, &[Key::Name("collector"), Key::Name("url")]);
+                    Error::Config(if from_flag {
+                        format!("--collector (PATHPROBE_COLLECTOR): {reason}")
+                    } else {
+                        format!("{}{at}: [collector] url: {reason}", file.display())
+                    })
+                })?;
+                if c.spool_max_reports == 0 {
+                    return Err(Error::Config(format!(
+                        "{}{}: [collector] spool_max_reports must be at least 1",
+                        file.display(),
+                        line_of(
+                            text,
+                            &[Key::Name("collector"), Key::Name("spool_max_reports")]
+                        )
+                    )));
+                }
+                Ok(Destination {
+                    url: c.url.clone(),
+                    token: delivery::read_token(
+                        c.token.as_deref(),
+                        c.token_file.as_deref(),
+                        &format!("{} [collector]", file.display()),
+                    )?,
+                    spool_dir: c.spool_dir.clone(),
+                    spool_max: c.spool_max_reports,
+                })
+            })
+            .transpose()?;
+        let paths = cfg
+            .paths
+            .iter()
+            .map(|p| p.plan(file))
+            .collect::<Result<Vec<_>>>()?;
+        let drills = cfg
+            .drills
+            .iter()
+            .map(|d| d.plan(file))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            agent_id,
+            site,
+            collector,
+            reflector,
+            paths,
+            drills,
+        })
+    }
+}
+
+impl AgentFile {
+    /// `--collector`, `--token-file` and `--spool` over the `[collector]` section (or as
+    /// one, when the file has none).
+    fn apply_collector_flags(&mut self, file: &Path, over: &Overrides) -> Result<()> {
+        if let Some(url) = &over.collector {
+            check_collector_url(url).map_err(|reason| {
+                Error::Config(format!("--collector (PATHPROBE_COLLECTOR): {reason}"))
+            })?;
+            let c = self.collector.get_or_insert_with(|| CollectorSection {
+                url: url.clone(),
+                token: None,
+                token_file: None,
+                spool_dir: file
+                    .parent()
+                    .unwrap_or_else(|| Path::new("."))
+                    .join(default_spool_dir()),
+                spool_max_reports: default_spool_max(),
+            });
+            c.url.clone_from(url);
+        }
+        if let Some(c) = &mut self.collector {
+            if let Some(t) = &over.token_file {
+                c.token = None;
+                c.token_file = Some(t.clone());
+            }
+            if let Some(d) = &over.spool {
+                c.spool_dir.clone_from(d);
+            }
+        } else if over.token_file.is_some() || over.spool.is_some() {
+            return Err(Error::Config(
+                "--token-file and --spool need a collector: give --collector or a [collector] section".to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AgentFile {
+    /// The agent id, the site and every path and drill name follow the rules reports do
+    /// (so that no window fails later for its name), and no two paths or drills share a
+    /// name. Errors give the file and line.
+    fn check_names(&self, file: &Path, text: &str) -> Result<()> {
+        let at = |keys: &[Key<'_>]| format!("{}{}", file.display(), line_of(text, keys));
+        let named = |field: &'static str, value: &str, keys: &[Key<'_>]| {
+            check_name(field, value).map_err(|e| Error::Config(format!("{}: {e}", at(keys))))
+        };
+        if let Some(id) = &self.agent_id {
+            named("agent_id", id, &[Key::Name("agent_id")])?;
+        }
+        if let Some(site) = &self.site {
+            named("site", site, &[Key::Name("site")])?;
+        }
+        let mut seen = std::collections::HashMap::new();
+        let all_names = self
+            .paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ("path", i, &p.name))
+            .chain(
+                self.drills
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| ("drill", i, &d.name)),
+            );
+        for (table, i, name) in all_names {
+            let keys = [Key::Name(table), Key::At(i), Key::Name("name")];
+            named("name", name, &keys)?;
+            if let Some((first_table, first)) = seen.insert(name.clone(), (table, i)) {
+                let first_at = line_of(
+                    text,
+                    &[Key::Name(first_table), Key::At(first), Key::Name("name")],
+                );
+                return Err(Error::Config(format!(
+                    "{}: {table} name `{name}` is used already (at{first_at}): every path and drill needs a name of its own, since its reports are found by it",
+                    at(&keys)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DrillSection {
+    /// The checked settings of this `[[drill]]`; `file` names it in errors.
+    pub fn plan(&self, file: &Path) -> Result<DrillPlan> {
+        let d = self;
+        let bad = |reason: String| {
+            Error::Config(format!("{}: drill `{}`: {reason}", file.display(), d.name))
+        };
+        let dur = |field: &str, v: Option<&str>, default: Duration| {
+            duration(file, &d.name, field, v, default)
+                .map_err(|e| Error::Config(e.to_string().replace("path `", "drill `")))
+        };
+        let resolve = |field: &str, t: &str| -> Result<SocketAddr> {
+            t.to_socket_addrs()
+                .map_err(|e| {
+                    bad(format!(
+                        "{field} = \"{t}\" does not resolve ({e}): write it as HOST:PORT"
+                    ))
+                })?
+                .next()
+                .ok_or_else(|| bad(format!("{field} = \"{t}\" resolves to no address")))
+        };
+        if !matches!(d.proto, ProbeProtocol::Stamp | ProbeProtocol::TcpSyn) {
+            return Err(bad(format!(
+                "proto = \"{}\": a drill probes with stamp or tcp-syn",
+                d.proto
+            )));
+        }
+        let start = drill_start(&d.start).map_err(bad)?;
+        let length = dur("duration", Some(&d.duration), Duration::ZERO)?;
+        let late = nanos(dur(
+            "timeout",
+            d.timeout.as_deref(),
+            Duration::from_secs(1),
+        )?);
+        let window = nanos(dur("window", d.window.as_deref(), Duration::from_secs(10))?);
+        let timing = StreamTiming {
+            dscp: d.dscp,
+            duration_ns: Some(nanos(length)),
+            window_ns: window,
+            late_timeout_ns: late,
+            // A drill waits for the primary to fail: silence shows as loss.
+            no_reply_ns: u64::MAX,
+        };
+        let stream = |field: &str, pin: &PinnedPath, rate: u32, protocol| {
+            if rate == 0 {
+                return Err(bad("rates must be at least 1".to_string()));
+            }
+            let cfg = timing.stream(resolve(field, &pin.target)?, pin, rate, protocol);
+            cfg.validate().map_err(|e| bad(e.to_string()))?;
+            Ok(cfg)
+        };
+        let pinned_rate = d.pinned_rate.unwrap_or(20);
+        let pinned = |field: &str, t: &Option<String>| {
+            t.as_deref()
+                .map(|t| {
+                    let p: PinnedPath = t.parse().map_err(|e| bad(format!("{field}: {e}")))?;
+                    stream(field, &p, pinned_rate, ProbeProtocol::Stamp)
+                })
+                .transpose()
+        };
+        let service = PinnedPath {
+            target: d.target.clone(),
+            bind: d.bind,
+            interface: d.interface.clone(),
+            fwmark: d.fwmark,
+        };
+        let cfg = FailoverConfig {
+            service: stream("target", &service, d.rate.unwrap_or(1_000), d.proto)?,
+            primary: pinned("primary", &d.primary)?,
+            backup: pinned("backup", &d.backup)?,
+            min_outage_ns: nanos(dur(
+                "min_outage",
+                d.min_outage.as_deref(),
+                Duration::from_millis(20),
+            )?),
+            settle_ns: nanos(dur("settle", d.settle.as_deref(), Duration::from_secs(10))?),
+            flap_window_ns: 60_000_000_000,
+            drill_max_outage_ns: Some(nanos(dur(
+                "max_outage",
+                d.max_outage.as_deref(),
+                Duration::from_secs(10),
+            )?)),
+        };
+        failover::validate(&cfg).map_err(|e| bad(e.to_string()))?;
+        Ok(DrillPlan {
+            name: d.name.clone(),
+            proto: d.proto,
+            target: d.target.clone(),
+            dscp: d.dscp,
+            start: d.start.clone(),
+            start_ns: start,
+            failover: cfg,
+        })
+    }
+}
+
+impl PathSection {
+    /// The checked settings of this `[[path]]` (or of `probe`'s flags); `file` names the
+    /// source in errors.
+    pub fn plan(&self, file: &Path) -> Result<PathPlan> {
+        let p = self;
+        let bad = |reason: String| {
+            Error::Config(format!("{}: path `{}`: {reason}", file.display(), p.name))
+        };
+        let target = p
+            .target
+            .to_socket_addrs()
+            .map_err(|e| {
+                bad(format!(
+                    "target = \"{}\" does not resolve ({e}): write it as HOST:PORT",
+                    p.target
+                ))
+            })?
+            .next()
+            .ok_or_else(|| bad(format!("target = \"{}\" resolves to no address", p.target)))?;
+        let interval = match (p.rate, &p.interval) {
+            (Some(_), Some(_)) => return Err(bad("give rate or interval, not both".to_string())),
+            (Some(0), None) => return Err(bad("rate must be at least 1".to_string())),
+            (Some(r), None) => Duration::from_nanos(1_000_000_000 / u64::from(r)),
+            (None, i) => duration(
+                file,
+                &p.name,
+                "interval",
+                i.as_deref(),
+                Duration::from_millis(100),
+            )?,
+        };
+        let key = p.auth_key_file.as_deref().map(keyfile::load).transpose()?;
+        let size = crate::probe::default_size(if key.is_some() {
+            Mode::Authenticated
+        } else {
+            Mode::Unauthenticated
+        });
+        let cfg = ProbeConfig {
+            protocol: p.proto,
+            target,
+            bind: p.bind,
+            interface: p.interface.clone(),
+            fwmark: p.fwmark,
+            interval_ns: nanos(interval),
+            count: None,
+            duration_ns: None,
+            size: p.size.unwrap_or(size),
+            dscp: p.dscp,
+            ttl: p.ttl,
+            key,
+            window_ns: nanos(duration(
+                file,
+                &p.name,
+                "window",
+                p.window.as_deref(),
+                Duration::from_secs(10),
+            )?),
+            late_timeout_ns: nanos(duration(
+                file,
+                &p.name,
+                "timeout",
+                p.timeout.as_deref(),
+                Duration::from_secs(1),
+            )?),
+            // A daemon never gives up on a path: a silent target shows as 100% loss.
+            no_reply_ns: u64::MAX,
+            ssid: p.ssid,
+            route_each_probe: false,
+        };
+        cfg.validate().map_err(|e| bad(e.to_string()))?;
+        Ok(PathPlan {
+            name: p.name.clone(),
+            kind: p.kind,
+            probe: cfg,
+        })
+    }
+}
+
+/// One step into a TOML document: a table key or an array index.
+#[derive(Debug, Clone, Copy)]
+enum Key<'a> {
+    Name(&'a str),
+    At(usize),
+}
+
+/// `:LINE` of the value at `keys` in the TOML `text`, or nothing when it cannot be found.
+fn line_of(text: &str, keys: &[Key<'_>]) -> String {
+    let Ok(root) = toml::de::DeTable::parse(text) else {
+        return String::new();
+    };
+    let root = toml::Spanned::new(0..text.len(), toml::de::DeValue::Table(root.into_inner()));
+    let mut at = &root;
+    for k in keys {
+        let next = match *k {
+            Key::Name(n) => at.get_ref().get(n),
+            Key::At(i) => at.get_ref().get(i),
+        };
+        let Some(next) = next else {
+            return String::new();
+        };
+        at = next;
+    }
+    let start = at.span().start.min(text.len());
+    format!(":{}", text[..start].matches('\n').count() + 1)
+}
+
+/// A name as reports carry it, checked with the rules of `proto`.
+fn check_name(field: &'static str, value: &str) -> std::result::Result<(), String> {
+    pathprobe_proto::report::check_name(field, value).map_err(|e| e.to_string())
+}
+
+/// The collector's address: `http://HOST:PORT`.
+fn check_collector_url(url: &str) -> std::result::Result<(), String> {
+    let uri: ureq::http::Uri = url
+        .parse()
+        .map_err(|e| format!("\"{url}\" is not a URL ({e}): write it like http://10.0.0.5:8862"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "\"{url}\": this build sends reports over plain HTTP only (TLS is not built in yet): use http:// on a network you trust"
+            ));
+        }
+        Some(other) => {
+            return Err(format!(
+                "\"{url}\": `{other}://` is not how reports travel: write it like http://10.0.0.5:8862"
+            ));
+        }
+        None => {
+            return Err(format!(
+                "\"{url}\" has no scheme: write it like http://10.0.0.5:8862"
+            ));
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!(
+            "\"{url}\" names no host: write it like http://10.0.0.5:8862"
+        ));
+    }
+    Ok(())
+}
+
+/// A drill's start time in ns since 1970, or what is wrong with it.
+fn drill_start(start: &str) -> std::result::Result<u64, String> {
+    humantime::parse_rfc3339_weak(start)
+        .map_err(|e| {
+            format!("start = \"{start}\" is not a time ({e}): write it like 2026-11-28T02:00:00Z")
+        })
+        .map(|t| t.duration_since(std::time::UNIX_EPOCH).map_or(0, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pathprobe-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_syntax_error_names_file_and_line() {
+        let p = write(
+            "syntax.toml",
+            "agent_id = \"a\"\n\n[[path]]\nname = \"er\"\nrate = ten\n",
+        );
+        let err = AgentPlan::load(&p, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("syntax.toml:5"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused_with_its_line() {
+        let p = write(
+            "unknown.toml",
+            "agent_id = \"a\"\n[reflector]\nlisten = \"127.0.0.1:8620\"\nlisen = 1\n",
+        );
+        let err = AgentPlan::load(&p, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown.toml:4") && err.contains("lisen"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_drill_is_checked_field_by_field() {
+        let drill = |extra: &str| {
+            write(
+                "drill.toml",
+                &format!(
+                    "agent_id = \"a\"\n[[drill]]\nname = \"svc\"\ntarget = \"127.0.0.1:8620\"\nduration = \"1h\"\n{extra}"
+                ),
+            )
+        };
+        let ok = AgentPlan::load(
+            &drill("start = \"2026-11-28T02:00:00Z\"\n"),
+            &Overrides::default(),
+        )
+        .unwrap();
+        let cfg = &ok.drills[0].failover;
+        assert_eq!(ok.drills[0].start_ns, 1_795_831_200_000_000_000);
+        assert_eq!(
+            cfg.service.interval_ns, 1_000_000,
+            "1,000 probes/s by default"
+        );
+        assert_eq!(
+            cfg.drill_max_outage_ns,
+            Some(10_000_000_000),
+            "10 s by default"
+        );
+        let err = AgentPlan::load(&drill("start = \"Saturday 2am\"\n"), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("drill `svc`: start") && err.contains("2026-11-28T02:00:00Z"),
+            "{err}"
+        );
+        let err = AgentPlan::load(
+            &drill("start = \"2026-11-28T02:00:00Z\"\nmax_outage = \"soon\"\n"),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("drill `svc`: max_outage"), "{err}");
+        let err = AgentPlan::load(
+            &drill("start = \"2026-11-28T02:00:00Z\"\nproto = \"tcp-connect\"\n"),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("stamp or tcp-syn"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_names_the_path_and_field() {
+        let p = write(
+            "value.toml",
+            "agent_id = \"a\"\n[[path]]\nname = \"vpn\"\nkind = \"vpn\"\ntarget = \"127.0.0.1:8620\"\nwindow = \"ten seconds\"\n",
+        );
+        let err = AgentPlan::load(&p, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("path `vpn`: window") && err.contains("10s"),
+            "{err}"
+        );
+        let p = write(
+            "size.toml",
+            "agent_id = \"a\"\n[[path]]\nname = \"er\"\nkind = \"expressroute\"\ntarget = \"127.0.0.1:8620\"\nsize = 9000\n",
+        );
+        let err = AgentPlan::load(&p, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("path `er`") && err.contains("--size 9000"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_path_may_probe_over_tcp_and_a_wrong_protocol_names_its_line() {
+        let p = write(
+            "proto.toml",
+            "agent_id = \"a\"\n[[path]]\nname = \"er\"\nkind = \"expressroute\"\ntarget = \"127.0.0.1:443\"\nproto = \"tcp-connect\"\n",
+        );
+        let cfg = AgentPlan::load(&p, &Overrides::default()).unwrap();
+        assert_eq!(cfg.paths[0].probe.protocol, ProbeProtocol::TcpConnect);
+        let p = write(
+            "badproto.toml",
+            "agent_id = \"a\"\n[[path]]\nname = \"er\"\nkind = \"expressroute\"\ntarget = \"127.0.0.1:443\"\nproto = \"icmp\"\n",
+        );
+        let err = AgentPlan::load(&p, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("badproto.toml:6") && err.contains("tcp-syn"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn relative_files_are_relative_to_the_config() {
+        let p = write(
+            "rel.toml",
+            "agent_id = \"a\"\n[collector]\nurl = \"http://127.0.0.1:1\"\nspool_dir = \"spool\"\n[reflector]\nlisten = \"127.0.0.1:8620\"\n",
+        );
+        let cfg = AgentPlan::load(&p, &Overrides::default()).unwrap();
+        assert_eq!(
+            cfg.collector.unwrap().spool_dir,
+            p.parent().unwrap().join("spool")
+        );
+    }
+
+    #[test]
+    fn the_example_config_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/agent.toml");
+        let cfg = AgentPlan::load(&p, &Overrides::default()).unwrap();
+        assert_eq!(cfg.paths.len(), 2);
+        assert_eq!(cfg.paths[0].kind, PathKind::Expressroute);
+    }
+
+    #[test]
+    fn the_command_line_wins_over_the_file_and_the_file_over_the_defaults() {
+        let p = write(
+            "layers.toml",
+            "site = \"ams\"\n[collector]\nurl = \"http://127.0.0.1:1\"\ntoken = \"t\"\n[reflector]\nlisten = \"127.0.0.1:8620\"\n",
+        );
+        let plain = AgentPlan::load(&p, &Overrides::default()).unwrap();
+        assert_eq!(
+            plain.agent_id,
+            host_name(),
+            "no agent_id anywhere: the host name"
+        );
+        assert_eq!(plain.site.as_deref(), Some("ams"));
+        let c = plain.collector.unwrap();
+        assert_eq!(
+            c.spool_dir,
+            p.parent().unwrap().join("spool"),
+            "the default spool"
+        );
+        assert_eq!(c.token.as_deref(), Some("t"));
+        assert_eq!(c.spool_max, 100_000);
+
+        let token = write("layers.token", "from-file\n");
+        let over = Overrides {
+            agent_id: Some("cli-agent".into()),
+            site: Some("fra".into()),
+            collector: Some("http://127.0.0.1:2".into()),
+            token_file: Some(token),
+            spool: Some(PathBuf::from("/tmp/elsewhere")),
+        };
+        let layered = AgentPlan::load(&p, &over).unwrap();
+        assert_eq!(layered.agent_id, "cli-agent");
+        assert_eq!(layered.site.as_deref(), Some("fra"));
+        let c = layered.collector.unwrap();
+        assert_eq!(c.url, "http://127.0.0.1:2");
+        assert_eq!(
+            c.token.as_deref(),
+            Some("from-file"),
+            "the flag's token file replaces the inline token"
+        );
+        assert_eq!(c.spool_dir, PathBuf::from("/tmp/elsewhere"));
+    }
+
+    #[test]
+    fn a_collector_may_come_from_the_command_line_alone() {
+        let p = write(
+            "nocollector.toml",
+            "agent_id = \"a\"\n[reflector]\nlisten = \"127.0.0.1:8620\"\n",
+        );
+        let over = Overrides {
+            collector: Some("http://127.0.0.1:3".into()),
+            ..Overrides::default()
+        };
+        let c = AgentPlan::load(&p, &over).unwrap().collector.unwrap();
+        assert_eq!(c.url, "http://127.0.0.1:3");
+        assert_eq!(c.spool_dir, p.parent().unwrap().join("spool"));
+        let lonely = Overrides {
+            spool: Some(PathBuf::from("/tmp/x")),
+            ..Overrides::default()
+        };
+        let err = AgentPlan::load(&p, &lonely).unwrap_err().to_string();
+        assert!(err.contains("need a collector"), "{err}");
+        let bad = Overrides {
+            collector: Some("https://127.0.0.1:3".into()),
+            ..Overrides::default()
+        };
+        let err = AgentPlan::load(&p, &bad).unwrap_err().to_string();
+        assert!(err.contains("--collector"), "{err}");
+        let bad_id = Overrides {
+            agent_id: Some("has space".into()),
+            ..Overrides::default()
+        };
+        let err = AgentPlan::load(&p, &bad_id).unwrap_err().to_string();
+        assert!(err.contains("--agent-id"), "{err}");
+    }
+
+    #[test]
+    fn a_changed_key_file_changes_the_plan() {
+        let key = write("plan.key", &"ab".repeat(32));
+        let text = format!(
+            "agent_id = \"a\"\n[[path]]\nname = \"er\"\nkind = \"expressroute\"\ntarget = \"127.0.0.1:8620\"\nauth_key_file = \"{}\"\n",
+            key.display()
+        );
+        let p = write("keyed.toml", &text);
+        let first = AgentPlan::load(&p, &Overrides::default()).unwrap();
+        assert_eq!(first, AgentPlan::load(&p, &Overrides::default()).unwrap());
+        std::fs::write(&key, "cd".repeat(32)).unwrap();
+        let second = AgentPlan::load(&p, &Overrides::default()).unwrap();
+        assert_ne!(
+            first.paths[0], second.paths[0],
+            "a new key restarts the path"
+        );
+    }
+}
