@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pathprobe_collector::compare::{self, Comparison};
 use pathprobe_collector::serve::{Limits, ServeConfig, serve};
-use pathprobe_collector::store::{Selector, Store};
+use pathprobe_collector::store::{Selector, SqliteStore, Store};
 use pathprobe_proto::report::{Counters, PathKind, ProbeProtocol};
 use pathprobe_proto::stamp::TimestampFormat;
 
@@ -539,7 +539,7 @@ pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
     let _ = collector_stop.send(());
     let _ = rt.block_on(collector);
     let (failover, capacity) = agent_result?;
-    let store = Store::open_read_only(&db).map_err(|e| Error::Config(e.to_string()))?;
+    let store = SqliteStore::open_read_only(&db).map_err(|e| Error::Config(e.to_string()))?;
     let sel = |k: &str| Selector {
         name_or_kind: k.to_string(),
         site: None,

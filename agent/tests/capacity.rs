@@ -21,6 +21,7 @@ use pathprobe_proto::report::WindowReport;
 mod common;
 
 use common::{AGENT, Collector, Reflector};
+use pathprobe_collector::store::Store as _;
 
 fn capacity(target: &str, args: &[&str]) -> Output {
     Command::new(AGENT)
@@ -486,7 +487,8 @@ fn stage_reports_reach_the_collector_and_wait_when_it_is_away() {
     let o = run("2");
     assert!(o.status.success(), "{}", stderr(&o));
     col.stop();
-    let store = pathprobe_collector::store::Store::open_read_only(&dir.join("store.db")).unwrap();
+    let store =
+        pathprobe_collector::store::SqliteStore::open_read_only(&dir.join("store.db")).unwrap();
     let merged = store
         .query(
             &pathprobe_collector::store::Selector {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pathprobe_collector::store::Store;
+use pathprobe_collector::store::{SqliteStore, Store};
 
 mod common;
 
@@ -116,7 +116,7 @@ window = "2s"
         text.contains("collector unreachable"),
         "the outage is logged"
     );
-    let store = Store::open_read_only(&dir.join("store.db")).unwrap();
+    let store = SqliteStore::open_read_only(&dir.join("store.db")).unwrap();
     let paths = store.paths().unwrap();
     for name in ["er", "vpn"] {
         let logged = text
@@ -207,7 +207,7 @@ max_outage = "10s"
         text.contains("drill scheduled") && text.contains("primary → primary"),
         "{text}"
     );
-    let store = Store::open_read_only(&dir.join("store.db")).unwrap();
+    let store = SqliteStore::open_read_only(&dir.join("store.db")).unwrap();
     let sel = pathprobe_collector::store::Selector {
         name_or_kind: "service".into(),
         site: None,
@@ -222,7 +222,7 @@ max_outage = "10s"
 
 /// The windows the collector holds for the path `name`, per stored path row (a changed
 /// packet size is a new row), oldest first.
-fn stored_windows(store: &Store, name: &str) -> Vec<(u16, Vec<(u64, u64)>)> {
+fn stored_windows(store: &dyn Store, name: &str) -> Vec<(u16, Vec<(u64, u64)>)> {
     let sel = pathprobe_collector::store::Selector {
         name_or_kind: name.into(),
         site: None,
@@ -327,7 +327,7 @@ fn sighup_restarts_changed_paths_and_unchanged_ones_lose_no_window() {
         text.contains("agent.toml:7"),
         "the refusal names the line: {text}"
     );
-    let store = Store::open_read_only(&dir.join("store.db")).unwrap();
+    let store = SqliteStore::open_read_only(&dir.join("store.db")).unwrap();
 
     // steady: one session throughout, every window end to end, none twice.
     let steady = stored_windows(&store, "steady");

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use pathprobe_collector::store::Store;
+use pathprobe_collector::store::{SqliteStore, Store};
 
 mod common;
 
@@ -171,7 +171,7 @@ fn windows_measured_while_the_spool_cannot_be_written_reach_the_collector() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "{text}");
     let logged = logged_windows(&text, "er");
-    let store = Store::open_read_only(&d.join("store.db")).unwrap();
+    let store = SqliteStore::open_read_only(&d.join("store.db")).unwrap();
     let stored = store
         .paths()
         .unwrap()

@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 
 mod common;
 use common::{AGENT, Collector, Reflector, emulator};
+use pathprobe_collector::store::Store as _;
 
 fn failover(args: &[&str]) -> Output {
     Command::new(AGENT)
@@ -89,7 +90,8 @@ fn a_scheduled_blackout_is_measured_to_the_probe_interval_and_reaches_the_collec
     assert_eq!(summary["worst_outage_ms"].as_f64(), Some(ms));
     // The collector has the event, once, with its figures.
     col.stop();
-    let store = pathprobe_collector::store::Store::open_read_only(&dir.join("store.db")).unwrap();
+    let store =
+        pathprobe_collector::store::SqliteStore::open_read_only(&dir.join("store.db")).unwrap();
     let sel = pathprobe_collector::store::Selector {
         name_or_kind: "service".into(),
         site: None,

@@ -105,7 +105,7 @@ fn rfc3339(ns: u64) -> String {
 
 /// Compares the windows of `a` and `b` starting in `[from_ns, to_ns)`.
 pub fn compare(
-    store: &Store,
+    store: &dyn Store,
     a: &Selector,
     b: &Selector,
     from_ns: u64,

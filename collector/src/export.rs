@@ -17,7 +17,7 @@ use crate::{Error, Result};
 /// text in `format` (`v2` or `log`). Values are in the metric's unit (nanoseconds for
 /// latency).
 pub fn histogram(
-    store: &Store,
+    store: &dyn Store,
     sel: &Selector,
     metric: Metric,
     from_ns: u64,

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use pathprobe_collector::store::Store as _;
 use pathprobe_proto::event::{
     EventKind, PathEvent, Signature, TraceHop, TraceProtocol, TraceRecord,
 };
@@ -623,7 +624,7 @@ fn refusal(body: &str) -> pathprobe_proto::ingest::Refused {
 
 /// Windows stored, and windows not yet rolled up, read from the store beside the server.
 fn store_counts(d: &Path) -> (u64, u64) {
-    pathprobe_collector::store::Store::open_read_only(&d.join("store.db"))
+    pathprobe_collector::store::SqliteStore::open_read_only(&d.join("store.db"))
         .unwrap()
         .counts()
         .unwrap()

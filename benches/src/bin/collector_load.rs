@@ -22,7 +22,8 @@ use anyhow::Result;
 use clap::Parser;
 use pathprobe_collector::compare;
 use pathprobe_collector::serve::{Limits, ServeConfig, serve};
-use pathprobe_collector::store::{Selector, Store};
+use pathprobe_collector::store::sqlite::Db;
+use pathprobe_collector::store::{Selector, SqliteStore};
 use pathprobe_proto::hist::Metric;
 use pathprobe_proto::report::{
     ClockState, Counters, PathInfo, PathKind, ProbeProtocol, ReportId, TimestampSource,
@@ -213,7 +214,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     if args.query_only {
         // Opening it read-write applies any newer migration first.
-        drop(Store::open(&args.db)?);
+        drop(Db::open(&args.db)?);
         return time_compare(&args);
     }
     for ext in ["", "-wal", "-shm"] {
@@ -231,7 +232,7 @@ fn main() -> Result<()> {
     http_ingest(&args, windows)?;
 
     // 2. Store ingest of the rest, in batches of 100 (what the HTTP handler calls).
-    let mut store = Store::open(&args.db)?;
+    let mut store = Db::open(&args.db)?;
     let start = Instant::now();
     let mut batch = Vec::with_capacity(100);
     let mut stored = 0u64;
@@ -277,7 +278,7 @@ fn main() -> Result<()> {
 
 fn time_compare(args: &Args) -> Result<()> {
     // 4. compare over the whole 24 h, with ragged ends (not on minute boundaries).
-    let reader = Store::open_read_only(&args.db)?;
+    let reader = SqliteStore::open_read_only(&args.db)?;
     let from = T0 + 7 * 1_000_000_000;
     let to = T0 + u64::from(args.hours) * 3_600_000_000_000 - 13 * 1_000_000_000;
     let sel = |k: &str| Selector {

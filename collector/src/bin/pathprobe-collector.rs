@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 use pathprobe_collector::serve::{DEFAULT_MAX_BODY, Limits, ServeConfig, Tokens};
-use pathprobe_collector::store::{Selector, Store};
+use pathprobe_collector::store::{Selector, SqliteStore, Store};
 use pathprobe_collector::{Error, compare, export, inspect, time_range};
 use pathprobe_proto::hist::Metric;
 use pathprobe_proto::report::WindowReport;
@@ -285,7 +285,7 @@ fn run_events(
         site: site.map(str::to_string),
     };
     let (from, to) = range.resolve()?;
-    let store = Store::open_read_only(&db.db)?;
+    let store = SqliteStore::open_read_only(&db.db)?;
     let kind = kind
         .map(str::parse)
         .transpose()
@@ -327,7 +327,7 @@ fn main() -> ExitCode {
             csv,
         } => (|| {
             let (from, to) = range.resolve()?;
-            let store = Store::open_read_only(&db.db)?;
+            let store = SqliteStore::open_read_only(&db.db)?;
             let sel = |n: &String| Selector {
                 name_or_kind: n.clone(),
                 site: site.clone(),
@@ -358,7 +358,7 @@ fn main() -> ExitCode {
             *json,
         ),
         Command::Paths { db, json } => (|| {
-            let store = Store::open_read_only(&db.db)?;
+            let store = SqliteStore::open_read_only(&db.db)?;
             let paths = store.paths()?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&paths)?);
@@ -383,7 +383,7 @@ fn main() -> ExitCode {
             let (from, to) = range.resolve()?;
             let m =
                 Metric::from_key(metric).with_context(|| format!("unknown --metric {metric}"))?;
-            let store = Store::open_read_only(&db.db)?;
+            let store = SqliteStore::open_read_only(&db.db)?;
             let sel = Selector {
                 name_or_kind: path.clone(),
                 site: site.clone(),

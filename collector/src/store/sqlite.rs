@@ -1,10 +1,10 @@
-//! The collector's store: one SQLite file in WAL mode.
+//! The SQLite backend of the [`Store`]: one file in WAL mode.
 //!
 //! - A report is stored in one transaction with `synchronous = FULL`, so once `ingest`
 //!   returns it survives a crash or `kill -9`; its id is the primary key, so a retried
 //!   report is acknowledged and ignored, never counted twice.
 //! - Histograms are kept as V2+DEFLATE blobs, the form they travel in.
-//! - Rollups by minute, ten minutes and hour are maintained by exact merging ([`Store::roll_up`], run
+//! - Rollups by minute, ten minutes and hour are maintained by exact merging ([`Db::roll_up`], run
 //!   in the background): each bucket holds the sum of the windows marked `rolled` that start
 //!   in it. A query reads whole buckets from the rollups plus any window not yet rolled, and
 //!   raw windows at the ragged edges of its range: the answer is exactly the merge of every
@@ -19,21 +19,25 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use pathprobe_proto::event::{EventKind, PathEvent};
+use pathprobe_proto::event::EventKind;
 use pathprobe_proto::hist::{self, Metric};
-use pathprobe_proto::report::{self, Aggregate, ClockState, Counters, Encoded, Report};
+use pathprobe_proto::report::{self, ClockState, Counters, Encoded, EncodedReport, Report};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::Serialize;
 
+use super::accumulate::{Accumulator, parse_metric};
+use super::range::{self, Piece};
+use super::{
+    DEFAULT_MAX_PATHS_PER_AGENT, EventRow, Ingested, LEVELS, Merged, PathRow, Selector, Store,
+    WindowRow,
+};
 use crate::{Error, Result};
-
-/// Rollup levels, in nanoseconds, finest first: one minute, ten minutes, one hour. A range
-/// is read from the coarsest buckets that fit in it, then finer ones toward its edges, then
-/// raw windows: at most a few dozen reads per path for any range.
-pub const LEVELS: [i64; 3] = [60_000_000_000, 600_000_000_000, 3_600_000_000_000];
 
 /// The schema, one migration per version (`PRAGMA user_version`).
 const MIGRATIONS: &[&str] = &[
@@ -126,16 +130,9 @@ CREATE TABLE quarantine (
 ",
 ];
 
-/// The migration after which stored reports are checked once ([`Store::recover`]): stores
+/// The migration after which stored reports are checked once ([`Db::recover`]): stores
 /// written before it took reports that ingest refuses now.
 const RECOVERY_AFTER_VERSION: i64 = 3;
-
-/// Paths one agent may have unless the server says otherwise.
-pub const DEFAULT_MAX_PATHS_PER_AGENT: u64 = 1_000;
-
-/// The largest total count a stored histogram can have: HdrHistogram's V2 format writes
-/// counts as signed 64-bit varints.
-const MAX_STORED_COUNT: u64 = i64::MAX as u64;
 
 /// The schema version this build writes: the number of migrations.
 fn schema_version() -> i64 {
@@ -155,159 +152,6 @@ fn i64_of(v: u64) -> i64 {
 
 fn u64_of(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
-}
-
-/// One stored window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct WindowRow {
-    pub path_id: i64,
-    pub start_ns: u64,
-    pub end_ns: u64,
-}
-
-/// A stored path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PathRow {
-    pub id: i64,
-    pub agent_id: String,
-    pub site: String,
-    pub name: String,
-    pub kind: String,
-    pub local: String,
-    pub remote: String,
-    pub protocol: String,
-    pub dscp: u8,
-    pub packet_size: u16,
-    pub windows: u64,
-    pub first_ns: u64,
-    pub last_ns: u64,
-}
-
-/// A stored event and the path it happened to.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct EventRow {
-    pub agent_id: String,
-    pub site: String,
-    pub path: String,
-    pub path_kind: String,
-    #[serde(flatten)]
-    pub event: PathEvent,
-}
-
-/// Which paths a question is about: by name or kind, optionally at one site.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Selector {
-    pub name_or_kind: String,
-    pub site: Option<String>,
-}
-
-/// Windows merged exactly, with how many came from where.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Merged {
-    pub aggregate: Aggregate,
-    /// Windows whose one-way delay came from synchronized and from estimated clocks.
-    pub synchronized_windows: u64,
-    pub estimated_windows: u64,
-    /// The paths that matched.
-    pub paths: Vec<i64>,
-}
-
-#[derive(Debug, Clone, Default)]
-struct Acc {
-    windows: u64,
-    counters: Counters,
-    histograms: BTreeMap<Metric, Histogram<u64>>,
-    synchronized: u64,
-    estimated: u64,
-}
-
-impl Acc {
-    fn add_clock(&mut self, c: ClockState) {
-        match c {
-            ClockState::Synchronized { .. } => self.synchronized += 1,
-            ClockState::Estimated { .. } => self.estimated += 1,
-            ClockState::Unavailable => {}
-        }
-    }
-
-    fn add_histogram(&mut self, metric: Metric, h: &Histogram<u64>) -> Result<()> {
-        let into = self
-            .histograms
-            .entry(metric)
-            .or_insert_with(|| metric.new_histogram());
-        hist::merge(metric, into, h).map_err(|source| Error::Corrupt {
-            what: format!("{} histogram", metric.key()),
-            source,
-        })
-    }
-
-    /// Adds a stored histogram, decoding it straight into the accumulator.
-    fn add_blob(&mut self, metric: &str, blob: &[u8]) -> Result<()> {
-        let metric = parse_metric(metric)?;
-        let into = self
-            .histograms
-            .entry(metric)
-            .or_insert_with(|| metric.new_histogram());
-        hist::decode_into(metric, blob, into).map_err(|source| Error::Corrupt {
-            what: format!("stored {} histogram", metric.key()),
-            source,
-        })
-    }
-
-    fn add_counters(&mut self, json: &str) -> Result<()> {
-        let c: Counters = serde_json::from_str(json).map_err(|e| Error::Corrupt {
-            what: "stored counters".to_string(),
-            source: pathprobe_proto::Error::Json(e.to_string()),
-        })?;
-        self.counters.merge(&c).map_err(|source| Error::Corrupt {
-            what: "counters".to_string(),
-            source,
-        })
-    }
-
-    /// Whether a window with `counters` and histograms of `counts` can be added without any
-    /// counter passing 2^64 or any histogram passing what V2 can store; changes nothing.
-    fn room_for(
-        &self,
-        counters: &Counters,
-        counts: &[(Metric, u64)],
-    ) -> std::result::Result<(), String> {
-        let mut c = self.counters;
-        c.merge(counters).map_err(|e| e.to_string())?;
-        for &(m, n) in counts {
-            let have = self.histograms.get(&m).map_or(0, Histogram::len);
-            if have.checked_add(n).is_none_or(|t| t > MAX_STORED_COUNT) {
-                return Err(format!(
-                    "{} histogram would hold more than {MAX_STORED_COUNT} samples",
-                    m.key()
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn absorb(&mut self, other: &Self) -> Result<()> {
-        self.windows += other.windows;
-        self.synchronized += other.synchronized;
-        self.estimated += other.estimated;
-        self.counters
-            .merge(&other.counters)
-            .map_err(|source| Error::Corrupt {
-                what: "counters".to_string(),
-                source,
-            })?;
-        for (&m, h) in &other.histograms {
-            self.add_histogram(m, h)?;
-        }
-        Ok(())
-    }
-}
-
-fn parse_metric(key: &str) -> Result<Metric> {
-    Metric::from_key(key).ok_or_else(|| Error::Corrupt {
-        what: format!("unknown metric `{key}` in the store"),
-        source: pathprobe_proto::Error::Json(key.to_string()),
-    })
 }
 
 fn hex_id(id: &[u8]) -> String {
@@ -340,9 +184,6 @@ impl StoredWindow {
 fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
-
-/// What one ingest did.
-pub use pathprobe_proto::ingest::Accepted as Ingested;
 
 /// How a report's histograms are stored: as V2+DEFLATE blobs.
 pub trait StoredForm {
@@ -386,24 +227,25 @@ struct Checked {
     counts: Vec<(Metric, u64)>,
 }
 
-/// The store.
+/// One connection to the SQLite file: what [`SqliteStore`] reads and writes through, and
+/// what the store's own tests and the ingest benchmark drive directly.
 #[derive(Debug)]
-pub struct Store {
+pub struct Db {
     conn: Connection,
     /// The file, for extra read connections.
-    file: Option<std::path::PathBuf>,
+    file: Option<PathBuf>,
     /// Most paths one agent may have; a report that would add one more is refused.
     max_paths_per_agent: u64,
 }
 
-impl Store {
+impl Db {
     /// Opens (creating and migrating if needed) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path).map_err(|source| Error::Open {
             path: path.to_owned(),
             source,
         })?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
+        conn.busy_timeout(Duration::from_secs(10))
             .map_err(db("set a busy timeout"))?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(db("switch to WAL"))?;
@@ -433,7 +275,7 @@ impl Store {
             path: path.to_owned(),
             source,
         })?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
+        conn.busy_timeout(Duration::from_secs(10))
             .map_err(db("set a busy timeout"))?;
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -705,7 +547,7 @@ impl Store {
 
     /// Rolls up windows of one path: each bucket is read, merged into and written once.
     fn roll_path(tx: &Transaction<'_>, windows: &[StoredWindow]) -> Result<()> {
-        let mut buckets: BTreeMap<(i64, i64), Acc> = BTreeMap::new();
+        let mut buckets: BTreeMap<(i64, i64), Accumulator> = BTreeMap::new();
         let mut mark = tx
             .prepare_cached("UPDATE reports SET rolled = 1 WHERE id = ?1")
             .map_err(db("mark rolled windows"))?;
@@ -874,7 +716,7 @@ impl Store {
             .map_err(db("count quarantined windows"))
     }
 
-    fn load_histograms(conn: &Connection, report_id: &[u8], acc: &mut Acc) -> Result<()> {
+    fn load_histograms(conn: &Connection, report_id: &[u8], acc: &mut Accumulator) -> Result<()> {
         for (metric, blob) in Self::read_blobs(conn, report_id)? {
             acc.add_blob(metric.key(), &blob)?;
         }
@@ -886,8 +728,8 @@ impl Store {
         path_id: i64,
         level: i64,
         bucket: i64,
-    ) -> Result<Option<Acc>> {
-        let mut acc = Acc::default();
+    ) -> Result<Option<Accumulator>> {
+        let mut acc = Accumulator::default();
         Ok(Self::load_rollup_into(conn, path_id, level, bucket, &mut acc)?.then_some(acc))
     }
 
@@ -897,7 +739,7 @@ impl Store {
         path_id: i64,
         level: i64,
         bucket: i64,
-        acc: &mut Acc,
+        acc: &mut Accumulator,
     ) -> Result<bool> {
         let head: Option<(i64, String, i64, i64)> = conn
             .query_row(
@@ -937,7 +779,7 @@ impl Store {
         path_id: i64,
         level: i64,
         bucket: i64,
-        acc: &Acc,
+        acc: &Accumulator,
     ) -> Result<()> {
         tx.execute(
             "INSERT OR REPLACE INTO rollups (path_id, level, bucket_ns, windows, counters, synchronized, estimated)
@@ -972,7 +814,7 @@ impl Store {
     /// those not yet in a rollup.
     fn add_raw(
         &self,
-        acc: &mut Acc,
+        acc: &mut Accumulator,
         path_id: i64,
         from: i64,
         to: i64,
@@ -1005,7 +847,7 @@ impl Store {
     /// Adds the `level` rollups of buckets in `[from, to)` (both multiples of `level`).
     fn add_rollups(
         &self,
-        acc: &mut Acc,
+        acc: &mut Accumulator,
         path_id: i64,
         level: i64,
         from: i64,
@@ -1030,30 +872,18 @@ impl Store {
         self.add_raw(acc, path_id, from, to, true)
     }
 
-    /// Exactly merges every window of `path_id` starting in `[from, to)`, reading level
-    /// `levels - 1` and finer.
-    fn merge_range(
-        &self,
-        acc: &mut Acc,
-        path_id: i64,
-        from: i64,
-        to: i64,
-        levels: usize,
-    ) -> Result<()> {
-        if from >= to {
-            return Ok(());
+    /// Exactly merges every window of `path_id` starting in `[from, to)`, read as the
+    /// range planner says.
+    fn merge_range(&self, acc: &mut Accumulator, path_id: i64, from: i64, to: i64) -> Result<()> {
+        for piece in range::plan(from, to, &LEVELS) {
+            match piece {
+                Piece::Raw { from, to } => self.add_raw(acc, path_id, from, to, false)?,
+                Piece::Rollups { level, from, to } => {
+                    self.add_rollups(acc, path_id, level, from, to)?;
+                }
+            }
         }
-        let Some(level) = levels.checked_sub(1).map(|i| LEVELS[i]) else {
-            return self.add_raw(acc, path_id, from, to, false);
-        };
-        let first = from + (level - from.rem_euclid(level)) % level;
-        let last = to - to.rem_euclid(level);
-        if first >= last {
-            return self.merge_range(acc, path_id, from, to, levels - 1);
-        }
-        self.merge_range(acc, path_id, from, first, levels - 1)?;
-        self.add_rollups(acc, path_id, level, first, last)?;
-        self.merge_range(acc, path_id, last, to, levels - 1)
+        Ok(())
     }
 
     /// Every window of the paths `sel` matches, starting in `[from_ns, to_ns)`, merged
@@ -1061,10 +891,10 @@ impl Store {
     pub fn query(&self, sel: &Selector, from_ns: u64, to_ns: u64) -> Result<Merged> {
         let paths = self.select(sel)?;
         let (from, to) = (i64_of(from_ns), i64_of(to_ns));
-        let merge_paths = |store: &Self, ids: &[i64]| -> Result<Acc> {
-            let mut acc = Acc::default();
+        let merge_paths = |store: &Self, ids: &[i64]| -> Result<Accumulator> {
+            let mut acc = Accumulator::default();
             for &id in ids {
-                store.merge_range(&mut acc, id, from, to, LEVELS.len())?;
+                store.merge_range(&mut acc, id, from, to)?;
             }
             Ok(acc)
         };
@@ -1072,11 +902,11 @@ impl Store {
         let threads = std::thread::available_parallelism()
             .map_or(1, std::num::NonZero::get)
             .min(4);
-        let mut total = Acc::default();
+        let mut total = Accumulator::default();
         match &self.file {
             Some(file) if paths.len() > 1 && threads > 1 => {
                 let chunk = paths.len().div_ceil(threads);
-                let parts: Vec<Result<Acc>> = std::thread::scope(|s| {
+                let parts: Vec<Result<Accumulator>> = std::thread::scope(|s| {
                     let handles: Vec<_> = paths
                         .chunks(chunk)
                         .map(|ids| s.spawn(move || merge_paths(&Self::open_read_only(file)?, ids)))
@@ -1096,16 +926,7 @@ impl Store {
             }
             _ => total = merge_paths(self, &paths)?,
         }
-        Ok(Merged {
-            aggregate: Aggregate {
-                windows: total.windows,
-                counters: total.counters,
-                histograms: total.histograms,
-            },
-            synchronized_windows: total.synchronized,
-            estimated_windows: total.estimated,
-            paths,
-        })
+        Ok(total.into_merged(paths))
     }
 
     /// The events of the paths `sel` matches, seen in `[from_ns, to_ns)`, of `kind` if
@@ -1178,12 +999,118 @@ impl Store {
     }
 }
 
+/// The SQLite backend of [`Store`]: one writer connection behind a lock, and a read-only
+/// connection per question, so that questions never wait for the writer (WAL). Ingests go
+/// before the rollup: a rollup pass waits while any ingest waits for the writer.
+#[derive(Debug)]
+pub struct SqliteStore {
+    file: PathBuf,
+    /// `None` when opened read-only.
+    writer: Option<Mutex<Db>>,
+    /// Ingests waiting for the writer.
+    waiting_writers: AtomicUsize,
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the store at `path` for a server: at most
+    /// `max_paths_per_agent` paths per agent.
+    pub fn open(path: &Path, max_paths_per_agent: u64) -> Result<Self> {
+        let mut db = Db::open(path)?;
+        db.set_max_paths_per_agent(max_paths_per_agent);
+        Ok(Self {
+            file: path.to_owned(),
+            writer: Some(Mutex::new(db)),
+            waiting_writers: AtomicUsize::new(0),
+        })
+    }
+
+    /// Opens the store read-only, for questions beside a running server (or without one).
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        drop(Db::open_read_only(path)?);
+        Ok(Self {
+            file: path.to_owned(),
+            writer: None,
+            waiting_writers: AtomicUsize::new(0),
+        })
+    }
+
+    fn reader(&self) -> Result<Db> {
+        Db::open_read_only(&self.file)
+    }
+
+    fn writer(&self) -> Result<MutexGuard<'_, Db>> {
+        let w = self.writer.as_ref().ok_or_else(|| {
+            Error::Config(format!(
+                "the store {} is open read-only here: only `pathprobe-collector serve` writes to it",
+                self.file.display()
+            ))
+        })?;
+        Ok(w.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl Store for SqliteStore {
+    fn ingest(&self, reports: &[EncodedReport], received_ns: u64) -> Result<Ingested> {
+        self.waiting_writers.fetch_add(1, Ordering::SeqCst);
+        let writer = self.writer();
+        self.waiting_writers.fetch_sub(1, Ordering::SeqCst);
+        writer?.ingest(reports, received_ns)
+    }
+
+    fn roll_up(&self, limit: usize) -> Result<usize> {
+        while self.waiting_writers.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.writer()?.roll_up(limit)
+    }
+
+    fn quarantined(&self) -> Result<u64> {
+        self.reader()?.quarantined()
+    }
+
+    fn paths(&self) -> Result<Vec<PathRow>> {
+        self.reader()?.paths()
+    }
+
+    fn windows(&self, sel: &Selector) -> Result<Vec<WindowRow>> {
+        self.reader()?.windows(sel)
+    }
+
+    fn query(&self, sel: &Selector, from_ns: u64, to_ns: u64) -> Result<Merged> {
+        self.reader()?.query(sel, from_ns, to_ns)
+    }
+
+    fn events(
+        &self,
+        sel: &Selector,
+        from_ns: u64,
+        to_ns: u64,
+        kind: Option<EventKind>,
+        limit: usize,
+    ) -> Result<Vec<EventRow>> {
+        self.reader()?.events(sel, from_ns, to_ns, kind, limit)
+    }
+
+    fn counts(&self) -> Result<(u64, u64)> {
+        self.reader()?.counts()
+    }
+
+    fn size_bytes(&self) -> u64 {
+        ["", "-wal", "-shm"]
+            .iter()
+            .filter_map(|ext| std::fs::metadata(format!("{}{ext}", self.file.display())).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pathprobe_proto::event::PathEvent;
     use pathprobe_proto::report::{
-        PathInfo, PathKind, ProbeProtocol, ReportId, TimestampSource, Timestamping, Window,
-        WindowReport,
+        Aggregate, PathInfo, PathKind, ProbeProtocol, ReportId, TimestampSource, Timestamping,
+        Window, WindowReport,
     };
 
     const T0: u64 = 1_795_680_000_000_000_000; // 2026-11-26T08:00:00Z, an hour boundary
@@ -1238,7 +1165,7 @@ mod tests {
         }
     }
 
-    fn temp_db(name: &str) -> std::path::PathBuf {
+    fn temp_db(name: &str) -> PathBuf {
         let p =
             std::env::temp_dir().join(format!("pathprobe-store-{name}-{}.db", std::process::id()));
         for ext in ["", "-wal", "-shm"] {
@@ -1249,7 +1176,7 @@ mod tests {
 
     #[test]
     fn a_retried_report_is_stored_once() {
-        let mut s = Store::open(&temp_db("dup")).unwrap();
+        let mut s = Db::open(&temp_db("dup")).unwrap();
         let r = report(1, "er", PathKind::Expressroute, T0, 7);
         assert_eq!(
             s.ingest(std::slice::from_ref(&r), 0).unwrap(),
@@ -1283,7 +1210,7 @@ mod tests {
 
     #[test]
     fn events_are_stored_once_and_found_by_path_time_and_kind() {
-        let mut s = Store::open(&temp_db("events")).unwrap();
+        let mut s = Db::open(&temp_db("events")).unwrap();
         let mut er = report(1, "er", PathKind::Expressroute, T0, 1);
         er.events = vec![
             event(EventKind::DscpRemarked, T0 + W, "bleached"),
@@ -1333,11 +1260,11 @@ mod tests {
     fn reports_survive_a_reopen() {
         let path = temp_db("reopen");
         {
-            let mut s = Store::open(&path).unwrap();
+            let mut s = Db::open(&path).unwrap();
             s.ingest(&[report(1, "er", PathKind::Expressroute, T0, 1)], 0)
                 .unwrap();
         }
-        let s = Store::open_read_only(&path).unwrap();
+        let s = Db::open_read_only(&path).unwrap();
         let paths = s.paths().unwrap();
         assert_eq!(paths.len(), 1);
         assert_eq!((paths[0].name.as_str(), paths[0].windows), ("er", 1));
@@ -1345,7 +1272,7 @@ mod tests {
 
     #[test]
     fn queries_are_exact_whatever_has_been_rolled_up() {
-        let mut s = Store::open(&temp_db("exact")).unwrap();
+        let mut s = Db::open(&temp_db("exact")).unwrap();
         // Three hours of 10 s windows on two paths.
         let mut all = Vec::new();
         for i in 0..(3 * 360) {
@@ -1399,7 +1326,7 @@ mod tests {
 
     #[test]
     fn selectors_match_name_or_kind_and_site() {
-        let mut s = Store::open(&temp_db("sel")).unwrap();
+        let mut s = Db::open(&temp_db("sel")).unwrap();
         let mut other_site = report(2, "er-2", PathKind::Expressroute, T0, 3);
         other_site.site = Some("fra".into());
         s.ingest(
@@ -1426,7 +1353,7 @@ mod tests {
         assert_eq!(q("vpn", None), 0);
     }
 
-    fn one_path(s: &Store, name: &str) -> Merged {
+    fn one_path(s: &Db, name: &str) -> Merged {
         let sel = Selector {
             name_or_kind: name.into(),
             site: None,
@@ -1439,7 +1366,7 @@ mod tests {
     /// sets it aside with its reason and rolls up the others.
     #[test]
     fn a_window_that_cannot_be_merged_is_quarantined_and_the_rollup_goes_on() {
-        let mut s = Store::open(&temp_db("quarantine")).unwrap();
+        let mut s = Db::open(&temp_db("quarantine")).unwrap();
         let mut poison = report(1, "er", PathKind::Expressroute, T0, 1);
         poison.counters.sent = u64::MAX;
         let good: Vec<_> = (2..40)
@@ -1474,7 +1401,7 @@ mod tests {
     /// filled with a poisoned window) is set aside; the bucket stays as it was.
     #[test]
     fn a_window_that_would_overflow_its_bucket_is_quarantined() {
-        let mut s = Store::open(&temp_db("overflow")).unwrap();
+        let mut s = Db::open(&temp_db("overflow")).unwrap();
         let mut a = report(1, "er", PathKind::Expressroute, T0, 1);
         a.counters.late = u64::MAX - 10;
         let mut b = report(2, "er", PathKind::Expressroute, T0 + W, 2);
@@ -1487,16 +1414,16 @@ mod tests {
                 [&a.report_id.0[..]],
             )
             .unwrap();
-        let acc = Acc {
+        let acc = Accumulator {
             windows: 1,
             counters: a.counters,
             histograms: a.histograms.clone(),
-            ..Acc::default()
+            ..Accumulator::default()
         };
         for level in LEVELS {
             let tx = s.conn.transaction().unwrap();
             let bucket = i64_of(T0) - i64_of(T0).rem_euclid(level);
-            Store::store_rollup(&tx, 1, level, bucket, &acc).unwrap();
+            Db::store_rollup(&tx, 1, level, bucket, &acc).unwrap();
             tx.commit().unwrap();
         }
         assert_eq!(s.roll_up(10).unwrap(), 1);
@@ -1517,7 +1444,7 @@ mod tests {
             .map(|i| report(i, "vpn", PathKind::Vpn, T0 + u64::from(i) * W, u64::from(i)))
             .collect();
         {
-            let mut s = Store::open(&path).unwrap();
+            let mut s = Db::open(&path).unwrap();
             // A histogram of 2^62 samples in one bucket with counters that say 50.
             let mut poison = report(1, "vpn", PathKind::Vpn, T0, 1);
             poison
@@ -1529,16 +1456,16 @@ mod tests {
             s.ingest(std::slice::from_ref(&poison), 0).unwrap();
             s.ingest(&good, 0).unwrap();
             // What an older collector did: roll the poisoned window into its buckets first.
-            let acc = Acc {
+            let acc = Accumulator {
                 windows: 1,
                 counters: poison.counters,
                 histograms: poison.histograms.clone(),
-                ..Acc::default()
+                ..Accumulator::default()
             };
             let tx = s.conn.transaction().unwrap();
             for level in LEVELS {
                 let bucket = i64_of(T0) - i64_of(T0).rem_euclid(level);
-                Store::store_rollup(&tx, 1, level, bucket, &acc).unwrap();
+                Db::store_rollup(&tx, 1, level, bucket, &acc).unwrap();
             }
             tx.execute(
                 "UPDATE reports SET rolled = 1 WHERE id = ?1",
@@ -1549,7 +1476,7 @@ mod tests {
             tx.pragma_update(None, "user_version", 3).unwrap();
             tx.commit().unwrap();
         }
-        let mut s = Store::open(&path).unwrap();
+        let mut s = Db::open(&path).unwrap();
         assert_eq!(s.quarantined().unwrap(), 1);
         while s.roll_up(7).unwrap() > 0 {}
         let mut want = Aggregate::default();
@@ -1573,10 +1500,41 @@ mod tests {
     fn a_newer_schema_is_refused() {
         let path = temp_db("schema");
         {
-            let s = Store::open(&path).unwrap();
+            let s = Db::open(&path).unwrap();
             s.conn.pragma_update(None, "user_version", 99).unwrap();
         }
-        let err = Store::open(&path).unwrap_err().to_string();
+        let err = Db::open(&path).unwrap_err().to_string();
         assert!(err.contains("99"), "{err}");
+    }
+
+    #[test]
+    fn the_trait_reads_what_a_server_wrote_and_a_read_only_store_refuses_to_write() {
+        let path = temp_db("trait");
+        let server = SqliteStore::open(&path, 10).unwrap();
+        let json = report(1, "er", PathKind::Expressroute, T0, 1)
+            .to_json()
+            .unwrap();
+        let encoded = EncodedReport::from_json(&json).unwrap();
+        let stored = server.ingest(std::slice::from_ref(&encoded), T0).unwrap();
+        assert_eq!((stored.accepted, stored.duplicates), (1, 0));
+        assert_eq!(
+            server
+                .ingest(std::slice::from_ref(&encoded), T0)
+                .unwrap()
+                .duplicates,
+            1
+        );
+        assert_eq!(server.roll_up(100).unwrap(), 1);
+        assert!(server.size_bytes() > 0);
+        let reader: &dyn Store = &SqliteStore::open_read_only(&path).unwrap();
+        assert_eq!(reader.counts().unwrap(), (1, 0));
+        let sel = Selector {
+            name_or_kind: "er".into(),
+            site: None,
+        };
+        assert_eq!(reader.query(&sel, T0, T0 + W).unwrap().aggregate.windows, 1);
+        assert_eq!(reader.windows(&sel).unwrap().len(), 1);
+        let err = reader.ingest(&[encoded], T0).unwrap_err().to_string();
+        assert!(err.contains("read-only") && err.contains("serve"), "{err}");
     }
 }

@@ -1,0 +1,131 @@
+//! The collector's store: what the HTTP layer, the queries and the command line use
+//! ([`Store`]), and its backends. SQLite ([`sqlite::SqliteStore`]) is the one there is;
+//! the trait is shaped for a server database too: every method takes `&self` (a backend
+//! keeps its own connections and locks), a batch is stored whole or not at all, and
+//! queries come back exactly merged.
+//!
+//! The arithmetic every backend shares is plain code: the [`range`] planner (which rollup
+//! buckets and raw windows answer a range exactly) and the [`accumulate`]or (exact
+//! merging).
+
+pub mod accumulate;
+pub mod range;
+pub mod sqlite;
+
+use pathprobe_proto::event::{EventKind, PathEvent};
+use pathprobe_proto::report::{Aggregate, EncodedReport};
+use serde::Serialize;
+
+pub use sqlite::SqliteStore;
+
+use crate::Result;
+
+/// Rollup levels, in nanoseconds, finest first: one minute, ten minutes, one hour. A range
+/// is read from the coarsest buckets that fit in it, then finer ones toward its edges, then
+/// raw windows ([`range::plan`]): at most a few dozen reads per path for any range.
+pub const LEVELS: [i64; 3] = [60_000_000_000, 600_000_000_000, 3_600_000_000_000];
+
+/// Paths one agent may have unless the server says otherwise.
+pub const DEFAULT_MAX_PATHS_PER_AGENT: u64 = 1_000;
+
+/// What one ingest did.
+pub use pathprobe_proto::ingest::Accepted as Ingested;
+
+/// Where window reports are kept, and the questions asked of them.
+pub trait Store: Send + Sync {
+    /// Stores a batch of checked reports, received at `received_ns`, all or nothing and
+    /// durably before it returns. A report already stored (same id) is counted as a
+    /// duplicate and not stored again. A report that would give its agent more paths than
+    /// allowed is refused ([`crate::Error::TooManyPaths`], naming it by index).
+    fn ingest(&self, reports: &[EncodedReport], received_ns: u64) -> Result<Ingested>;
+
+    /// Merges up to `limit` windows not yet rolled up into the rollups (or quarantines
+    /// those that cannot be merged); how many it handled. Ingests go first: a backend may
+    /// wait for them.
+    fn roll_up(&self, limit: usize) -> Result<usize>;
+
+    /// Windows set aside because they cannot be merged.
+    fn quarantined(&self) -> Result<u64>;
+
+    /// Every path, with its number of windows and time span.
+    fn paths(&self) -> Result<Vec<PathRow>>;
+
+    /// The windows stored for the paths `sel` matches, by path and then time.
+    fn windows(&self, sel: &Selector) -> Result<Vec<WindowRow>>;
+
+    /// Every window of the paths `sel` matches, starting in `[from_ns, to_ns)`, merged
+    /// exactly.
+    fn query(&self, sel: &Selector, from_ns: u64, to_ns: u64) -> Result<Merged>;
+
+    /// The events of the paths `sel` matches (every path when its name is empty), seen in
+    /// `[from_ns, to_ns)`, of `kind` if given, oldest first; at most `limit`.
+    fn events(
+        &self,
+        sel: &Selector,
+        from_ns: u64,
+        to_ns: u64,
+        kind: Option<EventKind>,
+        limit: usize,
+    ) -> Result<Vec<EventRow>>;
+
+    /// Windows stored, and windows not yet rolled up.
+    fn counts(&self) -> Result<(u64, u64)>;
+
+    /// Octets the store takes on disk (0 when it cannot tell).
+    fn size_bytes(&self) -> u64;
+}
+
+/// One stored window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct WindowRow {
+    pub path_id: i64,
+    pub start_ns: u64,
+    pub end_ns: u64,
+}
+
+/// A stored path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PathRow {
+    pub id: i64,
+    pub agent_id: String,
+    pub site: String,
+    pub name: String,
+    pub kind: String,
+    pub local: String,
+    pub remote: String,
+    pub protocol: String,
+    pub dscp: u8,
+    pub packet_size: u16,
+    pub windows: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+}
+
+/// A stored event and the path it happened to.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventRow {
+    pub agent_id: String,
+    pub site: String,
+    pub path: String,
+    pub path_kind: String,
+    #[serde(flatten)]
+    pub event: PathEvent,
+}
+
+/// Which paths a question is about: by name or kind, optionally at one site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selector {
+    pub name_or_kind: String,
+    pub site: Option<String>,
+}
+
+/// Windows merged exactly, with how many came from where.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Merged {
+    pub aggregate: Aggregate,
+    /// Windows whose one-way delay came from synchronized and from estimated clocks.
+    pub synchronized_windows: u64,
+    pub estimated_windows: u64,
+    /// The paths that matched.
+    pub paths: Vec<i64>,
+}
