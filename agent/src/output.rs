@@ -14,7 +14,7 @@ use pathprobe_proto::report::{
 use serde::Serialize;
 
 use crate::Result;
-use crate::session::WindowStats;
+use crate::engine::session::WindowStats;
 use crate::watch::Observed;
 
 /// Jitter (IPDV magnitude) percentiles in microseconds.

@@ -61,6 +61,43 @@ pub fn realtime_ns() -> u64 {
     clock_ns(libc::CLOCK_REALTIME)
 }
 
+/// Kernel stamps (`CLOCK_REALTIME`) of one batch turned into monotonic time: the offset
+/// between the two clocks is read once, right after the batch's system call, so no clock
+/// step falls between a stamp and its conversion. What the prober's receivers and the
+/// emulator share.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchClock {
+    /// Monotonic time right after the call.
+    pub mono_ns: u64,
+    /// Wall time right after the call.
+    pub wall_ns: u64,
+    offset_ns: i128,
+}
+
+impl BatchClock {
+    /// Reads both clocks now.
+    pub fn now() -> Self {
+        let mono_ns = monotonic_ns();
+        let wall_ns = realtime_ns();
+        Self {
+            mono_ns,
+            wall_ns,
+            offset_ns: i128::from(wall_ns) - i128::from(mono_ns),
+        }
+    }
+
+    /// A kernel stamp as monotonic time, never later than the read that returned it.
+    pub fn mono(&self, stamp_ns: u64) -> u64 {
+        u64::try_from(i128::from(stamp_ns) - self.offset_ns)
+            .map_or(self.mono_ns, |t| t.min(self.mono_ns))
+    }
+
+    /// When a datagram arrived, monotonic and wall: its kernel stamp, or now without one.
+    pub fn arrival(&self, kernel_ns: Option<u64>) -> (u64, u64) {
+        kernel_ns.map_or((self.mono_ns, self.wall_ns), |k| (self.mono(k), k))
+    }
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: for intervals (RTT, schedules), immune to clock steps.
 pub fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
@@ -900,6 +937,20 @@ mod tests {
         sleep_until(a + 1_000_000);
         assert!(monotonic_ns() >= a + 1_000_000);
         assert!(realtime_ns() > 1_700_000_000_000_000_000);
+    }
+
+    #[test]
+    fn batch_stamps_become_monotonic_and_never_later_than_the_read() {
+        let c = BatchClock::now();
+        let before = c.wall_ns - 5_000_000;
+        assert_eq!(c.mono(before), c.mono_ns - 5_000_000);
+        assert_eq!(
+            c.mono(c.wall_ns + 1_000),
+            c.mono_ns,
+            "a stamp after the read is clamped"
+        );
+        assert_eq!(c.arrival(None), (c.mono_ns, c.wall_ns));
+        assert_eq!(c.arrival(Some(before)), (c.mono_ns - 5_000_000, before));
     }
 
     #[test]

@@ -21,8 +21,8 @@ use pnet_packet::ipv4::Ipv4Packet;
 use serde::Serialize;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use crate::probe::tcp;
 use crate::sys;
-use crate::tcp;
 use crate::{Error, Result};
 
 /// ICMP types this reads.
@@ -181,7 +181,7 @@ impl Run {
             TraceProto::Udp => {
                 let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
                     .map_err(io_err("open a UDP socket".into()))?;
-                crate::probe::pin(
+                crate::pin::pin(
                     &s,
                     cfg.target,
                     Some(bind),
@@ -201,7 +201,7 @@ impl Run {
                 // connected UDP socket gives the source address.
                 let u = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
                     .map_err(io_err("open a UDP socket".into()))?;
-                crate::probe::pin(
+                crate::pin::pin(
                     &u,
                     cfg.target,
                     Some(SocketAddr::new(bind.ip(), 0)),

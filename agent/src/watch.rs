@@ -1,7 +1,7 @@
 //! A path's signature, window by window, and the events its changes raise.
 //!
 //! Each closed window's marks (the most common far-end TTL and DSCP and answer TTL and
-//! DSCP, from [`crate::session`]) become a [`Signature`]: hops out are the TTL we sent less
+//! DSCP, from [`crate::engine::session`]) become a [`Signature`]: hops out are the TTL we sent less
 //! the TTL the far end received, hops back are the answer's TTL below the far end's initial
 //! TTL. [`Watcher`] compares it with the last known one and raises a `signature_change`
 //! when a figure both know differs, and a `dscp_remarked` when the path starts re-marking
@@ -21,8 +21,8 @@ use pathprobe_proto::event::{
 };
 use pathprobe_proto::report::ProbeProtocol;
 
+use crate::engine::session::{Marks, WindowStats};
 use crate::probe::Prober;
-use crate::session::{Marks, WindowStats};
 use crate::trace::{self, Trace, TraceConfig, TraceProto};
 use crate::{Error, Result};
 

@@ -6,7 +6,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use libfuzzer_sys::fuzz_target;
-use pathprobe_agent::tcp::parse_answer;
+use pathprobe_agent::probe::tcp::parse_answer;
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 20 {

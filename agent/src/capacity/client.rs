@@ -23,8 +23,8 @@ use super::pacer::{Load, pace};
 use super::server::{self, overhead, tcp_receive, tcp_send};
 use super::sink::Sink;
 use super::wire::{Direction, Reply, Request, SinkCount, VERSION};
-use crate::probe::{self, ProbeConfig, Prober};
-use crate::session::WindowStats;
+use crate::engine::session::WindowStats;
+use crate::probe::{ProbeConfig, Prober};
 use crate::{Error, Result, output};
 
 /// After a stage's load stops, wait this long for the last datagrams to land.
@@ -155,7 +155,7 @@ impl Control {
             Some(Protocol::TCP),
         )
         .map_err(|e| io("create a TCP socket", e))?;
-        probe::pin(
+        crate::pin::pin(
             &sock,
             control,
             plan.bind.map(|b| SocketAddr::new(b.ip(), 0)),
@@ -272,7 +272,7 @@ fn udp(plan: &Plan) -> Result<Socket> {
     .map_err(|e| io("create a UDP socket", e))?;
     let _ = sock.set_send_buffer_size(4 << 20);
     let _ = sock.set_recv_buffer_size(8 << 20);
-    probe::pin(
+    crate::pin::pin(
         &sock,
         plan.target,
         plan.bind.map(|b| SocketAddr::new(b.ip(), 0)),
@@ -469,7 +469,7 @@ fn tcp(
     for _ in 0..streams {
         let sock = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))
             .map_err(|e| io("create a TCP socket", e))?;
-        probe::pin(
+        crate::pin::pin(
             &sock,
             to,
             plan.bind.map(|b| SocketAddr::new(b.ip(), 0)),

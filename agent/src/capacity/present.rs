@@ -15,8 +15,8 @@ use super::knee::Thresholds;
 use super::rate::Rate;
 use super::sizing::Recommendation;
 use crate::Result;
+use crate::engine::session::WindowStats;
 use crate::output::{self, Labels};
-use crate::session::WindowStats;
 
 #[allow(clippy::cast_precision_loss)]
 fn us(ns: u64) -> f64 {
@@ -273,7 +273,7 @@ pub fn stage_report(labels: &Labels, s: &StageResult) -> Result<WindowReport> {
             counters: pathprobe_proto::report::Counters::default(),
             histograms: std::collections::BTreeMap::new(),
             owd_clock: pathprobe_proto::report::ClockState::Unavailable,
-            marks: crate::session::Marks::default(),
+            marks: crate::engine::session::Marks::default(),
         },
         |st| st.window.clone(),
     );

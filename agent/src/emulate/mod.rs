@@ -209,29 +209,6 @@ fn keep_tos(sock: &UdpSocket, last: &AtomicU16, tos: Option<u8>) {
     };
 }
 
-/// Turns a batch's kernel receive stamps (`CLOCK_REALTIME`) into monotonic arrival times,
-/// with the offset between the clocks read right after the batch arrived; a datagram
-/// without a stamp arrived "now".
-struct ArrivalClock {
-    mono_ns: u64,
-    offset_ns: i128,
-}
-
-impl ArrivalClock {
-    fn now() -> Self {
-        let mono_ns = sys::monotonic_ns();
-        let offset_ns = i128::from(sys::realtime_ns()) - i128::from(mono_ns);
-        Self { mono_ns, offset_ns }
-    }
-
-    fn arrived(&self, meta: &sys::RecvMeta) -> u64 {
-        meta.kernel_rx_ns
-            .and_then(|k| u64::try_from(i128::from(k) - self.offset_ns).ok())
-            // A stamp can only be earlier than the read that returned it.
-            .map_or(self.mono_ns, |t| t.min(self.mono_ns))
-    }
-}
-
 /// Time-ordered packets: (release time, arrival number) keeps equal times in order.
 type Queue = BinaryHeap<Reverse<(u64, u64, usize)>>;
 
@@ -500,10 +477,10 @@ impl Relay<'_> {
                 let Ok(got) = batch.recv(&sock) else {
                     continue;
                 };
-                let clock = ArrivalClock::now();
+                let clock = sys::BatchClock::now();
                 for i in 0..got {
                     if let Some((data, meta)) = batch.get(i) {
-                        let arrived = (data, clock.arrived(meta));
+                        let arrived = (data, clock.arrival(meta.kernel_rx_ns).0);
                         self.admit(&self.reverse, arrived, meta.tos, &|| {
                             Out::ToClient(listener, from)
                         });
@@ -539,7 +516,7 @@ impl Relay<'_> {
                     });
                 }
             };
-            let clock = ArrivalClock::now();
+            let clock = sys::BatchClock::now();
             for i in 0..got {
                 let Some((data, meta)) = batch.get(i) else {
                     break;
@@ -549,7 +526,7 @@ impl Relay<'_> {
                 };
                 match self.flow(s, listener, from) {
                     Some(up) => {
-                        let arrived = (data, clock.arrived(meta));
+                        let arrived = (data, clock.arrival(meta.kernel_rx_ns).0);
                         self.admit(&self.forward, arrived, meta.tos, &|| {
                             Out::ToServer(Arc::clone(&up))
                         });

@@ -20,7 +20,7 @@ use hdrhistogram::Histogram;
 use pathprobe_proto::event::{EdgeProbe, Segment};
 use pathprobe_proto::hist::{Metric, Summary};
 
-use crate::session::{Decided, Marks, Outcome};
+use crate::engine::session::{Decided, Marks, Outcome};
 
 /// What tells one path from another in a single answer: its hop counts each way, and
 /// which known path's RTT level its RTT is nearer (`0` the primary's, `1` the backup's;

@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use pathprobe_proto::event::{EventKind, Outage, PathEvent};
 
+use crate::engine::session::{Decided, Outcome, WindowStats};
 use crate::probe::{ProbeConfig, Prober, Sink};
-use crate::session::{Decided, Outcome, WindowStats};
 use crate::watch::{self, Observed};
 use crate::{Error, Result};
 use detect::{DetectConfig, Detector, PathKey, Transition};
@@ -773,10 +773,10 @@ mod tests {
                         scheduled_wall_ns: seq * MS,
                         outcome: Outcome::Answered {
                             rtt_ns: 4 * MS,
-                            marks: crate::session::Marks {
+                            marks: crate::engine::session::Marks {
                                 far_ttl: Some(64 - hops),
                                 back_ttl: Some(64 - hops),
-                                ..crate::session::Marks::default()
+                                ..crate::engine::session::Marks::default()
                             },
                             reordered: false,
                         },

@@ -7,12 +7,12 @@ use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
 use clap::ValueEnum;
+use pathprobe_agent::engine::session::WindowStats;
 use pathprobe_agent::failover::{
     self, FailoverConfig, FailoverRun, PinnedPath, StreamTiming, Verdict,
 };
 use pathprobe_agent::output::{self, Labels};
 use pathprobe_agent::probe::ProbeConfig;
-use pathprobe_agent::session::WindowStats;
 use pathprobe_agent::watch::Observed;
 use pathprobe_proto::event::{EventKind, Outage, PathEvent};
 use pathprobe_proto::report::ProbeProtocol;

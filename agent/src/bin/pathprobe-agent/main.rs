@@ -753,7 +753,7 @@ fn probe_config(args: &ProbeArgs) -> anyhow::Result<ProbeConfig> {
 fn emit_window(
     args: &ProbeArgs,
     labels: &Labels,
-    w: &pathprobe_agent::session::WindowStats,
+    w: &pathprobe_agent::engine::session::WindowStats,
     seen: &pathprobe_agent::watch::Observed,
 ) -> anyhow::Result<()> {
     let f = output::window_figures(labels, w, seen);

@@ -1,5 +1,5 @@
-//! TCP probes, for paths that pass only TCP to a few ports: they run under the same
-//! schedule, rings, tracker, windows and reports as STAMP probes (`probe::run_engine`).
+//! TCP probes, for paths that pass only TCP to a few ports: probe kinds on the same
+//! [`crate::engine`] as STAMP (schedule, rings, tracker, windows and reports).
 //!
 //! - **`tcp-syn`**: a half-open handshake from a raw socket (CAP_NET_RAW). Each probe is a
 //!   SYN whose initial sequence number says which probe it is; the SYN-ACK (or RST) is
@@ -36,10 +36,12 @@ use pnet_packet::ipv4::Ipv4Packet;
 use pnet_packet::tcp::{MutableTcpPacket, TcpFlags, TcpOption, TcpPacket, ipv4_checksum};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use crate::probe::Sink;
-use crate::probe::{self, ProbeConfig, RxEvent, Schedule, Shared, TxEvent, push, push_missed};
-use crate::session::{Marks, Reply, Sent, WindowStats};
-use crate::sys::{self, RecvBatch, SendBatch};
+use super::ProbeConfig;
+use crate::engine::session::{Marks, Reply, Sent, WindowStats};
+use crate::engine::{
+    self, Io, RxEvent, Schedule, Shared, Sink, SystemClock, TxEvent, push, push_missed,
+};
+use crate::sys::{self, BatchClock, RecvBatch, SendBatch};
 use crate::{Error, Result};
 
 /// Octets of our SYN: the TCP header and an MSS option.
@@ -206,7 +208,7 @@ impl SynSocket {
             reserved.push(r);
         }
         let local = SocketAddrV4::new(ip, ports[0]);
-        probe::pin(
+        crate::pin::pin(
             &raw,
             cfg.target,
             Some(SocketAddr::from((ip, 0))),
@@ -252,18 +254,12 @@ impl SynSocket {
         stop: &AtomicBool,
         sink: &mut dyn Sink,
     ) -> Result<Vec<WindowStats>> {
-        probe::run_engine(
-            cfg,
-            stop,
-            None,
-            sink,
-            |start_ns, q, shared| self.send(cfg, start_ns, q, shared),
-            |q, shared| self.receive(q, shared),
-        )
+        let io = SynIo { syn: self, cfg };
+        engine::run(&cfg.timing(), &SystemClock, &io, stop, None, sink)
     }
 
     fn send(&self, cfg: &ProbeConfig, start_ns: u64, q: &ArrayQueue<TxEvent>, shared: &Shared) {
-        let mut schedule = Schedule::new(cfg, start_ns);
+        let mut schedule = Schedule::new(&cfg.timing(), start_ns);
         let mut batch = SendBatch::new(BATCH);
         let mut due = Vec::with_capacity(BATCH);
         let mut pending = Vec::with_capacity(BATCH);
@@ -307,7 +303,6 @@ impl SynSocket {
                 seq = seq.wrapping_sub(1);
             }
         }
-        shared.sender_done.store(true, Ordering::Release);
     }
 
     fn receive(&self, q: &ArrayQueue<RxEvent>, shared: &Shared) {
@@ -318,9 +313,7 @@ impl SynSocket {
             let Ok(got) = batch.recv(&self.raw) else {
                 continue;
             };
-            let mono = sys::monotonic_ns();
-            let wall = sys::realtime_ns();
-            let offset = i128::from(wall) - i128::from(mono);
+            let clock = BatchClock::now();
             for i in 0..got {
                 let Some((ip, meta)) = batch.get(i) else {
                     break;
@@ -340,9 +333,7 @@ impl SynSocket {
                     let len = segment(&mut rst, from, self.target, a.ack, true);
                     let _ = self.raw.send_to(&rst[..len], &to);
                 }
-                let (rx_ns, rx_wall_ns) = meta.kernel_rx_ns.map_or((mono, wall), |k| {
-                    (u64::try_from(i128::from(k) - offset).unwrap_or(mono), k)
-                });
+                let (rx_ns, rx_wall_ns) = clock.arrival(meta.kernel_rx_ns);
                 push(
                     q,
                     RxEvent::Reply(Reply {
@@ -368,6 +359,39 @@ impl SynSocket {
     }
 }
 
+/// A `tcp-syn` session's two I/O threads.
+struct SynIo<'a> {
+    syn: &'a SynSocket,
+    cfg: &'a ProbeConfig,
+}
+
+impl Io for SynIo<'_> {
+    fn send(&self, start_ns: u64, ring: &ArrayQueue<TxEvent>, shared: &Shared) {
+        self.syn.send(self.cfg, start_ns, ring, shared);
+    }
+
+    fn receive(&self, ring: &ArrayQueue<RxEvent>, shared: &Shared) {
+        self.syn.receive(ring, shared);
+    }
+}
+
+/// A `tcp-connect` session's two I/O threads: the sender hands each connection it started
+/// to the receiver, which polls them.
+struct ConnectIo<'a> {
+    cfg: &'a ProbeConfig,
+    handoff: ArrayQueue<InFlight>,
+}
+
+impl Io for ConnectIo<'_> {
+    fn send(&self, start_ns: u64, ring: &ArrayQueue<TxEvent>, shared: &Shared) {
+        connect_sender(self.cfg, start_ns, &self.handoff, ring, shared);
+    }
+
+    fn receive(&self, ring: &ArrayQueue<RxEvent>, shared: &Shared) {
+        connect_receiver(self.cfg, &self.handoff, ring, shared);
+    }
+}
+
 /// A connection on its way.
 struct InFlight {
     seq: u32,
@@ -381,45 +405,51 @@ pub fn run_connect(
     stop: &AtomicBool,
     sink: &mut dyn Sink,
 ) -> Result<Vec<WindowStats>> {
-    let handoff: ArrayQueue<InFlight> = ArrayQueue::new(1 << 14);
-    probe::run_engine(
+    let io = ConnectIo {
         cfg,
-        stop,
-        None,
-        sink,
-        |start_ns, q, shared| connect_sender(cfg, start_ns, &handoff, q, shared),
-        |q, shared| connect_receiver(cfg, &handoff, q, shared),
-    )
+        handoff: ArrayQueue::new(1 << 14),
+    };
+    engine::run(&cfg.timing(), &SystemClock, &io, stop, None, sink)
 }
 
 /// A non-blocking TCP socket, pinned, connecting to the target.
-fn start_connect(cfg: &ProbeConfig) -> io::Result<Socket> {
+fn start_connect(cfg: &ProbeConfig) -> Result<Socket> {
+    let io = |what: &'static str| {
+        move |source| Error::Io {
+            what: what.to_string(),
+            source,
+        }
+    };
     let sock = Socket::new(
         Domain::for_address(cfg.target),
         Type::STREAM,
         Some(Protocol::TCP),
+    )
+    .map_err(io("open a TCP socket"))?;
+    sock.set_nonblocking(true)
+        .map_err(io("make a socket non-blocking"))?;
+    sock.set_linger(Some(Duration::ZERO))
+        .map_err(io("set SO_LINGER"))?;
+    // --bind pins the address; each probe takes a port of its own.
+    let bind = cfg.bind.map(|b| SocketAddr::new(b.ip(), 0));
+    crate::pin::pin(
+        &sock,
+        cfg.target,
+        bind,
+        cfg.interface.as_deref(),
+        cfg.fwmark,
     )?;
-    sock.set_nonblocking(true)?;
-    sock.set_linger(Some(Duration::ZERO))?;
-    if let Some(name) = &cfg.interface {
-        sock.bind_device(Some(name.as_bytes()))?;
-    }
-    if let Some(mark) = cfg.fwmark {
-        sock.set_mark(mark)?;
-    }
-    if let Some(b) = cfg.bind {
-        sock.bind(&SocketAddr::new(b.ip(), 0).into())?;
-    }
     let tos = u32::from(cfg.dscp) << 2;
     if cfg.target.is_ipv6() {
-        sock.set_tclass_v6(tos)?;
+        sock.set_tclass_v6(tos)
+            .map_err(io("set the traffic class"))?;
     } else {
-        sock.set_tos_v4(tos)?;
+        sock.set_tos_v4(tos).map_err(io("set the TOS"))?;
     }
     match sock.connect(&cfg.target.into()) {
         Ok(()) => Ok(sock),
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(sock),
-        Err(e) => Err(e),
+        Err(e) => Err(io("start a TCP connection")(e)),
     }
 }
 
@@ -430,7 +460,7 @@ fn connect_sender(
     q: &ArrayQueue<TxEvent>,
     shared: &Shared,
 ) {
-    let mut schedule = Schedule::new(cfg, start_ns);
+    let mut schedule = Schedule::new(&cfg.timing(), start_ns);
     let mut due = Vec::with_capacity(BATCH);
     let mut seq = 0u32;
     while let Some(now) = schedule.wait(&shared.stop_tx) {
@@ -469,7 +499,6 @@ fn connect_sender(
         }
         push_missed(q, now, missed, shared);
     }
-    shared.sender_done.store(true, Ordering::Release);
 }
 
 fn connect_receiver(
