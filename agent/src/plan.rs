@@ -86,14 +86,17 @@ pub struct DrillSection {
     pub backup: Option<String>,
     /// Probes per second to each pinned reflector [default: 20].
     pub pinned_rate: Option<u32>,
-    /// When the drill starts (RFC 3339).
-    pub start: String,
-    /// How long the maintenance window lasts.
-    pub duration: String,
+    /// When the drill starts (RFC 3339); required in the file, now for `failover`.
+    pub start: Option<String>,
+    /// How long the maintenance window lasts; required in the file, until Ctrl-C for
+    /// `failover`.
+    pub duration: Option<String>,
     /// The longest outage that passes [default: 10s].
     pub max_outage: Option<String>,
     pub min_outage: Option<String>,
     pub settle: Option<String>,
+    /// Three path switches within this long are flapping [default: 60s].
+    pub flap_window: Option<String>,
     pub window: Option<String>,
     pub timeout: Option<String>,
     #[serde(default)]
@@ -386,6 +389,7 @@ impl AgentPlan {
             .iter()
             .map(|p| p.plan(file))
             .collect::<Result<Vec<_>>>()?;
+        cfg.check_drill_windows(file, text)?;
         let drills = cfg
             .drills
             .iter()
@@ -440,6 +444,26 @@ impl AgentFile {
 }
 
 impl AgentFile {
+    /// Every `[[drill]]` of the file says when its window opens and how long it lasts.
+    fn check_drill_windows(&self, file: &Path, text: &str) -> Result<()> {
+        for (i, d) in self.drills.iter().enumerate() {
+            for (field, given) in [
+                ("start", d.start.is_some()),
+                ("duration", d.duration.is_some()),
+            ] {
+                if !given {
+                    let at = line_of(text, &[Key::Name("drill"), Key::At(i), Key::Name("name")]);
+                    return Err(Error::Config(format!(
+                        "{}{at}: drill `{}`: {field} is missing: a [[drill]] runs in a maintenance window, so give start = \"2026-11-28T02:00:00Z\" and duration = \"2h\"",
+                        file.display(),
+                        d.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The agent id, the site and every path and drill name follow the rules reports do
     /// (so that no window fails later for its name), and no two paths or drills share a
     /// name. Errors give the file and line.
@@ -485,7 +509,35 @@ impl AgentFile {
 }
 
 impl DrillSection {
-    /// The checked settings of this `[[drill]]`; `file` names it in errors.
+    /// When the drill starts (ns since 1970; now without a start) and how long it may run
+    /// (ns; until stopped without a duration).
+    fn window(&self, file: &Path) -> Result<(u64, Option<u64>)> {
+        let start = self
+            .start
+            .as_deref()
+            .map(drill_start)
+            .transpose()
+            .map_err(|reason| {
+                Error::Config(format!(
+                    "{}: drill `{}`: {reason}",
+                    file.display(),
+                    self.name
+                ))
+            })?
+            .unwrap_or_else(crate::sys::realtime_ns);
+        let length = self
+            .duration
+            .as_deref()
+            .map(|v| {
+                duration(file, &self.name, "duration", Some(v), Duration::ZERO)
+                    .map_err(|e| Error::Config(e.to_string().replace("path `", "drill `")))
+            })
+            .transpose()?;
+        Ok((start, length.map(nanos)))
+    }
+
+    /// The checked settings of this `[[drill]]` (or of `failover`'s flags); `file` names
+    /// the source in errors.
     pub fn plan(&self, file: &Path) -> Result<DrillPlan> {
         let d = self;
         let bad = |reason: String| {
@@ -511,8 +563,7 @@ impl DrillSection {
                 d.proto
             )));
         }
-        let start = drill_start(&d.start).map_err(bad)?;
-        let length = dur("duration", Some(&d.duration), Duration::ZERO)?;
+        let (start, length) = d.window(file)?;
         let late = nanos(dur(
             "timeout",
             d.timeout.as_deref(),
@@ -521,7 +572,7 @@ impl DrillSection {
         let window = nanos(dur("window", d.window.as_deref(), Duration::from_secs(10))?);
         let timing = StreamTiming {
             dscp: d.dscp,
-            duration_ns: Some(nanos(length)),
+            duration_ns: length,
             window_ns: window,
             late_timeout_ns: late,
             // A drill waits for the primary to fail: silence shows as loss.
@@ -560,7 +611,11 @@ impl DrillSection {
                 Duration::from_millis(20),
             )?),
             settle_ns: nanos(dur("settle", d.settle.as_deref(), Duration::from_secs(10))?),
-            flap_window_ns: 60_000_000_000,
+            flap_window_ns: nanos(dur(
+                "flap_window",
+                d.flap_window.as_deref(),
+                Duration::from_mins(1),
+            )?),
             drill_max_outage_ns: Some(nanos(dur(
                 "max_outage",
                 d.max_outage.as_deref(),
@@ -573,7 +628,7 @@ impl DrillSection {
             proto: d.proto,
             target: d.target.clone(),
             dscp: d.dscp,
-            start: d.start.clone(),
+            start: d.start.clone().unwrap_or_else(|| "now".to_string()),
             start_ns: start,
             failover: cfg,
         })
@@ -979,5 +1034,47 @@ mod tests {
             first.paths[0], second.paths[0],
             "a new key restarts the path"
         );
+    }
+
+    #[test]
+    fn a_drill_in_the_file_needs_its_window_and_the_flags_need_none() {
+        let p = write(
+            "nowindow.toml",
+            "agent_id = \"a\"\n[[drill]]\nname = \"svc\"\ntarget = \"127.0.0.1:8620\"\nduration = \"1h\"\n",
+        );
+        let err = AgentPlan::load(&p, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nowindow.toml:3") && err.contains("start is missing"),
+            "{err}"
+        );
+        let flags = DrillSection {
+            name: "svc".into(),
+            proto: ProbeProtocol::Stamp,
+            target: "127.0.0.1:8620".into(),
+            rate: Some(100),
+            primary: Some("127.0.0.2:862,fwmark=7".into()),
+            backup: None,
+            pinned_rate: None,
+            start: None,
+            duration: None,
+            max_outage: None,
+            min_outage: None,
+            settle: None,
+            flap_window: Some("30s".into()),
+            window: None,
+            timeout: None,
+            dscp: 46,
+            bind: None,
+            interface: None,
+            fwmark: None,
+        };
+        let before = crate::sys::realtime_ns();
+        let d = flags.plan(Path::new("the command line")).unwrap();
+        assert!(d.start_ns >= before, "no start: now");
+        assert_eq!(d.failover.service.duration_ns, None, "no duration: until stopped");
+        assert_eq!(d.failover.flap_window_ns, 30_000_000_000);
+        assert_eq!(d.failover.primary.unwrap().fwmark, Some(7));
     }
 }

@@ -46,6 +46,23 @@ pub struct PinnedPath {
     pub fwmark: Option<u32>,
 }
 
+impl std::fmt::Display for PinnedPath {
+    /// As [`std::str::FromStr`] reads it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.target)?;
+        if let Some(b) = self.bind {
+            write!(f, ",bind={b}")?;
+        }
+        if let Some(i) = &self.interface {
+            write!(f, ",interface={i}")?;
+        }
+        if let Some(m) = self.fwmark {
+            write!(f, ",fwmark={m}")?;
+        }
+        Ok(())
+    }
+}
+
 impl std::str::FromStr for PinnedPath {
     type Err = String;
     fn from_str(v: &str) -> std::result::Result<Self, String> {
@@ -606,6 +623,19 @@ pub fn validate(cfg: &FailoverConfig) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pinned_path_reads_back_what_it_writes() {
+        for text in [
+            "10.1.0.4:862",
+            "10.1.0.4:862,bind=10.0.0.1:0",
+            "[2001:db8::4]:862,interface=eth1,fwmark=100",
+        ] {
+            let p: PinnedPath = text.parse().unwrap();
+            assert_eq!(p.to_string(), text);
+            assert_eq!(p.to_string().parse::<PinnedPath>().unwrap(), p);
+        }
+    }
     use pathprobe_proto::event::{EdgeProbe, Segment};
 
     const MS: u64 = 1_000_000;

@@ -3,22 +3,21 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
 use clap::ValueEnum;
 use pathprobe_agent::engine::session::WindowStats;
-use pathprobe_agent::failover::{
-    self, FailoverConfig, FailoverRun, PinnedPath, StreamTiming, Verdict,
-};
+use pathprobe_agent::failover::{self, FailoverConfig, FailoverRun, PinnedPath, Verdict};
 use pathprobe_agent::output::{self, Labels};
-use pathprobe_agent::probe::ProbeConfig;
+use pathprobe_agent::plan::DrillSection;
 use pathprobe_agent::watch::Observed;
 use pathprobe_proto::event::{EventKind, Outage, PathEvent};
 use pathprobe_proto::report::ProbeProtocol;
 use serde::Serialize;
 
-use super::{PinArgs, ReportArgs, duration, no_answer, resolve, stop_on_signals};
+use super::{PinArgs, ReportArgs, duration, no_answer, stop_on_signals};
 use crate::outbox::{CollectorArgs, Outbox, keep_report};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -102,50 +101,52 @@ fn rfc3339(ns: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
 }
 
-fn stream(
-    args: &FailoverArgs,
-    path: &PinnedPath,
-    rate: u32,
-    protocol: ProbeProtocol,
-) -> anyhow::Result<ProbeConfig> {
-    let late = nanos(args.timeout);
-    let timing = StreamTiming {
-        dscp: args.dscp,
-        duration_ns: args.duration.map(nanos),
-        window_ns: nanos(args.window),
-        late_timeout_ns: late,
-        // A drill may wait long for the primary to fail, but a service that never answers
-        // at all is a wrong address.
-        no_reply_ns: late.max(3_000_000_000),
-    };
-    Ok(timing.stream(resolve(&path.target)?, path, rate, protocol))
-}
-
+/// The failover settings of the flags: the same conversion and checks as a `[[drill]]`
+/// of the agent's config, then what only the command has (no drill verdict without
+/// `--drill`, and giving up on a service that never answers).
 fn config(args: &FailoverArgs) -> anyhow::Result<FailoverConfig> {
-    let protocol = match args.proto {
-        FailoverProto::Stamp => ProbeProtocol::Stamp,
-        FailoverProto::TcpSyn => ProbeProtocol::TcpSyn,
-    };
-    let pinned = |p: &Option<PinnedPath>| {
-        p.as_ref()
-            .map(|p| stream(args, p, args.pinned_rate, ProbeProtocol::Stamp))
-            .transpose()
-    };
-    let service = PinnedPath {
+    let text = |d: Duration| humantime::format_duration(d).to_string();
+    let section = DrillSection {
+        name: args.report.path_name.clone(),
+        proto: match args.proto {
+            FailoverProto::Stamp => ProbeProtocol::Stamp,
+            FailoverProto::TcpSyn => ProbeProtocol::TcpSyn,
+        },
         target: args.target.clone(),
+        rate: Some(args.rate),
+        primary: args.primary.as_ref().map(ToString::to_string),
+        backup: args.backup.as_ref().map(ToString::to_string),
+        pinned_rate: Some(args.pinned_rate),
+        start: None,
+        duration: args.duration.map(text),
+        max_outage: Some(text(args.max_outage)),
+        min_outage: Some(text(args.min_outage)),
+        settle: Some(text(args.settle)),
+        flap_window: Some(text(args.flap_window)),
+        window: Some(text(args.window.max(Duration::from_nanos(1)))),
+        timeout: Some(text(args.timeout)),
+        dscp: args.dscp,
         bind: args.pin.bind,
         interface: args.pin.interface.clone(),
         fwmark: args.pin.fwmark,
     };
-    let cfg = FailoverConfig {
-        service: stream(args, &service, args.rate, protocol)?,
-        primary: pinned(&args.primary)?,
-        backup: pinned(&args.backup)?,
-        min_outage_ns: nanos(args.min_outage),
-        settle_ns: nanos(args.settle),
-        flap_window_ns: nanos(args.flap_window),
-        drill_max_outage_ns: args.drill.then(|| nanos(args.max_outage)),
-    };
+    let mut cfg = section.plan(Path::new("the command line"))?.failover;
+    // A drill may wait long for the primary to fail, but a service that never answers at
+    // all is a wrong address.
+    let no_reply = nanos(args.timeout).max(3_000_000_000);
+    for p in [
+        Some(&mut cfg.service),
+        cfg.primary.as_mut(),
+        cfg.backup.as_mut(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        p.no_reply_ns = no_reply;
+    }
+    if !args.drill {
+        cfg.drill_max_outage_ns = None;
+    }
     Ok(cfg)
 }
 
