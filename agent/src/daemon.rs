@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Duration;
 
@@ -112,6 +112,12 @@ fn sort_out<'s, P: PartialEq, T>(
     (leaving, to_start)
 }
 
+/// Empties the reports channel; how many reports were in it.
+fn drain(rx: &Mutex<mpsc::Receiver<Vec<u8>>>) -> u64 {
+    let rx = rx.lock().unwrap_or_else(PoisonError::into_inner);
+    u64::try_from(rx.try_iter().count()).unwrap_or(u64::MAX)
+}
+
 /// The running agent: what the supervisor holds.
 struct Running<'scope, 'env> {
     scope: &'scope Scope<'scope, 'env>,
@@ -124,6 +130,8 @@ struct Running<'scope, 'env> {
     drills: BTreeMap<String, Part<'scope, DrillPlan, ()>>,
     reflector: Option<Handle<'scope, ReflectorConfig, Result<()>>>,
     uploader: Option<Handle<'scope, Destination, ()>>,
+    /// Reports dropped for want of a collector.
+    discarded: u64,
 }
 
 impl Running<'_, '_> {
@@ -189,7 +197,7 @@ impl Running<'_, '_> {
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, rx) = (Arc::clone(&stop), self.rx);
         let thread = self.scope.spawn(move || {
-            let rx = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let rx = rx.lock().unwrap_or_else(PoisonError::into_inner);
             delivery::run(courier, &rx, &flag);
         });
         self.uploader = Some(Handle {
@@ -302,6 +310,21 @@ impl Running<'_, '_> {
         }
     }
 
+    /// Without a collector nothing takes the reports: they are dropped as they come (the
+    /// windows are in the log), not kept in memory for as long as the agent runs.
+    fn discard_undeliverable(&mut self) {
+        if self.uploader.is_some() {
+            return;
+        }
+        let dropped = drain(self.rx);
+        if dropped > 0 && self.discarded == 0 {
+            tracing::warn!(
+                "no [collector] in the configuration: window reports are logged, not kept"
+            );
+        }
+        self.discarded += dropped;
+    }
+
     /// Stops everything: paths and drills first (their last windows go to the uploader),
     /// then the reflector, then the uploader (which delivers what it can). The reflector's
     /// outcome, when it failed.
@@ -386,6 +409,7 @@ pub fn run(
             drills: BTreeMap::new(),
             reflector: None,
             uploader: None,
+            discarded: 0,
         };
         if let Some((to, c)) = courier {
             running.start_uploader(to, c);
@@ -433,6 +457,7 @@ fn supervise(
         {
             return Some("the uploader stopped");
         }
+        running.discard_undeliverable();
         match reload() {
             None => {}
             Some(Ok(next)) => running.apply(next),
@@ -618,4 +643,22 @@ fn drill(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent without a collector used to keep every window report it made in the
+    /// channel, for as long as it ran.
+    #[test]
+    fn reports_nobody_can_deliver_do_not_pile_up() {
+        let (tx, rx) = mpsc::channel();
+        let rx = Mutex::new(rx);
+        for _ in 0..3 {
+            tx.send(vec![0u8; 1024]).unwrap();
+        }
+        assert_eq!(drain(&rx), 3);
+        assert_eq!(drain(&rx), 0, "nothing is left behind");
+    }
 }

@@ -315,11 +315,7 @@ impl AgentPlan {
                 .map_err(|e| Error::Config(format!("--site (PATHPROBE_SITE): {e}")))?;
         }
         cfg.check_names(file, text)?;
-        let agent_id = over
-            .agent_id
-            .clone()
-            .or_else(|| cfg.agent_id.clone())
-            .unwrap_or_else(host_name);
+        let agent_id = cfg.agent_id(file, over)?;
         let site = over.site.clone().or_else(|| cfg.site.clone());
         cfg.apply_collector_flags(file, over)?;
         if cfg.paths.is_empty() && cfg.reflector.is_none() && cfg.drills.is_empty() {
@@ -444,6 +440,21 @@ impl AgentFile {
 }
 
 impl AgentFile {
+    /// The agent id: the flag's, the file's, or the host name, which must make one.
+    fn agent_id(&self, file: &Path, over: &Overrides) -> Result<String> {
+        if let Some(id) = over.agent_id.clone().or_else(|| self.agent_id.clone()) {
+            return Ok(id);
+        }
+        let host = host_name();
+        check_name("agent_id", &host).map_err(|e| {
+            Error::Config(format!(
+                "{}: no agent_id, and the host name does not make one ({e}): set agent_id in the file, or --agent-id",
+                file.display()
+            ))
+        })?;
+        Ok(host)
+    }
+
     /// Every `[[drill]]` of the file says when its window opens and how long it lasts.
     fn check_drill_windows(&self, file: &Path, text: &str) -> Result<()> {
         for (i, d) in self.drills.iter().enumerate() {
@@ -1073,7 +1084,10 @@ mod tests {
         let before = crate::sys::realtime_ns();
         let d = flags.plan(Path::new("the command line")).unwrap();
         assert!(d.start_ns >= before, "no start: now");
-        assert_eq!(d.failover.service.duration_ns, None, "no duration: until stopped");
+        assert_eq!(
+            d.failover.service.duration_ns, None,
+            "no duration: until stopped"
+        );
         assert_eq!(d.failover.flap_window_ns, 30_000_000_000);
         assert_eq!(d.failover.primary.unwrap().fwmark, Some(7));
     }
