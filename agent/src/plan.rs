@@ -185,9 +185,11 @@ pub struct PathSection {
     pub ssid: u16,
 }
 
+/// `value` as a duration, or `default` without one; `owner` names the section in errors
+/// (like ``path `vpn` `` or ``drill `svc` ``).
 fn duration(
     file: &Path,
-    path: &str,
+    owner: &str,
     field: &str,
     value: Option<&str>,
     default: Duration,
@@ -195,7 +197,7 @@ fn duration(
     value.map_or(Ok(default), |v| {
         humantime::parse_duration(v).map_err(|e| {
             Error::Config(format!(
-                "{}: path `{path}`: {field} = \"{v}\" is not a duration ({e}): write it like 10s, 500ms or 1h",
+                "{}: {owner}: {field} = \"{v}\" is not a duration ({e}): write it like 10s, 500ms or 1h",
                 file.display()
             ))
         })
@@ -540,8 +542,8 @@ impl DrillSection {
             .duration
             .as_deref()
             .map(|v| {
-                duration(file, &self.name, "duration", Some(v), Duration::ZERO)
-                    .map_err(|e| Error::Config(e.to_string().replace("path `", "drill `")))
+                let owner = format!("drill `{}`", self.name);
+                duration(file, &owner, "duration", Some(v), Duration::ZERO)
             })
             .transpose()?;
         Ok((start, length.map(nanos)))
@@ -554,9 +556,9 @@ impl DrillSection {
         let bad = |reason: String| {
             Error::Config(format!("{}: drill `{}`: {reason}", file.display(), d.name))
         };
+        let owner = format!("drill `{}`", d.name);
         let dur = |field: &str, v: Option<&str>, default: Duration| {
-            duration(file, &d.name, field, v, default)
-                .map_err(|e| Error::Config(e.to_string().replace("path `", "drill `")))
+            duration(file, &owner, field, v, default)
         };
         let resolve = |field: &str, t: &str| -> Result<SocketAddr> {
             t.to_socket_addrs()
@@ -651,6 +653,7 @@ impl PathSection {
     /// source in errors.
     pub fn plan(&self, file: &Path) -> Result<PathPlan> {
         let p = self;
+        let owner = format!("path `{}`", p.name);
         let bad = |reason: String| {
             Error::Config(format!("{}: path `{}`: {reason}", file.display(), p.name))
         };
@@ -671,7 +674,7 @@ impl PathSection {
             (Some(r), None) => Duration::from_nanos(1_000_000_000 / u64::from(r)),
             (None, i) => duration(
                 file,
-                &p.name,
+                &owner,
                 "interval",
                 i.as_deref(),
                 Duration::from_millis(100),
@@ -698,14 +701,14 @@ impl PathSection {
             key,
             window_ns: nanos(duration(
                 file,
-                &p.name,
+                &owner,
                 "window",
                 p.window.as_deref(),
                 Duration::from_secs(10),
             )?),
             late_timeout_ns: nanos(duration(
                 file,
-                &p.name,
+                &owner,
                 "timeout",
                 p.timeout.as_deref(),
                 Duration::from_secs(1),
