@@ -374,6 +374,16 @@ impl RecvBatch {
     /// Receives at least one datagram (blocking, up to the socket's receive timeout) and
     /// as many more as are queued, up to the capacity. Returns how many.
     pub fn recv(&mut self, sock: &Socket) -> io::Result<usize> {
+        self.recv_flags(sock, libc::MSG_WAITFORONE)
+    }
+
+    /// Receives what is queued, up to the capacity, without waiting (`WouldBlock` when
+    /// nothing is).
+    pub fn recv_now(&mut self, sock: &Socket) -> io::Result<usize> {
+        self.recv_flags(sock, libc::MSG_DONTWAIT)
+    }
+
+    fn recv_flags(&mut self, sock: &Socket, flags: libc::c_int) -> io::Result<usize> {
         let n = self.bufs.len();
         for i in 0..n {
             self.iovecs[i] = libc::iovec {
@@ -398,7 +408,7 @@ impl RecvBatch {
                 sock.as_raw_fd(),
                 self.msgs.as_mut_ptr(),
                 libc::c_uint::try_from(n).unwrap_or(1),
-                libc::MSG_WAITFORONE,
+                flags,
                 std::ptr::null_mut(),
             )
         };
@@ -437,6 +447,7 @@ pub struct SendBatch {
     lens: Vec<usize>,
     dests: Vec<Option<SocketAddr>>,
     tos: Vec<Option<(bool, u8)>>,
+    ttl: Vec<Option<(bool, u8)>>,
     names: Vec<libc::sockaddr_storage>,
     controls: Vec<Control>,
     iovecs: Vec<libc::iovec>,
@@ -465,6 +476,7 @@ impl SendBatch {
             lens: vec![0; capacity],
             dests: vec![None; capacity],
             tos: vec![None; capacity],
+            ttl: vec![None; capacity],
             // SAFETY: plain old data; zero is valid.
             names: vec![unsafe { zeroed() }; capacity],
             controls: vec![Control::new(); capacity],
@@ -512,8 +524,75 @@ impl SendBatch {
         self.lens[i] = len;
         self.dests[i] = dest;
         self.tos[i] = tos;
+        self.ttl[i] = None;
         self.queued += 1;
         true
+    }
+
+    /// Like [`Self::commit`], with a per-datagram TTL / Hop Limit too (`IP_TTL` /
+    /// `IPV6_HOPLIMIT` ancillary data), so paths of one socket can differ in both.
+    pub fn commit_marked(
+        &mut self,
+        len: usize,
+        dest: Option<SocketAddr>,
+        ipv6: bool,
+        (tos, ttl): (Option<u8>, Option<u8>),
+    ) -> bool {
+        if !self.commit(len, dest, tos.map(|t| (ipv6, t))) {
+            return false;
+        }
+        self.ttl[self.queued - 1] = ttl.map(|t| (ipv6, t));
+        true
+    }
+
+    /// Drops the datagram queued last.
+    pub fn clear_last(&mut self) {
+        self.queued = self.queued.saturating_sub(1);
+    }
+
+    /// Drops what is queued.
+    pub fn clear(&mut self) {
+        self.queued = 0;
+    }
+
+    /// Sends what is queued and empties the batch, going on past the errors a shared,
+    /// unconnected socket reports for an earlier datagram's ICMP answer (refused,
+    /// unreachable): those say nothing about the datagrams still queued. Returns how many
+    /// the kernel took, from the first; the rest are dropped (the caller counts them).
+    pub fn send_all(&mut self, sock: &Socket) -> usize {
+        let n = self.queued;
+        self.prepare(n);
+        self.queued = 0;
+        let mut done = 0;
+        let mut retries = 0;
+        while done < n {
+            // SAFETY: every msghdr from `done` on points at live buffers owned by self.
+            let rc = unsafe {
+                libc::sendmmsg(
+                    sock.as_raw_fd(),
+                    self.msgs[done..].as_mut_ptr(),
+                    libc::c_uint::try_from(n - done).unwrap_or(1),
+                    0,
+                )
+            };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                let asynchronous = matches!(
+                    e.raw_os_error(),
+                    Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH)
+                );
+                if asynchronous && retries < n {
+                    retries += 1;
+                    continue;
+                }
+                break;
+            }
+            done += usize::try_from(rc).unwrap_or(0);
+            if rc == 0 {
+                break;
+            }
+        }
+        done
     }
 
     /// The payload of the `i`th queued datagram, for last-moment changes (T3, HMAC).
@@ -529,61 +608,7 @@ impl SendBatch {
         if n == 0 {
             return Ok(0);
         }
-        for i in 0..n {
-            self.iovecs[i] = libc::iovec {
-                iov_base: self.bufs[i].as_mut_ptr().cast(),
-                iov_len: self.lens[i],
-            };
-            let (name, namelen) = match &self.dests[i] {
-                Some(addr) => {
-                    let len = std_to_sockaddr(addr, &mut self.names[i]);
-                    ((&raw mut self.names[i]).cast::<libc::c_void>(), len)
-                }
-                None => (std::ptr::null_mut(), 0),
-            };
-            let mut controllen = 0;
-            if let Some((ipv6, tos)) = self.tos[i] {
-                let (level, kind) = if ipv6 {
-                    (libc::IPPROTO_IPV6, libc::IPV6_TCLASS)
-                } else {
-                    (libc::IPPROTO_IP, libc::IP_TOS)
-                };
-                let value = libc::c_int::from(tos);
-                let data_len = u32::try_from(size_of::<libc::c_int>()).unwrap_or(4);
-                // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic.
-                let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
-                let buf = &mut self.controls[i];
-                buf.0[..space].fill(0);
-                let hdr = libc::msghdr {
-                    msg_control: buf.as_mut_ptr(),
-                    msg_controllen: space,
-                    // SAFETY: plain old data; the rest of this temporary is unused.
-                    ..unsafe { zeroed() }
-                };
-                // SAFETY: the control buffer holds `space` octets, enough for one cmsg
-                // carrying a c_int; CMSG_FIRSTHDR of a non-empty buffer is non-null.
-                unsafe {
-                    let cmsg = libc::CMSG_FIRSTHDR(&raw const hdr);
-                    (*cmsg).cmsg_level = level;
-                    (*cmsg).cmsg_type = kind;
-                    (*cmsg).cmsg_len = libc::CMSG_LEN(data_len) as usize;
-                    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), value);
-                }
-                controllen = space;
-            }
-            let hdr = &mut self.msgs[i].msg_hdr;
-            hdr.msg_name = name;
-            hdr.msg_namelen = namelen;
-            hdr.msg_iov = &raw mut self.iovecs[i];
-            hdr.msg_iovlen = 1;
-            hdr.msg_control = if controllen > 0 {
-                self.controls[i].as_mut_ptr()
-            } else {
-                std::ptr::null_mut()
-            };
-            hdr.msg_controllen = controllen;
-            hdr.msg_flags = 0;
-        }
+        self.prepare(n);
         // SAFETY: every msghdr points at live buffers owned by self of the stated sizes.
         let rc = unsafe {
             libc::sendmmsg(
@@ -598,21 +623,136 @@ impl SendBatch {
         }
         Ok(usize::try_from(rc).unwrap_or(0))
     }
+
+    /// Points the first `n` headers at their buffers, addresses and control messages.
+    fn prepare(&mut self, n: usize) {
+        for i in 0..n {
+            self.iovecs[i] = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr().cast(),
+                iov_len: self.lens[i],
+            };
+            let (name, namelen) = match &self.dests[i] {
+                Some(addr) => {
+                    let len = std_to_sockaddr(addr, &mut self.names[i]);
+                    ((&raw mut self.names[i]).cast::<libc::c_void>(), len)
+                }
+                None => (std::ptr::null_mut(), 0),
+            };
+            let mut marks: [Option<(libc::c_int, libc::c_int, u8)>; 2] = [None, None];
+            if let Some((ipv6, tos)) = self.tos[i] {
+                marks[0] = Some(if ipv6 {
+                    (libc::IPPROTO_IPV6, libc::IPV6_TCLASS, tos)
+                } else {
+                    (libc::IPPROTO_IP, libc::IP_TOS, tos)
+                });
+            }
+            if let Some((ipv6, ttl)) = self.ttl[i] {
+                marks[1] = Some(if ipv6 {
+                    (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, ttl)
+                } else {
+                    (libc::IPPROTO_IP, libc::IP_TTL, ttl)
+                });
+            }
+            let data_len = u32::try_from(size_of::<libc::c_int>()).unwrap_or(4);
+            // SAFETY: CMSG_SPACE is pure arithmetic.
+            let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
+            let count = marks.iter().flatten().count();
+            let controllen = space * count;
+            if count > 0 {
+                let buf = &mut self.controls[i];
+                buf.0[..controllen].fill(0);
+                let hdr = libc::msghdr {
+                    msg_control: buf.as_mut_ptr(),
+                    msg_controllen: controllen,
+                    // SAFETY: plain old data; the rest of this temporary is unused.
+                    ..unsafe { zeroed() }
+                };
+                // SAFETY: the control buffer holds `controllen` octets (at most two cmsgs
+                // carrying a c_int each, far below CONTROL_LEN); CMSG_FIRSTHDR of a
+                // non-empty buffer is non-null, and CMSG_NXTHDR stays inside it for the
+                // second of two.
+                unsafe {
+                    let mut cmsg = libc::CMSG_FIRSTHDR(&raw const hdr);
+                    for (level, kind, value) in marks.into_iter().flatten() {
+                        (*cmsg).cmsg_level = level;
+                        (*cmsg).cmsg_type = kind;
+                        (*cmsg).cmsg_len = libc::CMSG_LEN(data_len) as usize;
+                        std::ptr::write_unaligned(
+                            libc::CMSG_DATA(cmsg).cast(),
+                            libc::c_int::from(value),
+                        );
+                        cmsg = libc::CMSG_NXTHDR(&raw const hdr, cmsg);
+                    }
+                }
+            }
+            let hdr = &mut self.msgs[i].msg_hdr;
+            hdr.msg_name = name;
+            hdr.msg_namelen = namelen;
+            hdr.msg_iov = &raw mut self.iovecs[i];
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = if controllen > 0 {
+                self.controls[i].as_mut_ptr()
+            } else {
+                std::ptr::null_mut()
+            };
+            hdr.msg_controllen = controllen;
+            hdr.msg_flags = 0;
+        }
+    }
+}
+
+/// What a socket's error queue held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// A transmit timestamp: the datagram's number since timestamping was enabled, and the
+    /// `CLOCK_REALTIME` ns it left at.
+    TxStamp { id: u32, ns: u64 },
+    /// An ICMP error (port or host unreachable, and the like) for a datagram sent to
+    /// `dest` (`IP_RECVERR`: how an unconnected socket learns of them).
+    Unreachable { dest: Option<SocketAddr> },
 }
 
 /// Reads every transmit timestamp waiting on the socket's error queue (non-blocking) and
 /// hands each to `f` as (datagram number since timestamping was enabled, `CLOCK_REALTIME`
 /// ns). Returns how many were read.
 pub fn drain_tx_timestamps(sock: &Socket, mut f: impl FnMut(u32, u64)) -> usize {
+    drain_error_queue(sock, |q| {
+        if let Queued::TxStamp { id, ns } = q {
+            f(id, ns);
+        }
+    })
+}
+
+/// Asks for ICMP errors on the error queue of an unconnected socket too (`IP_RECVERR`,
+/// `IPV6_RECVERR`), for [`drain_error_queue`].
+pub fn enable_recv_errors(sock: &Socket, ipv6: bool) -> io::Result<()> {
+    let fd = sock.as_raw_fd();
+    if ipv6 {
+        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVERR, 1)?;
+    }
+    // An IPv6 socket may carry IPv4-mapped traffic too.
+    let v4 = setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVERR, 1);
+    if ipv6 { Ok(()) } else { v4 }
+}
+
+/// Reads everything waiting on the socket's error queue (non-blocking), handing each
+/// transmit timestamp and ICMP error to `f`. Returns how many entries were read.
+pub fn drain_error_queue(sock: &Socket, mut f: impl FnMut(Queued)) -> usize {
     let mut control = Control::new();
+    // SAFETY: plain old data; zero is valid.
+    let mut name: libc::sockaddr_storage = unsafe { zeroed() };
     let mut count = 0;
     loop {
         // SAFETY: plain old data.
         let mut msg: libc::msghdr = unsafe { zeroed() };
         msg.msg_control = control.as_mut_ptr();
         msg.msg_controllen = CONTROL_LEN;
-        // SAFETY: msg points at a live control buffer of the stated size; no data buffer
-        // is needed with SOF_TIMESTAMPING_OPT_TSONLY.
+        msg.msg_name = (&raw mut name).cast();
+        msg.msg_namelen =
+            libc::socklen_t::try_from(size_of::<libc::sockaddr_storage>()).unwrap_or(128);
+        // SAFETY: msg points at a live control buffer and address of the stated sizes; no
+        // data buffer is needed (SOF_TIMESTAMPING_OPT_TSONLY; an ICMP error's quoted
+        // datagram is cut, which is fine).
         let rc = unsafe {
             libc::recvmsg(
                 sock.as_raw_fd(),
@@ -623,8 +763,10 @@ pub fn drain_tx_timestamps(sock: &Socket, mut f: impl FnMut(u32, u64)) -> usize 
         if rc < 0 {
             return count;
         }
+        count += 1;
         let mut stamp = None;
         let mut id = None;
+        let mut icmp = false;
         // SAFETY: the kernel just filled msg and its control buffer.
         let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
         while !cmsg.is_null() {
@@ -642,6 +784,10 @@ pub fn drain_tx_timestamps(sock: &Socket, mut f: impl FnMut(u32, u64)) -> usize 
                         let err: libc::sock_extended_err = std::ptr::read_unaligned(data.cast());
                         if err.ee_origin == libc::SO_EE_ORIGIN_TIMESTAMPING {
                             id = Some(err.ee_data);
+                        } else if err.ee_origin == libc::SO_EE_ORIGIN_ICMP
+                            || err.ee_origin == libc::SO_EE_ORIGIN_ICMP6
+                        {
+                            icmp = true;
                         }
                     }
                     _ => {}
@@ -650,8 +796,12 @@ pub fn drain_tx_timestamps(sock: &Socket, mut f: impl FnMut(u32, u64)) -> usize 
             }
         }
         if let (Some(id), Some(ns)) = (id, stamp) {
-            f(id, ns);
-            count += 1;
+            f(Queued::TxStamp { id, ns });
+        } else if icmp {
+            let dest = (msg.msg_namelen > 0)
+                .then(|| sockaddr_to_std(&name))
+                .flatten();
+            f(Queued::Unreachable { dest });
         }
     }
 }

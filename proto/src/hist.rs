@@ -475,6 +475,120 @@ fn value_at_index(c: HistogramConfig, index: usize) -> u64 {
     (sub as u64) << shift
 }
 
+/// The bucket `value` falls in, in HdrHistogram's layout for `c` (the crate's
+/// `index_for`, which it keeps private): the inverse of [`value_at_index`].
+fn index_of(c: HistogramConfig, value: u64) -> usize {
+    let sub_bucket_count_magnitude = (2 * 10u64.pow(u32::from(c.sigfig)))
+        .next_power_of_two()
+        .trailing_zeros();
+    let half_magnitude = sub_bucket_count_magnitude - 1;
+    let unit_magnitude = c.lowest.ilog2();
+    let sub_bucket_mask = ((1u64 << sub_bucket_count_magnitude) - 1) << unit_magnitude;
+    let leading_zero_count_base = 64 - unit_magnitude - half_magnitude - 1;
+    let bucket = leading_zero_count_base - (value | sub_bucket_mask).leading_zeros();
+    let sub = value >> (bucket + unit_magnitude);
+    let half = 1u64 << half_magnitude;
+    let index = (u64::from(bucket + 1) << half_magnitude) + sub - half;
+    usize::try_from(index).unwrap_or(usize::MAX)
+}
+
+/// Distinct buckets a [`Compact`] keeps as a sorted list (16 octets each) before it
+/// switches to the full bucket array: 4 KiB against about 220 KiB for a latency histogram.
+const COMPACT_MAX_ENTRIES: usize = 256;
+
+/// A histogram of one metric's configuration that costs what it holds: a sorted list of
+/// its non-empty buckets while they are few (a window of a low-rate path: kilobytes), the
+/// full HdrHistogram bucket array once they are many (a high-rate path). Either way the
+/// buckets are HdrHistogram's, so [`Compact::into_histogram`] is exactly the histogram the
+/// same values recorded into [`Metric::new_histogram`] would make, and it encodes and
+/// merges as one. Values above the configuration's highest are recorded at the highest.
+#[derive(Debug, Clone)]
+pub struct Compact {
+    metric: Metric,
+    /// (bucket index, count), sorted by index; empty once `dense` is set.
+    sparse: Vec<(u32, u64)>,
+    dense: Option<Box<Histogram<u64>>>,
+    len: u64,
+}
+
+impl Compact {
+    /// An empty histogram of `metric`: no allocation until it records.
+    pub const fn new(metric: Metric) -> Self {
+        Self {
+            metric,
+            sparse: Vec::new(),
+            dense: None,
+            len: 0,
+        }
+    }
+
+    /// The metric it belongs to.
+    pub const fn metric(&self) -> Metric {
+        self.metric
+    }
+
+    /// Values recorded.
+    pub const fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when nothing was recorded.
+    pub const fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Octets of bucket storage it holds (for the agent's memory accounting).
+    pub fn footprint(&self) -> usize {
+        self.dense
+            .as_ref()
+            .map_or(self.sparse.capacity() * size_of::<(u32, u64)>(), |h| {
+                h.distinct_values() * size_of::<u64>()
+            })
+    }
+
+    /// Records `value` once (at the configuration's highest if it is above).
+    pub fn record(&mut self, value: u64) {
+        let c = self.metric.config();
+        let value = value.min(c.highest);
+        self.len = self.len.saturating_add(1);
+        if let Some(h) = self.dense.as_mut() {
+            h.saturating_record(value);
+            return;
+        }
+        let index = u32::try_from(index_of(c, value)).unwrap_or(u32::MAX);
+        match self.sparse.binary_search_by_key(&index, |e| e.0) {
+            Ok(at) => self.sparse[at].1 = self.sparse[at].1.saturating_add(1),
+            Err(at) if self.sparse.len() < COMPACT_MAX_ENTRIES => {
+                self.sparse.insert(at, (index, 1));
+            }
+            Err(_) => {
+                let mut h = self.build();
+                h.saturating_record(value);
+                self.sparse = Vec::new();
+                self.dense = Some(Box::new(h));
+            }
+        }
+    }
+
+    fn build(&self) -> Histogram<u64> {
+        let c = self.metric.config();
+        let mut h = self.metric.new_histogram();
+        for &(index, count) in &self.sparse {
+            // The bucket's lowest value lands in the same bucket: exact.
+            let _ = h.record_n(value_at_index(c, index as usize), count);
+        }
+        h
+    }
+
+    /// The same values as a histogram of [`Metric::new_histogram`]'s configuration.
+    pub fn into_histogram(self) -> Histogram<u64> {
+        match self.dense {
+            Some(h) => *h,
+            None => self.build(),
+        }
+    }
+}
+
 /// Decodes a V2 histogram (compressed or not) of `metric` and adds it into `into`, exactly,
 /// without building a second histogram: the same result as [`decode`] then [`merge`], for
 /// a fraction of the memory traffic. On any error `into` is unchanged.
@@ -657,6 +771,36 @@ mod tests {
         assert_eq!((us.min, us.p50, us.max), (0.001, 0.5, 1.0));
     }
 
+    #[test]
+    fn compact_buckets_are_hdrhistograms_buckets() {
+        for m in [Metric::Rtt, Metric::LossRun, Metric::Throughput] {
+            let c = m.config();
+            let h = m.new_histogram();
+            let mut v = 0u64;
+            while v <= c.highest {
+                let i = index_of(c, v);
+                assert_eq!(
+                    value_at_index(c, i),
+                    h.lowest_equivalent(v),
+                    "{} {v}",
+                    m.key()
+                );
+                v = v * 3 / 2 + 1;
+            }
+        }
+    }
+
+    #[test]
+    fn a_compact_histogram_of_a_low_rate_window_costs_kilobytes() {
+        let mut c = Compact::new(Metric::Rtt);
+        for i in 0..1_000u64 {
+            c.record(1_000_000 + (i % 200) * 1_000);
+        }
+        assert!(c.footprint() <= 4096, "{} octets", c.footprint());
+        let h = c.into_histogram();
+        assert_eq!(h.len(), 1_000);
+    }
+
     proptest! {
         #[test]
         fn round_trip_any_samples(metric in prop::sample::select(Metric::ALL.to_vec()),
@@ -664,6 +808,21 @@ mod tests {
             let h = recorded(metric, &values);
             let back = decode(metric, &encode(metric, &h).unwrap()).unwrap();
             prop_assert_eq!(back, h);
+        }
+
+        #[test]
+        fn compact_equals_recording_directly(values in proptest::collection::vec(
+            prop_oneof![0u64..5_000, 0u64..200_000_000_000, any::<u64>()], 0..2_000)) {
+            let mut c = Compact::new(Metric::Rtt);
+            let mut direct = Metric::Rtt.new_histogram();
+            for &v in &values {
+                c.record(v);
+                direct.saturating_record(v.min(Metric::Rtt.config().highest));
+            }
+            prop_assert_eq!(c.len(), values.len() as u64);
+            let h = c.into_histogram();
+            prop_assert_eq!(&h, &direct);
+            prop_assert_eq!(encode(Metric::Rtt, &h).unwrap(), encode(Metric::Rtt, &direct).unwrap());
         }
 
         #[test]

@@ -16,8 +16,10 @@
 //! block on a ring, log or allocate per packet: a full ring drops the record and counts
 //! it.
 
+pub mod mux;
 mod schedule;
 pub mod session;
+pub mod timetable;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -164,6 +166,11 @@ pub fn push<T>(q: &ArrayQueue<T>, v: T, drops: &AtomicU64) {
 pub trait Sink {
     /// A window closed.
     fn window(&mut self, w: &WindowStats);
+    /// A window closed, handed over (for a sink that sends it on: no copy of its
+    /// histograms). Used in place of [`Self::window`] when the session keeps no windows.
+    fn window_owned(&mut self, w: WindowStats) {
+        self.window(&w);
+    }
     /// Probes decided since the last call, in sequence order.
     fn probes(&mut self, _decided: &[Decided]) {}
     /// Whether to follow probes one by one (costs a record per probe).

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use hdrhistogram::Histogram;
-use pathprobe_proto::hist::Metric;
+use pathprobe_proto::hist::{Compact, Metric};
 use pathprobe_proto::report::{ClockState, Counters};
 
 /// Fixed parameters of a session.
@@ -45,9 +45,10 @@ pub const MAX_IN_FLIGHT: u64 = 1 << 19;
 
 impl TrackerConfig {
     /// Ring size: twice the probes that can be in flight, so that a decided probe is still
-    /// remembered when a late or duplicate reply for it arrives.
-    fn ring_len(&self) -> usize {
-        let in_flight = self.late_timeout_ns / self.interval_ns.max(1) + 1024;
+    /// remembered when a late or duplicate reply for it arrives. Sized to the rate: a path
+    /// at 10/s with a 2 s timeout keeps 128 slots (about 10 KiB), not a fixed thousand.
+    pub(crate) fn ring_len(&self) -> usize {
+        let in_flight = self.late_timeout_ns / self.interval_ns.max(1) + 64;
         let len = (2 * in_flight.min(MAX_IN_FLIGHT)).next_power_of_two();
         usize::try_from(len).unwrap_or(1 << 20)
     }
@@ -235,10 +236,12 @@ struct Slot {
 struct WindowAcc {
     index: u64,
     counters: Counters,
-    rtt: Histogram<u64>,
-    rtt_sched: Histogram<u64>,
-    ipdv: Histogram<u64>,
-    loss_run: Histogram<u64>,
+    // Compact while a window holds few distinct values: an open window of a low-rate path
+    // costs kilobytes, not the 220 KiB of each full latency histogram.
+    rtt: Compact,
+    rtt_sched: Compact,
+    ipdv: Compact,
+    loss_run: Compact,
     /// (forward, reverse, rtt) before the clock offset is removed.
     owd_raw: Vec<(i64, i64, u64)>,
     all_synchronized: bool,
@@ -251,10 +254,10 @@ impl WindowAcc {
         Self {
             index,
             counters: Counters::default(),
-            rtt: Metric::Rtt.new_histogram(),
-            rtt_sched: Metric::RttScheduled.new_histogram(),
-            ipdv: Metric::Ipdv.new_histogram(),
-            loss_run: Metric::LossRun.new_histogram(),
+            rtt: Compact::new(Metric::Rtt),
+            rtt_sched: Compact::new(Metric::RttScheduled),
+            ipdv: Compact::new(Metric::Ipdv),
+            loss_run: Compact::new(Metric::LossRun),
             owd_raw: Vec::new(),
             all_synchronized: true,
             max_sync_error_ns: 0,
@@ -516,10 +519,10 @@ impl Tracker {
         if reordered {
             acc.counters.reordered += 1;
         }
-        acc.rtt.saturating_record(rtt.max(1));
-        acc.rtt_sched.saturating_record(rtt_sched.max(1));
+        acc.rtt.record(rtt.max(1));
+        acc.rtt_sched.record(rtt_sched.max(1));
         for d in ipdv.into_iter().flatten() {
-            acc.ipdv.saturating_record(d);
+            acc.ipdv.record(d);
         }
         if let (true, Ok(fwd), Ok(rev)) = (reply.far_times, i64::try_from(fwd), i64::try_from(rev))
         {
@@ -530,6 +533,25 @@ impl Tracker {
                 Some(err) => acc.max_sync_error_ns = acc.max_sync_error_ns.max(err),
                 None => acc.all_synchronized = false,
             }
+        }
+    }
+
+    /// The earliest time a [`Self::poll`] can decide a probe or close a window, without
+    /// a new event: the oldest undecided probe's late timeout, or the oldest open window's
+    /// end plus the late timeout.
+    pub fn next_due(&self) -> Option<u64> {
+        let timeout = self.cfg.late_timeout_ns;
+        let probe = (self.cursor < self.next_seq64).then(|| {
+            let i = usize::try_from(self.cursor & self.mask).unwrap_or(0);
+            self.ring[i].scheduled_ns.saturating_add(timeout)
+        });
+        let window = self
+            .windows
+            .front()
+            .map(|w| self.window_end_mono(w.index).saturating_add(timeout));
+        match (probe, window) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -589,7 +611,7 @@ impl Tracker {
                 );
                 let run = std::mem::take(&mut self.loss_run);
                 if run > 0 {
-                    self.window(w).loss_run.saturating_record(run);
+                    self.window(w).loss_run.record(run);
                 }
             }
             State::Empty | State::Lost => {}
@@ -607,7 +629,7 @@ impl Tracker {
         let run = std::mem::take(&mut self.loss_run);
         if run > 0 && !self.windows.is_empty() {
             let last = self.windows.len() - 1;
-            self.windows[last].loss_run.saturating_record(run);
+            self.windows[last].loss_run.record(run);
         }
         while !self.windows.is_empty() {
             let end = (self.windows.len() == 1).then_some(now_wall_ns);
@@ -625,16 +647,9 @@ impl Tracker {
         let mut counters = acc.counters;
         let mut histograms = BTreeMap::new();
         let (owd_clock, fwd, rev) = owd(&acc, self.cfg.local_sync.is_some(), &mut counters);
-        for (m, h) in [
-            (Metric::Rtt, acc.rtt),
-            (Metric::RttScheduled, acc.rtt_sched),
-            (Metric::Ipdv, acc.ipdv),
-            (Metric::LossRun, acc.loss_run),
-            (Metric::OwdForward, fwd),
-            (Metric::OwdReverse, rev),
-        ] {
+        for h in [acc.rtt, acc.rtt_sched, acc.ipdv, acc.loss_run, fwd, rev] {
             if !h.is_empty() {
-                histograms.insert(m, h);
+                histograms.insert(h.metric(), h.into_histogram());
             }
         }
         self.closed.push(WindowStats {
@@ -664,9 +679,9 @@ fn owd(
     acc: &WindowAcc,
     local_synchronized: bool,
     counters: &mut Counters,
-) -> (ClockState, Histogram<u64>, Histogram<u64>) {
-    let mut fwd = Metric::OwdForward.new_histogram();
-    let mut rev = Metric::OwdReverse.new_histogram();
+) -> (ClockState, Compact, Compact) {
+    let mut fwd = Compact::new(Metric::OwdForward);
+    let mut rev = Compact::new(Metric::OwdReverse);
     if acc.owd_raw.is_empty() {
         return (ClockState::Unavailable, fwd, rev);
     }
@@ -700,10 +715,10 @@ fn owd(
             (r.saturating_add(offset), &mut rev),
         ] {
             if let Ok(v) = u64::try_from(value) {
-                h.saturating_record(v);
+                h.record(v);
             } else {
                 counters.owd_clamped += 1;
-                h.saturating_record(0);
+                h.record(0);
             }
         }
     }

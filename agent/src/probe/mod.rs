@@ -18,10 +18,11 @@ use std::time::Duration;
 use pathprobe_proto::report::{ProbeProtocol, TimestampSource, Timestamping};
 use pathprobe_proto::stamp::tlv::{ClassOfService, HEADER_LEN};
 use pathprobe_proto::stamp::{AuthKey, Mode};
-use socket2::Socket;
+use std::sync::Arc;
 
 pub use crate::engine::Sink;
 use crate::engine::Timing;
+use crate::engine::mux::{self, Transport};
 use crate::engine::session::{MAX_IN_FLIGHT, WindowStats};
 use crate::{Error, Result};
 
@@ -134,7 +135,8 @@ impl ProbeConfig {
 /// The probe kind a session runs, with what it sends with.
 #[derive(Debug)]
 enum Kind {
-    Stamp(Socket),
+    /// The socket the shared engine runs the path on.
+    Stamp(Arc<Transport>),
     TcpSyn(tcp::SynSocket),
     /// A socket per probe, opened as it goes.
     TcpConnect,
@@ -159,13 +161,8 @@ impl Prober {
         cfg.validate()?;
         let (kind, timestamping, local) = match cfg.protocol {
             ProbeProtocol::Stamp => {
-                let (sock, timestamping) = stamp::open(&cfg)?;
-                let local = sock
-                    .local_addr()
-                    .ok()
-                    .and_then(|a| a.as_socket())
-                    .unwrap_or(cfg.target);
-                (Kind::Stamp(sock), timestamping, local)
+                let (tr, info) = mux::open_one(&cfg)?;
+                (Kind::Stamp(tr), info.timestamping, info.local)
             }
             ProbeProtocol::TcpSyn => {
                 let (syn, timestamping) = tcp::SynSocket::open(&cfg)?;
@@ -184,8 +181,7 @@ impl Prober {
         };
         // The kernel reports its default (net.ipv4.ip_default_ttl) for a socket with none set.
         let sent_ttl = match &kind {
-            Kind::Stamp(sock) if cfg.target.is_ipv6() => sock.unicast_hops_v6().ok(),
-            Kind::Stamp(sock) => sock.ttl_v4().ok(),
+            Kind::Stamp(tr) => tr.sent_ttl(&cfg).map(u32::from),
             Kind::TcpSyn(syn) => syn.ttl().map(u32::from),
             Kind::TcpConnect => None,
         }
@@ -227,7 +223,7 @@ impl Prober {
     /// Like [`Self::run`], with every result going to `sink`.
     pub fn run_into(&self, stop: &AtomicBool, sink: &mut dyn Sink) -> Result<Vec<WindowStats>> {
         match &self.kind {
-            Kind::Stamp(sock) => stamp::run(&self.cfg, sock, stop, sink),
+            Kind::Stamp(tr) => mux::run_one(tr, &self.cfg, stop, sink),
             Kind::TcpSyn(syn) => syn.run(&self.cfg, stop, sink),
             Kind::TcpConnect => tcp::run_connect(&self.cfg, stop, sink),
         }
