@@ -18,16 +18,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{Scope, ScopedJoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use pathprobe_proto::report::{PathInfo, PathKind};
+use pathprobe_proto::report::{PathInfo, PathKind, ProbeProtocol};
 
 use crate::delivery::{self, Courier, Destination};
+use crate::engine::Sink;
+use crate::engine::mux::{self, Engine, PathHandle};
+use crate::engine::session::WindowStats;
 use crate::failover::{self, Failover, Verdict};
 use crate::output::{self, Labels};
 use crate::plan::{AgentPlan, DrillPlan, PathPlan};
 use crate::probe::Prober;
 use crate::reflector::{self, ReflectorConfig, ReflectorStats};
+use crate::watch::{Observed, PathWatch};
 use crate::{Error, Result};
 
 /// How long a path waits after a failure before it tries again, at most.
@@ -65,6 +69,91 @@ fn retire<P, T>(handles: Vec<Handle<'_, P, T>>) -> Vec<std::thread::Result<T>> {
 /// A path or a drill: a handle started with the agent's labels and its own plan.
 type Part<'s, P, T> = Handle<'s, (Agent, P), T>;
 
+/// What a running part was started with.
+trait Planned<P> {
+    fn planned(&self) -> &(Agent, P);
+}
+
+impl<P, T> Planned<P> for Part<'_, P, T> {
+    fn planned(&self) -> &(Agent, P) {
+        &self.plan
+    }
+}
+
+/// A STAMP path on the agent's engine: its handle, or (while `None`) when it is tried
+/// again.
+struct EnginePart {
+    plan: (Agent, PathPlan),
+    handle: Option<PathHandle>,
+    retry_at: Instant,
+    backoff: Duration,
+    started: Instant,
+}
+
+impl Planned<PathPlan> for EnginePart {
+    fn planned(&self) -> &(Agent, PathPlan) {
+        &self.plan
+    }
+}
+
+/// What the reporter thread needs of a path: its labels and its watcher.
+struct PathCtx {
+    labels: Labels,
+    watch: Mutex<PathWatch>,
+}
+
+/// A closed window of a path on the engine, on its way to the reporter thread.
+type Reported = (Arc<PathCtx>, WindowStats);
+
+/// The sink of an engine path: every window to the reporter thread, as it is (the
+/// engine keeps none).
+struct ToReporter {
+    ctx: Arc<PathCtx>,
+    tx: mpsc::Sender<Reported>,
+}
+
+impl Sink for ToReporter {
+    fn window(&mut self, w: &WindowStats) {
+        let _ = self.tx.send((Arc::clone(&self.ctx), w.clone()));
+    }
+    fn window_owned(&mut self, w: WindowStats) {
+        let _ = self.tx.send((Arc::clone(&self.ctx), w));
+    }
+    fn keeps_windows(&self) -> bool {
+        false
+    }
+}
+
+/// The reporter thread: for every path on the engine, each window's signature and events
+/// (a trace when the signature changed), its log line, and its report to the uploader.
+/// One thread for all paths: a trace holds up the others' reports (never their
+/// probing) for its few seconds.
+fn reporter(rx: &mpsc::Receiver<Reported>, tx: &mpsc::Sender<Vec<u8>>) {
+    for (ctx, w) in rx {
+        let seen = ctx
+            .watch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .window(&w);
+        emit(&ctx.labels, &w, &seen, tx);
+    }
+}
+
+/// A window's log line, its events, and its report to the uploader.
+fn emit(labels: &Labels, w: &WindowStats, seen: &Observed, tx: &mpsc::Sender<Vec<u8>>) {
+    let f = output::window_figures(labels, w, seen);
+    tracing::info!("{}", output::line(&f));
+    for e in &seen.events {
+        tracing::warn!(path = %labels.path.name, "{}", output::event_text(e));
+    }
+    match output::report(labels, w, seen).and_then(|r| Ok(r.to_json()?)) {
+        Ok(json) => {
+            let _ = tx.send(json);
+        }
+        Err(e) => tracing::error!(error = %e, "cannot build a window report"),
+    }
+}
+
 /// What a new plan changed, by name, for the log.
 #[derive(Debug, Default)]
 struct Changes {
@@ -77,18 +166,19 @@ struct Changes {
 /// Sorts `running` against `wanted` (by name): a handle whose plan (with the agent's
 /// labels) is wanted as it is stays; the others are taken out and returned, to stop; the
 /// plans to start are returned too. Each is noted in `changes`.
-fn sort_out<'s, P: PartialEq, T>(
-    running: &mut BTreeMap<String, Part<'s, P, T>>,
+fn sort_out<P: PartialEq, H: Planned<P>>(
+    running: &mut BTreeMap<String, H>,
     wanted: Vec<(String, P)>,
     agent: &Agent,
     changes: &mut Changes,
-) -> (Vec<Part<'s, P, T>>, Vec<P>) {
+) -> (Vec<H>, Vec<P>) {
     let mut leaving = Vec::new();
     let mut to_start = Vec::new();
     let names: Vec<String> = running.keys().cloned().collect();
     for name in names {
         let same = wanted.iter().any(|(n, p)| {
-            *n == name && running[&name].plan.0 == *agent && running[&name].plan.1 == *p
+            let (a, q) = running[&name].planned();
+            *n == name && a == agent && q == p
         });
         if same {
             changes.kept += 1;
@@ -126,7 +216,13 @@ struct Running<'scope, 'env> {
     /// The uploaders' end of the reports channel: one uploader at a time holds it.
     rx: &'env Mutex<mpsc::Receiver<Vec<u8>>>,
     stats: &'env ReflectorStats,
+    /// TCP paths, each on a thread of its own.
     paths: BTreeMap<String, Part<'scope, PathPlan, ()>>,
+    /// STAMP paths, on the engine.
+    stamp_paths: BTreeMap<String, EnginePart>,
+    engine: Option<Engine<'scope>>,
+    report_tx: Option<mpsc::Sender<Reported>>,
+    reporter: Option<ScopedJoinHandle<'scope, ()>>,
     drills: BTreeMap<String, Part<'scope, DrillPlan, ()>>,
     reflector: Option<Handle<'scope, ReflectorConfig, Result<()>>>,
     uploader: Option<Handle<'scope, Destination, ()>>,
@@ -136,6 +232,19 @@ struct Running<'scope, 'env> {
 
 impl Running<'_, '_> {
     fn start_path(&mut self, p: PathPlan, first: Option<Prober>) {
+        if p.probe.protocol == ProbeProtocol::Stamp {
+            let now = Instant::now();
+            let mut part = EnginePart {
+                plan: (self.agent.clone(), p),
+                handle: None,
+                retry_at: now,
+                backoff: Duration::from_secs(1),
+                started: now,
+            };
+            self.open_on_engine(&mut part);
+            self.stamp_paths.insert(part.plan.1.name.clone(), part);
+            return;
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, tx, agent, plan) = (
             Arc::clone(&stop),
@@ -154,6 +263,101 @@ impl Running<'_, '_> {
                 thread,
             },
         );
+    }
+
+    /// Adds a STAMP path to the engine; on failure (an address not up yet) it is tried
+    /// again with back-off.
+    fn open_on_engine(&self, part: &mut EnginePart) {
+        let (Some(engine), Some(tx)) = (self.engine.as_ref(), self.report_tx.as_ref()) else {
+            return;
+        };
+        let (agent, p) = &part.plan;
+        let probe = &p.probe;
+        let added = engine.add(probe, |info| {
+            let labels = Labels {
+                path: PathInfo {
+                    name: p.name.clone(),
+                    kind: p.kind,
+                    local: info.local,
+                    remote: probe.target,
+                    protocol: probe.protocol,
+                    dscp: probe.dscp,
+                    packet_size: u16::try_from(probe.size).unwrap_or(u16::MAX),
+                },
+                agent_id: agent.id.clone(),
+                site: agent.site.clone(),
+                timestamping: info.timestamping,
+            };
+            Box::new(ToReporter {
+                ctx: Arc::new(PathCtx {
+                    labels,
+                    watch: Mutex::new(PathWatch::for_path(probe, info.sent_ttl)),
+                }),
+                tx: tx.clone(),
+            })
+        });
+        match added {
+            Ok(h) => {
+                tracing::info!(path = %p.name, target = %probe.target, "probing");
+                part.handle = Some(h);
+                part.started = Instant::now();
+            }
+            Err(e) => {
+                tracing::error!(path = %p.name, error = %e, retry_in = ?part.backoff, "cannot open the path: trying again");
+                part.retry_at = Instant::now() + part.backoff;
+                part.backoff = (part.backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+
+    /// Engine paths that ended (they never should) are started again with back-off;
+    /// those waiting are tried when their time comes.
+    fn tend_engine_paths(&mut self) {
+        let mut parts = std::mem::take(&mut self.stamp_paths);
+        for part in parts.values_mut() {
+            let name = &part.plan.1.name;
+            if let Some(end) = part.handle.as_ref().and_then(PathHandle::ended) {
+                match end {
+                    Ok(_) => {
+                        tracing::warn!(path = %name, retry_in = ?part.backoff, "probing ended: starting again");
+                    }
+                    Err(e) => {
+                        tracing::error!(path = %name, error = %e, retry_in = ?part.backoff, "probing stopped: starting again");
+                    }
+                }
+                // A session that ran a while was healthy: start the back-off over.
+                if part.started.elapsed() > MAX_BACKOFF {
+                    part.backoff = Duration::from_secs(1);
+                }
+                part.handle = None;
+                part.retry_at = Instant::now() + part.backoff;
+                part.backoff = (part.backoff * 2).min(MAX_BACKOFF);
+            }
+            if part.handle.is_none() && Instant::now() >= part.retry_at {
+                self.open_on_engine(part);
+            }
+        }
+        self.stamp_paths = parts;
+    }
+
+    /// Stops engine paths together and waits for each to end: its probes in flight get
+    /// their late timeout and its last window goes to the reporter.
+    fn retire_engine_paths(&self, parts: Vec<EnginePart>) {
+        let Some(engine) = self.engine.as_ref() else {
+            return;
+        };
+        for h in parts.iter().filter_map(|p| p.handle.as_ref()) {
+            engine.stop_path(h.id);
+        }
+        for part in &parts {
+            let Some(h) = part.handle.as_ref() else {
+                continue;
+            };
+            let late = Duration::from_nanos(part.plan.1.probe.late_timeout_ns);
+            if h.wait(late + Duration::from_secs(5)).is_none() {
+                tracing::error!(path = %part.plan.1.name, "the path did not stop in time: its last window may be missing");
+            }
+        }
     }
 
     fn start_drill(&mut self, d: DrillPlan) {
@@ -216,12 +420,23 @@ impl Running<'_, '_> {
         self.agent = agent.clone();
         let mut changes = Changes::default();
         let named = |p: PathPlan| (p.name.clone(), p);
-        let (old_paths, new_paths) = sort_out(
+        let (stamp, tcp): (Vec<PathPlan>, Vec<PathPlan>) = next
+            .paths
+            .into_iter()
+            .partition(|p| p.probe.protocol == ProbeProtocol::Stamp);
+        let (old_paths, mut new_paths) = sort_out(
             &mut self.paths,
-            next.paths.into_iter().map(named).collect(),
+            tcp.into_iter().map(named).collect(),
             &agent,
             &mut changes,
         );
+        let (old_stamp, new_stamp) = sort_out(
+            &mut self.stamp_paths,
+            stamp.into_iter().map(named).collect(),
+            &agent,
+            &mut changes,
+        );
+        new_paths.extend(new_stamp);
         let (old_drills, new_drills) = sort_out(
             &mut self.drills,
             next.drills
@@ -232,6 +447,7 @@ impl Running<'_, '_> {
             &mut changes,
         );
         // Each path's last window goes to the uploader before anything starts again on it.
+        self.retire_engine_paths(old_stamp);
         retire(old_paths);
         retire(old_drills);
         for p in new_paths {
@@ -329,8 +545,20 @@ impl Running<'_, '_> {
     /// then the reflector, then the uploader (which delivers what it can). The reflector's
     /// outcome, when it failed.
     fn shut_down(mut self) -> Result<()> {
+        let stamp = std::mem::take(&mut self.stamp_paths)
+            .into_values()
+            .collect();
+        self.retire_engine_paths(stamp);
         retire(std::mem::take(&mut self.paths).into_values().collect());
         retire(std::mem::take(&mut self.drills).into_values().collect());
+        // The engine's threads end; then the reporter, once it has passed every window on.
+        if let Some(engine) = self.engine.take() {
+            engine.shutdown();
+        }
+        self.report_tx = None;
+        if let Some(r) = self.reporter.take() {
+            let _ = r.join();
+        }
         let mut outcome = Ok(());
         if let Some(h) = self.reflector.take() {
             match retire(vec![h]).pop() {
@@ -370,8 +598,8 @@ pub fn run(
     for p in &plan.paths {
         // A setting the agent cannot use (a privilege it lacks) is refused now; anything
         // else (an address not up yet) is tried again by the path's thread.
-        let first = match Prober::open(p.probe.clone()) {
-            Ok(prober) => Some(prober),
+        let first = match open_first(&p.probe) {
+            Ok(prober) => prober,
             Err(e @ Error::Config(_)) => {
                 return Err(Error::Config(format!("path `{}`: {e}", p.name)));
             }
@@ -395,9 +623,23 @@ pub fn run(
     let (tx, rx) = mpsc::channel::<Vec<u8>>();
     let rx = Mutex::new(rx);
     let stats = ReflectorStats::default();
+    // Rings for twice the rate the plan starts with: room for a reload to add paths.
+    let rate: f64 = plan
+        .paths
+        .iter()
+        .filter(|p| p.probe.protocol == ProbeProtocol::Stamp)
+        .map(|p| 1e9 / p.probe.interval_ns.max(1) as f64)
+        .sum();
     std::thread::scope(|s| -> Result<()> {
+        let (report_tx, report_rx) = mpsc::channel::<Reported>();
+        let uploads = tx.clone();
+        let reporter_thread = s.spawn(move || reporter(&report_rx, &uploads));
         let mut running = Running {
             scope: s,
+            stamp_paths: BTreeMap::new(),
+            engine: Some(Engine::start(s, mux::ring_for_rate(2.0 * rate))),
+            report_tx: Some(report_tx),
+            reporter: Some(reporter_thread),
             agent: Agent {
                 id: plan.agent_id.clone(),
                 site: plan.site.clone(),
@@ -458,6 +700,7 @@ fn supervise(
             return Some("the uploader stopped");
         }
         running.discard_undeliverable();
+        running.tend_engine_paths();
         match reload() {
             None => {}
             Some(Ok(next)) => running.apply(next),
@@ -470,10 +713,20 @@ fn supervise(
     None
 }
 
+/// Checks that a path can be opened as configured: a STAMP path's socket is opened and
+/// closed (the engine opens its own), a TCP path's prober is kept for its thread.
+fn open_first(probe: &crate::probe::ProbeConfig) -> Result<Option<Prober>> {
+    if probe.protocol == ProbeProtocol::Stamp {
+        mux::open_one(probe).map(|_| None)
+    } else {
+        Prober::open(probe.clone()).map(Some)
+    }
+}
+
 /// Sleeps `d` in short steps; false if `stop` was set meanwhile.
 fn pause(d: Duration, stop: &AtomicBool) -> bool {
-    let until = std::time::Instant::now() + d;
-    while std::time::Instant::now() < until {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
         if stop.load(Ordering::Relaxed) {
             return false;
         }
@@ -525,20 +778,10 @@ fn probe_path(
             timestamping: prober.timestamping,
         };
         tracing::info!(path = %p.name, target = %probe.target, "probing");
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let session = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             crate::watch::run_watched(&prober, stop, false, |w, seen| {
-                let f = output::window_figures(&labels, w, seen);
-                tracing::info!("{}", output::line(&f));
-                for e in &seen.events {
-                    tracing::warn!(path = %labels.path.name, "{}", output::event_text(e));
-                }
-                match output::report(&labels, w, seen).and_then(|r| Ok(r.to_json()?)) {
-                    Ok(json) => {
-                        let _ = tx.send(json);
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot build a window report"),
-                }
+                emit(&labels, w, seen, tx);
             })
         }));
         if stop.load(Ordering::Relaxed) {

@@ -163,10 +163,14 @@ const TRACE_WAIT: Duration = Duration::from_millis(500);
 impl PathWatch {
     /// A watcher for `prober`'s path.
     pub fn new(prober: &Prober) -> Self {
-        let cfg = prober.config();
+        Self::for_path(prober.config(), prober.sent_ttl)
+    }
+
+    /// A watcher for a path probed as `cfg` says, its probes leaving with `sent_ttl`.
+    pub fn for_path(cfg: &crate::probe::ProbeConfig, sent_ttl: Option<u8>) -> Self {
         Self {
             watcher: Watcher::default(),
-            sent_ttl: prober.sent_ttl,
+            sent_ttl,
             dscp: cfg.dscp,
             trace: TraceConfig {
                 target: cfg.target,
