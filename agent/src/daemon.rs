@@ -122,6 +122,9 @@ impl Sink for ToReporter {
     fn keeps_windows(&self) -> bool {
         false
     }
+    fn compact_windows(&self) -> bool {
+        true
+    }
 }
 
 /// The reporter thread: for every path on the engine, each window's signature and events
@@ -129,7 +132,8 @@ impl Sink for ToReporter {
 /// One thread for all paths: a trace holds up the others' reports (never their
 /// probing) for its few seconds.
 fn reporter(rx: &mpsc::Receiver<Reported>, tx: &mpsc::Sender<Vec<u8>>) {
-    for (ctx, w) in rx {
+    for (ctx, mut w) in rx {
+        w.materialize();
         let seen = ctx
             .watch
             .lock()
@@ -342,14 +346,14 @@ impl Running<'_, '_> {
 
     /// Stops engine paths together and waits for each to end: its probes in flight get
     /// their late timeout and its last window goes to the reporter.
-    fn retire_engine_paths(&self, parts: Vec<EnginePart>) {
+    fn retire_engine_paths(&self, parts: &[EnginePart]) {
         let Some(engine) = self.engine.as_ref() else {
             return;
         };
         for h in parts.iter().filter_map(|p| p.handle.as_ref()) {
             engine.stop_path(h.id);
         }
-        for part in &parts {
+        for part in parts {
             let Some(h) = part.handle.as_ref() else {
                 continue;
             };
@@ -447,7 +451,7 @@ impl Running<'_, '_> {
             &mut changes,
         );
         // Each path's last window goes to the uploader before anything starts again on it.
-        self.retire_engine_paths(old_stamp);
+        self.retire_engine_paths(&old_stamp);
         retire(old_paths);
         retire(old_drills);
         for p in new_paths {
@@ -545,10 +549,10 @@ impl Running<'_, '_> {
     /// then the reflector, then the uploader (which delivers what it can). The reflector's
     /// outcome, when it failed.
     fn shut_down(mut self) -> Result<()> {
-        let stamp = std::mem::take(&mut self.stamp_paths)
+        let stamp: Vec<EnginePart> = std::mem::take(&mut self.stamp_paths)
             .into_values()
             .collect();
-        self.retire_engine_paths(stamp);
+        self.retire_engine_paths(&stamp);
         retire(std::mem::take(&mut self.paths).into_values().collect());
         retire(std::mem::take(&mut self.drills).into_values().collect());
         // The engine's threads end; then the reporter, once it has passed every window on.
@@ -628,7 +632,7 @@ pub fn run(
         .paths
         .iter()
         .filter(|p| p.probe.protocol == ProbeProtocol::Stamp)
-        .map(|p| 1e9 / p.probe.interval_ns.max(1) as f64)
+        .map(|p| 1.0 / Duration::from_nanos(p.probe.interval_ns.max(1)).as_secs_f64())
         .sum();
     std::thread::scope(|s| -> Result<()> {
         let (report_tx, report_rx) = mpsc::channel::<Reported>();

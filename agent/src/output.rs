@@ -237,6 +237,7 @@ pub fn merge(windows: &[WindowStats]) -> Result<Option<WindowStats>> {
         };
     }
     Ok(Some(WindowStats {
+        compact: BTreeMap::new(),
         index: first.index,
         start_wall_ns: first.start_wall_ns,
         end_wall_ns: last.end_wall_ns,
@@ -254,6 +255,7 @@ fn cell(v: Option<f64>) -> String {
 
 /// One line per window for a terminal.
 pub fn line(f: &Figures) -> String {
+    use std::fmt::Write as _;
     let loss = f
         .loss_pct
         .map_or_else(|| "-".to_string(), |p| format!("{p:.3}%"));
@@ -276,8 +278,16 @@ pub fn line(f: &Figures) -> String {
         ),
         _ => String::new(),
     };
+    // Said only when they happen: this machine did not keep up.
+    let mut behind = String::new();
+    if f.counters.send_slots_missed > 0 {
+        let _ = write!(behind, " missed {}", f.counters.send_slots_missed);
+    }
+    if f.counters.ring_drops > 0 {
+        let _ = write!(behind, " ring-drops {}", f.counters.ring_drops);
+    }
     format!(
-        "{} {} sent {} recv {} lost {} ({loss}) reord {} dup {} late {} | {rtt}{ipdv}{owd}",
+        "{} {} sent {} recv {} lost {} ({loss}) reord {} dup {} late {}{behind} | {rtt}{ipdv}{owd}",
         f.end,
         f.path,
         f.counters.sent,

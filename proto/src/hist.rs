@@ -502,7 +502,7 @@ const COMPACT_MAX_ENTRIES: usize = 256;
 /// buckets are HdrHistogram's, so [`Compact::into_histogram`] is exactly the histogram the
 /// same values recorded into [`Metric::new_histogram`] would make, and it encodes and
 /// merges as one. Values above the configuration's highest are recorded at the highest.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Compact {
     metric: Metric,
     /// (bucket index, count), sorted by index; empty once `dense` is set.

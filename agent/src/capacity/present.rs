@@ -267,6 +267,7 @@ pub fn stage_report(labels: &Labels, s: &StageResult) -> Result<WindowReport> {
     }
     let mut w = s.stamp.as_ref().map_or_else(
         || WindowStats {
+            compact: std::collections::BTreeMap::new(),
             index: 0,
             start_wall_ns: s.start_wall_ns,
             end_wall_ns: s.end_wall_ns,

@@ -173,6 +173,11 @@ pub trait Sink {
     }
     /// Probes decided since the last call, in sequence order.
     fn probes(&mut self, _decided: &[Decided]) {}
+    /// Whether closed windows may keep their histograms compact
+    /// ([`session::WindowStats::compact`]), for a sink that makes them full elsewhere.
+    fn compact_windows(&self) -> bool {
+        false
+    }
     /// Whether to follow probes one by one (costs a record per probe).
     fn wants_probes(&self) -> bool {
         false

@@ -56,8 +56,11 @@ use crate::{Error, Result};
 const BATCH: usize = 64;
 /// Slots the sender takes at one wake-up, at most.
 const MAX_DUE: usize = 4 * BATCH;
-/// Entries of the table that matches a socket's transmit stamps to probes.
-const TX_MAP: usize = 1 << 16;
+/// Entries of the table that matches a socket's transmit stamps to probes: a stamp comes
+/// back within a pass or two of its send, and one whose entry was taken since (the
+/// aggregator stalled for thousands of sends) is told by its id and ignored: the probe
+/// keeps the send time the sender read.
+const TX_MAP: usize = 1 << 12;
 /// The receiver wakes at most this often when the kernel dates every datagram (its
 /// stamps, not the moment it is read, date a reply, so reading a millisecond later loses
 /// nothing and saves a wake-up per reply at high rates).
@@ -71,8 +74,12 @@ const RING_MAX: usize = 1 << 16;
 /// expected to carry `probes_per_s` in all: a quarter of a second of them (each probe
 /// makes up to three records), from 4,096 to 65,536.
 pub fn ring_for_rate(probes_per_s: f64) -> usize {
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let want = (probes_per_s.max(0.0) * 0.75).min(RING_MAX as f64) as usize;
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a positive rate, capped far below usize::MAX"
+    )]
+    let want = (probes_per_s.max(0.0) * 0.75).min(f64::from(1u32 << 16)) as usize;
     want.next_power_of_two().clamp(RING_MIN, RING_MAX)
 }
 
@@ -338,7 +345,7 @@ enum RecvCmd {
     Add {
         tr: Arc<Transport>,
         target: SocketAddr,
-        peer: Peer,
+        peer: Box<Peer>,
     },
     Remove {
         sock: u32,
@@ -502,13 +509,13 @@ impl Core {
         let _ = self.to_receiver.send(RecvCmd::Add {
             tr: Arc::clone(&tr),
             target: canonical(cfg.target),
-            peer: Peer {
+            peer: Box::new(Peer {
                 path,
                 ssid: cfg.ssid,
                 mode: cfg.mode(),
                 key: cfg.key.clone(),
                 shared: Arc::clone(&shared),
-            },
+            }),
         });
         let timing = cfg.timing();
         let k = self.placed.fetch_add(1, Ordering::Relaxed);
@@ -581,6 +588,9 @@ impl Opened {
         if sink.wants_probes() {
             tracker.keep_decisions();
         }
+        if sink.compact_windows() {
+            tracker.keep_compact();
+        }
         let agg = AggPath {
             tracker,
             sink,
@@ -643,6 +653,44 @@ fn wait_until(core: &Core, deadline: u64, precise: bool, oversleep: &mut u64) ->
     }
 }
 
+/// The sender's commands: paths into and out of the timetable.
+fn take_commands(
+    inbox: &mpsc::Receiver<SendCmd>,
+    table: &mut Timetable,
+    paths: &mut Vec<Option<Box<SendPath>>>,
+    tx_ids: &mut Vec<u32>,
+    over: &mut Vec<u32>,
+) {
+    while let Ok(cmd) = inbox.try_recv() {
+        match cmd {
+            SendCmd::Add { path, p, slots } => {
+                let i = path as usize;
+                if paths.len() <= i {
+                    paths.resize_with(i + 1, || None);
+                }
+                let sock = p.tr.id as usize;
+                if tx_ids.len() <= sock {
+                    tx_ids.resize(sock + 1, 0);
+                }
+                paths[i] = Some(p);
+                table.add(path, slots);
+                if !table.contains(path) {
+                    over.push(path);
+                }
+            }
+            SendCmd::Remove { path } => {
+                if table.contains(path) {
+                    table.remove(path);
+                    over.push(path);
+                }
+                if let Some(p) = paths.get_mut(path as usize) {
+                    *p = None;
+                }
+            }
+        }
+    }
+}
+
 /// The sender: one timetable for every path, the due probes of each socket in one
 /// `sendmmsg`.
 fn sender(core: &Core, inbox: &mpsc::Receiver<SendCmd>) {
@@ -658,37 +706,10 @@ fn sender(core: &Core, inbox: &mpsc::Receiver<SendCmd>) {
     let mut queued: Vec<(u32, u32)> = Vec::with_capacity(BATCH);
     let mut oversleep = 50_000u64;
     while !core.stop.load(Ordering::Relaxed) {
-        while let Ok(cmd) = inbox.try_recv() {
-            match cmd {
-                SendCmd::Add { path, p, slots } => {
-                    let i = path as usize;
-                    if paths.len() <= i {
-                        paths.resize_with(i + 1, || None);
-                    }
-                    let sock = p.tr.id as usize;
-                    if tx_ids.len() <= sock {
-                        tx_ids.resize(sock + 1, 0);
-                    }
-                    paths[i] = Some(p);
-                    table.add(path, slots);
-                    if !table.contains(path) {
-                        over.push(path);
-                    }
-                }
-                SendCmd::Remove { path } => {
-                    if table.contains(path) {
-                        table.remove(path);
-                        over.push(path);
-                    }
-                    if let Some(p) = paths.get_mut(path as usize) {
-                        *p = None;
-                    }
-                }
-            }
-        }
+        take_commands(inbox, &mut table, &mut paths, &mut tx_ids, &mut over);
         // The aggregator must hear that a path is over: kept until the ring takes it.
         over.retain(|&path| core.tx_q.push(TxRec::Over { path }).is_err());
-        let Some((deadline, precise)) = table.next() else {
+        let Some((deadline, precise)) = table.next_deadline() else {
             thread::park_timeout(Duration::from_millis(100));
             continue;
         };
@@ -1021,18 +1042,17 @@ fn receiver(core: &Core, inbox: &mpsc::Receiver<RecvCmd>) {
             changed = true;
             match cmd {
                 RecvCmd::Add { tr, target, peer } => {
-                    let i = match socks.iter().position(|s| s.tr.id == tr.id) {
-                        Some(i) => i,
-                        None => {
-                            socks.push(RecvSock {
-                                tr,
-                                peers: HashMap::new(),
-                                paths: 0,
-                            });
-                            socks.len() - 1
-                        }
+                    let i = if let Some(i) = socks.iter().position(|s| s.tr.id == tr.id) {
+                        i
+                    } else {
+                        socks.push(RecvSock {
+                            tr,
+                            peers: HashMap::new(),
+                            paths: 0,
+                        });
+                        socks.len() - 1
                     };
-                    socks[i].peers.entry(target).or_default().push(peer);
+                    socks[i].peers.entry(target).or_default().push(*peer);
                     socks[i].paths += 1;
                 }
                 RecvCmd::Remove { sock, target, path } => {
@@ -1098,6 +1118,10 @@ fn receiver(core: &Core, inbox: &mpsc::Receiver<RecvCmd>) {
 // The aggregator.
 
 /// A path as the aggregator keeps it.
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "four independent facts of a path's life, each read on its own"
+)]
 struct AggPath<S: ?Sized> {
     tracker: Tracker,
     sink: Box<S>,
@@ -1173,7 +1197,7 @@ impl<'c, S: ?Sized + Sink> Aggregator<'c, S> {
     /// How long to sleep between passes: often enough that the rings cannot fill
     /// (a quarter of their room at the paths' rate), from 1 to 10 ms.
     fn pause(&self) -> Duration {
-        let cap = self.core.rx_q.capacity() as f64;
+        let cap = f64::from(u32::try_from(self.core.rx_q.capacity()).unwrap_or(u32::MAX));
         let secs = cap / (4.0 * 3.0 * self.rate.max(1.0));
         Duration::from_secs_f64(secs.clamp(0.001, 0.010))
     }
@@ -1448,7 +1472,7 @@ pub type BoxedSink<'s> = Box<dyn Sink + Send + 's>;
 enum AggCmd<'s> {
     Add {
         path: u32,
-        p: AggPath<dyn Sink + Send + 's>,
+        p: Box<AggPath<dyn Sink + Send + 's>>,
     },
     Stop {
         path: u32,
@@ -1506,7 +1530,7 @@ impl<'s> Engine<'s> {
                     agg.pass(&mut |a| {
                         while let Ok(cmd) = agg_rx.try_recv() {
                             match cmd {
-                                AggCmd::Add { path, p } => a.add(path, p),
+                                AggCmd::Add { path, p } => a.add(path, *p),
                                 AggCmd::Stop { path } => a.stop_path(path),
                             }
                         }
@@ -1537,7 +1561,10 @@ impl<'s> Engine<'s> {
         let info = opened.info;
         let (done_tx, done) = mpsc::channel();
         let (agg, start) = opened.split(sink(&info), done_tx);
-        let _ = self.to_agg.send(AggCmd::Add { path, p: agg });
+        let _ = self.to_agg.send(AggCmd::Add {
+            path,
+            p: Box::new(agg),
+        });
         self.core.tell_sender(start);
         Ok(PathHandle {
             id: path,
@@ -1610,6 +1637,9 @@ impl Sink for Borrowed<'_> {
     fn wants_probes(&self) -> bool {
         self.0.wants_probes()
     }
+    fn compact_windows(&self) -> bool {
+        self.0.compact_windows()
+    }
     fn finished(&self) -> bool {
         self.0.finished()
     }
@@ -1674,4 +1704,264 @@ pub fn run_one(
         let _ = recv.join();
         result
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! Loopback tests against in-process reflectors.
+    #![allow(
+        clippy::unwrap_used,
+        reason = "test code: a failed unwrap is a failed test"
+    )]
+
+    use std::sync::atomic::AtomicBool;
+
+    use pathprobe_proto::report::Counters;
+
+    use super::*;
+    use crate::reflector::{self, ReflectorConfig, ReflectorStats, ReplyDscp};
+
+    const MS: u64 = 1_000_000;
+
+    /// A reflector on an ephemeral loopback port, answering until `stop`.
+    fn reflect<'s>(
+        s: &'s Scope<'s, '_>,
+        stop: &'s AtomicBool,
+        stats: &'s ReflectorStats,
+    ) -> SocketAddr {
+        let sock = reflector::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = sock.local_addr().unwrap().as_socket().unwrap();
+        let cfg = ReflectorConfig {
+            listen: addr,
+            key: None,
+            stateful: false,
+            max_rate_per_source: 0,
+            timestamp_format: TimestampFormat::Ntp,
+            reply_dscp: ReplyDscp::Copy,
+        };
+        s.spawn(move || reflector::run(&sock, &cfg, stop, stats));
+        addr
+    }
+
+    fn path(target: SocketAddr, ssid: u16, interval_ns: u64, count: u64) -> ProbeConfig {
+        ProbeConfig {
+            protocol: ProbeProtocol::Stamp,
+            target,
+            bind: None,
+            interface: None,
+            fwmark: None,
+            interval_ns,
+            count: Some(count),
+            duration_ns: None,
+            size: crate::probe::default_size(Mode::Unauthenticated),
+            dscp: 0,
+            ttl: None,
+            key: None,
+            window_ns: 500 * MS,
+            late_timeout_ns: 500 * MS,
+            no_reply_ns: u64::MAX,
+            ssid,
+            route_each_probe: false,
+        }
+    }
+
+    /// Collects a path's windows.
+    struct Collect(Arc<Mutex<Vec<WindowStats>>>);
+
+    impl Sink for Collect {
+        fn window(&mut self, w: &WindowStats) {
+            self.0.lock().unwrap().push(w.clone());
+        }
+        fn keeps_windows(&self) -> bool {
+            false
+        }
+    }
+
+    /// Every window's counters of a path, added up.
+    fn total(windows: &Mutex<Vec<WindowStats>>) -> Counters {
+        let mut c = Counters::default();
+        for w in windows.lock().unwrap().iter() {
+            let w = &w.counters;
+            c.sent += w.sent;
+            c.received += w.received;
+            c.lost += w.lost;
+            c.late += w.late;
+            c.duplicated += w.duplicated;
+            c.malformed += w.malformed;
+            c.send_slots_missed += w.send_slots_missed;
+            c.bytes_received += w.bytes_received;
+        }
+        c
+    }
+
+    /// Adds each config as a path, waits for all to end; their windows.
+    fn run_paths(engine: &Engine<'_>, cfgs: &[ProbeConfig]) -> Vec<Arc<Mutex<Vec<WindowStats>>>> {
+        let mut out = Vec::new();
+        let mut handles = Vec::new();
+        for c in cfgs {
+            let windows = Arc::new(Mutex::new(Vec::new()));
+            let w = Arc::clone(&windows);
+            handles.push(engine.add(c, |_| Box::new(Collect(w))).unwrap());
+            out.push(windows);
+        }
+        let ports: HashSet<u16> = handles.iter().map(|h| h.info.local.port()).collect();
+        let sockets = engine.core.sockets.lock().unwrap().iter().flatten().count();
+        assert_eq!(ports.len(), sockets, "one local port per socket");
+        if cfgs
+            .iter()
+            .map(|c| (c.target, c.ssid))
+            .collect::<HashSet<_>>()
+            .len()
+            == cfgs.len()
+        {
+            assert_eq!(
+                sockets, 1,
+                "paths pinned alike, told apart by far end and SSID, share one socket"
+            );
+        }
+        for h in &handles {
+            let end = h.wait(Duration::from_mins(1)).expect("the path ended");
+            end.unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn two_hundred_paths_on_one_socket_each_count_exactly() {
+        let (stop, stats) = (AtomicBool::new(false), ReflectorStats::default());
+        thread::scope(|s| {
+            let target = reflect(s, &stop, &stats);
+            let engine = Engine::start(s, ring_for_rate(200.0 * 50.0));
+            let cfgs: Vec<_> = (0..200u16)
+                .map(|i| path(target, i + 1, 20 * MS, 50))
+                .collect();
+            let windows = run_paths(&engine, &cfgs);
+            assert_eq!(
+                engine.core.sockets.lock().unwrap().iter().flatten().count(),
+                0,
+                "every socket closed with its last path"
+            );
+            let (mut received, mut sent) = (0, 0);
+            for (i, w) in windows.iter().enumerate() {
+                let c = total(w);
+                assert_eq!(c.sent + c.send_slots_missed, 50, "path {i}: {c:?}");
+                assert_eq!(c.sent, c.received + c.lost, "path {i}: {c:?}");
+                assert_eq!(
+                    (c.duplicated, c.late, c.malformed),
+                    (0, 0, 0),
+                    "path {i}: {c:?}"
+                );
+                received += c.received;
+                sent += c.sent;
+            }
+            // Loopback: a lost probe here would be a bug, not the network.
+            assert_eq!(received, sent, "{}", stats.line());
+            assert_eq!(engine.stray(), 0);
+            engine.shutdown();
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+
+    #[test]
+    fn paths_sharing_a_socket_and_far_end_and_ssid_get_sockets_of_their_own() {
+        let (stop, stats) = (AtomicBool::new(false), ReflectorStats::default());
+        thread::scope(|s| {
+            let target = reflect(s, &stop, &stats);
+            let engine = Engine::start(s, RING_MIN);
+            let cfgs = [path(target, 5, 10 * MS, 30), path(target, 5, 10 * MS, 30)];
+            let mut handles = Vec::new();
+            let mut windows = Vec::new();
+            for c in &cfgs {
+                let w = Arc::new(Mutex::new(Vec::new()));
+                let w2 = Arc::clone(&w);
+                handles.push(engine.add(c, |_| Box::new(Collect(w2))).unwrap());
+                windows.push(w);
+            }
+            assert_ne!(handles[0].info.local.port(), handles[1].info.local.port());
+            for h in &handles {
+                h.wait(Duration::from_secs(30)).unwrap().unwrap();
+            }
+            for w in &windows {
+                let c = total(w);
+                assert_eq!((c.sent, c.received, c.duplicated), (30, 30, 0), "{c:?}");
+            }
+            engine.shutdown();
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+
+    #[test]
+    fn replies_are_never_credited_to_the_wrong_path() {
+        // Two reflectors answer the same SSID and the same sequence numbers; the two paths
+        // share one socket and differ in size, so a reply credited to the wrong path would
+        // show in its octets, or as a duplicate.
+        let (stop, stats_a, stats_b) = (
+            AtomicBool::new(false),
+            ReflectorStats::default(),
+            ReflectorStats::default(),
+        );
+        thread::scope(|s| {
+            let a = reflect(s, &stop, &stats_a);
+            let b = reflect(s, &stop, &stats_b);
+            let engine = Engine::start(s, RING_MIN);
+            let mut big = path(b, 7, 5 * MS, 80);
+            big.size = 300;
+            let cfgs = [path(a, 7, 2 * MS, 200), big];
+            let windows = run_paths(&engine, &cfgs);
+            let (small, large) = (total(&windows[0]), total(&windows[1]));
+            assert_eq!(
+                (small.sent, small.received, small.duplicated, small.late),
+                (200, 200, 0, 0)
+            );
+            assert_eq!(
+                (large.sent, large.received, large.duplicated, large.late),
+                (80, 80, 0, 0)
+            );
+            assert_eq!(small.bytes_received, 200 * cfgs[0].size as u64);
+            assert_eq!(large.bytes_received, 80 * 300);
+            engine.shutdown();
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+
+    #[test]
+    fn a_reflector_going_silent_changes_no_other_paths_figures() {
+        let (stop_a, stop_b) = (AtomicBool::new(false), AtomicBool::new(false));
+        let (stats_a, stats_b) = (ReflectorStats::default(), ReflectorStats::default());
+        thread::scope(|s| {
+            let a = reflect(s, &stop_a, &stats_a);
+            let b = reflect(s, &stop_b, &stats_b);
+            let engine = Engine::start(s, RING_MIN);
+            let mut cfgs: Vec<_> = (0..10u16).map(|i| path(a, i, 10 * MS, 150)).collect();
+            cfgs.push(path(b, 0, 10 * MS, 150));
+            let mut handles = Vec::new();
+            let mut windows = Vec::new();
+            for c in &cfgs {
+                let w = Arc::new(Mutex::new(Vec::new()));
+                let w2 = Arc::clone(&w);
+                handles.push(engine.add(c, |_| Box::new(Collect(w2))).unwrap());
+                windows.push(w);
+            }
+            // B's reflector stops halfway through.
+            thread::sleep(Duration::from_millis(750));
+            stop_b.store(true, Ordering::Relaxed);
+            for h in &handles {
+                h.wait(Duration::from_secs(30)).unwrap().unwrap();
+            }
+            for (i, w) in windows[..10].iter().enumerate() {
+                let c = total(w);
+                assert_eq!(
+                    (c.sent, c.received, c.lost),
+                    (150, 150, 0),
+                    "path {i}: {c:?}"
+                );
+            }
+            let silent = total(&windows[10]);
+            assert_eq!(silent.sent, 150);
+            assert!(silent.lost > 30 && silent.received > 30, "{silent:?}");
+            assert_eq!(silent.sent, silent.received + silent.lost);
+            engine.shutdown();
+            stop_a.store(true, Ordering::Relaxed);
+        });
+    }
 }

@@ -198,6 +198,15 @@ pub struct Decided {
     pub outcome: Outcome,
 }
 
+impl WindowStats {
+    /// Turns the compact histograms into full ones (in `histograms`).
+    pub fn materialize(&mut self) {
+        for (m, c) in std::mem::take(&mut self.compact) {
+            self.histograms.insert(m, c.into_histogram());
+        }
+    }
+}
+
 /// One closed window.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WindowStats {
@@ -206,6 +215,10 @@ pub struct WindowStats {
     pub end_wall_ns: u64,
     pub counters: Counters,
     pub histograms: BTreeMap<Metric, Histogram<u64>>,
+    /// The window's histograms still compact (when the tracker was asked to keep them so,
+    /// [`Tracker::keep_compact`]): kilobytes on their way to another thread, which makes
+    /// them full with [`WindowStats::materialize`]. Empty otherwise.
+    pub compact: BTreeMap<Metric, Compact>,
     pub owd_clock: ClockState,
     /// The most common value of each mark among the window's answers.
     pub marks: Marks,
@@ -289,6 +302,8 @@ pub struct Tracker {
     closed: Vec<WindowStats>,
     /// Probes decided since the last `take_decisions`, when kept.
     decisions: Option<Vec<Decided>>,
+    /// Closed windows keep their histograms compact.
+    compact: bool,
 }
 
 impl Tracker {
@@ -307,7 +322,14 @@ impl Tracker {
             windows: VecDeque::new(),
             closed: Vec::new(),
             decisions: None,
+            compact: false,
         }
+    }
+
+    /// Closed windows keep their histograms compact ([`WindowStats::compact`]): closing
+    /// a window then costs what it holds, not a full histogram per metric.
+    pub fn keep_compact(&mut self) {
+        self.compact = true;
     }
 
     /// Keeps every probe's fate, in sequence order, for [`Self::take_decisions`].
@@ -647,8 +669,14 @@ impl Tracker {
         let mut counters = acc.counters;
         let mut histograms = BTreeMap::new();
         let (owd_clock, fwd, rev) = owd(&acc, self.cfg.local_sync.is_some(), &mut counters);
+        let mut compact = BTreeMap::new();
         for h in [acc.rtt, acc.rtt_sched, acc.ipdv, acc.loss_run, fwd, rev] {
-            if !h.is_empty() {
+            if h.is_empty() {
+                continue;
+            }
+            if self.compact {
+                compact.insert(h.metric(), h);
+            } else {
                 histograms.insert(h.metric(), h.into_histogram());
             }
         }
@@ -658,6 +686,7 @@ impl Tracker {
             end_wall_ns,
             counters,
             histograms,
+            compact,
             owd_clock,
             marks: acc.marks.modes(),
         });

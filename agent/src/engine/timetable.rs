@@ -37,12 +37,12 @@ pub struct Slots {
 /// phase within its interval taken from the golden-ratio sequence (k·φ mod 1), which
 /// spreads any number of paths evenly, however many come and go.
 pub fn place(k: u64, interval_ns: u64, now_ns: u64) -> u64 {
+    // 2^64 / φ: the fractional part of k·φ, in 64-bit fixed point.
+    const FRAC_PHI: u64 = 0x9e37_79b9_7f4a_7c15;
     let earliest = now_ns + LEAD_NS;
     if interval_ns < PRECISE_BELOW_NS {
         return earliest;
     }
-    // 2^64 / φ: the fractional part of k·φ, in 64-bit fixed point.
-    const FRAC_PHI: u64 = 0x9e37_79b9_7f4a_7c15;
     let frac = k.wrapping_mul(FRAC_PHI);
     let ticks = (interval_ns / TICK_NS).max(1);
     let phase = u64::try_from((u128::from(frac) * u128::from(ticks)) >> 64).unwrap_or(0) * TICK_NS;
@@ -158,7 +158,7 @@ impl Timetable {
 
     /// The earliest deadline, and whether its path is waited for precisely (sleep, then
     /// spin) rather than slept for.
-    pub fn next(&mut self) -> Option<(u64, bool)> {
+    pub fn next_deadline(&mut self) -> Option<(u64, bool)> {
         self.settle();
         let &Reverse((deadline, path)) = self.heap.peek()?;
         let precise = self
@@ -259,7 +259,7 @@ mod tests {
     fn simulate(t: &mut Timetable, until: u64, jitter: u64, rng: &mut Rng) -> Vec<(Due, u64)> {
         let mut sent = Vec::new();
         let (mut due, mut notes) = (Vec::new(), Vec::new());
-        while let Some((deadline, precise)) = t.next() {
+        while let Some((deadline, precise)) = t.next_deadline() {
             if deadline > until {
                 break;
             }
@@ -398,7 +398,7 @@ mod tests {
             ]
         );
         assert!(t.is_empty());
-        assert_eq!(t.next(), None);
+        assert_eq!(t.next_deadline(), None);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! so its cost is not counted). After a warm-up, the agent's CPU time over the measuring
 //! span (`/proc/PID/stat`: user + system), then its resident memory and threads
 //! (`/proc/PID/status`); one row per case. The agent has no collector: what is measured is
-//! probing, accounting and the window log lines (at the default level, to /dev/null).
+//! probing, accounting and the window log lines (at the default level, to a file), whose
+//! figures are summed per case: how many probes went out, were lost, and how many send
+//! slots the schedule missed or records a ring dropped.
 //!
 //! A case whose memory, projected from the rows measured so far (the one-path row's memory
 //! plus the largest cost of each further path), would take more than half of what the
@@ -41,6 +43,49 @@ struct Args {
     /// Only these cases, each as paths, x, rate (like 50x10); every case by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+}
+
+/// What the agent's window lines said, summed over every path and window.
+#[derive(Debug, Clone, Copy, Default)]
+struct Logged {
+    windows: u64,
+    sent: u64,
+    lost: u64,
+    /// Send slots the schedule reached too late and skipped.
+    missed: u64,
+    /// Records a full ring dropped.
+    ring_drops: u64,
+}
+
+/// Sums the figures of every window line (`... sent N recv N lost N ... missed N
+/// ring-drops N | ...`) in the agent's log.
+fn logged(log: &str) -> Logged {
+    let mut l = Logged::default();
+    for line in log.lines() {
+        let Some(figures) = line.split(" | ").next() else {
+            continue;
+        };
+        let words: Vec<&str> = figures.split_whitespace().collect();
+        let after = |key: &str| -> u64 {
+            words
+                .windows(2)
+                .find(|w| w[0] == key)
+                .and_then(|w| w[1].parse().ok())
+                .unwrap_or(0)
+        };
+        if !words
+            .windows(2)
+            .any(|w| w[0] == "sent" && w[1].parse::<u64>().is_ok())
+        {
+            continue;
+        }
+        l.windows += 1;
+        l.sent += after("sent");
+        l.lost += after("lost");
+        l.missed += after("missed");
+        l.ring_drops += after("ring-drops");
+    }
+    l
 }
 
 /// What one process used.
@@ -143,22 +188,31 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
-/// The agent's config: `paths` paths at `rate` probes/s each, to `target`.
+/// The agent's config: `paths` paths at `rate` probes/s each, to `target`, each with an
+/// SSID of its own (paths to one far end share a socket only when their SSIDs tell their
+/// answers apart).
 fn config(paths: u32, rate: u32, target: SocketAddr) -> String {
     let mut c = String::from("agent_id = \"bench\"\n");
     for i in 0..paths {
         let _ = write!(
             c,
-            "[[path]]\nname = \"p{i}\"\nkind = \"other\"\ntarget = \"{target}\"\nrate = {rate}\nwindow = \"10s\"\n"
+            "[[path]]\nname = \"p{i}\"\nkind = \"other\"\ntarget = \"{target}\"\nrate = {rate}\nwindow = \"10s\"\nssid = {}\n",
+            i % 65_535 + 1
         );
     }
     c
 }
 
 #[allow(clippy::cast_precision_loss)]
-fn row(name: &str, paths: u32, rate: u32, c: &Cost) {
+fn row(name: &str, paths: u32, rate: u32, c: &Cost, l: Option<&Logged>) {
+    let log = l.map_or_else(String::new, |l| {
+        format!(
+            " {:>8} {:>10} {:>8} {:>7} {:>7}",
+            l.windows, l.sent, l.lost, l.missed, l.ring_drops
+        )
+    });
     println!(
-        "{name:<10} {paths:>6} {rate:>8} {:>10} {:>9.1} {:>8} {:>9.1} {:>11.1}",
+        "{name:<10} {paths:>6} {rate:>8} {:>10} {:>9.1} {:>8} {:>9.1} {:>11.1}{log}",
         u64::from(paths) * u64::from(rate),
         c.rss_kib as f64 / 1024.0,
         c.threads,
@@ -188,11 +242,27 @@ fn main() -> Result<()> {
         args.warmup, args.measure
     );
     println!(
-        "{:<10} {:>6} {:>8} {:>10} {:>9} {:>8} {:>9} {:>11}",
-        "tool", "paths", "rate/s", "probes/s", "RSS MiB", "threads", "CPU %", "KiB / path"
+        "{:<10} {:>6} {:>8} {:>10} {:>9} {:>8} {:>9} {:>11} {:>8} {:>10} {:>8} {:>7} {:>7}",
+        "tool",
+        "paths",
+        "rate/s",
+        "probes/s",
+        "RSS MiB",
+        "threads",
+        "CPU %",
+        "KiB / path",
+        "windows",
+        "sent",
+        "lost",
+        "missed",
+        "drops"
     );
-    let cases: [(u32, u32); 7] = [
+    println!(
+        "(windows, sent, lost, missed send slots and ring drops: summed over the window lines the agent logged, warm-up and stop included)"
+    );
+    let cases: [(u32, u32); 8] = [
         (1, 10),
+        (1, 100),
         (50, 10),
         (1_000, 10),
         (5_000, 10),
@@ -220,15 +290,17 @@ fn main() -> Result<()> {
         }
         let file = dir.join(format!("agent-{paths}x{rate}.toml"));
         std::fs::write(&file, config(paths, rate, target))?;
+        let log_file = dir.join(format!("agent-{paths}x{rate}.log"));
         let mut child = Command::new(&agent)
             .args(["run", "--config"])
             .arg(&file)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log_file)?)
             .spawn()
             .context("cannot start the agent")?;
         let cost = measure(&mut child, args.warmup, args.measure);
         stop(child);
+        let log = logged(&std::fs::read_to_string(&log_file).unwrap_or_default());
         match cost {
             Ok(c) => {
                 if paths == 1 {
@@ -237,7 +309,7 @@ fn main() -> Result<()> {
                     let further = c.rss_kib.saturating_sub(base_kib) / u64::from(paths - 1);
                     per_path_kib = per_path_kib.max(further);
                 }
-                row("pathprobe", paths, rate, &c);
+                row("pathprobe", paths, rate, &c, Some(&log));
             }
             Err(e) => println!("{:<10} {paths:>6} {rate:>8}   failed: {e:#}", "pathprobe"),
         }
@@ -288,7 +360,7 @@ fn irtt_rows(args: &Args) {
             return;
         };
         match measure(&mut client, args.warmup, args.measure) {
-            Ok(c) => row("irtt", 1, rate, &c),
+            Ok(c) => row("irtt", 1, rate, &c, None),
             Err(e) => println!("{:<10} {:>6} {rate:>8}   failed: {e:#}", "irtt", 1),
         }
         let _ = client.kill();
