@@ -1597,6 +1597,17 @@ impl<'s> Engine<'s> {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        let (stray, stamps) = (
+            self.core.stray.load(Ordering::Relaxed),
+            self.core.stamp_drops.load(Ordering::Relaxed),
+        );
+        if stray + stamps > 0 {
+            tracing::warn!(
+                stray,
+                stamp_drops = stamps,
+                "the probe engine stopped: datagrams no path could be credited with, and transmit stamps a full ring dropped (those probes kept the send time the sender read)"
+            );
+        }
     }
 }
 
