@@ -187,19 +187,7 @@ impl Transport {
     /// Opens and pins the socket for paths pinned like `cfg`.
     fn open(id: u32, cfg: &ProbeConfig) -> Result<Self> {
         let key = PinKey::of(cfg);
-        let sock = Socket::new(
-            Domain::for_address(cfg.target),
-            Type::DGRAM,
-            Some(Protocol::UDP),
-        )
-        .map_err(io_err("create a UDP socket"))?;
-        crate::pin::pin(
-            &sock,
-            cfg.target,
-            cfg.bind,
-            cfg.interface.as_deref(),
-            cfg.fwmark,
-        )?;
+        let sock = pinned_udp(cfg, cfg.bind)?;
         let _ = sock.set_recv_buffer_size(8 << 20);
         let _ = sock.set_send_buffer_size(8 << 20);
         sys::enable_rx_metadata(&sock, key.v6).map_err(io_err("ask for TTL and TOS"))?;
@@ -227,12 +215,9 @@ impl Transport {
     }
 }
 
-/// The local address probes of `cfg` leave from: the pinned address, or the one routing
-/// picks for the target (a connected socket learns it; nothing is sent).
-fn local_address(cfg: &ProbeConfig, port: u16) -> Result<SocketAddr> {
-    if let Some(b) = cfg.bind.filter(|b| !b.ip().is_unspecified()) {
-        return Ok(SocketAddr::new(b.ip(), port));
-    }
+/// A UDP socket of `cfg`'s family, pinned by its interface and fwmark and bound to `bind`
+/// (or the unspecified address).
+fn pinned_udp(cfg: &ProbeConfig, bind: Option<SocketAddr>) -> Result<Socket> {
     let sock = Socket::new(
         Domain::for_address(cfg.target),
         Type::DGRAM,
@@ -242,10 +227,20 @@ fn local_address(cfg: &ProbeConfig, port: u16) -> Result<SocketAddr> {
     crate::pin::pin(
         &sock,
         cfg.target,
-        None,
+        bind,
         cfg.interface.as_deref(),
         cfg.fwmark,
     )?;
+    Ok(sock)
+}
+
+/// The local address probes of `cfg` leave from: the pinned address, or the one routing
+/// picks for the target (a connected socket learns it; nothing is sent).
+fn local_address(cfg: &ProbeConfig, port: u16) -> Result<SocketAddr> {
+    if let Some(b) = cfg.bind.filter(|b| !b.ip().is_unspecified()) {
+        return Ok(SocketAddr::new(b.ip(), port));
+    }
+    let sock = pinned_udp(cfg, None)?;
     sock.connect(&cfg.target.into())
         .map_err(io_err(&format!("reach {}", cfg.target)))?;
     let ip = sock
@@ -1590,6 +1585,9 @@ impl<'s> Engine<'s> {
     }
 
     fn halt(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
         self.core.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.core.sender.get() {
             t.unpark();
