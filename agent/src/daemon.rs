@@ -4,7 +4,10 @@
 //! outage or an agent restart and arrive in order, once.
 //!
 //! The daemon is a supervisor of handles: one per path, one per drill, the reflector and
-//! the uploader, each a thread with a stop flag of its own. It runs an [`AgentPlan`]
+//! the uploader. STAMP paths are handles on one shared probe engine
+//! ([`crate::engine::mux`]: three threads for all of them, and one reporter thread that
+//! turns their windows into log lines and reports); TCP paths, drills, the reflector and
+//! the uploader are each a thread with a stop flag of its own. It runs an [`AgentPlan`]
 //! ([`crate::plan`]); a new plan (the config file read again on `SIGHUP`) is applied by
 //! difference: a path or drill whose plan changed is stopped (its last window delivered)
 //! and started again, a new one is started, a removed one is stopped and its last window
