@@ -635,7 +635,7 @@ pub fn run(
         .paths
         .iter()
         .filter(|p| p.probe.protocol == ProbeProtocol::Stamp)
-        .map(|p| 1.0 / Duration::from_nanos(p.probe.interval_ns.max(1)).as_secs_f64())
+        .map(|p| mux::rate(p.probe.interval_ns))
         .sum();
     std::thread::scope(|s| -> Result<()> {
         let (report_tx, report_rx) = mpsc::channel::<Reported>();

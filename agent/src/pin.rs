@@ -9,7 +9,8 @@ use socket2::Socket;
 
 use crate::{Error, Result};
 
-fn io_err(what: &str) -> impl FnOnce(io::Error) -> Error + '_ {
+/// Maps an I/O error to [`Error::Io`] naming `what` was being done.
+pub(crate) fn io_err(what: &str) -> impl FnOnce(io::Error) -> Error + '_ {
     move |source| Error::Io {
         what: what.to_string(),
         source,

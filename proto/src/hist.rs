@@ -537,7 +537,7 @@ impl Compact {
         self.len == 0
     }
 
-    /// Octets of bucket storage it holds (for the agent's memory accounting).
+    /// Octets of bucket storage it holds.
     pub fn footprint(&self) -> usize {
         self.dense
             .as_ref()

@@ -47,6 +47,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::session::{Marks, Reply, Sent, Tracker, TrackerConfig, WindowStats};
 use super::timetable::{self, Due, Note, Slots, Timetable};
 use super::{Sink, Timing};
+use crate::pin::io_err;
 use crate::probe::ProbeConfig;
 use crate::probe::stamp::{build_probe, canonical, far_dscp};
 use crate::sys::{self, BatchClock, Queued, RecvBatch, SendBatch};
@@ -83,9 +84,9 @@ pub fn ring_for_rate(probes_per_s: f64) -> usize {
     want.next_power_of_two().clamp(RING_MIN, RING_MAX)
 }
 
-/// Probes per second of one path.
+/// Probes per second of a path probing every `interval_ns`.
 #[allow(clippy::cast_precision_loss)]
-fn rate(interval_ns: u64) -> f64 {
+pub fn rate(interval_ns: u64) -> f64 {
     1e9 / interval_ns.max(1) as f64
 }
 
@@ -156,13 +157,6 @@ impl PinKey {
             interface: cfg.interface.clone(),
             fwmark: cfg.fwmark,
         }
-    }
-}
-
-fn io_err(what: &str) -> impl FnOnce(io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        what: what.to_string(),
-        source,
     }
 }
 
@@ -376,7 +370,6 @@ struct Core {
     stamp_drops: AtomicU64,
     sockets: Mutex<Vec<Option<SockEntry>>>,
     next_path: AtomicU32,
-    placed: AtomicU64,
 }
 
 impl std::fmt::Debug for Core {
@@ -412,7 +405,6 @@ impl Core {
                 stamp_drops: AtomicU64::new(0),
                 sockets: Mutex::new(Vec::new()),
                 next_path: AtomicU32::new(0),
-                placed: AtomicU64::new(0),
             },
             Inboxes { sender, receiver },
         )
@@ -513,9 +505,8 @@ impl Core {
             }),
         });
         let timing = cfg.timing();
-        let k = self.placed.fetch_add(1, Ordering::Relaxed);
         let (now, wall) = (sys::monotonic_ns(), sys::realtime_ns());
-        let start = timetable::place(k, timing.interval_ns, now);
+        let start = timetable::place(u64::from(path), timing.interval_ns, now);
         let sync = sys::clock_sync().ok();
         let local_sync = sync.filter(|s| s.synchronized).map(|s| s.max_error_ns);
         let ee = ErrorEstimate::from_error_nanos(
@@ -788,8 +779,7 @@ fn push_tx(core: &Core, paths: &[Option<Box<SendPath>>], path: u32, rec: TxRec) 
 /// Counts a record of `path` that a full ring dropped.
 fn drop_against(core: &Core, path: u32, paths: &[Option<Box<SendPath>>]) {
     if let Some(p) = paths.get(path as usize).and_then(Option::as_ref) {
-        p.shared.drops.fetch_add(1, Ordering::Relaxed);
-        core.any_drops.store(true, Ordering::Release);
+        charge(core, &p.shared.drops);
     }
 }
 
@@ -902,25 +892,28 @@ impl RecvSock {
     }
 }
 
+/// Counts one against a path's counter and tells the aggregator to look.
+fn charge(core: &Core, counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+    core.any_drops.store(true, Ordering::Release);
+}
+
+/// A datagram that is not an answer: the path of its far end's, or a stray.
 fn count_malformed(core: &Core, peer: Option<&Peer>) {
     match peer {
-        Some(p) => {
-            p.shared.malformed.fetch_add(1, Ordering::Relaxed);
-            core.any_drops.store(true, Ordering::Release);
-        }
+        Some(p) => charge(core, &p.shared.malformed),
         None => {
             core.stray.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
+/// Pushes a record of the receiver's; a full ring counts the drop against its path (or,
+/// for a transmit stamp, in the engine's count).
 fn push_rx(core: &Core, rec: RxRec, peer: Option<&Peer>) {
     if core.rx_q.push(rec).is_err() {
         match peer {
-            Some(p) => {
-                p.shared.drops.fetch_add(1, Ordering::Relaxed);
-                core.any_drops.store(true, Ordering::Release);
-            }
+            Some(p) => charge(core, &p.shared.drops),
             None => {
                 core.stamp_drops.fetch_add(1, Ordering::Relaxed);
             }
@@ -1031,6 +1024,7 @@ fn receiver(core: &Core, inbox: &mpsc::Receiver<RecvCmd>) {
     let mut fds: Vec<libc::pollfd> = Vec::new();
     let mut batch = RecvBatch::new(BATCH);
     let mut last_wake = 0u64;
+    let mut kernel_dated = false;
     while !core.stop.load(Ordering::Relaxed) {
         let mut changed = false;
         while let Ok(cmd) = inbox.try_recv() {
@@ -1069,6 +1063,9 @@ fn receiver(core: &Core, inbox: &mpsc::Receiver<RecvCmd>) {
             }
         }
         if changed {
+            kernel_dated = socks
+                .iter()
+                .all(|s| s.tr.timestamping.rx == pathprobe_proto::report::TimestampSource::Kernel);
             fds = socks
                 .iter()
                 .map(|s| libc::pollfd {
@@ -1083,9 +1080,6 @@ fn receiver(core: &Core, inbox: &mpsc::Receiver<RecvCmd>) {
             continue;
         }
         // At most one wake-up a millisecond where the kernel dates every datagram.
-        let kernel_dated = socks
-            .iter()
-            .all(|s| s.tr.timestamping.rx == pathprobe_proto::report::TimestampSource::Kernel);
         if kernel_dated {
             let next = last_wake + RECV_COALESCE_NS;
             let now = sys::monotonic_ns();

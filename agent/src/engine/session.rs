@@ -47,7 +47,7 @@ impl TrackerConfig {
     /// Ring size: twice the probes that can be in flight, so that a decided probe is still
     /// remembered when a late or duplicate reply for it arrives. Sized to the rate: a path
     /// at 10/s with a 2 s timeout keeps 128 slots (about 10 KiB), not a fixed thousand.
-    pub(crate) fn ring_len(&self) -> usize {
+    fn ring_len(&self) -> usize {
         let in_flight = self.late_timeout_ns / self.interval_ns.max(1) + 64;
         let len = (2 * in_flight.min(MAX_IN_FLIGHT)).next_power_of_two();
         usize::try_from(len).unwrap_or(1 << 20)
