@@ -134,31 +134,57 @@ impl Sink for ToReporter {
 /// (a trace when the signature changed), its log line, and its report to the uploader.
 /// One thread for all paths: a trace holds up the others' reports (never their
 /// probing) for its few seconds.
+///
+/// Windows arrive with their histograms compact: figures and reports are made from them
+/// as they are (the same figures and octets as from full histograms), so a thousand
+/// paths' windows never cost a full histogram each.
 fn reporter(rx: &mpsc::Receiver<Reported>, tx: &mpsc::Sender<Vec<u8>>) {
     for (ctx, mut w) in rx {
-        w.materialize();
+        if !w.histograms.is_empty() {
+            // Some full already: all full, so that each metric has one form.
+            w.materialize();
+        }
         let seen = ctx
             .watch
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .window(&w);
-        emit(&ctx.labels, &w, &seen, tx);
+        let f = output::window_figures(&ctx.labels, &w, &seen);
+        log_window(&ctx.labels, &f, &seen);
+        let json = if w.compact.is_empty() {
+            output::report(&ctx.labels, &w, &seen).and_then(|r| Ok(r.to_json()?))
+        } else {
+            output::compact_report(&ctx.labels, &mut w, &seen).and_then(|r| Ok(r.to_json()?))
+        };
+        send_report(json, tx);
     }
 }
 
-/// A window's log line, its events, and its report to the uploader.
-fn emit(labels: &Labels, w: &WindowStats, seen: &Observed, tx: &mpsc::Sender<Vec<u8>>) {
-    let f = output::window_figures(labels, w, seen);
-    tracing::info!("{}", output::line(&f));
+/// A window's log line and its events.
+fn log_window(labels: &Labels, f: &output::Figures, seen: &Observed) {
+    tracing::info!("{}", output::line(f));
     for e in &seen.events {
         tracing::warn!(path = %labels.path.name, "{}", output::event_text(e));
     }
-    match output::report(labels, w, seen).and_then(|r| Ok(r.to_json()?)) {
+}
+
+/// A window's report to the uploader.
+fn send_report(json: Result<Vec<u8>>, tx: &mpsc::Sender<Vec<u8>>) {
+    match json {
         Ok(json) => {
             let _ = tx.send(json);
         }
         Err(e) => tracing::error!(error = %e, "cannot build a window report"),
     }
+}
+
+/// A window's log line, its events, and its report to the uploader.
+fn emit(labels: &Labels, w: &WindowStats, seen: &Observed, tx: &mpsc::Sender<Vec<u8>>) {
+    log_window(labels, &output::window_figures(labels, w, seen), seen);
+    send_report(
+        output::report(labels, w, seen).and_then(|r| Ok(r.to_json()?)),
+        tx,
+    );
 }
 
 /// What a new plan changed, by name, for the log.

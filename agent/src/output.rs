@@ -7,9 +7,10 @@ use std::time::{Duration, UNIX_EPOCH};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use hdrhistogram::Histogram;
 use pathprobe_proto::event::{PathEvent, Signature};
-use pathprobe_proto::hist::{self, Metric, Micros, Summary};
+use pathprobe_proto::hist::{self, Metric, Micros};
 use pathprobe_proto::report::{
-    ClockState, Counters, PathInfo, ReportId, Timestamping, Window, WindowReport,
+    CheckForm, ClockState, CompactReport, Counted, Counters, PathInfo, Report, ReportId,
+    Timestamping, Window, WindowReport,
 };
 use serde::Serialize;
 
@@ -40,10 +41,6 @@ pub struct Owd {
 #[allow(clippy::cast_precision_loss)] // display: microseconds of at most 100 s
 fn us(ns: u64) -> f64 {
     ns as f64 / 1_000.0
-}
-
-fn percentiles(h: Option<&Histogram<u64>>) -> Option<Micros> {
-    Some(Summary::of(h?)?.micros())
 }
 
 /// A window, or the summary of all windows, as printed.
@@ -95,7 +92,7 @@ pub struct Labels {
 /// merged into it).
 pub fn figures(labels: &Labels, w: &WindowStats, record: &'static str, windows: u64) -> Figures {
     let c = &w.counters;
-    let h = |m| w.histograms.get(&m);
+    let h = |m| w.summary(m);
     let (clock, offset_us) = match w.owd_clock {
         ClockState::Synchronized { .. } => ("synchronized", None),
         ClockState::Estimated { offset_ns, .. } => {
@@ -106,7 +103,7 @@ pub fn figures(labels: &Labels, w: &WindowStats, record: &'static str, windows: 
         ClockState::Unavailable => ("unavailable", None),
     };
     let owd = |m| {
-        let s = Summary::of(h(m)?)?;
+        let s = h(m)?;
         Some(Owd {
             min: us(s.min),
             p50: us(s.p50),
@@ -125,10 +122,10 @@ pub fn figures(labels: &Labels, w: &WindowStats, record: &'static str, windows: 
         windows,
         counters: *c,
         loss_pct: c.loss_pct(),
-        longest_loss_run: h(Metric::LossRun).and_then(Summary::of).map(|s| s.max),
-        rtt_us: percentiles(h(Metric::Rtt)),
-        rtt_sched_us: percentiles(h(Metric::RttScheduled)),
-        ipdv_us: h(Metric::Ipdv).and_then(Summary::of).map(|s| Jitter {
+        longest_loss_run: h(Metric::LossRun).map(|s| s.max),
+        rtt_us: h(Metric::Rtt).map(|s| s.micros()),
+        rtt_sched_us: h(Metric::RttScheduled).map(|s| s.micros()),
+        ipdv_us: h(Metric::Ipdv).map(|s| Jitter {
             p50: us(s.p50),
             p99: us(s.p99),
         }),
@@ -366,10 +363,28 @@ pub fn table(f: &Figures) -> String {
 
 /// The `proto` report of a window with its signature and events, with a fresh random id.
 pub fn report(labels: &Labels, w: &WindowStats, o: &Observed) -> Result<WindowReport> {
+    report_with(labels, w, o, w.histograms.clone())
+}
+
+/// The `proto` report of a window whose histograms are still compact, taken from it
+/// (the engine's windows on their way out: kilobytes, encoded without building full
+/// histograms). Its JSON is the octets [`report`] would write.
+pub fn compact_report(labels: &Labels, w: &mut WindowStats, o: &Observed) -> Result<CompactReport> {
+    let histograms = std::mem::take(&mut w.compact);
+    report_with(labels, w, o, histograms)
+}
+
+/// The report of `w` with `histograms` as its histograms.
+fn report_with<H: Counted + CheckForm>(
+    labels: &Labels,
+    w: &WindowStats,
+    o: &Observed,
+    histograms: BTreeMap<Metric, H>,
+) -> Result<Report<H>> {
     let mut id = [0u8; 16];
     getrandom::fill(&mut id)
         .map_err(|e| crate::Error::Config(format!("no randomness for a report id: {e}")))?;
-    let report = WindowReport {
+    let report = Report {
         report_id: ReportId(id),
         agent_id: labels.agent_id.clone(),
         site: labels.site.clone(),
@@ -381,7 +396,7 @@ pub fn report(labels: &Labels, w: &WindowStats, o: &Observed) -> Result<WindowRe
         timestamping: labels.timestamping,
         owd_clock: w.owd_clock,
         counters: w.counters,
-        histograms: w.histograms.clone(),
+        histograms,
         signature: o.signature,
         events: o.events.clone(),
     };

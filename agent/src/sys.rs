@@ -736,7 +736,8 @@ pub fn enable_recv_errors(sock: &Socket, ipv6: bool) -> io::Result<()> {
 }
 
 /// Reads everything waiting on the socket's error queue (non-blocking), handing each
-/// transmit timestamp and ICMP error to `f`. Returns how many entries were read.
+/// transmit timestamp and ICMP error to `f`, one `recvmsg` per entry. Returns how many
+/// entries were read. [`ErrBatch`] reads them many to a system call.
 pub fn drain_error_queue(sock: &Socket, mut f: impl FnMut(Queued)) -> usize {
     let mut control = Control::new();
     // SAFETY: plain old data; zero is valid.
@@ -764,44 +765,135 @@ pub fn drain_error_queue(sock: &Socket, mut f: impl FnMut(Queued)) -> usize {
             return count;
         }
         count += 1;
-        let mut stamp = None;
-        let mut id = None;
-        let mut icmp = false;
-        // SAFETY: the kernel just filled msg and its control buffer.
-        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
-        while !cmsg.is_null() {
-            // SAFETY: non-null cmsg inside the buffer; data read unaligned at its type.
-            unsafe {
-                let c = &*cmsg;
-                let data = libc::CMSG_DATA(cmsg);
-                match (c.cmsg_level, c.cmsg_type) {
-                    (libc::SOL_SOCKET, libc::SCM_TIMESTAMPING) => {
-                        let ts: libc::timespec = std::ptr::read_unaligned(data.cast());
-                        stamp = Some(timespec_ns(&ts));
-                    }
-                    (libc::IPPROTO_IP, libc::IP_RECVERR)
-                    | (libc::IPPROTO_IPV6, libc::IPV6_RECVERR) => {
-                        let err: libc::sock_extended_err = std::ptr::read_unaligned(data.cast());
-                        if err.ee_origin == libc::SO_EE_ORIGIN_TIMESTAMPING {
-                            id = Some(err.ee_data);
-                        } else if err.ee_origin == libc::SO_EE_ORIGIN_ICMP
-                            || err.ee_origin == libc::SO_EE_ORIGIN_ICMP6
-                        {
-                            icmp = true;
-                        }
-                    }
-                    _ => {}
-                }
-                cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
-            }
+        // SAFETY: the kernel just filled msg, its control buffer and name.
+        if let Some(q) = unsafe { queued_of(&msg, &name) } {
+            f(q);
         }
-        if let (Some(id), Some(ns)) = (id, stamp) {
-            f(Queued::TxStamp { id, ns });
-        } else if icmp {
-            let dest = (msg.msg_namelen > 0)
-                .then(|| sockaddr_to_std(&name))
-                .flatten();
-            f(Queued::Unreachable { dest });
+    }
+}
+
+/// What one message read from an error queue holds: a transmit stamp (its number and
+/// time), an ICMP error, or neither.
+///
+/// # Safety
+/// `msg` must have just been filled by the kernel, with its control buffer alive, and
+/// `name` be the address buffer it pointed at.
+unsafe fn queued_of(msg: &libc::msghdr, name: &libc::sockaddr_storage) -> Option<Queued> {
+    let mut stamp = None;
+    let mut id = None;
+    let mut icmp = false;
+    // SAFETY: the caller's promise: the kernel just filled msg and its control buffer.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(msg) };
+    while !cmsg.is_null() {
+        // SAFETY: non-null cmsg inside the buffer; data read unaligned at its type.
+        unsafe {
+            let c = &*cmsg;
+            let data = libc::CMSG_DATA(cmsg);
+            match (c.cmsg_level, c.cmsg_type) {
+                (libc::SOL_SOCKET, libc::SCM_TIMESTAMPING) => {
+                    let ts: libc::timespec = std::ptr::read_unaligned(data.cast());
+                    stamp = Some(timespec_ns(&ts));
+                }
+                (libc::IPPROTO_IP, libc::IP_RECVERR) | (libc::IPPROTO_IPV6, libc::IPV6_RECVERR) => {
+                    let err: libc::sock_extended_err = std::ptr::read_unaligned(data.cast());
+                    if err.ee_origin == libc::SO_EE_ORIGIN_TIMESTAMPING {
+                        id = Some(err.ee_data);
+                    } else if err.ee_origin == libc::SO_EE_ORIGIN_ICMP
+                        || err.ee_origin == libc::SO_EE_ORIGIN_ICMP6
+                    {
+                        icmp = true;
+                    }
+                }
+                _ => {}
+            }
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+        }
+    }
+    if let (Some(id), Some(ns)) = (id, stamp) {
+        Some(Queued::TxStamp { id, ns })
+    } else if icmp {
+        let dest = (msg.msg_namelen > 0)
+            .then(|| sockaddr_to_std(name))
+            .flatten();
+        Some(Queued::Unreachable { dest })
+    } else {
+        None
+    }
+}
+
+/// Buffers for reading a socket's error queue many entries to a `recvmmsg`
+/// (`MSG_ERRQUEUE`): a transmit stamp per datagram sent is otherwise a system call each.
+pub struct ErrBatch {
+    names: Vec<libc::sockaddr_storage>,
+    controls: Vec<Control>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
+impl std::fmt::Debug for ErrBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ErrBatch")
+            .field("capacity", &self.msgs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: as for RecvBatch: pointers are rebuilt from owned buffers before each read.
+unsafe impl Send for ErrBatch {}
+
+impl ErrBatch {
+    /// Room for `capacity` entries a system call.
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            // SAFETY: these libc structs are plain old data; zero is valid for each.
+            names: vec![unsafe { zeroed() }; capacity],
+            controls: vec![Control::new(); capacity],
+            msgs: vec![unsafe { zeroed() }; capacity],
+        }
+    }
+
+    /// Reads everything waiting on the socket's error queue (non-blocking), handing each
+    /// transmit timestamp and ICMP error to `f`, in the order queued. Returns how many
+    /// entries were read.
+    pub fn drain(&mut self, sock: &Socket, mut f: impl FnMut(Queued)) -> usize {
+        let n = self.msgs.len();
+        let mut count = 0;
+        loop {
+            for i in 0..n {
+                // SAFETY: plain old data.
+                self.msgs[i] = unsafe { zeroed() };
+                let hdr = &mut self.msgs[i].msg_hdr;
+                hdr.msg_name = (&raw mut self.names[i]).cast();
+                hdr.msg_namelen =
+                    libc::socklen_t::try_from(size_of::<libc::sockaddr_storage>()).unwrap_or(128);
+                hdr.msg_control = self.controls[i].as_mut_ptr();
+                hdr.msg_controllen = CONTROL_LEN;
+            }
+            // SAFETY: every msghdr points at live buffers of the stated sizes owned by self;
+            // none has a data buffer (SOF_TIMESTAMPING_OPT_TSONLY; an ICMP error's quoted
+            // datagram is cut, which is fine).
+            let rc = unsafe {
+                libc::recvmmsg(
+                    sock.as_raw_fd(),
+                    self.msgs.as_mut_ptr(),
+                    libc::c_uint::try_from(n).unwrap_or(1),
+                    libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            let Ok(got) = usize::try_from(rc) else {
+                return count;
+            };
+            for i in 0..got {
+                // SAFETY: the kernel just filled this msghdr, its control buffer and name.
+                if let Some(q) = unsafe { queued_of(&self.msgs[i].msg_hdr, &self.names[i]) } {
+                    f(q);
+                }
+            }
+            count += got;
+            if got < n {
+                return count;
+            }
         }
     }
 }
@@ -1079,6 +1171,44 @@ mod tests {
             }
             assert_eq!(ids, [0, 1, 2], "one numbered transmit stamp per datagram");
         }
+    }
+
+    #[test]
+    fn error_batch_reads_many_transmit_stamps_a_call_in_order() {
+        let rx = udp();
+        let tx = udp();
+        let (_, tx_src) = enable_timestamping(&tx, true);
+        assert_eq!(
+            tx_src,
+            TimestampSource::Kernel,
+            "Linux always has software stamps"
+        );
+        let dest = rx.local_addr().unwrap().as_socket().unwrap();
+        let before = realtime_ns();
+        // More than a batch holds: the drain goes on past a full read.
+        let mut out = SendBatch::new(50);
+        for _ in 0..50 {
+            out.next_slot().unwrap()[..8].fill(7);
+            assert!(out.commit(8, Some(dest), None));
+        }
+        assert_eq!(out.send(&tx).unwrap(), 50);
+        let mut errs = ErrBatch::new(16);
+        let mut ids = Vec::new();
+        for _ in 0..100 {
+            errs.drain(&tx, |q| match q {
+                Queued::TxStamp { id, ns } => {
+                    assert!(ns >= before && ns <= realtime_ns());
+                    ids.push(id);
+                }
+                Queued::Unreachable { .. } => panic!("nothing was refused"),
+            });
+            if ids.len() >= 50 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(ids, (0..50).collect::<Vec<u32>>());
+        assert_eq!(errs.drain(&tx, |_| {}), 0, "the queue is empty");
     }
 
     #[test]

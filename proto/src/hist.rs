@@ -492,23 +492,54 @@ fn index_of(c: HistogramConfig, value: u64) -> usize {
     usize::try_from(index).unwrap_or(usize::MAX)
 }
 
-/// Distinct buckets a [`Compact`] keeps as a sorted list (16 octets each) before it
-/// switches to the full bucket array: 4 KiB against about 220 KiB for a latency histogram.
-const COMPACT_MAX_ENTRIES: usize = 256;
+/// Entries a [`Compact`] keeps as a list (16 octets each): 5 KiB against about 220 KiB
+/// for a latency histogram.
+const COMPACT_MAX_ENTRIES: usize = 320;
+/// When the list is full it is sorted and its repeats merged; if more distinct buckets
+/// than this remain, it switches to the full bucket array (so a sort buys at least 64
+/// appends).
+const COMPACT_MAX_DISTINCT: usize = 256;
 
-/// A histogram of one metric's configuration that costs what it holds: a sorted list of
-/// its non-empty buckets while they are few (a window of a low-rate path: kilobytes), the
-/// full HdrHistogram bucket array once they are many (a high-rate path). Either way the
+/// A histogram of one metric's configuration that costs what it holds: a list of its
+/// non-empty buckets while they are few (a window of a low-rate path: kilobytes), the full
+/// HdrHistogram bucket array once they are many (a high-rate path). Either way the
 /// buckets are HdrHistogram's, so [`Compact::into_histogram`] is exactly the histogram the
 /// same values recorded into [`Metric::new_histogram`] would make, and it encodes and
 /// merges as one. Values above the configuration's highest are recorded at the highest.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Recording appends to the list (or adds to its last entry), which costs no search and
+/// no shifting; the list is sorted and merged only when it fills and when it is read.
+#[derive(Debug, Clone)]
 pub struct Compact {
     metric: Metric,
-    /// (bucket index, count), sorted by index; empty once `dense` is set.
+    /// (bucket index, count): the first `sorted` entries sorted by index, each index once;
+    /// the rest appended since, in any order, repeats allowed. Empty once `dense` is set.
     sparse: Vec<(u32, u64)>,
+    sorted: usize,
     dense: Option<Box<Histogram<u64>>>,
     len: u64,
+}
+
+/// Equal when they hold the same counts, however their lists were appended to.
+impl PartialEq for Compact {
+    fn eq(&self, other: &Self) -> bool {
+        self.metric == other.metric
+            && self.len == other.len
+            && self.dense == other.dense
+            && self.buckets() == other.buckets()
+    }
+}
+
+/// `list` sorted by bucket, each bucket once with its counts added.
+fn merge_buckets(list: &mut Vec<(u32, u64)>) {
+    list.sort_unstable_by_key(|e| e.0);
+    list.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            kept.1 = kept.1.saturating_add(later.1);
+        }
+        same
+    });
 }
 
 impl Compact {
@@ -517,6 +548,7 @@ impl Compact {
         Self {
             metric,
             sparse: Vec::new(),
+            sorted: 0,
             dense: None,
             len: 0,
         }
@@ -556,17 +588,48 @@ impl Compact {
             return;
         }
         let index = u32::try_from(index_of(c, value)).unwrap_or(u32::MAX);
-        match self.sparse.binary_search_by_key(&index, |e| e.0) {
-            Ok(at) => self.sparse[at].1 = self.sparse[at].1.saturating_add(1),
-            Err(at) if self.sparse.len() < COMPACT_MAX_ENTRIES => {
-                self.sparse.insert(at, (index, 1));
-            }
-            Err(_) => {
+        if let Some(last) = self.sparse.last_mut()
+            && last.0 == index
+        {
+            last.1 = last.1.saturating_add(1);
+            return;
+        }
+        if self.sparse.len() == COMPACT_MAX_ENTRIES {
+            self.settle();
+            if self.sparse.len() > COMPACT_MAX_DISTINCT {
                 let mut h = self.build();
                 h.saturating_record(value);
                 self.sparse = Vec::new();
+                self.sorted = 0;
                 self.dense = Some(Box::new(h));
+                return;
             }
+        }
+        // Grown by hand: doubling would overshoot the most it ever holds.
+        let cap = self.sparse.capacity();
+        if self.sparse.len() == cap {
+            let room = COMPACT_MAX_ENTRIES.saturating_sub(cap).max(1);
+            self.sparse.reserve_exact(cap.max(16).min(room));
+        }
+        self.sparse.push((index, 1));
+    }
+
+    /// Sorts the list and merges its repeats.
+    pub fn settle(&mut self) {
+        if self.sorted < self.sparse.len() {
+            merge_buckets(&mut self.sparse);
+            self.sorted = self.sparse.len();
+        }
+    }
+
+    /// The non-empty buckets, sorted, each once (a sorted copy if appends are pending).
+    fn buckets(&self) -> Cow<'_, [(u32, u64)]> {
+        if self.sorted == self.sparse.len() {
+            Cow::Borrowed(&self.sparse)
+        } else {
+            let mut list = self.sparse.clone();
+            merge_buckets(&mut list);
+            Cow::Owned(list)
         }
     }
 
@@ -580,6 +643,96 @@ impl Compact {
         h
     }
 
+    /// Its percentiles: exactly [`Summary::of`] the histogram [`Compact::into_histogram`]
+    /// makes, without building it (HdrHistogram's rules, bucket by bucket: a quantile is
+    /// the highest value of the first bucket whose running count reaches
+    /// `ceil(q · count)`, at least 1; the mean weighs each bucket's middle value).
+    pub fn summary(&self) -> Option<Summary> {
+        if let Some(h) = self.dense.as_deref() {
+            return Summary::of(h);
+        }
+        let buckets = self.buckets();
+        let (&(first, _), &(last, _)) = (buckets.first()?, buckets.last()?);
+        let c = self.metric.config();
+        let total: u64 = buckets.iter().map(|e| e.1).sum();
+        // The bucket's highest value: its lowest plus its width, less one.
+        let highest = |i: u32| value_at_index(c, i as usize) + bucket_width(c, i as usize) - 1;
+        let quantile = |q: f64| -> u64 {
+            #[allow(
+                clippy::cast_precision_loss,
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss
+            )]
+            let target = ((q * total as f64).ceil() as u64).max(1);
+            let mut running = 0u64;
+            for &(i, n) in buckets.iter() {
+                running += n;
+                if running >= target {
+                    return highest(i);
+                }
+            }
+            0
+        };
+        #[allow(clippy::cast_precision_loss)] // as HdrHistogram computes it, in f64
+        let mean = buckets.iter().fold(0.0f64, |acc, &(i, n)| {
+            let middle = value_at_index(c, i as usize) + (bucket_width(c, i as usize) >> 1);
+            acc + middle as f64 * n as f64 / total as f64
+        });
+        Some(Summary {
+            count: total,
+            min: value_at_index(c, first as usize),
+            p50: quantile(0.50),
+            p90: quantile(0.90),
+            p99: quantile(0.99),
+            p999: quantile(0.999),
+            max: if value_at_index(c, last as usize) == 0 {
+                0
+            } else {
+                highest(last)
+            },
+            mean,
+        })
+    }
+
+    /// Encodes it as compressed V2: exactly the octets [`encode`] writes for the histogram
+    /// [`Compact::into_histogram`] makes, without building it (a run of empty buckets is
+    /// one negative zig-zag varint, as HdrHistogram writes it).
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        if let Some(h) = self.dense.as_deref() {
+            return encode(self.metric, h);
+        }
+        let c = self.metric.config();
+        let buckets = self.buckets();
+        let mut v2 = Vec::with_capacity(V2_HEADER_LEN + buckets.len() * 12 + 1);
+        v2.extend_from_slice(&V2_COOKIE.to_be_bytes());
+        v2.extend_from_slice(&[0; 4]); // the payload's length, below
+        v2.extend_from_slice(&0u32.to_be_bytes()); // normalizing index offset
+        v2.extend_from_slice(&u32::from(c.sigfig).to_be_bytes());
+        v2.extend_from_slice(&c.lowest.to_be_bytes());
+        v2.extend_from_slice(&c.highest.to_be_bytes());
+        v2.extend_from_slice(&1.0f64.to_bits().to_be_bytes());
+        // Buckets 0 to the last non-empty one (bucket 0 alone when it is empty).
+        let mut next = 0u32;
+        for &(i, n) in buckets.iter() {
+            write_zeros(&mut v2, i - next);
+            write_varint(
+                &mut v2,
+                zig_zag(
+                    i64::try_from(n)
+                        .map_err(|_| self.metric.error("a count above 2^63 cannot be encoded"))?,
+                ),
+            );
+            next = i + 1;
+        }
+        if buckets.is_empty() {
+            write_varint(&mut v2, 0);
+        }
+        let payload = u32::try_from(v2.len() - V2_HEADER_LEN)
+            .map_err(|_| self.metric.error("too long to encode"))?;
+        v2[4..8].copy_from_slice(&payload.to_be_bytes());
+        compress_v2(self.metric, &v2)
+    }
+
     /// The same values as a histogram of [`Metric::new_histogram`]'s configuration.
     pub fn into_histogram(self) -> Histogram<u64> {
         match self.dense {
@@ -587,6 +740,77 @@ impl Compact {
             None => self.build(),
         }
     }
+}
+
+/// The width of bucket `index` in HdrHistogram's layout for `c`: how many values share it.
+fn bucket_width(c: HistogramConfig, index: usize) -> u64 {
+    let sub_bucket_count_magnitude = (2 * 10u64.pow(u32::from(c.sigfig)))
+        .next_power_of_two()
+        .trailing_zeros();
+    let bucket = (index >> (sub_bucket_count_magnitude - 1)).saturating_sub(1);
+    1u64 << (u32::try_from(bucket).unwrap_or(63) + c.lowest.ilog2())
+}
+
+/// HdrHistogram's zig-zag mapping of a signed count (a negative one is a run of zeros).
+#[allow(clippy::cast_sign_loss)] // the mapping reinterprets the bits
+const fn zig_zag(n: i64) -> u64 {
+    ((n << 1) ^ (n >> 63)) as u64
+}
+
+/// HdrHistogram's varint: LEB128, the ninth octet carrying the last 8 bits whole.
+#[allow(clippy::cast_possible_truncation)] // each octet takes the low bits
+fn write_varint(out: &mut Vec<u8>, mut v: u64) {
+    for _ in 0..MAX_VARINT_LEN - 1 {
+        if v < 0x80 {
+            out.push(v as u8);
+            return;
+        }
+        out.push((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// `run` empty buckets as HdrHistogram writes them: one as a zero count, more as a
+/// negative run length.
+fn write_zeros(out: &mut Vec<u8>, run: u32) {
+    match run {
+        0 => {}
+        1 => write_varint(out, 0),
+        n => write_varint(out, zig_zag(-i64::from(n))),
+    }
+}
+
+/// The compressed V2 form of uncompressed V2 octets, as HdrHistogram's
+/// `V2DeflateSerializer` writes it: its cookie, the zlib stream's length, the stream.
+/// Each thread keeps one compressor and resets it: a fresh one zeroes some 300 KiB of
+/// tables, which for a histogram of a few buckets costs more than compressing it.
+fn compress_v2(metric: Metric, v2: &[u8]) -> Result<Vec<u8>> {
+    use flate2::{Compress, Compression, FlushCompress, Status};
+    thread_local! {
+        static ZLIB: std::cell::RefCell<Option<Compress>> = const { std::cell::RefCell::new(None) };
+    }
+    let mut out = Vec::with_capacity(8 + v2.len() + 64);
+    out.extend_from_slice(&V2_COMPRESSED_COOKIE.to_be_bytes());
+    out.extend_from_slice(&[0; 4]);
+    ZLIB.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let z = slot.get_or_insert_with(|| Compress::new(Compression::default(), true));
+        z.reset();
+        loop {
+            let done = usize::try_from(z.total_in())
+                .unwrap_or(usize::MAX)
+                .min(v2.len());
+            match z.compress_vec(&v2[done..], &mut out, FlushCompress::Finish) {
+                Ok(Status::StreamEnd) => return Ok(()),
+                Ok(_) => out.reserve(out.capacity().max(64)),
+                Err(e) => return Err(metric.error(format!("cannot compress: {e}"))),
+            }
+        }
+    })?;
+    let len = u32::try_from(out.len() - 8).map_err(|_| metric.error("too long to encode"))?;
+    out[4..8].copy_from_slice(&len.to_be_bytes());
+    Ok(out)
 }
 
 /// Decodes a V2 histogram (compressed or not) of `metric` and adds it into `into`, exactly,
@@ -796,7 +1020,7 @@ mod tests {
         for i in 0..1_000u64 {
             c.record(1_000_000 + (i % 200) * 1_000);
         }
-        assert!(c.footprint() <= 4096, "{} octets", c.footprint());
+        assert!(c.footprint() <= 5 * 1024, "{} octets", c.footprint());
         let h = c.into_histogram();
         assert_eq!(h.len(), 1_000);
     }
@@ -823,6 +1047,21 @@ mod tests {
             let h = c.into_histogram();
             prop_assert_eq!(&h, &direct);
             prop_assert_eq!(encode(Metric::Rtt, &h).unwrap(), encode(Metric::Rtt, &direct).unwrap());
+        }
+
+        #[test]
+        fn compact_summary_and_encoding_equal_the_full_histograms(
+            metric in prop::sample::select(Metric::ALL.to_vec()),
+            values in proptest::collection::vec(
+                prop_oneof![0u64..5_000, 0u64..200_000_000_000, any::<u64>()], 0..400)) {
+            // Up to 400 values: sparse up to 256 buckets, dense past them; both forms.
+            let mut c = Compact::new(metric);
+            for &v in &values {
+                c.record(v);
+            }
+            let h = c.clone().into_histogram();
+            prop_assert_eq!(c.summary(), Summary::of(&h));
+            prop_assert_eq!(c.encode().unwrap(), encode(metric, &h).unwrap());
         }
 
         #[test]

@@ -26,7 +26,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{self, PathEvent, Signature};
-use crate::hist::{self, Metric};
+use crate::hist::{self, Compact, Metric};
 use crate::{Error, Result};
 
 /// The report format this build writes and the newest it reads.
@@ -325,6 +325,10 @@ pub struct Report<H> {
 /// A report whose histograms are decoded.
 pub type WindowReport = Report<Histogram<u64>>;
 
+/// A report whose histograms are still compact ([`Compact`]): an agent's window on its
+/// way out, encoded without building full histograms.
+pub type CompactReport = Report<Compact>;
+
 /// A report whose histograms are kept as the V2 (+DEFLATE) blobs they arrived in, each
 /// checked completely and counted.
 pub type EncodedReport = Report<Encoded>;
@@ -344,6 +348,30 @@ pub trait Counted {
 impl Counted for Histogram<u64> {
     fn total_count(&self) -> u64 {
         self.len()
+    }
+}
+
+impl Counted for Compact {
+    fn total_count(&self) -> u64 {
+        self.len()
+    }
+}
+
+/// How a histogram of a report is written out: compressed V2.
+pub trait EncodeHist {
+    fn encode_hist(&self, metric: Metric) -> Result<Vec<u8>>;
+}
+
+impl EncodeHist for Histogram<u64> {
+    fn encode_hist(&self, metric: Metric) -> Result<Vec<u8>> {
+        hist::encode(metric, self)
+    }
+}
+
+impl EncodeHist for Compact {
+    fn encode_hist(&self, metric: Metric) -> Result<Vec<u8>> {
+        self.check_form(metric)?;
+        self.encode()
     }
 }
 
@@ -383,14 +411,33 @@ fn json_error(e: &serde_json::Error) -> Error {
     Error::Json(format!("{e}"))
 }
 
-impl WindowReport {
+impl<H> Report<H> {
+    /// The same report with no histograms, of any form (to be filled in by the caller).
+    fn without_histograms<G>(self) -> Report<G> {
+        Report {
+            report_id: self.report_id,
+            agent_id: self.agent_id,
+            site: self.site,
+            path: self.path,
+            window: self.window,
+            timestamping: self.timestamping,
+            owd_clock: self.owd_clock,
+            counters: self.counters,
+            histograms: BTreeMap::new(),
+            signature: self.signature,
+            events: self.events,
+        }
+    }
+}
+
+impl<H: Counted + CheckForm + EncodeHist> Report<H> {
     /// Encodes as JSON.
     pub fn to_json(&self) -> Result<Vec<u8>> {
         self.validate()?;
         let histograms = self
             .histograms
             .iter()
-            .map(|(&m, h)| Ok((m, BASE64.encode(hist::encode(m, h)?))))
+            .map(|(&m, h)| Ok((m, BASE64.encode(h.encode_hist(m)?))))
             .collect::<Result<_>>()?;
         let wire = Wire {
             version: REPORT_VERSION,
@@ -408,7 +455,9 @@ impl WindowReport {
         };
         serde_json::to_vec(&wire).map_err(|e| json_error(&e))
     }
+}
 
+impl WindowReport {
     /// Decodes and validates a JSON report. The version is checked before anything else.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
         let encoded = EncodedReport::from_json(bytes)?;
@@ -470,23 +519,6 @@ impl EncodedReport {
         report.validate()?;
         Ok(report)
     }
-
-    /// The same report with no histograms, of any form (to be filled in by the caller).
-    fn without_histograms<H>(self) -> Report<H> {
-        Report {
-            report_id: self.report_id,
-            agent_id: self.agent_id,
-            site: self.site,
-            path: self.path,
-            window: self.window,
-            timestamping: self.timestamping,
-            owd_clock: self.owd_clock,
-            counters: self.counters,
-            histograms: BTreeMap::new(),
-            signature: self.signature,
-            events: self.events,
-        }
-    }
 }
 
 /// The histogram check that depends on the form: configuration for decoded ones (encoded
@@ -498,6 +530,19 @@ pub trait CheckForm {
 impl CheckForm for Histogram<u64> {
     fn check_form(&self, metric: Metric) -> Result<()> {
         metric.check(self)
+    }
+}
+
+impl CheckForm for Compact {
+    fn check_form(&self, metric: Metric) -> Result<()> {
+        if self.metric() == metric {
+            Ok(())
+        } else {
+            Err(Error::Histogram {
+                metric: metric.key(),
+                reason: format!("holds a histogram of {}", self.metric().key()),
+            })
+        }
     }
 }
 
@@ -845,6 +890,30 @@ mod tests {
         assert_eq!(v["signature"]["fwd_hops"], 2);
         assert_eq!(v["events"][0]["kind"], "signature_change");
         assert_eq!(v["events"][0]["trace"]["hops"][0]["addr"], "10.20.1.2");
+    }
+
+    #[test]
+    fn a_compact_report_writes_the_same_json_as_the_full_one() {
+        let samples = [1_000, 2_000, 2_001, 35_000_000, 7];
+        let full = sample(&samples);
+        let mut rtt = Compact::new(Metric::Rtt);
+        let mut fwd = Compact::new(Metric::OwdForward);
+        for &s in &samples {
+            rtt.record(s);
+            fwd.record(s / 2);
+        }
+        let compact = Report {
+            histograms: [(Metric::Rtt, rtt), (Metric::OwdForward, fwd.clone())].into(),
+            ..full.clone().without_histograms()
+        };
+        assert_eq!(compact.to_json().unwrap(), full.to_json().unwrap());
+        // A compact histogram filed under another metric is refused.
+        let wrong = Report {
+            histograms: [(Metric::Rtt, fwd)].into(),
+            ..full.without_histograms()
+        };
+        let err = wrong.to_json().unwrap_err().to_string();
+        assert!(err.contains("owd_fwd_ns"), "{err}");
     }
 
     #[test]

@@ -50,7 +50,7 @@ use super::{Sink, Timing};
 use crate::pin::io_err;
 use crate::probe::ProbeConfig;
 use crate::probe::stamp::{build_probe, canonical, far_dscp};
-use crate::sys::{self, BatchClock, Queued, RecvBatch, SendBatch};
+use crate::sys::{self, BatchClock, ErrBatch, Queued, RecvBatch, SendBatch};
 use crate::{Error, Result};
 
 /// Probes per `sendmmsg`, replies per `recvmmsg`.
@@ -62,10 +62,23 @@ const MAX_DUE: usize = 4 * BATCH;
 /// aggregator stalled for thousands of sends) is told by its id and ignored: the probe
 /// keeps the send time the sender read.
 const TX_MAP: usize = 1 << 12;
-/// The receiver wakes at most this often when the kernel dates every datagram (its
-/// stamps, not the moment it is read, date a reply, so reading a millisecond later loses
-/// nothing and saves a wake-up per reply at high rates).
-const RECV_COALESCE_NS: u64 = 1_000_000;
+/// The receiver wakes at most once in this span when the kernel dates every datagram (its
+/// stamps, not the moment it is read, date a reply, so reading later loses nothing and
+/// saves a wake-up per reply): a span in which the paths' probes fill about one receive
+/// batch, from 1 to 10 ms. A thousand paths at 10/s are read about 150 times a second.
+const RECV_COALESCE_NS: (u64, u64) = (1_000_000, 10_000_000);
+
+/// The receiver's coalescing span for paths that probe `rate` times a second in all.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss
+)] // a batch of 64; clamped to 1..10 ms
+fn recv_coalesce_ns(rate: f64) -> u64 {
+    let (least, most) = RECV_COALESCE_NS;
+    let span = 1e9 * BATCH as f64 / rate.max(1.0);
+    (span as u64).clamp(least, most)
+}
 
 /// The smallest and largest ring between the threads.
 const RING_MIN: usize = 1 << 12;
@@ -325,6 +338,8 @@ enum SendCmd {
 struct Peer {
     path: u32,
     ssid: u16,
+    /// Its probes' interval: the receiver paces its wake-ups to the paths' rate.
+    interval_ns: u64,
     mode: Mode,
     key: Option<AuthKey>,
     shared: Arc<PathShared>,
@@ -499,6 +514,7 @@ impl Core {
             peer: Box::new(Peer {
                 path,
                 ssid: cfg.ssid,
+                interval_ns: cfg.timing().interval_ns,
                 mode: cfg.mode(),
                 key: cfg.key.clone(),
                 shared: Arc::clone(&shared),
@@ -804,13 +820,9 @@ fn send_chunk(
         };
         let Some(buf) = batch.next_slot() else { break };
         build_probe(&p.cfg, buf, p.seq, t1, p.ee);
-        let tos = p.cfg.dscp << 2;
-        batch.commit_marked(
-            p.cfg.size,
-            Some(p.cfg.target),
-            tr.key.v6,
-            (Some(tos), p.cfg.ttl),
-        );
+        // The sockets keep the default TOS (0): DSCP 0 needs no ancillary data.
+        let tos = (p.cfg.dscp != 0).then_some(p.cfg.dscp << 2);
+        batch.commit_marked(p.cfg.size, Some(p.cfg.target), tr.key.v6, (tos, p.cfg.ttl));
         let rec = TxRec::Sent {
             path: d.path,
             sock: tr.id,
@@ -851,9 +863,37 @@ fn send_chunk(
 // The receiver thread.
 
 /// A socket as the receiver keeps it: its far ends and their paths.
+/// The paths of one far end on a socket, sorted by SSID, each SSID once (paths that share
+/// one get sockets of their own); the SSIDs also on their own, two octets each, so that
+/// finding one among a thousand touches a few cache lines.
+#[derive(Default)]
+struct FarEnd {
+    ssids: Vec<u16>,
+    peers: Vec<Peer>,
+}
+
+impl FarEnd {
+    fn insert(&mut self, peer: Peer) {
+        let at = self.ssids.partition_point(|&s| s < peer.ssid);
+        self.ssids.insert(at, peer.ssid);
+        self.peers.insert(at, peer);
+    }
+
+    /// Takes out `path`'s entry, if it has one.
+    fn remove(&mut self, path: u32) -> Option<Peer> {
+        let at = self.peers.iter().position(|p| p.path == path)?;
+        self.ssids.remove(at);
+        Some(self.peers.remove(at))
+    }
+
+    fn by_ssid(&self, ssid: u16) -> Option<&Peer> {
+        self.ssids.binary_search(&ssid).ok().map(|i| &self.peers[i])
+    }
+}
+
 struct RecvSock {
     tr: Arc<Transport>,
-    peers: HashMap<SocketAddr, Vec<Peer>>,
+    peers: HashMap<SocketAddr, FarEnd>,
     paths: usize,
 }
 
@@ -866,20 +906,32 @@ impl RecvSock {
         src: SocketAddr,
         payload: &[u8],
     ) -> std::result::Result<(&'a Peer, ReflectorRepr, usize), Option<&'a Peer>> {
-        let Some(peers) = self.peers.get(&canonical(src)) else {
+        let Some(far) = self.peers.get(&canonical(src)) else {
             // From nowhere we probe: a socket of one path counts it as that path's, as a
             // connected socket's session did.
             let only = (self.paths == 1)
-                .then(|| self.peers.values().next().and_then(|v| v.first()))
+                .then(|| self.peers.values().next().and_then(|f| f.peers.first()))
                 .flatten();
             return Err(only);
         };
+        let peers = &far.peers;
         let single = peers.len() == 1;
-        for peer in peers {
-            let Ok(packet) = ReflectorPacket::new_checked(payload, peer.mode) else {
+        // Several paths to this far end: the one whose SSID the answer carries, found by
+        // it (the list is sorted by SSID, each SSID once: paths that share one get
+        // sockets of their own), in either packet layout.
+        for mode in [Mode::Unauthenticated, Mode::Authenticated] {
+            let Ok(packet) = ReflectorPacket::new_checked(payload, mode) else {
                 continue;
             };
-            if !single && packet.ssid() != peer.ssid {
+            let peer = if single {
+                &peers[0]
+            } else {
+                match far.by_ssid(packet.ssid()) {
+                    Some(p) => p,
+                    None => continue,
+                }
+            };
+            if peer.mode != mode {
                 continue;
             }
             if peer.key.as_ref().is_some_and(|k| packet.verify(k).is_err()) {
@@ -922,10 +974,10 @@ fn push_rx(core: &Core, rec: RxRec, peer: Option<&Peer>) {
 }
 
 /// Reads everything queued on one socket: answers, transmit stamps, ICMP errors.
-fn drain_socket(core: &Core, rs: &RecvSock, batch: &mut RecvBatch) {
+fn drain_socket(core: &Core, rs: &RecvSock, batch: &mut RecvBatch, errs: &mut ErrBatch) {
     let sock = &rs.tr.sock;
     let clock = BatchClock::now();
-    sys::drain_error_queue(sock, |q| match q {
+    errs.drain(sock, |q| match q {
         Queued::TxStamp { id, ns } => push_rx(
             core,
             RxRec::TxStamp {
@@ -937,8 +989,8 @@ fn drain_socket(core: &Core, rs: &RecvSock, batch: &mut RecvBatch) {
             None,
         ),
         Queued::Unreachable { dest } => {
-            if let Some(peers) = dest.and_then(|d| rs.peers.get(&canonical(d))) {
-                for p in peers {
+            if let Some(far) = dest.and_then(|d| rs.peers.get(&canonical(d))) {
+                for p in &far.peers {
                     p.shared.unreachable.store(true, Ordering::Relaxed);
                 }
             }
@@ -963,7 +1015,10 @@ fn drain_socket(core: &Core, rs: &RecvSock, batch: &mut RecvBatch) {
                 continue;
             };
             if meta.truncated {
-                count_malformed(core, rs.peers.get(&canonical(src)).and_then(|v| v.first()));
+                count_malformed(
+                    core,
+                    rs.peers.get(&canonical(src)).and_then(|f| f.peers.first()),
+                );
                 continue;
             }
             let (peer, r, tlv_at) = match rs.credit(src, payload) {
@@ -1019,14 +1074,23 @@ fn drain_socket(core: &Core, rs: &RecvSock, batch: &mut RecvBatch) {
 }
 
 /// The receiver: one `poll` over every socket, each drained in `recvmmsg` batches.
-fn receiver(core: &Core, inbox: &mpsc::Receiver<RecvCmd>) {
-    let mut socks: Vec<RecvSock> = Vec::new();
-    let mut fds: Vec<libc::pollfd> = Vec::new();
-    let mut batch = RecvBatch::new(BATCH);
-    let mut last_wake = 0u64;
-    let mut kernel_dated = false;
-    while !core.stop.load(Ordering::Relaxed) {
+/// The receiver thread's sockets and the paths on them.
+#[derive(Default)]
+struct Receiving {
+    socks: Vec<RecvSock>,
+    fds: Vec<libc::pollfd>,
+    /// Every path's probes a second, in all.
+    rate: f64,
+    coalesce_ns: u64,
+    /// The kernel dates every datagram on every socket.
+    kernel_dated: bool,
+}
+
+impl Receiving {
+    /// Takes in the paths added and removed since the last call; true when there were any.
+    fn take_commands(&mut self, inbox: &mpsc::Receiver<RecvCmd>) -> bool {
         let mut changed = false;
+        let (socks, rate) = (&mut self.socks, &mut self.rate);
         while let Ok(cmd) = inbox.try_recv() {
             changed = true;
             match cmd {
@@ -1041,17 +1105,19 @@ fn receiver(core: &Core, inbox: &mpsc::Receiver<RecvCmd>) {
                         });
                         socks.len() - 1
                     };
-                    socks[i].peers.entry(target).or_default().push(*peer);
+                    *rate += self::rate(peer.interval_ns);
+                    socks[i].peers.entry(target).or_default().insert(*peer);
                     socks[i].paths += 1;
                 }
                 RecvCmd::Remove { sock, target, path } => {
                     if let Some(i) = socks.iter().position(|s| s.tr.id == sock) {
                         let s = &mut socks[i];
-                        if let Some(v) = s.peers.get_mut(&target) {
-                            let before = v.len();
-                            v.retain(|p| p.path != path);
-                            s.paths -= before - v.len();
-                            if v.is_empty() {
+                        if let Some(far) = s.peers.get_mut(&target) {
+                            if let Some(p) = far.remove(path) {
+                                *rate -= self::rate(p.interval_ns);
+                                s.paths -= 1;
+                            }
+                            if far.peers.is_empty() {
                                 s.peers.remove(&target);
                             }
                         }
@@ -1063,10 +1129,13 @@ fn receiver(core: &Core, inbox: &mpsc::Receiver<RecvCmd>) {
             }
         }
         if changed {
-            kernel_dated = socks
+            self.coalesce_ns = recv_coalesce_ns(self.rate);
+            self.kernel_dated = self
+                .socks
                 .iter()
                 .all(|s| s.tr.timestamping.rx == pathprobe_proto::report::TimestampSource::Kernel);
-            fds = socks
+            self.fds = self
+                .socks
                 .iter()
                 .map(|s| libc::pollfd {
                     fd: std::os::fd::AsRawFd::as_raw_fd(&s.tr.sock),
@@ -1075,29 +1144,48 @@ fn receiver(core: &Core, inbox: &mpsc::Receiver<RecvCmd>) {
                 })
                 .collect();
         }
-        if fds.is_empty() {
+        changed
+    }
+}
+
+fn receiver(core: &Core, inbox: &mpsc::Receiver<RecvCmd>) {
+    let mut r = Receiving {
+        coalesce_ns: RECV_COALESCE_NS.0,
+        ..Receiving::default()
+    };
+    let mut batch = RecvBatch::new(BATCH);
+    let mut errs = ErrBatch::new(BATCH);
+    let mut last_wake = 0u64;
+    while !core.stop.load(Ordering::Relaxed) {
+        r.take_commands(inbox);
+        if r.fds.is_empty() {
             thread::sleep(Duration::from_millis(20));
             continue;
         }
-        // At most one wake-up a millisecond where the kernel dates every datagram.
-        if kernel_dated {
-            let next = last_wake + RECV_COALESCE_NS;
+        // At most one wake-up a span where the kernel dates every datagram.
+        if r.kernel_dated {
+            let next = last_wake + r.coalesce_ns;
             let now = sys::monotonic_ns();
             if now < next {
                 sys::sleep_until(next);
             }
         }
-        for f in &mut fds {
+        for f in &mut r.fds {
             f.revents = 0;
         }
-        let ready = sys::poll_many(&mut fds, 20).unwrap_or(0);
+        let ready = sys::poll_many(&mut r.fds, 20).unwrap_or(0);
         last_wake = sys::monotonic_ns();
-        if ready == 0 {
+        // Paths added while this thread slept may have answers waiting already (a path's
+        // first probe leaves LEAD_NS after its Add at the earliest, and the sleep can be
+        // longer): they are taken in before anything is read, and then every socket is
+        // read, as the poll's answers no longer match the sockets.
+        let added = r.take_commands(inbox);
+        if ready == 0 && !added {
             continue;
         }
-        for (s, f) in socks.iter().zip(&fds) {
-            if f.revents != 0 {
-                drain_socket(core, s, &mut batch);
+        for (s, f) in r.socks.iter().zip(&r.fds) {
+            if added || f.revents != 0 {
+                drain_socket(core, s, &mut batch, &mut errs);
             }
         }
     }
@@ -1768,6 +1856,16 @@ mod tests {
         }
     }
 
+    /// Sets its flag when dropped: a failing test's reflectors stop, so the scope ends
+    /// and the failure is reported, not waited on for ever.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Collects a path's windows.
     struct Collect(Arc<Mutex<Vec<WindowStats>>>);
 
@@ -1834,6 +1932,7 @@ mod tests {
         let (stop, stats) = (AtomicBool::new(false), ReflectorStats::default());
         thread::scope(|s| {
             let target = reflect(s, &stop, &stats);
+            let _stop = StopOnDrop(&stop);
             let engine = Engine::start(s, ring_for_rate(200.0 * 50.0));
             let cfgs: Vec<_> = (0..200u16)
                 .map(|i| path(target, i + 1, 20 * MS, 50))
@@ -1860,6 +1959,44 @@ mod tests {
             // Loopback: a lost probe here would be a bug, not the network.
             assert_eq!(received, sent, "{}", stats.line());
             assert_eq!(engine.stray(), 0);
+            engine.shutdown();
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+
+    #[test]
+    fn paths_added_while_the_receiver_sleeps_get_their_first_answers() {
+        // One slow path keeps the receiver on its longest span (10 ms between reads);
+        // paths added while it sleeps send their first probes 2 ms later, and the answers
+        // are waiting when it wakes: each must be credited, none counted as stray.
+        let (stop, stats) = (AtomicBool::new(false), ReflectorStats::default());
+        thread::scope(|s| {
+            let target = reflect(s, &stop, &stats);
+            let _stop = StopOnDrop(&stop);
+            let engine = Engine::start(s, RING_MIN);
+            let slow = engine
+                .add(&path(target, 1, 100 * MS, 40), |_| {
+                    Box::new(Collect(Arc::default()))
+                })
+                .unwrap();
+            assert_eq!(recv_coalesce_ns(rate(100 * MS)), RECV_COALESCE_NS.1);
+            thread::sleep(Duration::from_millis(300));
+            for round in 0..5u16 {
+                let cfgs: Vec<_> = (0..20u16)
+                    .map(|i| path(target, 100 + round * 20 + i, 100 * MS, 3))
+                    .collect();
+                for (i, w) in run_paths(&engine, &cfgs).iter().enumerate() {
+                    let c = total(w);
+                    assert_eq!(
+                        (c.sent, c.received, c.lost),
+                        (3, 3, 0),
+                        "round {round} path {i}"
+                    );
+                }
+            }
+            assert_eq!(engine.stray(), 0);
+            engine.stop_path(slow.id);
+            slow.wait(Duration::from_secs(10)).unwrap().unwrap();
             engine.shutdown();
             stop.store(true, Ordering::Relaxed);
         });

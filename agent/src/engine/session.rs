@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use hdrhistogram::Histogram;
-use pathprobe_proto::hist::{Compact, Metric};
+use pathprobe_proto::hist::{Compact, Metric, Summary};
 use pathprobe_proto::report::{ClockState, Counters};
 
 /// Fixed parameters of a session.
@@ -199,6 +199,15 @@ pub struct Decided {
 }
 
 impl WindowStats {
+    /// The percentiles of metric `m`, from whichever form holds it; `None` when it
+    /// recorded nothing.
+    pub fn summary(&self, m: Metric) -> Option<Summary> {
+        match self.histograms.get(&m) {
+            Some(h) => Summary::of(h),
+            None => self.compact.get(&m)?.summary(),
+        }
+    }
+
     /// Turns the compact histograms into full ones (in `histograms`).
     pub fn materialize(&mut self) {
         for (m, c) in std::mem::take(&mut self.compact) {

@@ -3,11 +3,13 @@
 //! the due slots of every path handed out together. It never reads a clock: the sender
 //! thread tells it the time, and its tests run on simulated time.
 //!
-//! Paths slower than [`PRECISE_BELOW_NS`] between probes start on a grid of [`TICK_NS`]
-//! (their phase a whole number of ticks), so with whole-millisecond intervals every one
-//! of their deadlines falls on a tick and the sender wakes at most once a tick for all of
-//! them. Faster paths start as soon as they can and are waited for precisely (sleep, then
-//! spin to the deadline); the slow ones only sleep.
+//! Paths slower than [`PRECISE_BELOW_NS`] between probes start on a grid ([`grid`]): a
+//! whole number of milliseconds, up to [`MAX_GRID_NS`], that divides their interval, so
+//! every one of their deadlines falls on it and the sender wakes at most once a grid step
+//! for all of them. A thousand paths at 10/s fall on ten 10 ms steps, a hundred per step,
+//! and the sender wakes 100 times a second, not 1,000. Faster paths start as soon as they
+//! can and are waited for precisely (sleep, then spin to the deadline); the slow ones only
+//! sleep.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -16,6 +18,12 @@ use std::collections::BinaryHeap;
 pub const TICK_NS: u64 = 1_000_000;
 /// Paths that probe more often than this are waited for precisely (sleep, then spin).
 pub const PRECISE_BELOW_NS: u64 = 10_000_000;
+/// The coarsest grid a slow path's phase is placed on.
+pub const MAX_GRID_NS: u64 = 10_000_000;
+/// A slow path's interval holds at least this many grid steps: its phase has that many
+/// places to be spread over.
+const MIN_STEPS: u64 = 10;
+
 /// How long after it is added a path's first probe may be due, at the earliest: room for
 /// the engine's threads to take it in.
 pub const LEAD_NS: u64 = 2_000_000;
@@ -32,8 +40,18 @@ pub struct Slots {
     pub miss_after_ns: u64,
 }
 
+/// The grid a slow path's deadlines fall on: the coarsest of 10, 5, 2 and 1 ms that
+/// divides `interval_ns` into at least [`MIN_STEPS`] steps; 1 ms ([`TICK_NS`]) when none
+/// does (then its later deadlines fall between ticks).
+pub fn grid(interval_ns: u64) -> u64 {
+    [MAX_GRID_NS, 5_000_000, 2_000_000]
+        .into_iter()
+        .find(|&g| interval_ns.is_multiple_of(g) && interval_ns / g >= MIN_STEPS)
+        .unwrap_or(TICK_NS)
+}
+
 /// The first deadline of the `k`th path placed, for one probing every `interval_ns`,
-/// added at `now_ns`: at least [`LEAD_NS`] ahead; for a slow path on the tick grid, at a
+/// added at `now_ns`: at least [`LEAD_NS`] ahead; for a slow path on its [`grid`], at a
 /// phase within its interval taken from the golden-ratio sequence (k·φ mod 1), which
 /// spreads any number of paths evenly, however many come and go.
 pub fn place(k: u64, interval_ns: u64, now_ns: u64) -> u64 {
@@ -43,10 +61,11 @@ pub fn place(k: u64, interval_ns: u64, now_ns: u64) -> u64 {
     if interval_ns < PRECISE_BELOW_NS {
         return earliest;
     }
+    let step = grid(interval_ns);
     let frac = k.wrapping_mul(FRAC_PHI);
-    let ticks = (interval_ns / TICK_NS).max(1);
-    let phase = u64::try_from((u128::from(frac) * u128::from(ticks)) >> 64).unwrap_or(0) * TICK_NS;
-    earliest.div_ceil(TICK_NS) * TICK_NS + phase
+    let steps = (interval_ns / step).max(1);
+    let phase = u64::try_from((u128::from(frac) * u128::from(steps)) >> 64).unwrap_or(0) * step;
+    earliest.div_ceil(step) * step + phase
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -324,17 +343,35 @@ mod tests {
 
     #[test]
     fn phases_are_spread_over_the_interval() {
-        let interval = 100 * MS;
-        let mut per_tick = vec![0u32; 100];
-        for k in 0..1_000u64 {
-            let start = place(k, interval, 0);
-            assert_eq!(start % TICK_NS, 0, "on the grid");
-            per_tick[usize::try_from((start - LEAD_NS) / TICK_NS).unwrap() % 100] += 1;
+        // (interval, its grid): 1,000 paths at 10/s over ten 10 ms steps; at 1/s over a
+        // hundred; at 50/s over ten 2 ms steps; at 30/s (33 ms: no coarser grid divides
+        // it) over 33 ticks.
+        for (interval, step) in [
+            (100 * MS, 10 * MS),
+            (1_000 * MS, 10 * MS),
+            (20 * MS, 2 * MS),
+            (33 * MS, MS),
+        ] {
+            assert_eq!(grid(interval), step);
+            let steps = usize::try_from(interval / step).unwrap();
+            let mut per_step = vec![0u32; steps];
+            for k in 0..1_000u64 {
+                let start = place(k, interval, 0);
+                assert_eq!(start % step, 0, "on the grid");
+                per_step[usize::try_from(start / step).unwrap() % steps] += 1;
+            }
+            // Never a pile-up: every step within 3% (and 2 paths) of the mean.
+            let mean = 1_000 / u32::try_from(steps).unwrap();
+            let (most, least) = (
+                *per_step.iter().max().unwrap(),
+                *per_step.iter().min().unwrap(),
+            );
+            let slack = (mean * 3 / 100).max(2);
+            assert!(
+                most <= mean + slack && least + slack >= mean,
+                "{interval}: {per_step:?}"
+            );
         }
-        // 1,000 paths over 100 ticks: 10 a tick on average, never a pile-up.
-        let most = *per_tick.iter().max().unwrap();
-        let least = *per_tick.iter().min().unwrap();
-        assert!(most <= 12 && least >= 8, "{per_tick:?}");
         // A fast path is not held back for a phase.
         assert_eq!(place(7, MS, 5 * MS), 5 * MS + LEAD_NS);
     }
