@@ -202,17 +202,29 @@ fn the_demo_shows_vpn_slower_and_lossier_than_expressroute_and_one_failover() {
     );
     // The capacity test over the emulated 50 Mbit/s circuit (50 Mbit/s of UDP payload is
     // 51 Mbit/s of IP packets) finds its knee within the search's 5% and recommends.
+    // Where the emulated circuit itself fell behind (its packets released late by more
+    // than half the stage's RTT margin: a host that took the emulator off its core for
+    // tens of ms, measured by the emulator), the demo withholds the capacity and says
+    // why; that honest refusal is accepted, with a visible message. Any other error, or a
+    // capacity out of range, fails.
     let cap = &v["capacity"];
-    assert_eq!(cap["knee"]["saturated"], true, "{cap}");
-    let bps = cap["capacity_bps"].as_f64().unwrap();
-    assert!(
-        (46e6..=53e6).contains(&bps),
-        "capacity {bps} through 50 Mbit/s"
-    );
-    assert_eq!(
-        cap["recommendation"]["er_circuit_bps"], 100_000_000,
-        "{cap}"
-    );
+    let withheld = cap["error"]
+        .as_str()
+        .filter(|e| e.contains("the emulated circuit fell behind"));
+    if let Some(why) = withheld {
+        eprintln!("capacity not checked: this machine stalled the demo's emulator: {why}");
+    } else {
+        assert_eq!(cap["knee"]["saturated"], true, "{cap}");
+        let bps = cap["capacity_bps"].as_f64().unwrap();
+        assert!(
+            (46e6..=53e6).contains(&bps),
+            "capacity {bps} through 50 Mbit/s"
+        );
+        assert_eq!(
+            cap["recommendation"]["er_circuit_bps"], 100_000_000,
+            "{cap}"
+        );
+    }
     // The failover drill: ER goes dark and routing notices 300 ms later, so 300 ms of the
     // service's probes (1,000/s) are lost; traffic comes back to ER without loss. The
     // emulators and the router start a few milliseconds apart, hence the 10 ms margin.

@@ -33,11 +33,8 @@ use crate::{Error, Result};
 const MAX_FLOWS: usize = 1024;
 /// Most packets waiting for release.
 const MAX_WAITING: usize = 1 << 20;
-/// The release thread spins for the last stretch before a packet's time: twice the timed
-/// wait's measured oversleep on this host, within these bounds. A fixed long spin keeps
-/// the thread on a core at a few thousand packets a second, and the scheduler then takes
-/// the core away for whole slices (tens of ms) when other threads want it.
-const SPIN_NS: (u64, u64) = (20_000, 200_000);
+/// The release thread spins for the last stretch before a packet's time.
+const SPIN_NS: u64 = 200_000;
 
 /// How the emulator runs.
 #[derive(Debug, Clone)]
@@ -398,13 +395,9 @@ impl Relay<'_> {
     /// Sends each waiting packet at its time: a timed wait to just before, then a spin.
     fn release(&self) {
         let _ = sys::lower_timer_slack();
-        let (least, most) = SPIN_NS;
-        // How late timed waits wake here, smoothed; the spin covers twice that.
-        let mut oversleep = least;
         while !self.stop.load(Ordering::Relaxed) {
             let mut p = lock(&self.pending);
             let now = sys::monotonic_ns();
-            let spin = (2 * oversleep).clamp(least, most);
             match p.queue.peek().map(|Reverse((at, _, _))| *at) {
                 Some(at) if at <= now => {
                     let Some(Reverse((_, _, key))) = p.queue.pop() else {
@@ -418,25 +411,15 @@ impl Relay<'_> {
                         self.send(w);
                     }
                 }
-                Some(at) if at - now <= spin => {
+                Some(at) if at - now <= SPIN_NS => {
                     drop(p);
                     while sys::monotonic_ns() < at {
                         std::hint::spin_loop();
                     }
                 }
                 Some(at) => {
-                    let wake = (at - spin).min(now + 50_000_000);
-                    let (p, timed_out) = self
-                        .wake
-                        .wait_timeout(p, Duration::from_nanos(wake - now))
-                        .unwrap_or_else(PoisonError::into_inner);
-                    drop(p);
-                    // Only a wait that ran its course measures oversleep (a new packet
-                    // wakes it early).
-                    if timed_out.timed_out() {
-                        let late = sys::monotonic_ns().saturating_sub(wake).min(most);
-                        oversleep = (oversleep * 7 + late) / 8;
-                    }
+                    let wait = Duration::from_nanos((at - now - SPIN_NS).min(50_000_000));
+                    let _ = self.wake.wait_timeout(p, wait);
                 }
                 None => {
                     let _ = self.wake.wait_timeout(p, Duration::from_millis(50));
