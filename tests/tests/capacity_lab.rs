@@ -84,7 +84,9 @@ fn root_capacity_finds_the_tbf_rate_and_agrees_with_iperf3() {
             (cap - ip_limit).abs() <= 0.10 * ip_limit,
             "capacity {cap:.0} bit/s through a {limit:.0} bit/s tbf ({ip_limit:.0} in IP bits): {v}"
         );
-        let iperf = iperf3_udp(&lab, blast);
+        // The reference is the better of two iperf3 runs: on 2 busy cores one run's own
+        // sender can be starved for a while and deliver well under what the link carries.
+        let iperf = iperf3_udp(&lab, blast).max(iperf3_udp(&lab, blast));
         assert!(
             (cap - iperf).abs() <= 0.10 * iperf,
             "capacity {cap:.0} bit/s against iperf3's {iperf:.0} bit/s"

@@ -328,10 +328,14 @@ fn stamp(plan: &Plan, length: Duration) -> Option<Stamped> {
     })
 }
 
-fn p99(w: Option<&Stamped>) -> Option<u64> {
+fn rtt_at(w: Option<&Stamped>, q: f64) -> Option<u64> {
     w.and_then(|w| w.window.histograms.get(&pathprobe_proto::hist::Metric::Rtt))
         .filter(|h| !h.is_empty())
-        .map(|h| h.value_at_quantile(0.99))
+        .map(|h| h.value_at_quantile(q))
+}
+
+fn p99(w: Option<&Stamped>) -> Option<u64> {
+    rtt_at(w, 0.99)
 }
 
 #[allow(clippy::cast_precision_loss)]
@@ -434,6 +438,8 @@ fn stage(
         loss: dirs.iter().map(|d| d.loss).fold(0.0, f64::max),
         rtt_p99_ns: p99(stamp.as_ref()),
         sender_late_p99_ns: paced.map_or(0, |p| p.behind_p99_ns),
+        rtt_p50_ns: rtt_at(stamp.as_ref(), 0.5),
+        remeasured: false,
     };
     Ok(StageResult {
         number: number as usize,
@@ -560,22 +566,33 @@ impl Runner<'_> {
         self.stop.load(Ordering::Relaxed)
     }
 
+    /// Runs a stage at `rate`; one that fails on a [`knee::spike`] alone is measured
+    /// once more, and the knee uses the second measurement (both are reported).
     fn load_stage(&mut self, rate: u64) -> Result<()> {
-        self.number += 1;
-        (self.on_event)(Event::Stage {
-            number: self.stages.len() + 1,
-            offered_bps: rate,
-        });
-        let r = stage(
-            self.plan,
-            &mut self.ctl,
-            self.number,
-            rate,
-            self.idle_p99_ns,
-            self.stop,
-        )?;
-        (self.on_event)(Event::StageDone(&r));
-        self.stages.push(r);
+        for attempt in 0..2 {
+            self.number += 1;
+            (self.on_event)(Event::Stage {
+                number: self.stages.len() + 1,
+                offered_bps: rate,
+            });
+            let mut r = stage(
+                self.plan,
+                &mut self.ctl,
+                self.number,
+                rate,
+                self.idle_p99_ns,
+                self.stop,
+            )?;
+            let again = attempt == 0
+                && !self.stopped()
+                && knee::spike(&r.outcome, self.idle_p99_ns, &self.plan.thresholds);
+            r.outcome.remeasured = again;
+            (self.on_event)(Event::StageDone(&r));
+            self.stages.push(r);
+            if !again {
+                break;
+            }
+        }
         Ok(())
     }
 

@@ -59,6 +59,12 @@ pub struct StageOutcome {
     /// for about that long): added to the RTT limit, since it is the sender's, not the
     /// path's. 0 when unknown (download: the far end paces).
     pub sender_late_p99_ns: u64,
+    /// Median RTT of the STAMP stream during the stage: a standing queue lifts it, a
+    /// moment's spike does not.
+    pub rtt_p50_ns: Option<u64>,
+    /// This stage failed on a [`spike`] alone and the stage after it measured the same
+    /// rate again: the knee uses that one, and this one is only reported.
+    pub remeasured: bool,
 }
 
 /// Why a stage passed or not.
@@ -91,7 +97,21 @@ pub fn judge(s: &StageOutcome, idle_p99_ns: u64, th: &Thresholds) -> Judgement {
     }
 }
 
-/// The knee of a set of stages (in any order).
+/// A stage that failed on its p99 RTT alone while its median stayed within the limit: it
+/// delivered what was offered, lost nothing to speak of, and most of its probes saw no
+/// queue, so a moment's stall (of this machine, or of a shared link) rather than a
+/// standing queue broke the limit. A bottleneck's queue lifts the median too, and
+/// measuring such a stage again fails it again; a spike seldom repeats.
+pub fn spike(s: &StageOutcome, idle_p99_ns: u64, th: &Thresholds) -> bool {
+    let j = judge(s, idle_p99_ns, th);
+    j.delivered_ok
+        && j.loss_ok
+        && !j.rtt_ok
+        && s.rtt_p50_ns
+            .is_some_and(|m| m <= th.rtt_limit_ns(idle_p99_ns))
+}
+
+/// The knee of a set of stages (in any order); stages measured again are left out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Knee {
     /// Index (into the stages given) of the knee stage; `None` when even the lowest
@@ -110,7 +130,9 @@ pub struct Knee {
 
 /// Finds the knee.
 pub fn knee(stages: &[StageOutcome], idle_p99_ns: u64, th: &Thresholds) -> Knee {
-    let mut order: Vec<usize> = (0..stages.len()).collect();
+    let mut order: Vec<usize> = (0..stages.len())
+        .filter(|&i| !stages[i].remeasured)
+        .collect();
     order.sort_by_key(|&i| stages[i].offered_bps);
     let verdicts: Vec<Judgement> = stages.iter().map(|s| judge(s, idle_p99_ns, th)).collect();
     let lowest_fail = order
@@ -153,7 +175,7 @@ pub fn next_search_rate(
     let pass = stages[k.stage?].offered_bps;
     let fail = stages
         .iter()
-        .filter(|s| !judge(s, idle_p99_ns, th).passed())
+        .filter(|s| !s.remeasured && !judge(s, idle_p99_ns, th).passed())
         .map(|s| s.offered_bps)
         .min()?;
     ((fail - pass) as f64 > resolution * fail as f64).then(|| pass + (fail - pass) / 2)
@@ -176,6 +198,8 @@ mod tests {
                 loss: 0.0,
                 rtt_p99_ns: Some(MS + offered_mbit * 10_000),
                 sender_late_p99_ns: 0,
+                rtt_p50_ns: Some(MS),
+                remeasured: false,
             }
         } else {
             #[allow(clippy::cast_precision_loss)]
@@ -186,6 +210,8 @@ mod tests {
                 loss,
                 rtt_p99_ns: Some(51 * MS),
                 sender_late_p99_ns: 0,
+                rtt_p50_ns: Some(50 * MS),
+                remeasured: false,
             }
         }
     }
@@ -251,6 +277,8 @@ mod tests {
             loss: 0.0,
             rtt_p99_ns: Some(MS),
             sender_late_p99_ns: 0,
+            rtt_p50_ns: Some(MS),
+            remeasured: false,
         };
         assert!(judge(&ok, MS, &th).passed());
         let j = judge(
@@ -298,6 +326,44 @@ mod tests {
                 &th
             )
             .rtt_ok
+        );
+    }
+
+    #[test]
+    fn a_spike_is_told_from_a_standing_queue_and_its_remeasurement_decides() {
+        let th = Thresholds::default();
+        // 40 Mbit/s delivered in full, but one stall put 8 ms on the p99; the median
+        // saw no queue.
+        let mut spiked = bottleneck(40);
+        spiked.rtt_p99_ns = Some(8 * MS);
+        assert!(spike(&spiked, MS, &th));
+        // Above the bottleneck the median is in the queue: no spike, a failure.
+        assert!(!spike(&bottleneck(60), MS, &th));
+        // At the bottleneck's edge: all delivered, but a standing queue lifts the median.
+        let mut queued = bottleneck(50);
+        queued.rtt_p99_ns = Some(20 * MS);
+        queued.rtt_p50_ns = Some(10 * MS);
+        assert!(!spike(&queued, MS, &th));
+        // Loss is never a spike.
+        let mut lossy = spiked;
+        lossy.loss = 0.02;
+        assert!(!spike(&lossy, MS, &th));
+
+        // Measured again and clean: the knee is above the spike, as if it never was.
+        spiked.remeasured = true;
+        let stages = vec![bottleneck(10), spiked, bottleneck(40), bottleneck(60)];
+        let k = knee(&stages, MS, &th);
+        assert_eq!(k.stage, Some(2));
+        assert_eq!(k.rtt_inflates_at_bps, Some(60_000_000));
+        // Measured again and failing again: that failure counts.
+        let mut again = spiked;
+        again.remeasured = false;
+        let stages = vec![bottleneck(10), spiked, again, bottleneck(60)];
+        assert_eq!(knee(&stages, MS, &th).stage, Some(0));
+        assert_eq!(
+            next_search_rate(&stages, MS, &th, 0.05),
+            Some(25_000_000),
+            "the search goes on between 10 and 40"
         );
     }
 

@@ -64,6 +64,8 @@ pub fn stage_json(s: &StageResult) -> Value {
         "sender_short": s.sender_short,
         // The load generator's own p99 lateness, allowed on top of the RTT limit.
         "sender_late_p99_us": us(s.outcome.sender_late_p99_ns),
+        // Failed on a moment's RTT spike alone; the next stage measured this rate again.
+        "remeasured": s.outcome.remeasured,
     })
 }
 
@@ -141,6 +143,9 @@ fn stage_table(run: &Run) -> Table {
         };
         if s.sender_short {
             verdict.push_str(" (sender fell short)");
+        }
+        if s.outcome.remeasured {
+            verdict.push_str(" (a spike: measured again)");
         }
         t.add_row([
             s.number.to_string(),

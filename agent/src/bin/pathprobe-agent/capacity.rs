@@ -203,7 +203,13 @@ fn event_line(e: &Event<'_>, stage: Duration) -> String {
             Rate(s.offered_bps),
             Rate(s.outcome.delivered_bps),
             s.outcome.loss * 100.0,
-            if s.judgement.passed() { "ok" } else { "failed" }
+            if s.judgement.passed() {
+                "ok"
+            } else if s.outcome.remeasured {
+                "failed on an RTT spike alone (its median within the limit): measuring it again"
+            } else {
+                "failed"
+            }
         ),
         Event::Tcp { streams, direction } => {
             format!("TCP {} with {streams} streams", way(*direction))
