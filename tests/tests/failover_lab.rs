@@ -113,14 +113,14 @@ fn root_failover_measures_blackout_failover_and_failback() {
     assert_eq!(over["before"]["fwd_hops"], 1, "{over}");
     assert_eq!(over["after"]["fwd_hops"], 2, "{over}");
     let p50 = |e: &serde_json::Value, side: &str| e[side]["rtt_p50_us"].as_f64().unwrap();
-    assert!(
-        p50(over, "before") < 5_000.0 && p50(over, "after") > 10_000.0,
-        "{over}"
-    );
+    // The paths' RTTs differ by 6 ms as configured (4 against 10 ms); a busy host adds
+    // its own delay to both, so the test asks for half the difference, not for levels.
+    let apart = |slow: f64, fast: f64| slow - fast > 3_000.0;
+    assert!(apart(p50(over, "after"), p50(over, "before")), "{over}");
     // Link up: routing prefers ER again at once; nothing is lost on the way back.
     assert!(ms(back) <= 2.0, "failback: {}", ms(back));
     assert_eq!(paths(back), ("backup", "primary"));
-    assert!(p50(back, "after") < 5_000.0, "{back}");
+    assert!(apart(p50(back, "before"), p50(back, "after")), "{back}");
 }
 
 #[test]

@@ -208,6 +208,11 @@ impl Detector {
         self.levels = (ratio >= LEVEL_RATIO).then_some((primary_ns, backup_ns));
     }
 
+    /// Stops telling paths by RTT level: their hop counts tell them apart.
+    pub const fn clear_levels(&mut self) {
+        self.levels = None;
+    }
+
     #[allow(clippy::cast_precision_loss)] // a ratio of RTTs
     fn level_of(&self, rtt_ns: u64) -> Option<u8> {
         let (p, b) = self.levels?;

@@ -448,12 +448,21 @@ impl<E: FnMut(&WindowStats, &Observed), V: FnMut(&PathEvent)> Sink for ServiceSi
     }
 
     fn probes(&mut self, decided: &[Decided]) {
-        let rtt = |h: &Option<Arc<Mutex<PathHealth>>>| {
-            h.as_ref()
-                .and_then(|h| h.lock().unwrap_or_else(PoisonError::into_inner).rtt_ns())
+        let health = |h: &Option<Arc<Mutex<PathHealth>>>| {
+            h.as_ref().and_then(|h| {
+                let h = h.lock().unwrap_or_else(PoisonError::into_inner);
+                h.rtt_ns().map(|rtt| (rtt, h.key))
+            })
         };
-        if let (Some(p), Some(b)) = (rtt(&self.primary), rtt(&self.backup)) {
-            self.detector.set_levels(p, b);
+        if let (Some((p, pk)), Some((b, bk))) = (health(&self.primary), health(&self.backup)) {
+            // The RTT level tells the paths apart only where their hop counts do not (an
+            // IPsec tunnel hides its routers): where they do, a stretch of slow answers on
+            // the primary (a busy host, a queue) is not a move to the backup.
+            if pk.zip(bk).is_some_and(|(pk, bk)| !pk.same_hops(&bk)) {
+                self.detector.clear_levels();
+            } else {
+                self.detector.set_levels(p, b);
+            }
         }
         self.detector.push(decided);
         let ready = self.detector.take_ready();
@@ -764,10 +773,13 @@ mod tests {
         assert_eq!(Namer::default().name(key(1), None), UNKNOWN);
     }
 
-    #[test]
-    fn the_third_switch_within_the_flap_window_is_flapping_and_a_drill_ends_at_failback() {
-        let mut got: Vec<PathEvent> = Vec::new();
-        let mut sink = ServiceSink {
+    /// A service stream's sink as a run makes it, its events going to `got`.
+    fn service_sink(
+        primary: Option<PathHealth>,
+        backup: Option<PathHealth>,
+        got: &mut Vec<PathEvent>,
+    ) -> ServiceSink<impl FnMut(&WindowStats, &Observed), impl FnMut(&PathEvent) + '_> {
+        ServiceSink {
             detector: Detector::new(DetectConfig {
                 sent_ttl: Some(64),
                 min_outage_ns: 20 * MS,
@@ -777,8 +789,8 @@ mod tests {
                 edge_ns: 1_000 * MS,
                 max_records: 1 << 20,
             }),
-            primary: None,
-            backup: None,
+            primary: primary.map(|h| Arc::new(Mutex::new(h))),
+            backup: backup.map(|h| Arc::new(Mutex::new(h))),
             watch: watch::Watcher::default(),
             sent_ttl: Some(64),
             dscp: 0,
@@ -790,30 +802,69 @@ mod tests {
             emit_window: |_: &WindowStats, _: &Observed| {},
             on_event: |e: &PathEvent| got.push(e.clone()),
             drill: Some(Drill::Waiting),
-        };
+        }
+    }
+
+    /// `n` answers, one a millisecond after `seq`, over `hops` routers each way.
+    fn answers(seq: &mut u64, n: u64, hops: u8, rtt_ns: u64) -> Vec<Decided> {
+        (0..n)
+            .map(|_| {
+                *seq += 1;
+                Decided {
+                    seq: *seq,
+                    scheduled_ns: *seq * MS,
+                    scheduled_wall_ns: *seq * MS,
+                    outcome: Outcome::Answered {
+                        rtt_ns,
+                        marks: crate::engine::session::Marks {
+                            far_ttl: Some(64 - hops),
+                            back_ttl: Some(64 - hops),
+                            ..crate::engine::session::Marks::default()
+                        },
+                        reordered: false,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn slow_answers_on_the_primarys_hops_are_no_move_where_hop_counts_tell_the_paths_apart() {
+        // The primary 4 ms over one router, the backup 10 ms over two (as pinned probes
+        // see them). A busy second on the primary's hops at the backup's RTT is neither a
+        // failover nor a path change.
+        let mut got = Vec::new();
+        let mut sink = service_sink(Some(health(1, 4)), Some(health(2, 10)), &mut got);
+        let mut seq = 0;
+        for (n, rtt) in [(2_000, 4 * MS), (1_000, 10 * MS), (2_000, 4 * MS)] {
+            sink.probes(&answers(&mut seq, n, 1, rtt));
+        }
+        let last = sink.detector.finish();
+        sink.transitions(last);
+        drop(sink);
+        assert!(got.is_empty(), "{got:?}");
+        // Where both paths show the same hop counts, the RTT level is what tells them.
+        let mut got = Vec::new();
+        let mut sink = service_sink(Some(health(1, 4)), Some(health(1, 10)), &mut got);
+        let mut seq = 0;
+        for (n, rtt) in [(2_000, 4 * MS), (2_000, 10 * MS)] {
+            sink.probes(&answers(&mut seq, n, 1, rtt));
+        }
+        let last = sink.detector.finish();
+        sink.transitions(last);
+        drop(sink);
+        let kinds: Vec<_> = got.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [EventKind::Failover]);
+    }
+
+    #[test]
+    fn the_third_switch_within_the_flap_window_is_flapping_and_a_drill_ends_at_failback() {
+        let mut got: Vec<PathEvent> = Vec::new();
+        let mut sink = service_sink(None, None, &mut got);
         // Two seconds at a time on one path, then the other: one router, then two.
         let mut seq = 0u64;
         for (i, hops) in [1u8, 2, 1, 2, 1].into_iter().enumerate() {
-            let probes: Vec<Decided> = (0..2_000)
-                .map(|_| {
-                    seq += 1;
-                    Decided {
-                        seq,
-                        scheduled_ns: seq * MS,
-                        scheduled_wall_ns: seq * MS,
-                        outcome: Outcome::Answered {
-                            rtt_ns: 4 * MS,
-                            marks: crate::engine::session::Marks {
-                                far_ttl: Some(64 - hops),
-                                back_ttl: Some(64 - hops),
-                                ..crate::engine::session::Marks::default()
-                            },
-                            reordered: false,
-                        },
-                    }
-                })
-                .collect();
-            sink.probes(&probes);
+            sink.probes(&answers(&mut seq, 2_000, hops, 4 * MS));
             if i == 2 {
                 // Out to the backup and back: the drill is done.
                 assert!(sink.finished(), "the drill stops at the failback");
