@@ -29,7 +29,7 @@ use crate::{Error, Result, output};
 
 /// After a stage's load stops, wait this long for the last datagrams to land.
 const SETTLE: Duration = Duration::from_millis(300);
-/// A search stops after this many load stages.
+/// A search stops after this many rates (a rate measured again after a spike is one).
 const MAX_SEARCH_STAGES: usize = 12;
 /// A search stops when pass and fail are this close (a fraction of the fail rate).
 const SEARCH_RESOLUTION: f64 = 0.05;
@@ -611,9 +611,10 @@ impl Runner<'_> {
         while let Some(next) =
             knee::next_search_rate(&self.outcomes(), self.idle_p99_ns, &th, SEARCH_RESOLUTION)
         {
-            if self.stages.len() >= MAX_SEARCH_STAGES || self.stopped() {
+            let rates = self.stages.iter().filter(|s| !s.outcome.remeasured).count();
+            if rates >= MAX_SEARCH_STAGES || self.stopped() {
                 return Ok(Some(format!(
-                    "the search stopped after {} stages, before pass and fail were within {:.0}%",
+                    "the search stopped after {rates} rates ({} stages), before pass and fail were within {:.0}%",
                     self.stages.len(),
                     SEARCH_RESOLUTION * 100.0
                 )));
