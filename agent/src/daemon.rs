@@ -4,10 +4,10 @@
 //! outage or an agent restart and arrive in order, once.
 //!
 //! The daemon is a supervisor of handles: one per path, one per drill, the reflector and
-//! the uploader. STAMP paths are handles on one shared probe engine
-//! ([`crate::engine::mux`]: three threads for all of them, and one reporter thread that
-//! turns their windows into log lines and reports); TCP paths, drills, the reflector and
-//! the uploader are each a thread with a stop flag of its own. It runs an [`AgentPlan`]
+//! the uploader. Paths, whatever their kind (STAMP, `tcp-syn`, `tcp-connect`), are
+//! handles on one shared probe engine ([`crate::engine::mux`]: three threads for all of
+//! them, and one reporter thread that turns their windows into log lines and reports);
+//! drills, the reflector and the uploader are each a thread with a stop flag of its own. It runs an [`AgentPlan`]
 //! ([`crate::plan`]); a new plan (the config file read again on `SIGHUP`) is applied by
 //! difference: a path or drill whose plan changed is stopped (its last window delivered)
 //! and started again, a new one is started, a removed one is stopped and its last window
@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
-use pathprobe_proto::report::{PathInfo, PathKind, ProbeProtocol};
+use pathprobe_proto::report::{PathInfo, PathKind};
 
 use crate::delivery::{self, Courier, Destination};
 use crate::engine::Sink;
@@ -32,7 +32,6 @@ use crate::engine::session::WindowStats;
 use crate::failover::{self, Failover, Verdict};
 use crate::output::{self, Labels};
 use crate::plan::{AgentPlan, DrillPlan, PathPlan};
-use crate::probe::Prober;
 use crate::reflector::{self, ReflectorConfig, ReflectorStats};
 use crate::watch::{Observed, PathWatch};
 use crate::{Error, Result};
@@ -83,8 +82,7 @@ impl<P, T> Planned<P> for Part<'_, P, T> {
     }
 }
 
-/// A STAMP path on the agent's engine: its handle, or (while `None`) when it is tried
-/// again.
+/// A path on the agent's engine: its handle, or (while `None`) when it is tried again.
 struct EnginePart {
     plan: (Agent, PathPlan),
     handle: Option<PathHandle>,
@@ -178,15 +176,6 @@ fn send_report(json: Result<Vec<u8>>, tx: &mpsc::Sender<Vec<u8>>) {
     }
 }
 
-/// A window's log line, its events, and its report to the uploader.
-fn emit(labels: &Labels, w: &WindowStats, seen: &Observed, tx: &mpsc::Sender<Vec<u8>>) {
-    log_window(labels, &output::window_figures(labels, w, seen), seen);
-    send_report(
-        output::report(labels, w, seen).and_then(|r| Ok(r.to_json()?)),
-        tx,
-    );
-}
-
 /// What a new plan changed, by name, for the log.
 #[derive(Debug, Default)]
 struct Changes {
@@ -249,10 +238,8 @@ struct Running<'scope, 'env> {
     /// The uploaders' end of the reports channel: one uploader at a time holds it.
     rx: &'env Mutex<mpsc::Receiver<Vec<u8>>>,
     stats: &'env ReflectorStats,
-    /// TCP paths, each on a thread of its own.
-    paths: BTreeMap<String, Part<'scope, PathPlan, ()>>,
-    /// STAMP paths, on the engine.
-    stamp_paths: BTreeMap<String, EnginePart>,
+    /// Every path, on the engine.
+    paths: BTreeMap<String, EnginePart>,
     engine: Option<Engine<'scope>>,
     report_tx: Option<mpsc::Sender<Reported>>,
     reporter: Option<ScopedJoinHandle<'scope, ()>>,
@@ -264,41 +251,20 @@ struct Running<'scope, 'env> {
 }
 
 impl Running<'_, '_> {
-    fn start_path(&mut self, p: PathPlan, first: Option<Prober>) {
-        if p.probe.protocol == ProbeProtocol::Stamp {
-            let now = Instant::now();
-            let mut part = EnginePart {
-                plan: (self.agent.clone(), p),
-                handle: None,
-                retry_at: now,
-                backoff: Duration::from_secs(1),
-                started: now,
-            };
-            self.open_on_engine(&mut part);
-            self.stamp_paths.insert(part.plan.1.name.clone(), part);
-            return;
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        let (flag, tx, agent, plan) = (
-            Arc::clone(&stop),
-            self.tx.clone(),
-            self.agent.clone(),
-            p.clone(),
-        );
-        let thread = self
-            .scope
-            .spawn(move || probe_path(&agent, &plan, first, &flag, &tx));
-        self.paths.insert(
-            p.name.clone(),
-            Handle {
-                plan: (self.agent.clone(), p),
-                stop,
-                thread,
-            },
-        );
+    fn start_path(&mut self, p: PathPlan) {
+        let now = Instant::now();
+        let mut part = EnginePart {
+            plan: (self.agent.clone(), p),
+            handle: None,
+            retry_at: now,
+            backoff: Duration::from_secs(1),
+            started: now,
+        };
+        self.open_on_engine(&mut part);
+        self.paths.insert(part.plan.1.name.clone(), part);
     }
 
-    /// Adds a STAMP path to the engine; on failure (an address not up yet) it is tried
+    /// Adds a path to the engine; on failure (an address not up yet) it is tried
     /// again with back-off.
     fn open_on_engine(&self, part: &mut EnginePart) {
         let (Some(engine), Some(tx)) = (self.engine.as_ref(), self.report_tx.as_ref()) else {
@@ -315,7 +281,7 @@ impl Running<'_, '_> {
                     remote: probe.target,
                     protocol: probe.protocol,
                     dscp: probe.dscp,
-                    packet_size: u16::try_from(probe.size).unwrap_or(u16::MAX),
+                    packet_size: probe.packet_size(),
                 },
                 agent_id: agent.id.clone(),
                 site: agent.site.clone(),
@@ -346,7 +312,7 @@ impl Running<'_, '_> {
     /// Engine paths that ended (they never should) are started again with back-off;
     /// those waiting are tried when their time comes.
     fn tend_engine_paths(&mut self) {
-        let mut parts = std::mem::take(&mut self.stamp_paths);
+        let mut parts = std::mem::take(&mut self.paths);
         for part in parts.values_mut() {
             let name = &part.plan.1.name;
             if let Some(end) = part.handle.as_ref().and_then(PathHandle::ended) {
@@ -370,7 +336,7 @@ impl Running<'_, '_> {
                 self.open_on_engine(part);
             }
         }
-        self.stamp_paths = parts;
+        self.paths = parts;
     }
 
     /// Stops engine paths together and waits for each to end: its probes in flight get
@@ -453,23 +419,12 @@ impl Running<'_, '_> {
         self.agent = agent.clone();
         let mut changes = Changes::default();
         let named = |p: PathPlan| (p.name.clone(), p);
-        let (stamp, tcp): (Vec<PathPlan>, Vec<PathPlan>) = next
-            .paths
-            .into_iter()
-            .partition(|p| p.probe.protocol == ProbeProtocol::Stamp);
-        let (old_paths, mut new_paths) = sort_out(
+        let (old_paths, new_paths) = sort_out(
             &mut self.paths,
-            tcp.into_iter().map(named).collect(),
+            next.paths.into_iter().map(named).collect(),
             &agent,
             &mut changes,
         );
-        let (old_stamp, new_stamp) = sort_out(
-            &mut self.stamp_paths,
-            stamp.into_iter().map(named).collect(),
-            &agent,
-            &mut changes,
-        );
-        new_paths.extend(new_stamp);
         let (old_drills, new_drills) = sort_out(
             &mut self.drills,
             next.drills
@@ -480,11 +435,10 @@ impl Running<'_, '_> {
             &mut changes,
         );
         // Each path's last window goes to the uploader before anything starts again on it.
-        self.retire_engine_paths(&old_stamp);
-        retire(old_paths);
+        self.retire_engine_paths(&old_paths);
         retire(old_drills);
         for p in new_paths {
-            self.start_path(p, None);
+            self.start_path(p);
         }
         for d in new_drills {
             self.start_drill(d);
@@ -578,11 +532,8 @@ impl Running<'_, '_> {
     /// then the reflector, then the uploader (which delivers what it can). The reflector's
     /// outcome, when it failed.
     fn shut_down(mut self) -> Result<()> {
-        let stamp: Vec<EnginePart> = std::mem::take(&mut self.stamp_paths)
-            .into_values()
-            .collect();
-        self.retire_engine_paths(&stamp);
-        retire(std::mem::take(&mut self.paths).into_values().collect());
+        let paths: Vec<EnginePart> = std::mem::take(&mut self.paths).into_values().collect();
+        self.retire_engine_paths(&paths);
         retire(std::mem::take(&mut self.drills).into_values().collect());
         // The engine's threads end; then the reporter, once it has passed every window on.
         if let Some(engine) = self.engine.take() {
@@ -627,21 +578,19 @@ pub fn run(
     stop: &AtomicBool,
     reload: &mut dyn FnMut() -> Option<Result<AgentPlan>>,
 ) -> Result<()> {
-    let mut opened = Vec::with_capacity(plan.paths.len());
     for p in &plan.paths {
-        // A setting the agent cannot use (a privilege it lacks) is refused now; anything
-        // else (an address not up yet) is tried again by the path's thread.
-        let first = match open_first(&p.probe) {
-            Ok(prober) => prober,
+        // A setting the agent cannot use (a privilege it lacks) is refused now: the path's
+        // socket is opened and closed (the engine opens its own). Anything else (an
+        // address not up yet) is tried again by the supervisor.
+        match mux::open_one(&p.probe) {
+            Ok(_) => {}
             Err(e @ Error::Config(_)) => {
                 return Err(Error::Config(format!("path `{}`: {e}", p.name)));
             }
             Err(e) => {
                 tracing::error!(path = %p.name, error = %e, "cannot open the path yet: it will be tried again");
-                None
             }
-        };
-        opened.push((p.clone(), first));
+        }
     }
     let reflector = plan
         .reflector
@@ -660,7 +609,6 @@ pub fn run(
     let rate: f64 = plan
         .paths
         .iter()
-        .filter(|p| p.probe.protocol == ProbeProtocol::Stamp)
         .map(|p| mux::rate(p.probe.interval_ns))
         .sum();
     std::thread::scope(|s| -> Result<()> {
@@ -669,7 +617,7 @@ pub fn run(
         let reporter_thread = s.spawn(move || reporter(&report_rx, &uploads));
         let mut running = Running {
             scope: s,
-            stamp_paths: BTreeMap::new(),
+            paths: BTreeMap::new(),
             engine: Some(Engine::start(s, mux::ring_for_rate(2.0 * rate))),
             report_tx: Some(report_tx),
             reporter: Some(reporter_thread),
@@ -680,7 +628,6 @@ pub fn run(
             tx,
             rx: &rx,
             stats: &stats,
-            paths: BTreeMap::new(),
             drills: BTreeMap::new(),
             reflector: None,
             uploader: None,
@@ -692,8 +639,8 @@ pub fn run(
         if let Some((rc, sock)) = reflector {
             running.start_reflector(rc, sock);
         }
-        for (p, first) in opened {
-            running.start_path(p, first);
+        for p in plan.paths {
+            running.start_path(p);
         }
         for d in plan.drills {
             running.start_drill(d);
@@ -744,102 +691,6 @@ fn supervise(
         std::thread::sleep(Duration::from_millis(100));
     }
     None
-}
-
-/// Checks that a path can be opened as configured: a STAMP path's socket is opened and
-/// closed (the engine opens its own), a TCP path's prober is kept for its thread.
-fn open_first(probe: &crate::probe::ProbeConfig) -> Result<Option<Prober>> {
-    if probe.protocol == ProbeProtocol::Stamp {
-        mux::open_one(probe).map(|_| None)
-    } else {
-        Prober::open(probe.clone()).map(Some)
-    }
-}
-
-/// Sleeps `d` in short steps; false if `stop` was set meanwhile.
-fn pause(d: Duration, stop: &AtomicBool) -> bool {
-    let until = Instant::now() + d;
-    while Instant::now() < until {
-        if stop.load(Ordering::Relaxed) {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50).min(d));
-    }
-    !stop.load(Ordering::Relaxed)
-}
-
-/// Probes one path until `stop`: a target that is down, a socket that cannot be opened yet
-/// or a session that ends (even by a panic) is logged, and the path is tried again with
-/// back-off. It never gives up while the agent runs.
-fn probe_path(
-    agent: &Agent,
-    p: &PathPlan,
-    first: Option<Prober>,
-    stop: &AtomicBool,
-    tx: &mpsc::Sender<Vec<u8>>,
-) {
-    let probe = &p.probe;
-    let mut backoff = Duration::from_secs(1);
-    let mut opened = first;
-    while !stop.load(Ordering::Relaxed) {
-        let prober = match opened
-            .take()
-            .map_or_else(|| Prober::open(probe.clone()), Ok)
-        {
-            Ok(prober) => prober,
-            Err(e) => {
-                tracing::error!(path = %p.name, error = %e, retry_in = ?backoff, "cannot open the path: trying again");
-                if !pause(backoff, stop) {
-                    break;
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            }
-        };
-        let labels = Labels {
-            path: PathInfo {
-                name: p.name.clone(),
-                kind: p.kind,
-                local: prober.local,
-                remote: prober.config().target,
-                protocol: probe.protocol,
-                dscp: probe.dscp,
-                packet_size: prober.packet_size(),
-            },
-            agent_id: agent.id.clone(),
-            site: agent.site.clone(),
-            timestamping: prober.timestamping,
-        };
-        tracing::info!(path = %p.name, target = %probe.target, "probing");
-        let started = Instant::now();
-        let session = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            crate::watch::run_watched(&prober, stop, false, |w, seen| {
-                emit(&labels, w, seen, tx);
-            })
-        }));
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        match session {
-            Ok(Ok(_)) => {
-                tracing::warn!(path = %p.name, retry_in = ?backoff, "probing ended: starting again");
-            }
-            Ok(Err(e)) => {
-                tracing::error!(path = %p.name, error = %e, retry_in = ?backoff, "probing stopped: starting again");
-            }
-            Err(_) => {
-                tracing::error!(path = %p.name, retry_in = ?backoff, "the probing thread panicked: starting again");
-            }
-        }
-        // A session that ran a while was healthy: start the back-off over.
-        if started.elapsed() > MAX_BACKOFF {
-            backoff = Duration::from_secs(1);
-        }
-        if !pause(backoff, stop) {
-            break;
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
 }
 
 /// Runs one `[[drill]]`: waits for its start, runs it (reports to `tx`), logs each event

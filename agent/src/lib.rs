@@ -1,7 +1,7 @@
 //! `pathprobe-agent`: what runs on each site's servers and Azure VMs.
 //!
-//! The STAMP reflector ([`reflector`]); the probe [`engine`] (schedule, rings, aggregator)
-//! with its sans-IO accounting ([`engine::session`]) and the probe kinds that run on it ([`probe`]:
+//! The STAMP reflector ([`reflector`]); the probe [`engine`] (one timetable and three
+//! threads for every path: sender, receiver, aggregator) with its sans-IO accounting ([`engine::session`]) and the probe kinds that run on it ([`probe`]:
 //! STAMP, `tcp-syn`, `tcp-connect`), pinned to their path ([`pin`]), over batched
 //! kernel-timestamped sockets ([`sys`]); the path's signature and
 //! its change events ([`watch`]), with a [`trace`] of the new route; the long-running agent

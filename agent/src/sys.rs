@@ -1,7 +1,7 @@
 //! The agent's only `unsafe` code: batched UDP I/O with control messages (`recvmmsg`,
 //! `sendmmsg`, the error queue for transmit timestamps), clocks, timer slack and the kernel's
-//! NTP state, and the netlink socket of the NFQUEUE emulator. Everything above this module is
-//! safe Rust.
+//! NTP state, the netlink socket of the NFQUEUE emulator, and an eventfd doorbell. Everything
+//! above this module is safe Rust.
 //!
 //! Buffers are allocated once per batch object and reused; no call here allocates.
 #![allow(unsafe_code)]
@@ -1237,5 +1237,41 @@ mod tests {
     fn clock_sync_reads() {
         let s = clock_sync().unwrap();
         assert!(s.max_error_ns > 0 || s.synchronized);
+    }
+}
+
+/// A doorbell one thread rings and another polls (`eventfd`, non-blocking): the probe
+/// engine's sender rings it when it hands the receiver connections to watch.
+#[derive(Debug)]
+pub struct Bell(OwnedFd);
+
+impl Bell {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain eventfd(2); the result is checked before it is owned.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Makes the bell readable (until [`Self::clear`]).
+    pub fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes the 8 octets of `one`, as eventfd(2) asks. A full counter
+        // (EAGAIN) is still readable, which is all a ring means.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&raw const one).cast(), 8) };
+    }
+
+    /// Takes the rings so far: not readable again until the next one.
+    pub fn clear(&self) {
+        let mut n: u64 = 0;
+        // SAFETY: reads at most the 8 octets of `n`; EAGAIN (not rung) leaves it alone.
+        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&raw mut n).cast(), 8) };
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
     }
 }

@@ -256,6 +256,43 @@ fn wait_for_log(log: &Path, text: &str, times: usize) {
     common::wait_for_log(log, text, times, Duration::from_secs(20));
 }
 
+/// `n` tcp-connect paths (`tcp-0`, ...) to a loopback listener that accepts, and drops,
+/// for as long as the test runs.
+fn tcp_connect_paths(n: usize) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = listener.local_addr().unwrap();
+    std::thread::spawn(move || for _ in listener.incoming() {});
+    (0..n)
+        .map(|i| {
+            format!(
+                "[[path]]\nname = \"tcp-{i}\"\nkind = \"other\"\nproto = \"tcp-connect\"\ntarget = \"{target}\"\nrate = 20\nwindow = \"1s\"\ntimeout = \"300ms\"\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .concat()
+}
+
+/// `name` ran as one session through the reload at `reloaded_at`, every window end to
+/// end, none twice.
+fn one_session_throughout(store: &dyn Store, name: &str, reloaded_at: u64) {
+    let sessions = stored_windows(store, name);
+    assert_eq!(sessions.len(), 1, "{name}: {sessions:?}");
+    let w = &sessions[0].1;
+    for pair in w.windows(2) {
+        assert_eq!(pair[0].1, pair[1].0, "{name}: a gap or an overlap: {w:?}");
+    }
+    assert!(
+        w.first().unwrap().0 < reloaded_at && w.last().unwrap().1 > reloaded_at,
+        "{name} ran through both reloads"
+    );
+    let span_s = (w.last().unwrap().1 - w.first().unwrap().0) / 1_000_000_000;
+    assert!(
+        w.len() as u64 >= span_s,
+        "{name}: {} windows over {span_s} s",
+        w.len()
+    );
+}
+
 #[test]
 fn sighup_restarts_changed_paths_and_unchanged_ones_lose_no_window() {
     let dir: PathBuf =
@@ -266,6 +303,7 @@ fn sighup_restarts_changed_paths_and_unchanged_ones_lose_no_window() {
     let collector_addr = free_tcp();
     let collector = Collector::start(&dir, collector_addr);
     let r = common::Reflector::start(&[]);
+    let tcp_paths = tcp_connect_paths(6);
     let path = |name: &str, extra: &str| {
         format!(
             "[[path]]\nname = \"{name}\"\nkind = \"other\"\ntarget = \"{}\"\nrate = 50\nwindow = \"1s\"\ntimeout = \"300ms\"\n{extra}",
@@ -277,7 +315,15 @@ fn sighup_restarts_changed_paths_and_unchanged_ones_lose_no_window() {
     );
     let config = dir.join("agent.toml");
     let write = |body: &str| std::fs::write(&config, format!("{head}{body}")).unwrap();
-    write(&[path("steady", ""), path("moved", ""), path("gone", "")].concat());
+    write(
+        &[
+            path("steady", ""),
+            path("moved", ""),
+            path("gone", ""),
+            tcp_paths.clone(),
+        ]
+        .concat(),
+    );
     let log = dir.join("agent.log");
     let mut agent = run_agent(&config, &log);
     let hup = || {
@@ -290,6 +336,11 @@ fn sighup_restarts_changed_paths_and_unchanged_ones_lose_no_window() {
         );
     };
     std::thread::sleep(Duration::from_millis(3_500));
+    // Nine paths of two kinds, and no thread of their own: a fixed few (the engine's
+    // three, the reporter, the uploader, the main thread).
+    let threads = common::threads(agent.id());
+    eprintln!("{threads} threads for nine paths");
+    assert!(threads <= 8, "{threads} threads for nine paths");
 
     // "moved" gets another packet size, "gone" goes, "fresh" comes; "steady" is as it was.
     write(
@@ -297,6 +348,7 @@ fn sighup_restarts_changed_paths_and_unchanged_ones_lose_no_window() {
             path("steady", ""),
             path("moved", "size = 100\n"),
             path("fresh", ""),
+            tcp_paths,
         ]
         .concat(),
     );
@@ -320,7 +372,7 @@ fn sighup_restarts_changed_paths_and_unchanged_ones_lose_no_window() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains(r#"restarted=["moved"] started=["fresh"] stopped=["gone"]"#)
-            && text.contains("unchanged=1"),
+            && text.contains("unchanged=7"),
         "{text}"
     );
     assert!(
@@ -329,23 +381,12 @@ fn sighup_restarts_changed_paths_and_unchanged_ones_lose_no_window() {
     );
     let store = SqliteStore::open_read_only(&dir.join("store.db")).unwrap();
 
-    // steady: one session throughout, every window end to end, none twice.
-    let steady = stored_windows(&store, "steady");
-    assert_eq!(steady.len(), 1, "{steady:?}");
-    let w = &steady[0].1;
-    for pair in w.windows(2) {
-        assert_eq!(pair[0].1, pair[1].0, "steady: a gap or an overlap: {w:?}");
+    // steady, and the tcp-connect paths on the same engine: one session throughout,
+    // every window end to end, none twice.
+    one_session_throughout(&store, "steady", reloaded_at);
+    for i in 0..6 {
+        one_session_throughout(&store, &format!("tcp-{i}"), reloaded_at);
     }
-    assert!(
-        w.first().unwrap().0 < reloaded_at && w.last().unwrap().1 > reloaded_at,
-        "steady ran through both reloads"
-    );
-    let span_s = (w.last().unwrap().1 - w.first().unwrap().0) / 1_000_000_000;
-    assert!(
-        w.len() as u64 >= span_s,
-        "steady: {} windows over {span_s} s",
-        w.len()
-    );
 
     // moved: the old session's last window reached the collector, then the new one began.
     let moved = stored_windows(&store, "moved");

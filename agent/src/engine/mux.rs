@@ -1,5 +1,5 @@
-//! The multiplexed engine: every STAMP path of an agent, from one to thousands, on a fixed
-//! set of threads whose number does not grow with the paths.
+//! The multiplexed engine: every path of an agent (STAMP, `tcp-syn`, `tcp-connect`), from
+//! one to thousands, on a fixed set of threads whose number does not grow with the paths.
 //!
 //! ```text
 //!             Timetable (every path's deadlines)
@@ -27,6 +27,14 @@
 //! timeout), its last windows go to its sink, then [`PathHandle`] says it ended. One path
 //! alone ([`run_one`], what `probe` runs) is the same engine with its aggregator on the
 //! caller's thread.
+//!
+//! The TCP kinds run on the same timetable and threads ([`tcp`]): `tcp-syn` paths pinned
+//! alike share one raw socket (SYNs in one `sendmmsg`, TOS and TTL per datagram, answers
+//! credited by their source and the port of ours they come to), and a `tcp-connect`
+//! path's connections, started by the sender, are handed to the receiver, which polls
+//! them with the sockets (woken by a [`sys::Bell`]).
+
+mod tcp;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -38,7 +46,7 @@ use std::thread::{self, Scope, ScopedJoinHandle, Thread};
 use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
-use pathprobe_proto::report::{ProbeProtocol, Timestamping};
+use pathprobe_proto::report::{ProbeProtocol, TimestampSource, Timestamping};
 use pathprobe_proto::stamp::{
     AuthKey, ErrorEstimate, Mode, ReflectorPacket, ReflectorRepr, TimestampFormat,
 };
@@ -50,6 +58,7 @@ use super::{Sink, Timing};
 use crate::pin::io_err;
 use crate::probe::ProbeConfig;
 use crate::probe::stamp::{build_probe, canonical, far_dscp};
+use crate::probe::tcp::SynFlow;
 use crate::sys::{self, BatchClock, ErrBatch, Queued, RecvBatch, SendBatch};
 use crate::{Error, Result};
 
@@ -153,9 +162,31 @@ enum RxRec {
     },
 }
 
+/// What a transport carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Wire {
+    /// STAMP over an unconnected UDP socket.
+    Stamp,
+    /// `tcp-syn`: SYNs from a raw TCP socket.
+    Syn,
+    /// `tcp-connect`: a socket per probe, so no socket of its own.
+    Connect,
+}
+
+impl Wire {
+    const fn of(p: ProbeProtocol) -> Self {
+        match p {
+            ProbeProtocol::Stamp => Self::Stamp,
+            ProbeProtocol::TcpSyn => Self::Syn,
+            ProbeProtocol::TcpConnect => Self::Connect,
+        }
+    }
+}
+
 /// How a path's socket is pinned: paths alike share one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PinKey {
+    wire: Wire,
     v6: bool,
     bind: Option<SocketAddr>,
     interface: Option<String>,
@@ -164,21 +195,31 @@ struct PinKey {
 
 impl PinKey {
     fn of(cfg: &ProbeConfig) -> Self {
+        let wire = Wire::of(cfg.protocol);
         Self {
+            wire,
             v6: cfg.target.is_ipv6(),
-            bind: cfg.bind,
+            // A TCP path's port is its flow's (or each connection's), not the socket's.
+            bind: match wire {
+                Wire::Stamp => cfg.bind,
+                Wire::Syn | Wire::Connect => cfg
+                    .bind
+                    .filter(|b| !b.ip().is_unspecified())
+                    .map(|b| SocketAddr::new(b.ip(), 0)),
+            },
             interface: cfg.interface.clone(),
             fwmark: cfg.fwmark,
         }
     }
 }
 
-/// One pinned, unconnected UDP socket that paths share.
+/// One pinned socket that paths share: an unconnected UDP socket (STAMP) or a raw TCP
+/// socket (`tcp-syn`); none for `tcp-connect`, whose paths share only the bookkeeping.
 #[derive(Debug)]
 pub struct Transport {
     id: u32,
     key: PinKey,
-    sock: Socket,
+    sock: Option<Socket>,
     pub timestamping: Timestamping,
     port: u16,
     /// The TTL (hop limit) datagrams leave with unless a path sets its own.
@@ -188,12 +229,34 @@ pub struct Transport {
 impl Transport {
     /// The TTL probes of `cfg` leave this socket with.
     pub fn sent_ttl(&self, cfg: &ProbeConfig) -> Option<u8> {
+        // The kernel's connection keeps its answers' TTL to itself: no hops from it.
+        if self.key.wire == Wire::Connect {
+            return None;
+        }
         cfg.ttl.or(self.default_ttl)
     }
 
     /// Opens and pins the socket for paths pinned like `cfg`.
     fn open(id: u32, cfg: &ProbeConfig) -> Result<Self> {
         let key = PinKey::of(cfg);
+        match key.wire {
+            Wire::Stamp => {}
+            Wire::Syn => return tcp::open_syn_transport(id, key, cfg),
+            Wire::Connect => {
+                return Ok(Self {
+                    id,
+                    key,
+                    sock: None,
+                    // The RTT is the kernel's own measurement of the handshake (TCP_INFO).
+                    timestamping: Timestamping {
+                        rx: TimestampSource::Kernel,
+                        tx: TimestampSource::Kernel,
+                    },
+                    port: 0,
+                    default_ttl: None,
+                });
+            }
+        }
         let sock = pinned_udp(cfg, cfg.bind)?;
         let _ = sock.set_recv_buffer_size(8 << 20);
         let _ = sock.set_send_buffer_size(8 << 20);
@@ -214,7 +277,7 @@ impl Transport {
         Ok(Self {
             id,
             key,
-            sock,
+            sock: Some(sock),
             timestamping: Timestamping { rx, tx },
             port,
             default_ttl,
@@ -265,6 +328,31 @@ fn local_address(cfg: &ProbeConfig, port: u16) -> Result<SocketAddr> {
             |a| a.ip(),
         );
     Ok(SocketAddr::new(ip, port))
+}
+
+/// Where a path's probes leave from, and a `tcp-syn` path's flow (its source ports
+/// reserved now).
+fn path_local(cfg: &ProbeConfig, tr: &Transport) -> Result<(SocketAddr, Option<Arc<SynFlow>>)> {
+    match tr.key.wire {
+        Wire::Stamp => Ok((local_address(cfg, tr.port)?, None)),
+        Wire::Syn => {
+            let ip = match tr.key.bind {
+                Some(SocketAddr::V4(b)) => *b.ip(),
+                _ => match local_address(cfg, 0)?.ip() {
+                    IpAddr::V4(ip) => ip,
+                    IpAddr::V6(_) => {
+                        return Err(Error::Config(format!(
+                            "no IPv4 source address towards {}",
+                            cfg.target
+                        )));
+                    }
+                },
+            };
+            let flow = SynFlow::open(cfg, ip)?;
+            Ok((SocketAddr::V4(flow.local), Some(Arc::new(flow))))
+        }
+        Wire::Connect => Ok((crate::probe::tcp::connect_local(cfg), None)),
+    }
 }
 
 /// What a path learned as it was added.
@@ -320,6 +408,8 @@ struct SendPath {
     cfg: ProbeConfig,
     ee: ErrorEstimate,
     seq: u32,
+    /// A `tcp-syn` path's flow.
+    syn: Option<Arc<SynFlow>>,
 }
 
 enum SendCmd {
@@ -343,6 +433,8 @@ struct Peer {
     mode: Mode,
     key: Option<AuthKey>,
     shared: Arc<PathShared>,
+    /// A `tcp-syn` path's flow: which ports of ours its answers come to.
+    syn: Option<Arc<SynFlow>>,
 }
 
 enum RecvCmd {
@@ -385,6 +477,9 @@ struct Core {
     stamp_drops: AtomicU64,
     sockets: Mutex<Vec<Option<SockEntry>>>,
     next_path: AtomicU32,
+    /// `tcp-connect` connections on their way from the sender to the receiver (made with
+    /// the first such path).
+    connects: OnceLock<tcp::Handoff>,
 }
 
 impl std::fmt::Debug for Core {
@@ -420,6 +515,7 @@ impl Core {
                 stamp_drops: AtomicU64::new(0),
                 sockets: Mutex::new(Vec::new()),
                 next_path: AtomicU32::new(0),
+                connects: OnceLock::new(),
             },
             Inboxes { sender, receiver },
         )
@@ -474,6 +570,16 @@ impl Core {
         Ok(tr)
     }
 
+    /// The handoff of `tcp-connect` connections, made with the first such path.
+    fn connects_handoff(&self) -> Result<&tcp::Handoff> {
+        if self.connects.get().is_none() {
+            let _ = self.connects.set(tcp::Handoff::new()?);
+        }
+        self.connects.get().ok_or_else(|| {
+            Error::Config("the probe engine has no handoff for tcp-connect".to_string())
+        })
+    }
+
     /// The pair of a path that ended is free again; a socket with no path left closes
     /// (once the sender and receiver let go of it).
     fn release(&self, sock: u32, target: SocketAddr, ssid: u16) {
@@ -488,19 +594,22 @@ impl Core {
         }
     }
 
-    /// Registers a STAMP path with the receiver and returns what the sender and the
-    /// aggregator need of it. The receiver hears of it before any probe can leave.
-    fn open_path(&self, cfg: &ProbeConfig, given: Option<Arc<Transport>>) -> Result<Opened> {
+    /// Registers a path with the receiver and returns what the sender and the aggregator
+    /// need of it. The receiver hears of it before any probe can leave.
+    fn open_path(&self, cfg: &ProbeConfig, given: Option<&Prepared>) -> Result<Opened> {
         cfg.validate()?;
-        if cfg.protocol != ProbeProtocol::Stamp {
-            return Err(Error::Config(format!(
-                "--proto {} does not run on the shared STAMP engine",
-                cfg.protocol
-            )));
-        }
-        let tr = self.socket_for(cfg, given)?;
-        let local = match local_address(cfg, tr.port) {
-            Ok(l) => l,
+        let tr = self.socket_for(cfg, given.map(|g| Arc::clone(&g.tr)))?;
+        let opened = match given {
+            Some(g) => Ok((g.info.local, g.syn.clone())),
+            None => path_local(cfg, &tr),
+        };
+        let (local, syn) = match opened.and_then(|o| {
+            if tr.key.wire == Wire::Connect {
+                self.connects_handoff()?;
+            }
+            Ok(o)
+        }) {
+            Ok(o) => o,
             Err(e) => {
                 self.release(tr.id, cfg.target, cfg.ssid);
                 return Err(e);
@@ -518,6 +627,7 @@ impl Core {
                 mode: cfg.mode(),
                 key: cfg.key.clone(),
                 shared: Arc::clone(&shared),
+                syn: syn.clone(),
             }),
         });
         let timing = cfg.timing();
@@ -533,7 +643,7 @@ impl Core {
         let info = PathInfo {
             local,
             timestamping: tr.timestamping,
-            sent_ttl: cfg.ttl.or(tr.default_ttl),
+            sent_ttl: tr.sent_ttl(cfg),
         };
         let tracker = TrackerConfig {
             interval_ns: timing.interval_ns,
@@ -556,6 +666,7 @@ impl Core {
                 cfg: cfg.clone(),
                 ee,
                 seq: 0,
+                syn,
             }),
             slots: Slots {
                 start_ns: start,
@@ -799,7 +910,8 @@ fn drop_against(core: &Core, path: u32, paths: &[Option<Box<SendPath>>]) {
     }
 }
 
-/// Builds and sends one socket's due probes (at most a batch).
+/// Builds and sends one socket's due probes (at most a batch): STAMP test packets or SYNs
+/// in one `sendmmsg`, or a `tcp-connect` path's connections.
 fn send_chunk(
     core: &Core,
     tr: &Transport,
@@ -808,6 +920,10 @@ fn send_chunk(
     tx_ids: &mut [u32],
     (batch, queued): (&mut SendBatch, &mut Vec<(u32, u32)>),
 ) {
+    let Some(socket) = tr.sock.as_ref() else {
+        tcp::start_connects(core, tr, chunk, paths);
+        return;
+    };
     let t1_wall = sys::realtime_ns();
     let t1 = TimestampFormat::Ntp.encode(t1_wall).unwrap_or_default();
     let now = sys::monotonic_ns();
@@ -819,10 +935,16 @@ fn send_chunk(
             continue;
         };
         let Some(buf) = batch.next_slot() else { break };
-        build_probe(&p.cfg, buf, p.seq, t1, p.ee);
+        let (len, dest) = if let Some(flow) = &p.syn {
+            // A raw socket takes no port: the segment carries it.
+            (flow.syn(buf, p.seq), SocketAddr::new(p.cfg.target.ip(), 0))
+        } else {
+            build_probe(&p.cfg, buf, p.seq, t1, p.ee);
+            (p.cfg.size, p.cfg.target)
+        };
         // The sockets keep the default TOS (0): DSCP 0 needs no ancillary data.
         let tos = (p.cfg.dscp != 0).then_some(p.cfg.dscp << 2);
-        batch.commit_marked(p.cfg.size, Some(p.cfg.target), tr.key.v6, (tos, p.cfg.ttl));
+        batch.commit_marked(len, Some(dest), tr.key.v6, (tos, p.cfg.ttl));
         let rec = TxRec::Sent {
             path: d.path,
             sock: tr.id,
@@ -833,7 +955,7 @@ fn send_chunk(
                 sent_ns: now,
                 t1_wall_ns: t1_wall,
                 tx_id: p.seq,
-                bytes: u32::try_from(p.cfg.size).unwrap_or(u32::MAX),
+                bytes: u32::try_from(len).unwrap_or(u32::MAX),
             },
         };
         if core.tx_q.push(rec).is_err() {
@@ -846,7 +968,7 @@ fn send_chunk(
         p.seq = p.seq.wrapping_add(1);
         tx_ids[sock] = tx_ids[sock].wrapping_add(1);
     }
-    let took = batch.send_all(&tr.sock);
+    let took = batch.send_all(socket);
     // The kernel took the first `took`; give back the numbers of the rest, last first.
     for &(path, seq) in queued[took.min(queued.len())..].iter().rev() {
         tx_ids[sock] = tx_ids[sock].wrapping_sub(1);
@@ -975,7 +1097,9 @@ fn push_rx(core: &Core, rec: RxRec, peer: Option<&Peer>) {
 
 /// Reads everything queued on one socket: answers, transmit stamps, ICMP errors.
 fn drain_socket(core: &Core, rs: &RecvSock, batch: &mut RecvBatch, errs: &mut ErrBatch) {
-    let sock = &rs.tr.sock;
+    let Some(sock) = rs.tr.sock.as_ref() else {
+        return;
+    };
     let clock = BatchClock::now();
     errs.drain(sock, |q| match q {
         Queued::TxStamp { id, ns } => push_rx(
@@ -1078,7 +1202,11 @@ fn drain_socket(core: &Core, rs: &RecvSock, batch: &mut RecvBatch, errs: &mut Er
 #[derive(Default)]
 struct Receiving {
     socks: Vec<RecvSock>,
+    /// One per socket (a `tcp-connect` transport's is the handoff's bell), then one per
+    /// connection in `flying`.
     fds: Vec<libc::pollfd>,
+    /// `tcp-connect` connections on their way.
+    flying: Vec<tcp::InFlight>,
     /// Every path's probes a second, in all.
     rate: f64,
     coalesce_ns: u64,
@@ -1088,7 +1216,7 @@ struct Receiving {
 
 impl Receiving {
     /// Takes in the paths added and removed since the last call; true when there were any.
-    fn take_commands(&mut self, inbox: &mpsc::Receiver<RecvCmd>) -> bool {
+    fn take_commands(&mut self, core: &Core, inbox: &mpsc::Receiver<RecvCmd>) -> bool {
         let mut changed = false;
         let (socks, rate) = (&mut self.socks, &mut self.rate);
         while let Ok(cmd) = inbox.try_recv() {
@@ -1130,15 +1258,21 @@ impl Receiving {
         }
         if changed {
             self.coalesce_ns = recv_coalesce_ns(self.rate);
+            // A refused connection is timed when the receiver sees it: no coalescing then.
             self.kernel_dated = self
                 .socks
                 .iter()
-                .all(|s| s.tr.timestamping.rx == pathprobe_proto::report::TimestampSource::Kernel);
+                .all(|s| s.tr.sock.is_some() && s.tr.timestamping.rx == TimestampSource::Kernel);
+            let bell = core.connects.get().map_or(-1, |h| h.bell.fd());
             self.fds = self
                 .socks
                 .iter()
                 .map(|s| libc::pollfd {
-                    fd: std::os::fd::AsRawFd::as_raw_fd(&s.tr.sock),
+                    fd: s
+                        .tr
+                        .sock
+                        .as_ref()
+                        .map_or(bell, std::os::fd::AsRawFd::as_raw_fd),
                     events: libc::POLLIN,
                     revents: 0,
                 })
@@ -1157,7 +1291,7 @@ fn receiver(core: &Core, inbox: &mpsc::Receiver<RecvCmd>) {
     let mut errs = ErrBatch::new(BATCH);
     let mut last_wake = 0u64;
     while !core.stop.load(Ordering::Relaxed) {
-        r.take_commands(inbox);
+        r.take_commands(core, inbox);
         if r.fds.is_empty() {
             thread::sleep(Duration::from_millis(20));
             continue;
@@ -1170,22 +1304,33 @@ fn receiver(core: &Core, inbox: &mpsc::Receiver<RecvCmd>) {
                 sys::sleep_until(next);
             }
         }
+        r.fds.truncate(r.socks.len());
         for f in &mut r.fds {
             f.revents = 0;
         }
+        r.fds.extend(r.flying.iter().map(tcp::InFlight::pollfd));
         let ready = sys::poll_many(&mut r.fds, 20).unwrap_or(0);
         last_wake = sys::monotonic_ns();
+        // The connections that were polled: their answers are read before the sockets
+        // are (a socket's paths may change below).
+        if !r.flying.is_empty() {
+            tcp::settle(core, &mut r.flying, &r.fds[r.socks.len()..]);
+        }
         // Paths added while this thread slept may have answers waiting already (a path's
         // first probe leaves LEAD_NS after its Add at the earliest, and the sleep can be
         // longer): they are taken in before anything is read, and then every socket is
         // read, as the poll's answers no longer match the sockets.
-        let added = r.take_commands(inbox);
+        let added = r.take_commands(core, inbox);
         if ready == 0 && !added {
             continue;
         }
         for (s, f) in r.socks.iter().zip(&r.fds) {
             if added || f.revents != 0 {
-                drain_socket(core, s, &mut batch, &mut errs);
+                match s.tr.key.wire {
+                    Wire::Stamp => drain_socket(core, s, &mut batch, &mut errs),
+                    Wire::Syn => tcp::drain_syn(core, s, &mut batch),
+                    Wire::Connect => tcp::take_connects(core, &mut r.flying),
+                }
             }
         }
     }
@@ -1697,19 +1842,27 @@ impl Drop for Engine<'_> {
     }
 }
 
+/// A path's socket (and a `tcp-syn` path's flow) opened ahead of its run by [`open_one`].
+#[derive(Debug)]
+pub struct Prepared {
+    tr: Arc<Transport>,
+    syn: Option<Arc<SynFlow>>,
+    pub info: PathInfo,
+}
+
 /// Opens the socket one path alone will use (`probe`, a drill's streams, a capacity
 /// test's RTT): errors in the settings or the pinning come out now, and what it learned
 /// labels the run before it starts.
-pub fn open_one(cfg: &ProbeConfig) -> Result<(Arc<Transport>, PathInfo)> {
+pub fn open_one(cfg: &ProbeConfig) -> Result<Prepared> {
     cfg.validate()?;
     let tr = Arc::new(Transport::open(0, cfg)?);
-    let local = local_address(cfg, tr.port)?;
+    let (local, syn) = path_local(cfg, &tr)?;
     let info = PathInfo {
         local,
         timestamping: tr.timestamping,
-        sent_ttl: cfg.ttl.or(tr.default_ttl),
+        sent_ttl: tr.sent_ttl(cfg),
     };
-    Ok((tr, info))
+    Ok(Prepared { tr, syn, info })
 }
 
 /// A sink borrowed for the length of one run.
@@ -1743,7 +1896,7 @@ impl Sink for Borrowed<'_> {
 /// ends, `stop` is set or its sink is finished; the aggregator is the caller's thread.
 /// Returns its windows (when the sink keeps them).
 pub fn run_one(
-    tr: &Arc<Transport>,
+    prepared: &Prepared,
     cfg: &ProbeConfig,
     stop: &AtomicBool,
     sink: &mut dyn Sink,
@@ -1753,7 +1906,7 @@ pub fn run_one(
         sender: s_rx,
         receiver: r_rx,
     } = inboxes;
-    let opened = core.open_path(cfg, Some(Arc::clone(tr)))?;
+    let opened = core.open_path(cfg, Some(prepared))?;
     let path = opened.path;
     let (done_tx, done) = mpsc::channel();
     let sink: Box<dyn Sink + '_> = Box::new(Borrowed(sink));
@@ -2103,5 +2256,124 @@ mod tests {
             engine.shutdown();
             stop_a.store(true, Ordering::Relaxed);
         });
+    }
+
+    /// A TCP listener on an ephemeral loopback port; its connections are accepted and
+    /// dropped until `stop`, so its backlog never fills.
+    fn listen<'s>(s: &'s Scope<'s, '_>, stop: &'s AtomicBool) -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        s.spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if l.accept().is_err() {
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+        addr
+    }
+
+    /// A loopback port nothing listens on (an RST answers every SYN).
+    fn closed_port() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    fn tcp_path(
+        protocol: ProbeProtocol,
+        target: SocketAddr,
+        ssid: u16,
+        interval_ns: u64,
+        count: u64,
+    ) -> ProbeConfig {
+        ProbeConfig {
+            protocol,
+            ..path(target, ssid, interval_ns, count)
+        }
+    }
+
+    /// Runs `cfgs` (the last to a closed port, the rest to a listener) on one engine with
+    /// STAMP paths beside them, and checks every path's counts: each TCP kind shares the
+    /// engine's three threads and timetable, and no answer is credited to another path.
+    fn tcp_paths_count_exactly(protocol: ProbeProtocol) {
+        let (stop, stats) = (AtomicBool::new(false), ReflectorStats::default());
+        thread::scope(|s| {
+            let target = listen(s, &stop);
+            let reflector = reflect(s, &stop, &stats);
+            let _stop = StopOnDrop(&stop);
+            let engine = Engine::start(s, ring_for_rate(60.0 * 50.0));
+            let mut cfgs: Vec<_> = (0..40u16)
+                .map(|i| tcp_path(protocol, target, i + 1, 20 * MS, 40))
+                .collect();
+            cfgs.push(tcp_path(protocol, closed_port(), 41, 20 * MS, 40));
+            cfgs.extend((0..20u16).map(|i| path(reflector, i + 1, 20 * MS, 40)));
+            let mut handles = Vec::new();
+            let mut windows = Vec::new();
+            for c in &cfgs {
+                let w = Arc::new(Mutex::new(Vec::new()));
+                let sink = Arc::clone(&w);
+                handles.push(engine.add(c, |_| Box::new(Collect(sink))).unwrap());
+                windows.push(w);
+            }
+            if protocol == ProbeProtocol::TcpSyn {
+                let raw = engine
+                    .core
+                    .sockets
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .flatten()
+                    .filter(|e| e.tr.key.wire == Wire::Syn)
+                    .count();
+                assert_eq!(raw, 1, "tcp-syn paths pinned alike share one raw socket");
+            }
+            for h in &handles {
+                h.wait(Duration::from_mins(1))
+                    .expect("the path ended")
+                    .unwrap();
+            }
+            for (i, (c, w)) in cfgs.iter().zip(&windows).enumerate() {
+                let t = total(w);
+                let refused: u64 = w.lock().unwrap().iter().map(|w| w.counters.refused).sum();
+                assert_eq!(t.sent + t.send_slots_missed, 40, "path {i}: {t:?}");
+                assert_eq!(
+                    t.sent, t.received,
+                    "path {i} (loopback loses nothing): {t:?}"
+                );
+                assert_eq!(
+                    (t.duplicated, t.late, t.malformed),
+                    (0, 0, 0),
+                    "path {i}: {t:?}"
+                );
+                let to_closed = i == 40;
+                let want_refused = if to_closed { t.received } else { 0 };
+                assert_eq!(refused, want_refused, "path {i} to {}: {t:?}", c.target);
+            }
+            assert_eq!(engine.stray(), 0);
+            engine.shutdown();
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+
+    #[test]
+    fn tcp_connect_paths_run_on_the_shared_engine_and_each_count_exactly() {
+        tcp_paths_count_exactly(ProbeProtocol::TcpConnect);
+    }
+
+    #[test]
+    #[ignore = "needs root: raw sockets (CI runs it as root)"]
+    fn root_tcp_syn_paths_share_one_raw_socket_and_each_count_exactly() {
+        let root = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+        if !root {
+            eprintln!("SKIPPED: tcp-syn needs CAP_NET_RAW; CI runs it as root");
+            return;
+        }
+        tcp_paths_count_exactly(ProbeProtocol::TcpSyn);
     }
 }

@@ -15,14 +15,13 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use pathprobe_proto::report::{ProbeProtocol, TimestampSource, Timestamping};
+use pathprobe_proto::report::{ProbeProtocol, Timestamping};
 use pathprobe_proto::stamp::tlv::{ClassOfService, HEADER_LEN};
 use pathprobe_proto::stamp::{AuthKey, Mode};
-use std::sync::Arc;
 
 pub use crate::engine::Sink;
 use crate::engine::Timing;
-use crate::engine::mux::{self, Transport};
+use crate::engine::mux::{self, Prepared};
 use crate::engine::session::{MAX_IN_FLIGHT, WindowStats};
 use crate::{Error, Result};
 
@@ -118,6 +117,16 @@ impl ProbeConfig {
         Ok(())
     }
 
+    /// Octets of one probe as sent: the STAMP payload, our SYN, or 0 for a kernel-built
+    /// SYN (`tcp-connect`).
+    pub fn packet_size(&self) -> u16 {
+        match self.protocol {
+            ProbeProtocol::Stamp => u16::try_from(self.size).unwrap_or(u16::MAX),
+            ProbeProtocol::TcpSyn => u16::try_from(tcp::SYN_LEN).unwrap_or(0),
+            ProbeProtocol::TcpConnect => 0,
+        }
+    }
+
     /// What the engine needs of it.
     pub const fn timing(&self) -> Timing {
         Timing {
@@ -132,21 +141,11 @@ impl ProbeConfig {
     }
 }
 
-/// The probe kind a session runs, with what it sends with.
-#[derive(Debug)]
-enum Kind {
-    /// The socket the shared engine runs the path on.
-    Stamp(Arc<Transport>),
-    TcpSyn(tcp::SynSocket),
-    /// A socket per probe, opened as it goes.
-    TcpConnect,
-}
-
-/// An opened, pinned probing socket, ready to run.
+/// An opened, pinned probing socket, ready to run on the shared engine.
 #[derive(Debug)]
 pub struct Prober {
     cfg: ProbeConfig,
-    kind: Kind,
+    prepared: Prepared,
     /// Where receive and transmit timestamps come from.
     pub timestamping: Timestamping,
     /// The local address probes leave from.
@@ -156,42 +155,17 @@ pub struct Prober {
 }
 
 impl Prober {
-    /// Checks `cfg` and opens its socket.
+    /// Checks `cfg` and opens its socket (a `tcp-syn` path's source ports are reserved
+    /// now; a `tcp-connect` path opens a socket per probe as it goes).
     pub fn open(cfg: ProbeConfig) -> Result<Self> {
-        cfg.validate()?;
-        let (kind, timestamping, local) = match cfg.protocol {
-            ProbeProtocol::Stamp => {
-                let (tr, info) = mux::open_one(&cfg)?;
-                (Kind::Stamp(tr), info.timestamping, info.local)
-            }
-            ProbeProtocol::TcpSyn => {
-                let (syn, timestamping) = tcp::SynSocket::open(&cfg)?;
-                let local = SocketAddr::V4(syn.local);
-                (Kind::TcpSyn(syn), timestamping, local)
-            }
-            ProbeProtocol::TcpConnect => (
-                Kind::TcpConnect,
-                // The RTT is the kernel's own measurement of the handshake (TCP_INFO).
-                Timestamping {
-                    rx: TimestampSource::Kernel,
-                    tx: TimestampSource::Kernel,
-                },
-                tcp::connect_local(&cfg),
-            ),
-        };
-        // The kernel reports its default (net.ipv4.ip_default_ttl) for a socket with none set.
-        let sent_ttl = match &kind {
-            Kind::Stamp(tr) => tr.sent_ttl(&cfg).map(u32::from),
-            Kind::TcpSyn(syn) => syn.ttl().map(u32::from),
-            Kind::TcpConnect => None,
-        }
-        .and_then(|t| u8::try_from(t).ok());
+        let prepared = mux::open_one(&cfg)?;
+        let info = prepared.info;
         Ok(Self {
             cfg,
-            kind,
-            timestamping,
-            local,
-            sent_ttl,
+            prepared,
+            timestamping: info.timestamping,
+            local: info.local,
+            sent_ttl: info.sent_ttl,
         })
     }
 
@@ -203,11 +177,7 @@ impl Prober {
     /// Octets of one probe as sent: the STAMP payload, our SYN, or 0 for a kernel-built
     /// SYN (`tcp-connect`).
     pub fn packet_size(&self) -> u16 {
-        match self.kind {
-            Kind::Stamp(_) => u16::try_from(self.cfg.size).unwrap_or(u16::MAX),
-            Kind::TcpSyn(_) => u16::try_from(tcp::SYN_LEN).unwrap_or(0),
-            Kind::TcpConnect => 0,
-        }
+        self.cfg.packet_size()
     }
 
     /// Probes until the count or duration is reached or `stop` is set, calling `on_window`
@@ -222,10 +192,6 @@ impl Prober {
 
     /// Like [`Self::run`], with every result going to `sink`.
     pub fn run_into(&self, stop: &AtomicBool, sink: &mut dyn Sink) -> Result<Vec<WindowStats>> {
-        match &self.kind {
-            Kind::Stamp(tr) => mux::run_one(tr, &self.cfg, stop, sink),
-            Kind::TcpSyn(syn) => syn.run(&self.cfg, stop, sink),
-            Kind::TcpConnect => tcp::run_connect(&self.cfg, stop, sink),
-        }
+        mux::run_one(&self.prepared, &self.cfg, stop, sink)
     }
 }

@@ -1,11 +1,14 @@
 //! TCP probes, for paths that pass only TCP to a few ports: probe kinds on the same
-//! [`crate::engine`] as STAMP (schedule, rings, tracker, windows and reports).
+//! shared engine as STAMP ([`crate::engine::mux`]: one timetable, the same three threads,
+//! tracker, windows and reports). This module builds and reads the segments and opens the
+//! sockets; the engine sends, receives and credits.
 //!
 //! - **`tcp-syn`**: a half-open handshake from a raw socket (CAP_NET_RAW). Each probe is a
 //!   SYN whose initial sequence number says which probe it is; the SYN-ACK (or RST) is
 //!   matched by its acknowledgement number and timed by the kernel's receive stamp. A
 //!   SYN-ACK is answered at once with our RST, so the far end keeps no half-open
-//!   connection. Source ports are reserved by bound (never listening) TCP sockets, so no
+//!   connection. Paths pinned alike share one raw socket; an answer is credited by its
+//!   source (the path's target) and the port of ours it comes to. Source ports are reserved by bound (never listening) TCP sockets, so no
 //!   local program can take the same 4-tuple; since no socket owns our connection, the
 //!   kernel also answers the SYN-ACK with an RST of its own. Both RSTs close the far end's
 //!   half-open entry; neither touches the measurement, which is taken from the SYN-ACK's
@@ -24,32 +27,23 @@
 //! crossed the path and times it. No answer within the timeout is loss.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
-use crossbeam_queue::ArrayQueue;
-use pathprobe_proto::report::{TimestampSource, Timestamping};
+use pathprobe_proto::report::TimestampSource;
 use pnet_packet::ip::IpNextHeaderProtocols;
 use pnet_packet::ipv4::Ipv4Packet;
 use pnet_packet::tcp::{MutableTcpPacket, TcpFlags, TcpOption, TcpPacket, ipv4_checksum};
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use super::ProbeConfig;
-use crate::engine::session::{Marks, Reply, Sent, WindowStats};
-use crate::engine::{
-    self, Io, RxEvent, Schedule, Shared, Sink, SystemClock, TxEvent, push, push_missed,
-};
-use crate::sys::{self, BatchClock, RecvBatch, SendBatch};
+use crate::sys;
 use crate::{Error, Result};
 
 /// Octets of our SYN: the TCP header and an MSS option.
 pub const SYN_LEN: usize = 24;
 /// Octets of our RST: the bare TCP header.
 const RST_LEN: usize = 20;
-/// Probes per system call.
-const BATCH: usize = 64;
 /// Source ports a `tcp-syn` session rotates over when --bind names none.
 pub const SOURCE_PORTS: usize = 64;
 
@@ -92,100 +86,105 @@ pub struct Answer {
     pub ttl: u8,
 }
 
-/// Reads an IPv4 packet a raw TCP socket received: an answer from `target` to one of our
-/// `ports`, or `None` for anything else.
-pub fn parse_answer(ip: &[u8], target: SocketAddrV4, ports: &[u16]) -> Option<Answer> {
+/// Reads an IPv4 packet a raw TCP socket received: where it came from and, when it is a
+/// SYN-ACK or an RST, what it answers. Anything else (our own SYNs seen on loopback, other
+/// programs' segments) is `None`.
+pub fn parse_reply(ip: &[u8]) -> Option<(SocketAddrV4, Answer)> {
     let p = Ipv4Packet::new(ip)?;
-    if p.get_version() != 4
-        || p.get_next_level_protocol() != IpNextHeaderProtocols::Tcp
-        || p.get_source() != *target.ip()
-    {
+    if p.get_version() != 4 || p.get_next_level_protocol() != IpNextHeaderProtocols::Tcp {
         return None;
     }
     let hl = usize::from(p.get_header_length()) * 4;
-    let t = TcpPacket::new(ip.get(hl..)?)?;
-    if t.get_source() != target.port() || !ports.contains(&t.get_destination()) {
+    if hl < 20 {
         return None;
     }
+    let t = TcpPacket::new(ip.get(hl..)?)?;
     let f = t.get_flags();
     let syn_ack = f & (TcpFlags::SYN | TcpFlags::ACK) == TcpFlags::SYN | TcpFlags::ACK;
     let rst = f & TcpFlags::RST != 0;
-    (syn_ack || rst).then(|| Answer {
-        port: t.get_destination(),
-        ack: t.get_acknowledgement(),
-        refused: rst,
-        ttl: p.get_ttl(),
+    (syn_ack || rst).then(|| {
+        (
+            SocketAddrV4::new(p.get_source(), t.get_source()),
+            Answer {
+                port: t.get_destination(),
+                ack: t.get_acknowledgement(),
+                refused: rst,
+                ttl: p.get_ttl(),
+            },
+        )
     })
+}
+
+/// Reads an IPv4 packet a raw TCP socket received: an answer from `target` to one of our
+/// `ports`, or `None` for anything else.
+pub fn parse_answer(ip: &[u8], target: SocketAddrV4, ports: &[u16]) -> Option<Answer> {
+    parse_reply(ip)
+        .filter(|(from, a)| *from == target && ports.contains(&a.port))
+        .map(|(_, a)| a)
 }
 
 fn io_err(what: String) -> impl FnOnce(io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-/// The source address the kernel would use towards `target` (a UDP connect, no packet).
-fn route_source(target: SocketAddrV4) -> Result<Ipv4Addr> {
-    let u =
-        UdpSocket::bind("0.0.0.0:0").map_err(io_err("open a socket for a route lookup".into()))?;
-    u.connect(target)
-        .map_err(io_err(format!("find a route to {target}")))?;
-    match u.local_addr() {
-        Ok(SocketAddr::V4(a)) => Ok(*a.ip()),
-        _ => Err(Error::Config(format!(
-            "no IPv4 source address towards {target}"
-        ))),
+/// The IPv4 target of a `tcp-syn` path.
+pub fn syn_target(target: SocketAddr) -> Result<SocketAddrV4> {
+    match target {
+        SocketAddr::V4(t) => Ok(t),
+        SocketAddr::V6(_) => Err(Error::Config(
+            "--proto tcp-syn takes an IPv4 target; for IPv6 use --proto tcp-connect".to_string(),
+        )),
     }
 }
 
-/// The raw socket of a `tcp-syn` session and the TCP socket that reserves its port.
+/// The raw TCP socket `tcp-syn` paths pinned alike share (CAP_NET_RAW), bound to `bind`
+/// when the pinning names an address, non-blocking, with kernel receive stamps where the
+/// kernel gives them. Each SYN's TOS and TTL go with it as ancillary data.
+pub fn open_raw(cfg: &ProbeConfig, bind: Option<Ipv4Addr>) -> Result<(Socket, TimestampSource)> {
+    let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP)).map_err(|e| {
+        if e.kind() == io::ErrorKind::PermissionDenied {
+            Error::Config(
+                "--proto tcp-syn needs CAP_NET_RAW (run as root, or `setcap cap_net_raw+ep` the binary); without it use --proto tcp-connect".to_string(),
+            )
+        } else {
+            Error::Io {
+                what: "open a raw TCP socket".to_string(),
+                source: e,
+            }
+        }
+    })?;
+    crate::pin::pin(
+        &raw,
+        cfg.target,
+        bind.map(|ip| SocketAddr::from((ip, 0))),
+        cfg.interface.as_deref(),
+        cfg.fwmark,
+    )?;
+    raw.set_nonblocking(true)
+        .map_err(io_err("make the raw socket non-blocking".into()))?;
+    let _ = raw.set_recv_buffer_size(8 << 20);
+    let (rx, _) = sys::enable_timestamping(&raw, false);
+    Ok((raw, rx))
+}
+
+/// A `tcp-syn` path's flow: the source ports it reserves (bound, never listening TCP
+/// sockets, so no local program can take the same 4-tuple) and its sequence numbers.
+/// Probe `n` leaves from `ports[n % ports.len()]` with the ISN `isn_base + n`.
 #[derive(Debug)]
-pub struct SynSocket {
-    raw: Socket,
+pub struct SynFlow {
     _reserved: Vec<Socket>,
-    target: SocketAddrV4,
-    /// Where the SYNs leave from (the first of `ports`).
+    pub target: SocketAddrV4,
+    /// Where the SYNs leave from (the first of the ports).
     pub local: SocketAddrV4,
-    /// Probe `n` leaves from `ports[n % ports.len()]`.
     ports: Vec<u16>,
-    /// Probe `n`'s ISN is `isn_base + n`.
     isn_base: u32,
 }
 
-impl SynSocket {
-    /// The TTL our SYNs leave with.
-    pub fn ttl(&self) -> Option<u8> {
-        self.raw.ttl_v4().ok().and_then(|t| u8::try_from(t).ok())
-    }
-
-    /// Opens the raw socket (pinned like `cfg` says) and reserves the source port.
-    pub fn open(cfg: &ProbeConfig) -> Result<(Self, Timestamping)> {
-        let SocketAddr::V4(target) = cfg.target else {
-            return Err(Error::Config(
-                "--proto tcp-syn takes an IPv4 target; for IPv6 use --proto tcp-connect"
-                    .to_string(),
-            ));
-        };
-        let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP)).map_err(|e| {
-            if e.kind() == io::ErrorKind::PermissionDenied {
-                Error::Config(
-                    "--proto tcp-syn needs CAP_NET_RAW (run as root, or `setcap cap_net_raw+ep` the binary); without it use --proto tcp-connect".to_string(),
-                )
-            } else {
-                Error::Io {
-                    what: "open a raw TCP socket".to_string(),
-                    source: e,
-                }
-            }
-        })?;
-        let ip = match cfg.bind {
-            Some(SocketAddr::V4(b)) if !b.ip().is_unspecified() => *b.ip(),
-            Some(SocketAddr::V6(_)) => {
-                return Err(Error::Config(
-                    "--bind must be IPv4 for an IPv4 target".to_string(),
-                ));
-            }
-            _ => route_source(target)?,
-        };
-        // Reserve the source ports: the one --bind names, or SOURCE_PORTS the kernel picks.
+impl SynFlow {
+    /// Reserves the flow's source ports on `source`: the one `--bind` names, or
+    /// [`SOURCE_PORTS`] the kernel picks.
+    pub fn open(cfg: &ProbeConfig, source: Ipv4Addr) -> Result<Self> {
+        let target = syn_target(cfg.target)?;
         let wanted: Vec<u16> = match cfg.bind.map(|b| b.port()) {
             Some(p) if p != 0 => vec![p],
             _ => vec![0; SOURCE_PORTS],
@@ -195,8 +194,10 @@ impl SynSocket {
         for port in wanted {
             let r = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
                 .map_err(io_err("open a TCP socket".into()))?;
-            r.bind(&SocketAddr::from((ip, port)).into())
-                .map_err(io_err(format!("reserve TCP port {port} on {ip} (--bind)")))?;
+            r.bind(&SocketAddr::from((source, port)).into())
+                .map_err(io_err(format!(
+                    "reserve TCP port {port} on {source} (--bind)"
+                )))?;
             match r.local_addr().ok().and_then(|a| a.as_socket()) {
                 Some(SocketAddr::V4(a)) => ports.push(a.port()),
                 _ => {
@@ -207,213 +208,56 @@ impl SynSocket {
             }
             reserved.push(r);
         }
-        let local = SocketAddrV4::new(ip, ports[0]);
-        crate::pin::pin(
-            &raw,
-            cfg.target,
-            Some(SocketAddr::from((ip, 0))),
-            cfg.interface.as_deref(),
-            cfg.fwmark,
-        )?;
-        raw.set_tos_v4(u32::from(cfg.dscp) << 2)
-            .map_err(io_err("set the TOS".into()))?;
-        if let Some(ttl) = cfg.ttl {
-            raw.set_ttl_v4(u32::from(ttl))
-                .map_err(io_err("set the TTL".into()))?;
-        }
-        raw.set_read_timeout(Some(Duration::from_millis(50)))
-            .map_err(io_err("set a receive timeout".into()))?;
-        let (rx, _) = sys::enable_timestamping(&raw, false);
         let mut b = [0u8; 4];
         getrandom::fill(&mut b)
             .map_err(|e| Error::Config(format!("no randomness for sequence numbers: {e}")))?;
-        Ok((
-            Self {
-                raw,
-                _reserved: reserved,
-                target,
-                local,
-                ports,
-                isn_base: u32::from_be_bytes(b),
-            },
-            Timestamping {
-                rx,
-                tx: TimestampSource::Userspace,
-            },
-        ))
+        Ok(Self {
+            _reserved: reserved,
+            target,
+            local: SocketAddrV4::new(source, ports[0]),
+            ports,
+            isn_base: u32::from_be_bytes(b),
+        })
     }
 
     fn port_of(&self, seq: u32) -> u16 {
         self.ports[usize::try_from(seq).unwrap_or(0) % self.ports.len()]
     }
 
-    /// Probes until done or `stop`, like `Prober::run`.
-    pub fn run(
-        &self,
-        cfg: &ProbeConfig,
-        stop: &AtomicBool,
-        sink: &mut dyn Sink,
-    ) -> Result<Vec<WindowStats>> {
-        let io = SynIo { syn: self, cfg };
-        engine::run(&cfg.timing(), &SystemClock, &io, stop, None, sink)
+    /// Whether an answer to `port` is this flow's to read.
+    pub fn holds(&self, port: u16) -> bool {
+        self.ports.contains(&port)
     }
 
-    fn send(&self, cfg: &ProbeConfig, start_ns: u64, q: &ArrayQueue<TxEvent>, shared: &Shared) {
-        let mut schedule = Schedule::new(&cfg.timing(), start_ns);
-        let mut batch = SendBatch::new(BATCH);
-        let mut due = Vec::with_capacity(BATCH);
-        let mut pending = Vec::with_capacity(BATCH);
-        let to = SocketAddr::V4(SocketAddrV4::new(*self.target.ip(), 0));
-        let mut seq = 0u32;
-        while let Some(now) = schedule.wait(&shared.stop_tx) {
-            let wall = sys::realtime_ns();
-            let missed = schedule.take_due(now, BATCH, &mut due);
-            pending.clear();
-            for &scheduled in &due {
-                let Some(buf) = batch.next_slot() else { break };
-                let from = SocketAddrV4::new(*self.local.ip(), self.port_of(seq));
-                let len = segment(
-                    buf,
-                    from,
-                    self.target,
-                    self.isn_base.wrapping_add(seq),
-                    false,
-                );
-                batch.commit(len, Some(to), None);
-                push(
-                    q,
-                    TxEvent::Sent(Sent {
-                        seq,
-                        scheduled_ns: scheduled,
-                        sent_ns: now,
-                        t1_wall_ns: wall,
-                        tx_id: seq,
-                        bytes: u32::try_from(len).unwrap_or(0),
-                    }),
-                    &shared.tx_drops,
-                );
-                pending.push(seq);
-                seq = seq.wrapping_add(1);
-            }
-            push_missed(q, now, missed, shared);
-            let queued = batch.len();
-            let sent = batch.send(&self.raw).unwrap_or(0);
-            for &s in pending[sent.min(queued)..queued].iter().rev() {
-                push(q, TxEvent::Failed(s), &shared.tx_drops);
-                seq = seq.wrapping_sub(1);
-            }
-        }
+    /// Writes probe `seq`'s SYN into `buf` ([`SYN_LEN`] octets); returns its length.
+    pub fn syn(&self, buf: &mut [u8], seq: u32) -> usize {
+        let from = SocketAddrV4::new(*self.local.ip(), self.port_of(seq));
+        segment(
+            buf,
+            from,
+            self.target,
+            self.isn_base.wrapping_add(seq),
+            false,
+        )
     }
 
-    fn receive(&self, q: &ArrayQueue<RxEvent>, shared: &Shared) {
-        let mut batch = RecvBatch::new(BATCH);
-        let mut rst = [0u8; SYN_LEN];
-        let to: SockAddr = SocketAddr::V4(SocketAddrV4::new(*self.target.ip(), 0)).into();
-        while !shared.stop_rx.load(Ordering::Relaxed) {
-            let Ok(got) = batch.recv(&self.raw) else {
-                continue;
-            };
-            let clock = BatchClock::now();
-            for i in 0..got {
-                let Some((ip, meta)) = batch.get(i) else {
-                    break;
-                };
-                let Some(a) = parse_answer(ip, self.target, &self.ports) else {
-                    continue;
-                };
-                let seq = a.ack.wrapping_sub(1).wrapping_sub(self.isn_base);
-                if self.port_of(seq) != a.port {
-                    // Not the port that probe left from: not an answer to it.
-                    shared.malformed.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                if !a.refused {
-                    // Close the far end's half-open connection now.
-                    let from = SocketAddrV4::new(*self.local.ip(), a.port);
-                    let len = segment(&mut rst, from, self.target, a.ack, true);
-                    let _ = self.raw.send_to(&rst[..len], &to);
-                }
-                let (rx_ns, rx_wall_ns) = clock.arrival(meta.kernel_rx_ns);
-                push(
-                    q,
-                    RxEvent::Reply(Reply {
-                        seq,
-                        rx_ns,
-                        rx_wall_ns,
-                        t2_wall_ns: 0,
-                        t3_wall_ns: 0,
-                        reflector_sync: None,
-                        bytes: 0,
-                        far_times: false,
-                        refused: a.refused,
-                        // A TCP answer shows only its own TTL: no far-end TTL or DSCP.
-                        marks: Marks {
-                            back_ttl: Some(a.ttl),
-                            ..Marks::default()
-                        },
-                    }),
-                    &shared.rx_drops,
-                );
-            }
-        }
+    /// The probe an answer of this flow's answers: `None` when it came to another port
+    /// than that probe left from (not an answer to it).
+    pub fn seq_of(&self, a: &Answer) -> Option<u32> {
+        let seq = a.ack.wrapping_sub(1).wrapping_sub(self.isn_base);
+        (self.port_of(seq) == a.port).then_some(seq)
+    }
+
+    /// Writes the RST that closes the far end's half-open connection of a SYN-ACK.
+    pub fn rst(&self, buf: &mut [u8], a: &Answer) -> usize {
+        let from = SocketAddrV4::new(*self.local.ip(), a.port);
+        segment(buf, from, self.target, a.ack, true)
     }
 }
 
-/// A `tcp-syn` session's two I/O threads.
-struct SynIo<'a> {
-    syn: &'a SynSocket,
-    cfg: &'a ProbeConfig,
-}
-
-impl Io for SynIo<'_> {
-    fn send(&self, start_ns: u64, ring: &ArrayQueue<TxEvent>, shared: &Shared) {
-        self.syn.send(self.cfg, start_ns, ring, shared);
-    }
-
-    fn receive(&self, ring: &ArrayQueue<RxEvent>, shared: &Shared) {
-        self.syn.receive(ring, shared);
-    }
-}
-
-/// A `tcp-connect` session's two I/O threads: the sender hands each connection it started
-/// to the receiver, which polls them.
-struct ConnectIo<'a> {
-    cfg: &'a ProbeConfig,
-    handoff: ArrayQueue<InFlight>,
-}
-
-impl Io for ConnectIo<'_> {
-    fn send(&self, start_ns: u64, ring: &ArrayQueue<TxEvent>, shared: &Shared) {
-        connect_sender(self.cfg, start_ns, &self.handoff, ring, shared);
-    }
-
-    fn receive(&self, ring: &ArrayQueue<RxEvent>, shared: &Shared) {
-        connect_receiver(self.cfg, &self.handoff, ring, shared);
-    }
-}
-
-/// A connection on its way.
-struct InFlight {
-    seq: u32,
-    sent_ns: u64,
-    sock: Socket,
-}
-
-/// `tcp-connect`: probes until done or `stop`, like `Prober::run`.
-pub fn run_connect(
-    cfg: &ProbeConfig,
-    stop: &AtomicBool,
-    sink: &mut dyn Sink,
-) -> Result<Vec<WindowStats>> {
-    let io = ConnectIo {
-        cfg,
-        handoff: ArrayQueue::new(1 << 14),
-    };
-    engine::run(&cfg.timing(), &SystemClock, &io, stop, None, sink)
-}
-
-/// A non-blocking TCP socket, pinned, connecting to the target.
-fn start_connect(cfg: &ProbeConfig) -> Result<Socket> {
+/// A non-blocking TCP socket, pinned, connecting to the target (`tcp-connect`: one per
+/// probe, closed with an RST).
+pub fn start_connect(cfg: &ProbeConfig) -> Result<Socket> {
     let io = |what: &'static str| {
         move |source| Error::Io {
             what: what.to_string(),
@@ -446,6 +290,14 @@ fn start_connect(cfg: &ProbeConfig) -> Result<Socket> {
     } else {
         sock.set_tos_v4(tos).map_err(io("set the TOS"))?;
     }
+    if let Some(ttl) = cfg.ttl {
+        if cfg.target.is_ipv6() {
+            sock.set_unicast_hops_v6(u32::from(ttl))
+                .map_err(io("set the hop limit"))?;
+        } else {
+            sock.set_ttl_v4(u32::from(ttl)).map_err(io("set the TTL"))?;
+        }
+    }
     match sock.connect(&cfg.target.into()) {
         Ok(()) => Ok(sock),
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(sock),
@@ -453,121 +305,14 @@ fn start_connect(cfg: &ProbeConfig) -> Result<Socket> {
     }
 }
 
-fn connect_sender(
-    cfg: &ProbeConfig,
-    start_ns: u64,
-    handoff: &ArrayQueue<InFlight>,
-    q: &ArrayQueue<TxEvent>,
-    shared: &Shared,
-) {
-    let mut schedule = Schedule::new(&cfg.timing(), start_ns);
-    let mut due = Vec::with_capacity(BATCH);
-    let mut seq = 0u32;
-    while let Some(now) = schedule.wait(&shared.stop_tx) {
-        let wall = sys::realtime_ns();
-        let missed = schedule.take_due(now, BATCH, &mut due);
-        for &scheduled in &due {
-            let sent_ns = sys::monotonic_ns();
-            let Ok(sock) = start_connect(cfg) else {
-                // No socket (out of descriptors, an unusable --bind): not sent.
-                push(
-                    q,
-                    TxEvent::Missed {
-                        scheduled_ns: scheduled,
-                        count: 1,
-                    },
-                    &shared.tx_drops,
-                );
-                continue;
-            };
-            push(
-                q,
-                TxEvent::Sent(Sent {
-                    seq,
-                    scheduled_ns: scheduled,
-                    sent_ns,
-                    t1_wall_ns: wall,
-                    tx_id: seq,
-                    bytes: 0,
-                }),
-                &shared.tx_drops,
-            );
-            if handoff.push(InFlight { seq, sent_ns, sock }).is_err() {
-                shared.tx_drops.fetch_add(1, Ordering::Relaxed);
-            }
-            seq = seq.wrapping_add(1);
-        }
-        push_missed(q, now, missed, shared);
-    }
-}
-
-fn connect_receiver(
-    cfg: &ProbeConfig,
-    handoff: &ArrayQueue<InFlight>,
-    q: &ArrayQueue<RxEvent>,
-    shared: &Shared,
-) {
-    let mut flying: Vec<InFlight> = Vec::new();
-    let mut fds: Vec<libc::pollfd> = Vec::new();
-    // Past the late timeout the tracker has decided the probe lost; give up on it too.
-    let give_up = cfg.late_timeout_ns.saturating_add(100_000_000);
-    while !shared.stop_rx.load(Ordering::Relaxed) {
-        while let Some(f) = handoff.pop() {
-            flying.push(f);
-        }
-        if flying.is_empty() {
-            std::thread::sleep(Duration::from_micros(200));
-            continue;
-        }
-        fds.clear();
-        fds.extend(flying.iter().map(|f| libc::pollfd {
-            fd: f.sock.as_raw_fd(),
-            events: libc::POLLOUT,
-            revents: 0,
-        }));
-        if sys::poll_many(&mut fds, 1).is_err() {
-            continue;
-        }
-        let now = sys::monotonic_ns();
-        let wall = sys::realtime_ns();
-        let mut k = 0;
-        flying.retain(|f| {
-            let ready = fds[k].revents != 0;
-            k += 1;
-            if !ready {
-                // Still connecting, or forgotten.
-                return now.saturating_sub(f.sent_ns) < give_up;
-            }
-            let answer = match f.sock.take_error() {
-                Ok(None) => Some((false, sys::tcp_rtt_us(&f.sock))),
-                Ok(Some(e)) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Some((true, None)),
-                // Unreachable and the like: no answer from the far end; the tracker will
-                // call it lost.
-                _ => None,
-            };
-            if let Some((refused, kernel_rtt_us)) = answer {
-                // The kernel's own handshake RTT when it has one; else our observation.
-                let rx_ns = kernel_rtt_us.map_or(now, |us| f.sent_ns + u64::from(us) * 1000);
-                push(
-                    q,
-                    RxEvent::Reply(Reply {
-                        seq: f.seq,
-                        rx_ns,
-                        rx_wall_ns: wall,
-                        t2_wall_ns: 0,
-                        t3_wall_ns: 0,
-                        reflector_sync: None,
-                        bytes: 0,
-                        far_times: false,
-                        refused,
-                        // The kernel's connection shows no TTL or DSCP.
-                        marks: Marks::default(),
-                    }),
-                    &shared.rx_drops,
-                );
-            }
-            false
-        });
+/// What a finished `connect()` says: `Some((refused, the kernel's handshake RTT))` for an
+/// answer from the far end, `None` for none (unreachable and the like: the tracker will
+/// call the probe lost).
+pub fn connect_outcome(sock: &Socket) -> Option<(bool, Option<u32>)> {
+    match sock.take_error() {
+        Ok(None) => Some((false, sys::tcp_rtt_us(sock))),
+        Ok(Some(e)) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Some((true, None)),
+        _ => None,
     }
 }
 

@@ -211,3 +211,13 @@ pub fn wait_for_log(log: &Path, what: &str, times: usize, within: Duration) -> S
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The threads of process `pid` now (`/proc/PID/status`).
+pub fn threads(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
+}
