@@ -234,9 +234,10 @@ fn hostile_input_gets_the_right_status_and_never_crashes_the_server() {
             Some(TOKEN),
             format!(
                 "[{}]",
+                // The two-sample histogram's plain V2 form: base64 of its cookie, "HISTE".
                 good_json.replace(
                     &good_json
-                        [good_json.find("HISTF").unwrap()..good_json.find("HISTF").unwrap() + 12],
+                        [good_json.find("HISTE").unwrap()..good_json.find("HISTE").unwrap() + 12],
                     "bm90IGEgaGlzdG9ncmFt"
                 )
             )

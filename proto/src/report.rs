@@ -1,5 +1,6 @@
 //! The window report an agent sends to the collector: one per path per window, with u64
-//! counters and one histogram per metric. JSON, with histograms as base64 V2+DEFLATE.
+//! counters and one histogram per metric. JSON, with histograms as base64 HdrHistogram V2
+//! (deflated, V2+DEFLATE, when the V2 form is over [`crate::hist::DEFLATE_ABOVE`] octets).
 //!
 //! ```json
 //! {"version":1,"report_id":"…32 hex…","agent_id":"ams-dc1-01","site":"ams",
@@ -9,7 +10,7 @@
 //!  "timestamping":{"rx":"kernel","tx":"userspace"},
 //!  "owd_clock":{"state":"estimated","offset_ns":-1200,"samples":50},
 //!  "counters":{"sent":100,"received":99,…},
-//!  "histograms":{"rtt_ns":"HISTFAAA…","ipdv_ns":"…"}}
+//!  "histograms":{"rtt_ns":"HISTEwAA…","ipdv_ns":"…"}}
 //! ```
 //!
 //! The version is read first: a report from a newer agent is refused with
@@ -879,12 +880,13 @@ mod tests {
         assert_eq!(v["owd_clock"]["state"], "estimated");
         assert_eq!(v["owd_clock"]["offset_ns"], -1200);
         assert_eq!(v["counters"]["lost"], 1);
-        // HdrHistogram's own tools recognise "HISTF" as base64 of the V2+DEFLATE cookie.
+        // Base64 of the plain V2 cookie (a two-sample histogram's short form is not
+        // deflated; a long one's would start "HISTF", the V2+DEFLATE cookie).
         assert!(
             v["histograms"]["rtt_ns"]
                 .as_str()
                 .unwrap()
-                .starts_with("HISTF")
+                .starts_with("HISTE")
         );
         assert!(v["histograms"].get("ipdv_ns").is_none());
         assert_eq!(v["signature"]["fwd_hops"], 2);
