@@ -954,7 +954,6 @@ fn send_chunk(
                 scheduled_ns: d.scheduled_ns,
                 sent_ns: now,
                 t1_wall_ns: t1_wall,
-                tx_id: p.seq,
                 bytes: u32::try_from(len).unwrap_or(u32::MAX),
             },
         };

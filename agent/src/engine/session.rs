@@ -64,8 +64,6 @@ pub struct Sent {
     pub sent_ns: u64,
     /// T1 as written in the packet (wall clock).
     pub t1_wall_ns: u64,
-    /// Which datagram this is on the socket, for matching kernel transmit stamps.
-    pub tx_id: u32,
     pub bytes: u32,
 }
 
@@ -305,8 +303,6 @@ pub struct Tracker {
     cursor: u64,
     highest_received: Option<u64>,
     loss_run: u64,
-    /// `tx_id` to 64-bit sequence number, for recent sends.
-    tx_ids: Vec<u64>,
     windows: VecDeque<WindowAcc>,
     closed: Vec<WindowStats>,
     /// Probes decided since the last `take_decisions`, when kept.
@@ -327,7 +323,6 @@ impl Tracker {
             cursor: 0,
             highest_received: None,
             loss_run: 0,
-            tx_ids: vec![u64::MAX; len],
             windows: VecDeque::new(),
             closed: Vec::new(),
             decisions: None,
@@ -428,8 +423,6 @@ impl Tracker {
             marks: Marks::default(),
             reordered: false,
         };
-        let i = usize::try_from(u64::from(sent.tx_id) & self.mask).unwrap_or(0);
-        self.tx_ids[i] = seq64;
         let acc = self.window(w);
         acc.counters.sent += 1;
         acc.counters.bytes_sent += u64::from(sent.bytes);
@@ -469,11 +462,13 @@ impl Tracker {
         acc.counters.malformed += malformed;
     }
 
-    /// A kernel transmit timestamp for datagram `tx_id`: the probe's send time becomes the
-    /// kernel's, if its reply has not been matched yet.
-    pub fn on_tx_stamp(&mut self, tx_id: u32, sent_ns: u64, wall_ns: u64) {
-        let i = usize::try_from(u64::from(tx_id) & self.mask).unwrap_or(0);
-        let seq64 = self.tx_ids[i];
+    /// A kernel transmit timestamp for probe `seq` (the engine maps the socket's datagram
+    /// number to it): the probe's send time becomes the kernel's, if its reply has not been
+    /// matched yet.
+    pub fn on_tx_stamp(&mut self, seq: u32, sent_ns: u64, wall_ns: u64) {
+        let Some(seq64) = self.extend(seq) else {
+            return;
+        };
         let slot = self.slot(seq64);
         if slot.seq64 == seq64 && slot.state == State::Pending {
             slot.sent_ns = sent_ns;
@@ -817,7 +812,6 @@ mod tests {
                 scheduled_ns: s,
                 sent_ns: s + late,
                 t1_wall_ns: s + late + self.wall_offset,
-                tx_id: u32::try_from(i).unwrap(),
                 bytes: 44,
             });
         }

@@ -207,7 +207,6 @@ pub(super) fn start_connects(
                 scheduled_ns: d.scheduled_ns,
                 sent_ns,
                 t1_wall_ns: wall,
-                tx_id: seq,
                 bytes: 0,
             },
         };
