@@ -142,6 +142,10 @@ fn reporter(rx: &mpsc::Receiver<Reported>, tx: &mpsc::Sender<Vec<u8>>) {
             // Some full already: all full, so that each metric has one form.
             w.materialize();
         }
+        // Sorted once here: the figures, the summaries and the encoding each read them.
+        for c in w.compact.values_mut() {
+            c.settle();
+        }
         let seen = ctx
             .watch
             .lock()

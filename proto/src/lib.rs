@@ -3,7 +3,7 @@
 //! - [`stamp`]: STAMP test packets (RFC 8762, RFC 8972 TLVs), checked zero-copy views,
 //!   validated representations and the reflector's packet logic.
 //! - [`hist`]: the one histogram configuration per metric and the V2 codec (V2+DEFLATE
-//!   above 256 octets).
+//!   above 512 octets).
 //! - [`report`]: the versioned window report an agent sends to the collector.
 //! - [`event`]: a path's signature (hop counts, DSCP) and the events it raises.
 //! - [`ingest`]: what the collector answers to a batch of reports.

@@ -11,6 +11,10 @@
 //! plus the largest cost of each further path), would take more than half of what the
 //! machine has available is skipped, and says so.
 //!
+//! The last row (`tcp-conn`, `--only 100x10-tcp`) is 100 `tcp-connect` paths at 10/s to a
+//! loopback TCP listener in this process: TCP probes on the same engine, a connection
+//! per probe.
+//!
 //! Then irtt's client for one path at 10, 100 and 1,000 probes/s, measured the same way,
 //! when `irtt` is installed.
 //!
@@ -188,19 +192,28 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
-/// The agent's config: `paths` paths at `rate` probes/s each, to `target`, each with an
-/// SSID of its own (paths to one far end share a socket only when their SSIDs tell their
-/// answers apart).
-fn config(paths: u32, rate: u32, target: SocketAddr) -> String {
+/// The agent's config: `paths` paths of `proto` at `rate` probes/s each, to `target`,
+/// each with an SSID of its own (paths to one far end share a socket only when their SSIDs
+/// tell their answers apart).
+fn config(paths: u32, rate: u32, proto: &str, target: SocketAddr) -> String {
     let mut c = String::from("agent_id = \"bench\"\n");
     for i in 0..paths {
         let _ = write!(
             c,
-            "[[path]]\nname = \"p{i}\"\nkind = \"other\"\ntarget = \"{target}\"\nrate = {rate}\nwindow = \"10s\"\nssid = {}\n",
+            "[[path]]\nname = \"p{i}\"\nkind = \"other\"\nproto = \"{proto}\"\ntarget = \"{target}\"\nrate = {rate}\nwindow = \"10s\"\nssid = {}\n",
             i % 65_535 + 1
         );
     }
     c
+}
+
+/// A loopback TCP listener for the `tcp-connect` rows, accepting (and closing) for as long
+/// as the benchmark runs, in this process (not counted).
+fn tcp_listener() -> Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    std::thread::spawn(move || for _ in l.incoming() {});
+    Ok(addr)
 }
 
 #[allow(clippy::cast_precision_loss)]
@@ -234,7 +247,8 @@ fn main() -> Result<()> {
         "--max-rate-per-source",
         "0",
     ]);
-    let (_reflector, target) = start_listening(reflect, false)?;
+    let (_reflector, stamp_target) = start_listening(reflect, false)?;
+    let tcp_target = tcp_listener()?;
     let dir = std::env::temp_dir().join(format!("pathprobe-agent-cost-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     println!(
@@ -260,37 +274,43 @@ fn main() -> Result<()> {
     println!(
         "(windows, sent, lost, missed send slots and ring drops: summed over the window lines the agent logged, warm-up and stop included)"
     );
-    let cases: [(u32, u32); 8] = [
-        (1, 10),
-        (1, 100),
-        (50, 10),
-        (1_000, 10),
-        (5_000, 10),
-        (5_000, 1),
-        (100, 100),
-        (1, args.max_rate),
+    // The last: TCP paths on the same engine (`--only 100x10-tcp`).
+    let cases: [(u32, u32, &str); 9] = [
+        (1, 10, "stamp"),
+        (1, 100, "stamp"),
+        (50, 10, "stamp"),
+        (1_000, 10, "stamp"),
+        (5_000, 10, "stamp"),
+        (5_000, 1, "stamp"),
+        (100, 100, "stamp"),
+        (1, args.max_rate, "stamp"),
+        (100, 10, "tcp-connect"),
     ];
     // The projection's basis, KiB: one path's agent, and the most each further path added.
     let (mut base_kib, mut per_path_kib) = (0u64, 0u64);
-    for (paths, rate) in cases {
-        if !args.only.is_empty() && !args.only.contains(&format!("{paths}x{rate}")) {
+    for (paths, rate, proto) in cases {
+        let (name, key, target) = if proto == "stamp" {
+            ("pathprobe", format!("{paths}x{rate}"), stamp_target)
+        } else {
+            ("tcp-conn", format!("{paths}x{rate}-tcp"), tcp_target)
+        };
+        if !args.only.is_empty() && !args.only.contains(&key) {
             continue;
         }
         let projected = base_kib + per_path_kib * u64::from(paths.saturating_sub(1));
         let available = available_kib();
         if projected > available / 2 {
             println!(
-                "{:<10} {paths:>6} {rate:>8}   skipped: about {} MiB projected ({} MiB and {per_path_kib} KiB per further path, as measured), more than half of the {} MiB available",
-                "pathprobe",
+                "{name:<10} {paths:>6} {rate:>8}   skipped: about {} MiB projected ({} MiB and {per_path_kib} KiB per further path, as measured), more than half of the {} MiB available",
                 projected / 1024,
                 base_kib / 1024,
                 available / 1024
             );
             continue;
         }
-        let file = dir.join(format!("agent-{paths}x{rate}.toml"));
-        std::fs::write(&file, config(paths, rate, target))?;
-        let log_file = dir.join(format!("agent-{paths}x{rate}.log"));
+        let file = dir.join(format!("agent-{key}.toml"));
+        std::fs::write(&file, config(paths, rate, proto, target))?;
+        let log_file = dir.join(format!("agent-{key}.log"));
         let mut child = Command::new(&agent)
             .args(["run", "--config"])
             .arg(&file)
@@ -309,9 +329,9 @@ fn main() -> Result<()> {
                     let further = c.rss_kib.saturating_sub(base_kib) / u64::from(paths - 1);
                     per_path_kib = per_path_kib.max(further);
                 }
-                row("pathprobe", paths, rate, &c, Some(&log));
+                row(name, paths, rate, &c, Some(&log));
             }
-            Err(e) => println!("{:<10} {paths:>6} {rate:>8}   failed: {e:#}", "pathprobe"),
+            Err(e) => println!("{name:<10} {paths:>6} {rate:>8}   failed: {e:#}"),
         }
     }
     irtt_rows(&args);

@@ -3,7 +3,7 @@
 //! - A report is stored in one transaction with `synchronous = FULL`, so once `ingest`
 //!   returns it survives a crash or `kill -9`; its id is the primary key, so a retried
 //!   report is acknowledged and ignored, never counted twice.
-//! - Histograms are kept as the V2 blobs they travel in (V2+DEFLATE above 256 octets).
+//! - Histograms are kept as the V2 blobs they travel in (V2+DEFLATE above 512 octets).
 //! - Rollups by minute, ten minutes and hour are maintained by exact merging ([`Db::roll_up`], run
 //!   in the background): each bucket holds the sum of the windows marked `rolled` that start
 //!   in it. A query reads whole buckets from the rollups plus any window not yet rolled, and
