@@ -7,8 +7,8 @@
 //! the uploader. Paths, whatever their kind (STAMP, `tcp-syn`, `tcp-connect`), are
 //! handles on one shared probe engine ([`crate::engine::mux`]: three threads for all of
 //! them, and one reporter thread that turns their windows into log lines and reports);
-//! drills, the reflector and the uploader are each a thread with a stop flag of its own. It runs an [`AgentPlan`]
-//! ([`crate::plan`]); a new plan (the config file read again on `SIGHUP`) is applied by
+//! drills, the reflector and the uploader are each a thread with a stop flag of its own.
+//! It runs an [`AgentPlan`] ([`crate::plan`]); a new plan (the config file read again on `SIGHUP`) is applied by
 //! difference: a path or drill whose plan changed is stopped (its last window delivered)
 //! and started again, a new one is started, a removed one is stopped and its last window
 //! delivered, and one that did not change is not touched, so it loses and repeats no
