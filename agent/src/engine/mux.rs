@@ -602,13 +602,12 @@ impl Core {
         let opened = match given {
             Some(g) => Ok((g.info.local, g.syn.clone())),
             None => path_local(cfg, &tr),
-        };
-        let (local, syn) = match opened.and_then(|o| {
-            if tr.key.wire == Wire::Connect {
-                self.connects_handoff()?;
-            }
-            Ok(o)
-        }) {
+        }
+        .and_then(|o| match tr.key.wire {
+            Wire::Connect => self.connects_handoff().map(|_| o),
+            Wire::Stamp | Wire::Syn => Ok(o),
+        });
+        let (local, syn) = match opened {
             Ok(o) => o,
             Err(e) => {
                 self.release(tr.id, cfg.target, cfg.ssid);
@@ -1119,13 +1118,78 @@ fn drain_socket(core: &Core, rs: &RecvSock, batch: &mut RecvBatch, errs: &mut Er
             }
         }
     });
-    // A refused or unreachable error the socket holds is reported once by a receive;
-    // a few tries get past it.
+    each_datagram(sock, batch, |payload, meta, clock| {
+        let Some(src) = meta.src else {
+            count_malformed(core, None);
+            return;
+        };
+        if meta.truncated {
+            count_malformed(
+                core,
+                rs.peers.get(&canonical(src)).and_then(|f| f.peers.first()),
+            );
+            return;
+        }
+        let (peer, r, tlv_at) = match rs.credit(src, payload) {
+            Ok(found) => found,
+            Err(peer) => {
+                count_malformed(core, peer);
+                return;
+            }
+        };
+        let f = r.error_estimate.format;
+        let (Ok(t2), Ok(t3)) = (f.decode(r.receive_timestamp), f.decode(r.timestamp)) else {
+            count_malformed(core, Some(peer));
+            return;
+        };
+        let (rx_ns, rx_wall_ns) = clock.arrival(meta.kernel_rx_ns);
+        let marks = Marks {
+            // 0: a reflector that does not fill in the Session-Sender TTL.
+            far_ttl: Some(r.sender_ttl).filter(|&t| t > 0),
+            far_dscp: far_dscp(&payload[tlv_at..]),
+            back_ttl: meta.ttl,
+            back_dscp: meta.tos.map(|t| t >> 2),
+        };
+        let reflector_sync = if r.error_estimate.synchronized {
+            r.error_estimate.error_nanos()
+        } else {
+            None
+        };
+        let reply = Reply {
+            seq: r.sender_sequence_number,
+            rx_ns,
+            rx_wall_ns,
+            t2_wall_ns: t2,
+            t3_wall_ns: t3,
+            reflector_sync,
+            bytes: u32::try_from(payload.len()).unwrap_or(u32::MAX),
+            far_times: true,
+            refused: false,
+            marks,
+        };
+        push_rx(
+            core,
+            RxRec::Reply {
+                path: peer.path,
+                reply,
+            },
+            Some(peer),
+        );
+    });
+}
+
+/// Calls `f` with every datagram queued on `sock` (and the clock of its batch), read in
+/// `recvmmsg` batches until none is left or 64 batches were read. A refused or unreachable
+/// error the socket holds is reported once by a receive; the next try gets past it.
+fn each_datagram(
+    sock: &Socket,
+    batch: &mut RecvBatch,
+    mut f: impl FnMut(&[u8], &sys::RecvMeta, &BatchClock),
+) {
     for _ in 0..64 {
         let got = match batch.recv_now(sock) {
             Ok(got) => got,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => continue,
         };
         let clock = BatchClock::now();
@@ -1133,62 +1197,7 @@ fn drain_socket(core: &Core, rs: &RecvSock, batch: &mut RecvBatch, errs: &mut Er
             let Some((payload, meta)) = batch.get(i) else {
                 break;
             };
-            let Some(src) = meta.src else {
-                count_malformed(core, None);
-                continue;
-            };
-            if meta.truncated {
-                count_malformed(
-                    core,
-                    rs.peers.get(&canonical(src)).and_then(|f| f.peers.first()),
-                );
-                continue;
-            }
-            let (peer, r, tlv_at) = match rs.credit(src, payload) {
-                Ok(found) => found,
-                Err(peer) => {
-                    count_malformed(core, peer);
-                    continue;
-                }
-            };
-            let f = r.error_estimate.format;
-            let (Ok(t2), Ok(t3)) = (f.decode(r.receive_timestamp), f.decode(r.timestamp)) else {
-                count_malformed(core, Some(peer));
-                continue;
-            };
-            let (rx_ns, rx_wall_ns) = clock.arrival(meta.kernel_rx_ns);
-            let marks = Marks {
-                // 0: a reflector that does not fill in the Session-Sender TTL.
-                far_ttl: Some(r.sender_ttl).filter(|&t| t > 0),
-                far_dscp: far_dscp(&payload[tlv_at..]),
-                back_ttl: meta.ttl,
-                back_dscp: meta.tos.map(|t| t >> 2),
-            };
-            let reflector_sync = if r.error_estimate.synchronized {
-                r.error_estimate.error_nanos()
-            } else {
-                None
-            };
-            let reply = Reply {
-                seq: r.sender_sequence_number,
-                rx_ns,
-                rx_wall_ns,
-                t2_wall_ns: t2,
-                t3_wall_ns: t3,
-                reflector_sync,
-                bytes: u32::try_from(payload.len()).unwrap_or(u32::MAX),
-                far_times: true,
-                refused: false,
-                marks,
-            };
-            push_rx(
-                core,
-                RxRec::Reply {
-                    path: peer.path,
-                    reply,
-                },
-                Some(peer),
-            );
+            f(payload, meta, &clock);
         }
         if got < BATCH {
             return;
@@ -2047,16 +2056,25 @@ mod tests {
         c
     }
 
-    /// Adds each config as a path, waits for all to end; their windows.
-    fn run_paths(engine: &Engine<'_>, cfgs: &[ProbeConfig]) -> Vec<Arc<Mutex<Vec<WindowStats>>>> {
-        let mut out = Vec::new();
+    /// A path's windows, as its `Collect` sink keeps them.
+    type Windows = Arc<Mutex<Vec<WindowStats>>>;
+
+    /// Adds each config as a path, each collecting its windows.
+    fn add_all(engine: &Engine<'_>, cfgs: &[ProbeConfig]) -> (Vec<PathHandle>, Vec<Windows>) {
         let mut handles = Vec::new();
+        let mut windows = Vec::new();
         for c in cfgs {
-            let windows = Arc::new(Mutex::new(Vec::new()));
-            let w = Arc::clone(&windows);
-            handles.push(engine.add(c, |_| Box::new(Collect(w))).unwrap());
-            out.push(windows);
+            let w = Arc::new(Mutex::new(Vec::new()));
+            let sink = Arc::clone(&w);
+            handles.push(engine.add(c, |_| Box::new(Collect(sink))).unwrap());
+            windows.push(w);
         }
+        (handles, windows)
+    }
+
+    /// Adds each config as a path, waits for all to end; their windows.
+    fn run_paths(engine: &Engine<'_>, cfgs: &[ProbeConfig]) -> Vec<Windows> {
+        let (handles, out) = add_all(engine, cfgs);
         let ports: HashSet<u16> = handles.iter().map(|h| h.info.local.port()).collect();
         let sockets = engine.core.sockets.lock().unwrap().iter().flatten().count();
         assert_eq!(ports.len(), sockets, "one local port per socket");
@@ -2161,14 +2179,7 @@ mod tests {
             let target = reflect(s, &stop, &stats);
             let engine = Engine::start(s, RING_MIN);
             let cfgs = [path(target, 5, 10 * MS, 30), path(target, 5, 10 * MS, 30)];
-            let mut handles = Vec::new();
-            let mut windows = Vec::new();
-            for c in &cfgs {
-                let w = Arc::new(Mutex::new(Vec::new()));
-                let w2 = Arc::clone(&w);
-                handles.push(engine.add(c, |_| Box::new(Collect(w2))).unwrap());
-                windows.push(w);
-            }
+            let (handles, windows) = add_all(&engine, &cfgs);
             assert_ne!(handles[0].info.local.port(), handles[1].info.local.port());
             for h in &handles {
                 h.wait(Duration::from_secs(30)).unwrap().unwrap();
@@ -2226,14 +2237,7 @@ mod tests {
             let engine = Engine::start(s, RING_MIN);
             let mut cfgs: Vec<_> = (0..10u16).map(|i| path(a, i, 10 * MS, 150)).collect();
             cfgs.push(path(b, 0, 10 * MS, 150));
-            let mut handles = Vec::new();
-            let mut windows = Vec::new();
-            for c in &cfgs {
-                let w = Arc::new(Mutex::new(Vec::new()));
-                let w2 = Arc::clone(&w);
-                handles.push(engine.add(c, |_| Box::new(Collect(w2))).unwrap());
-                windows.push(w);
-            }
+            let (handles, windows) = add_all(&engine, &cfgs);
             // B's reflector stops halfway through.
             thread::sleep(Duration::from_millis(750));
             stop_b.store(true, Ordering::Relaxed);
@@ -2309,14 +2313,7 @@ mod tests {
                 .collect();
             cfgs.push(tcp_path(protocol, closed_port(), 41, 20 * MS, 40));
             cfgs.extend((0..20u16).map(|i| path(reflector, i + 1, 20 * MS, 40)));
-            let mut handles = Vec::new();
-            let mut windows = Vec::new();
-            for c in &cfgs {
-                let w = Arc::new(Mutex::new(Vec::new()));
-                let sink = Arc::clone(&w);
-                handles.push(engine.add(c, |_| Box::new(Collect(sink))).unwrap());
-                windows.push(w);
-            }
+            let (handles, windows) = add_all(&engine, &cfgs);
             if protocol == ProbeProtocol::TcpSyn {
                 let raw = engine
                     .core

@@ -2,7 +2,6 @@
 //! answers read from it, and the `tcp-connect` connections the sender starts and hands to
 //! the receiver. The segments and sockets themselves are [`crate::probe::tcp`]'s.
 
-use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
@@ -11,13 +10,13 @@ use pathprobe_proto::report::{TimestampSource, Timestamping};
 use socket2::SockAddr;
 
 use super::{
-    BATCH, Core, Due, PathShared, PinKey, RecvSock, RxRec, SendPath, Transport, TxRec, charge,
-    count_malformed, drop_against, push_rx, push_tx,
+    Core, Due, PathShared, PinKey, RecvSock, RxRec, SendPath, Transport, TxRec, charge,
+    count_malformed, drop_against, each_datagram, push_rx, push_tx,
 };
 use crate::engine::session::{Marks, Reply, Sent};
 use crate::probe::ProbeConfig;
 use crate::probe::tcp::{self, SYN_LEN};
-use crate::sys::{self, BatchClock, Bell, RecvBatch};
+use crate::sys::{self, Bell, RecvBatch};
 use crate::{Error, Result};
 
 /// Connections the handoff holds between two of the receiver's wake-ups, at most: a
@@ -63,69 +62,55 @@ pub(super) fn drain_syn(core: &Core, rs: &RecvSock, batch: &mut RecvBatch) {
         return;
     };
     let mut rst = [0u8; SYN_LEN];
-    for _ in 0..64 {
-        let got = match batch.recv_now(sock) {
-            Ok(got) => got,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(_) => continue,
-        };
-        let clock = BatchClock::now();
-        for i in 0..got {
-            let Some((ip, meta)) = batch.get(i) else {
-                break;
-            };
-            let Some((from, answer)) = tcp::parse_reply(ip) else {
-                continue;
-            };
-            let Some(far) = rs.peers.get(&SocketAddr::V4(from)) else {
-                continue;
-            };
-            let Some((peer, flow)) = far.peers.iter().find_map(|p| {
-                p.syn
-                    .as_ref()
-                    .filter(|f| f.holds(answer.port))
-                    .map(|f| (p, f))
-            }) else {
-                continue;
-            };
-            let Some(seq) = flow.seq_of(&answer) else {
-                // Not the port that probe left from: not an answer to it.
-                count_malformed(core, Some(peer));
-                continue;
-            };
-            if !answer.refused {
-                // Close the far end's half-open connection now.
-                let len = flow.rst(&mut rst, &answer);
-                let to = SockAddr::from(SocketAddrV4::new(*from.ip(), 0));
-                let _ = sock.send_to(&rst[..len], &to);
-            }
-            let (rx_ns, rx_wall_ns) = clock.arrival(meta.kernel_rx_ns);
-            let reply = Reply {
-                seq,
-                rx_ns,
-                rx_wall_ns,
-                t2_wall_ns: 0,
-                t3_wall_ns: 0,
-                reflector_sync: None,
-                bytes: 0,
-                far_times: false,
-                refused: answer.refused,
-                // A TCP answer shows only its own TTL: no far-end TTL or DSCP.
-                marks: Marks {
-                    back_ttl: Some(answer.ttl),
-                    ..Marks::default()
-                },
-            };
-            let rec = RxRec::Reply {
-                path: peer.path,
-                reply,
-            };
-            push_rx(core, rec, Some(peer));
-        }
-        if got < BATCH {
+    each_datagram(sock, batch, |ip, meta, clock| {
+        let Some((from, answer)) = tcp::parse_reply(ip) else {
             return;
+        };
+        let Some(far) = rs.peers.get(&SocketAddr::V4(from)) else {
+            return;
+        };
+        let Some((peer, flow)) = far.peers.iter().find_map(|p| {
+            p.syn
+                .as_ref()
+                .filter(|f| f.holds(answer.port))
+                .map(|f| (p, f))
+        }) else {
+            return;
+        };
+        let Some(seq) = flow.seq_of(&answer) else {
+            // Not the port that probe left from: not an answer to it.
+            count_malformed(core, Some(peer));
+            return;
+        };
+        if !answer.refused {
+            // Close the far end's half-open connection now.
+            let len = flow.rst(&mut rst, &answer);
+            let to = SockAddr::from(SocketAddrV4::new(*from.ip(), 0));
+            let _ = sock.send_to(&rst[..len], &to);
         }
-    }
+        let (rx_ns, rx_wall_ns) = clock.arrival(meta.kernel_rx_ns);
+        let reply = Reply {
+            seq,
+            rx_ns,
+            rx_wall_ns,
+            t2_wall_ns: 0,
+            t3_wall_ns: 0,
+            reflector_sync: None,
+            bytes: 0,
+            far_times: false,
+            refused: answer.refused,
+            // A TCP answer shows only its own TTL: no far-end TTL or DSCP.
+            marks: Marks {
+                back_ttl: Some(answer.ttl),
+                ..Marks::default()
+            },
+        };
+        let rec = RxRec::Reply {
+            path: peer.path,
+            reply,
+        };
+        push_rx(core, rec, Some(peer));
+    });
 }
 
 /// A `tcp-connect` connection on its way.
