@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pathprobe_collector::compare::{self, Comparison};
-use pathprobe_collector::serve::{Limits, ServeConfig, serve};
+use pathprobe_collector::serve::{ServeConfig, serve};
 use pathprobe_collector::store::{Selector, SqliteStore, Store};
 use pathprobe_proto::report::{Counters, PathKind, ProbeProtocol};
 use pathprobe_proto::stamp::TimestampFormat;
@@ -219,6 +219,10 @@ fn agent_config(
             url: format!("http://{collector}"),
             token: None,
             token_file: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            insecure_http: false,
             spool_dir: spool,
             spool_max_reports: 10_000,
         }),
@@ -443,17 +447,9 @@ fn start_collector(
             source,
         })?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = rt.spawn(serve(
-        ServeConfig {
-            listen: addr,
-            db: db.to_owned(),
-            tokens: None,
-            limits: Limits::default(),
-        },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let task = rt.spawn(serve(ServeConfig::lab(addr, db.to_owned()), async move {
+        let _ = stopped.await;
+    }));
     Ok((rt, stop, task))
 }
 

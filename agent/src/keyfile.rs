@@ -10,8 +10,10 @@ use pathprobe_proto::stamp::AuthKey;
 
 use crate::{Error, Result, hexbytes};
 
-/// Reads and checks the key in `path`.
+/// Reads and checks the key in `path`; a file that others can read is refused
+/// ([`pathprobe_proto::secrets`]).
 pub fn load(path: &Path) -> Result<AuthKey> {
+    pathprobe_proto::secrets::check_mode(path, "the STAMP key file").map_err(Error::Config)?;
     let text = std::fs::read_to_string(path).map_err(|source| Error::KeyFileRead {
         path: path.to_owned(),
         source,
@@ -35,6 +37,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join(name);
         std::fs::write(&p, contents).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         p
     }
 

@@ -14,8 +14,12 @@
 //! site = "ams"
 //!
 //! [collector]
-//! url = "http://127.0.0.1:8862"
-//! token = "..."                 # or token_file = "agent.token"
+//! url = "https://collector.example.net:8862"   # http:// only to loopback, or with:
+//! # insecure_http = true        # reports and token in clear beyond loopback (warned hourly)
+//! token_file = "agent.token"    # or token = "..."; mode 0600
+//! # ca_file = "corp-ca.pem"     # the CA of the collector's certificate (default: the system's)
+//! # client_cert = "agent.pem"   # mutual TLS, for a collector with --client-ca
+//! # client_key = "agent.key"
 //! spool_dir = "spool"           # the default
 //! spool_max_reports = 100000
 //!
@@ -49,7 +53,7 @@ use pathprobe_proto::report::{PathKind, ProbeProtocol};
 use pathprobe_proto::stamp::{Mode, TimestampFormat};
 use serde::Deserialize;
 
-use crate::delivery::{self, Destination};
+use crate::delivery::{self, Destination, TlsClient};
 use crate::failover::{self, FailoverConfig, PinnedPath, StreamTiming};
 use crate::probe::ProbeConfig;
 use crate::reflector::{self, ReflectorConfig};
@@ -113,6 +117,11 @@ pub struct CollectorSection {
     pub url: String,
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    #[serde(default)]
+    pub insecure_http: bool,
     #[serde(default = "default_spool_dir")]
     pub spool_dir: PathBuf,
     #[serde(default = "default_spool_max")]
@@ -217,6 +226,10 @@ pub struct Overrides {
     pub collector: Option<String>,
     pub token_file: Option<PathBuf>,
     pub spool: Option<PathBuf>,
+    /// `--ca-file`: replaces `[collector] ca_file`.
+    pub ca_file: Option<PathBuf>,
+    /// `--insecure-http`: as `[collector] insecure_http = true`.
+    pub insecure_http: bool,
 }
 
 /// One path to probe, checked: its name and kind in reports, and how to probe it.
@@ -285,6 +298,9 @@ impl AgentFile {
         if let Some(c) = &mut cfg.collector {
             anchor(&mut c.spool_dir);
             c.token_file.as_mut().map(anchor);
+            c.ca_file.as_mut().map(anchor);
+            c.client_cert.as_mut().map(anchor);
+            c.client_key.as_mut().map(anchor);
         }
         if let Some(r) = &mut cfg.reflector {
             r.auth_key_file.as_mut().map(anchor);
@@ -352,7 +368,7 @@ impl AgentPlan {
             .as_ref()
             .map(|c| -> Result<_> {
                 let from_flag = over.collector.is_some();
-                check_collector_url(&c.url).map_err(|reason| {
+                check_collector_url(&c.url, c.insecure_http).map_err(|reason| {
                     let at = line_of(text, &[Key::Name("collector"), Key::Name("url")]);
                     Error::Config(if from_flag {
                         format!("--collector (PATHPROBE_COLLECTOR): {reason}")
@@ -379,6 +395,12 @@ impl AgentPlan {
                     )?,
                     spool_dir: c.spool_dir.clone(),
                     spool_max: c.spool_max_reports,
+                    tls: TlsClient {
+                        ca_file: c.ca_file.clone(),
+                        client_cert: c.client_cert.clone(),
+                        client_key: c.client_key.clone(),
+                    },
+                    insecure_http: c.insecure_http,
                 })
             })
             .transpose()?;
@@ -409,13 +431,14 @@ impl AgentFile {
     /// one, when the file has none).
     fn apply_collector_flags(&mut self, file: &Path, over: &Overrides) -> Result<()> {
         if let Some(url) = &over.collector {
-            check_collector_url(url).map_err(|reason| {
-                Error::Config(format!("--collector (PATHPROBE_COLLECTOR): {reason}"))
-            })?;
             let c = self.collector.get_or_insert_with(|| CollectorSection {
                 url: url.clone(),
                 token: None,
                 token_file: None,
+                ca_file: None,
+                client_cert: None,
+                client_key: None,
+                insecure_http: false,
                 spool_dir: file
                     .parent()
                     .unwrap_or_else(|| Path::new("."))
@@ -432,9 +455,17 @@ impl AgentFile {
             if let Some(d) = &over.spool {
                 c.spool_dir.clone_from(d);
             }
-        } else if over.token_file.is_some() || over.spool.is_some() {
+            if let Some(ca) = &over.ca_file {
+                c.ca_file = Some(ca.clone());
+            }
+            c.insecure_http |= over.insecure_http;
+        } else if over.token_file.is_some()
+            || over.spool.is_some()
+            || over.ca_file.is_some()
+            || over.insecure_http
+        {
             return Err(Error::Config(
-                "--token-file and --spool need a collector: give --collector or a [collector] section".to_string(),
+                "--token-file, --spool, --ca-file and --insecure-http need a collector: give --collector or a [collector] section".to_string(),
             ));
         }
         Ok(())
@@ -761,31 +792,31 @@ fn check_name(field: &'static str, value: &str) -> std::result::Result<(), Strin
 }
 
 /// The collector's address: `http://HOST:PORT`.
-fn check_collector_url(url: &str) -> std::result::Result<(), String> {
-    let uri: ureq::http::Uri = url
-        .parse()
-        .map_err(|e| format!("\"{url}\" is not a URL ({e}): write it like http://10.0.0.5:8862"))?;
+fn check_collector_url(url: &str, insecure_http: bool) -> std::result::Result<(), String> {
+    let uri: ureq::http::Uri = url.parse().map_err(|e| {
+        format!("\"{url}\" is not a URL ({e}): write it like https://collector.example.net:8862")
+    })?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "\"{url}\": this build sends reports over plain HTTP only (TLS is not built in yet): use http:// on a network you trust"
-            ));
-        }
+        Some("http" | "https") => {}
         Some(other) => {
             return Err(format!(
-                "\"{url}\": `{other}://` is not how reports travel: write it like http://10.0.0.5:8862"
+                "\"{url}\": `{other}://` is not how reports travel: write it like https://collector.example.net:8862"
             ));
         }
         None => {
             return Err(format!(
-                "\"{url}\" has no scheme: write it like http://10.0.0.5:8862"
+                "\"{url}\" has no scheme: write it like https://collector.example.net:8862"
             ));
         }
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!(
-            "\"{url}\" names no host: write it like http://10.0.0.5:8862"
+            "\"{url}\" names no host: write it like https://collector.example.net:8862"
+        ));
+    }
+    if delivery::cleartext_beyond_loopback(url) && !insecure_http {
+        return Err(format!(
+            "\"{url}\" would send reports and the agent's token in clear beyond this host: use https:// (the collector's --tls-cert), or set insecure_http = true in [collector] (--insecure-http) on a network you trust"
         ));
     }
     Ok(())
@@ -809,6 +840,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
+        // Token and key files among them: readable by their owner alone, as they must be.
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         p
     }
 
@@ -985,6 +1018,7 @@ mod tests {
             collector: Some("http://127.0.0.1:2".into()),
             token_file: Some(token),
             spool: Some(PathBuf::from("/tmp/elsewhere")),
+            ..Overrides::default()
         };
         let layered = AgentPlan::load(&p, &over).unwrap();
         assert_eq!(layered.agent_id, "cli-agent");
@@ -1018,8 +1052,29 @@ mod tests {
         };
         let err = AgentPlan::load(&p, &lonely).unwrap_err().to_string();
         assert!(err.contains("need a collector"), "{err}");
-        let bad = Overrides {
+        let https = Overrides {
             collector: Some("https://127.0.0.1:3".into()),
+            ..Overrides::default()
+        };
+        let c = AgentPlan::load(&p, &https).unwrap().collector.unwrap();
+        assert_eq!(c.url, "https://127.0.0.1:3");
+        let clear = Overrides {
+            collector: Some("http://10.0.0.5:8862".into()),
+            ..Overrides::default()
+        };
+        let err = AgentPlan::load(&p, &clear).unwrap_err().to_string();
+        assert!(
+            err.contains("--collector") && err.contains("insecure_http = true"),
+            "{err}"
+        );
+        let allowed = Overrides {
+            insecure_http: true,
+            ..clear
+        };
+        let c = AgentPlan::load(&p, &allowed).unwrap().collector.unwrap();
+        assert!(c.insecure_http, "--insecure-http allows it");
+        let bad = Overrides {
+            collector: Some("ftp://127.0.0.1:3".into()),
             ..Overrides::default()
         };
         let err = AgentPlan::load(&p, &bad).unwrap_err().to_string();

@@ -342,16 +342,14 @@ fn a_keyed_reflector_takes_only_tests_that_prove_its_key() {
     let dir = std::env::temp_dir().join(format!("pathprobe-capkey-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (good, bad) = (dir.join("good.key"), dir.join("bad.key"));
-    std::fs::write(
+    common::write_secret(
         &good,
         "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
-    )
-    .unwrap();
-    std::fs::write(
+    );
+    common::write_secret(
         &bad,
         "ff112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
-    )
-    .unwrap();
+    );
     let r = Reflector::start(&[
         "--allow-capacity",
         "--auth-key-file",
@@ -442,8 +440,8 @@ fn stage_reports_reach_the_collector_and_wait_when_it_is_away() {
     let dir = std::env::temp_dir().join(format!("pathprobe-capacity-col-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("tokens"), format!("cap-agent {TOKEN}\n")).unwrap();
-    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    common::write_secret(&dir.join("tokens"), &format!("cap-agent {TOKEN}\n"));
+    common::write_secret(&dir.join("token"), TOKEN);
     let r = Reflector::start(&["--allow-capacity"]);
     let addr = common::free_tcp();
     let spool = dir.join("spool");

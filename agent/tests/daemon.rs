@@ -48,7 +48,7 @@ fn the_collector_gets_every_window_after_a_minute_away() {
         std::env::temp_dir().join(format!("pathprobe-daemon-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("tokens"), format!("t-agent {TOKEN}\n")).unwrap();
+    common::write_secret(&dir.join("tokens"), &format!("t-agent {TOKEN}\n"));
     let (collector_addr, reflector) = (free_tcp(), free_udp());
     let spool = dir.join("spool");
     let config = dir.join("agent.toml");
@@ -138,7 +138,7 @@ fn a_scheduled_drill_runs_in_its_window_and_its_outage_reaches_the_collector() {
         std::env::temp_dir().join(format!("pathprobe-daemon-drill-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("tokens"), format!("d-agent {TOKEN}\n")).unwrap();
+    common::write_secret(&dir.join("tokens"), &format!("d-agent {TOKEN}\n"));
     let collector_addr = free_tcp();
     let collector = Collector::start(&dir, collector_addr);
     let r = common::Reflector::start(&[]);
@@ -299,7 +299,7 @@ fn sighup_restarts_changed_paths_and_unchanged_ones_lose_no_window() {
         std::env::temp_dir().join(format!("pathprobe-daemon-hup-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("tokens"), format!("h-agent {TOKEN}\n")).unwrap();
+    common::write_secret(&dir.join("tokens"), &format!("h-agent {TOKEN}\n"));
     let collector_addr = free_tcp();
     let collector = Collector::start(&dir, collector_addr);
     let r = common::Reflector::start(&[]);

@@ -138,7 +138,7 @@ fn windows_measured_while_the_spool_cannot_be_written_reach_the_collector() {
         return;
     }
     let d = dir("spool-midrun");
-    std::fs::write(d.join("tokens"), format!("m-agent {TOKEN}\n")).unwrap();
+    common::write_secret(&d.join("tokens"), &format!("m-agent {TOKEN}\n"));
     let spool = d.join("spool");
     std::fs::create_dir_all(&spool).unwrap();
     std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -268,11 +268,11 @@ fn config_errors_are_found_at_start_with_file_and_line() {
         (
             format!(
                 "agent_id = \"a\"\n{}{}",
-                collector("https://10.0.0.5:8862"),
+                collector("http://10.0.0.5:8862"),
                 path("er")
             ),
             ":3",
-            "http://",
+            "insecure_http = true",
         ),
         (
             format!("agent_id = \"a\"\n{}{}", path("er"), path("er")),

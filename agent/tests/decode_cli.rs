@@ -117,6 +117,7 @@ fn wrong_hmac_exits_3_and_still_shows_fields() {
     std::fs::create_dir_all(&dir).unwrap();
     let key = dir.join("key");
     std::fs::write(&key, "00112233445566778899aabbccddeeff").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let packet = format!("00003039{}", "00".repeat(108));
     let o = agent(&[
         "decode",

@@ -31,8 +31,8 @@ fn a_scheduled_blackout_is_measured_to_the_probe_interval_and_reaches_the_collec
     let dir = std::env::temp_dir().join(format!("pathprobe-failover-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("tokens"), format!("fo-agent {TOKEN}\n")).unwrap();
-    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    common::write_secret(&dir.join("tokens"), &format!("fo-agent {TOKEN}\n"));
+    common::write_secret(&dir.join("token"), TOKEN);
     let addr = common::free_tcp();
     let col = Collector::start(&dir, addr);
     let r = Reflector::start(&[]);

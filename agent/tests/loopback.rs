@@ -47,7 +47,7 @@ fn key_file(name: &str, hex: &str) -> String {
     let dir = std::env::temp_dir().join(format!("pathprobe-loopback-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
-    std::fs::write(&p, hex).unwrap();
+    common::write_secret(&p, hex);
     p.to_str().unwrap().to_owned()
 }
 

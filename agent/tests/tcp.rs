@@ -142,7 +142,7 @@ fn tcp_syn_without_cap_net_raw_names_tcp_connect() {
 #[test]
 fn tcp_probes_refuse_stamp_only_settings() {
     let key = std::env::temp_dir().join(format!("pathprobe-tcp-key-{}", std::process::id()));
-    std::fs::write(&key, "00112233445566778899aabbccddeeff").unwrap();
+    common::write_secret(&key, "00112233445566778899aabbccddeeff");
     let o = Command::new(AGENT)
         .args(["probe", "--proto", "tcp-connect", "--target", "127.0.0.1:9"])
         .arg("--auth-key-file")

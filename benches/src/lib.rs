@@ -6,6 +6,11 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result, bail};
+use pathprobe_proto::hist::Metric;
+use pathprobe_proto::report::{
+    ClockState, Counters, PathInfo, PathKind, ProbeProtocol, ReportId, TimestampSource,
+    Timestamping, Window, WindowReport,
+};
 
 /// A child process killed when dropped.
 #[derive(Debug)]
@@ -60,4 +65,131 @@ pub fn start_listening(mut cmd: Command, from_stdout: bool) -> Result<(Guard, So
         })
         .with_context(|| format!("no address in `{first}`"))?;
     Ok((Guard(child), addr))
+}
+
+/// The first window of the load benchmarks: 2026-11-25T09:20:00Z, on an hour.
+pub const T0: u64 = 1_795_600_800_000_000_000;
+/// Their windows' length, 10 s.
+pub const W: u64 = 10_000_000_000;
+
+#[allow(
+    clippy::unwrap_used,
+    reason = "the histograms' range holds every value recorded"
+)]
+/// A window of the load benchmarks (`collector_load`, `tls_ingest`) at 10 probes/s, of
+/// path `path` (even: ExpressRoute, odd: VPN; agent `path / 2`), from `T0`: 100 RTTs around a path's base delay, jitter, one loss run.
+pub fn load_report(path: u32, window: u32, id: u64) -> WindowReport {
+    let er = path.is_multiple_of(2);
+    let base: u64 = if er { 2_000_000 } else { 30_000_000 };
+    let spread: u64 = if er { 300_000 } else { 15_000_000 };
+    let mut rtt = Metric::Rtt.new_histogram();
+    let mut ipdv = Metric::Ipdv.new_histogram();
+    let mut x = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut last = base;
+    for _ in 0..100 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let v = base + x % spread;
+        rtt.record(v).unwrap();
+        ipdv.record(v.abs_diff(last)).unwrap();
+        last = v;
+    }
+    let mut runs = Metric::LossRun.new_histogram();
+    let missing = x % 3;
+    if missing > 0 {
+        runs.record(missing).unwrap();
+    }
+    WindowReport {
+        report_id: ReportId(u128::from(id).to_be_bytes()),
+        agent_id: format!("agent-{:03}", path / 2),
+        site: Some(format!("site-{:02}", path % 10)),
+        path: PathInfo {
+            name: format!("{}-{path:03}", if er { "er" } else { "vpn" }),
+            kind: if er {
+                PathKind::Expressroute
+            } else {
+                PathKind::Vpn
+            },
+            local: "10.0.0.1:40000".parse().unwrap(),
+            remote: "10.1.0.4:862".parse().unwrap(),
+            protocol: ProbeProtocol::Stamp,
+            dscp: if er { 46 } else { 0 },
+            packet_size: 44,
+        },
+        window: Window {
+            start_unix_ns: T0 + u64::from(window) * W,
+            end_unix_ns: T0 + u64::from(window + 1) * W,
+        },
+        timestamping: Timestamping {
+            rx: TimestampSource::Kernel,
+            tx: TimestampSource::Kernel,
+        },
+        owd_clock: ClockState::Unavailable,
+        counters: Counters {
+            sent: 100 + missing,
+            received: 100,
+            lost: missing,
+            ..Counters::default()
+        },
+        histograms: [
+            (Metric::Rtt, rtt),
+            (Metric::Ipdv, ipdv),
+            (Metric::LossRun, runs),
+        ]
+        .into(),
+        signature: None,
+        events: Vec::new(),
+    }
+}
+
+/// A collector served in this process (on its own two-thread runtime) for a load
+/// benchmark, with windows of any age kept (the load windows are dated from [`T0`]).
+#[derive(Debug)]
+pub struct LabCollector {
+    rt: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<pathprobe_collector::Result<()>>>,
+}
+
+impl LabCollector {
+    /// Serves `cfg` (its `max_report_age` widened to a century) once its port accepts
+    /// connections.
+    pub fn start(cfg: pathprobe_collector::serve::ServeConfig) -> Result<Self> {
+        let addr = cfg.listen;
+        let cfg = pathprobe_collector::serve::ServeConfig {
+            limits: pathprobe_collector::serve::Limits {
+                max_report_age: std::time::Duration::from_hours(24 * 365 * 100),
+                ..cfg.limits
+            },
+            ..cfg
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = rt.spawn(pathprobe_collector::serve::serve(cfg, async move {
+            let _ = stopped.await;
+        }));
+        while std::net::TcpStream::connect(addr).is_err() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Ok(Self {
+            rt,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Stops it and waits until it has.
+    pub fn stop(mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            self.rt.block_on(t)??;
+        }
+        Ok(())
+    }
 }

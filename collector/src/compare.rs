@@ -9,7 +9,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use pathprobe_proto::hist::{Metric, Summary};
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 
 use crate::Result;
 use pathprobe_proto::event::EventKind;
@@ -21,9 +23,9 @@ use crate::store::{EventRow, Merged, Selector, Store};
 pub const MAX_EVENTS: usize = 100;
 
 /// One figure of both sides.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
-    pub figure: &'static str,
+    pub figure: Cow<'static, str>,
     pub a: Option<f64>,
     pub b: Option<f64>,
     /// b − a.
@@ -33,7 +35,7 @@ pub struct Row {
 }
 
 /// A comparison.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Comparison {
     pub a: String,
     pub b: String,
@@ -42,8 +44,8 @@ pub struct Comparison {
     pub to: String,
     /// How the one-way delays' clocks were known on each side: `synchronized`,
     /// `estimated`, `mixed` or `unavailable`.
-    pub owd_clock_a: &'static str,
-    pub owd_clock_b: &'static str,
+    pub owd_clock_a: Cow<'static, str>,
+    pub owd_clock_b: Cow<'static, str>,
     pub rows: Vec<Row>,
     /// Events of either side in the range, oldest first.
     pub events: Vec<EventRow>,
@@ -146,7 +148,7 @@ pub fn compare(
         .into_iter()
         .zip(figures(&mb))
         .map(|((figure, a), (_, b))| Row {
-            figure,
+            figure: figure.into(),
             a,
             b,
             diff: a.zip(b).map(|(a, b)| b - a),
@@ -159,8 +161,8 @@ pub fn compare(
         site: a.site.clone(),
         from: rfc3339(from_ns),
         to: rfc3339(to_ns),
-        owd_clock_a: clock(&ma),
-        owd_clock_b: clock(&mb),
+        owd_clock_a: clock(&ma).into(),
+        owd_clock_b: clock(&mb).into(),
         rows,
         events,
     })

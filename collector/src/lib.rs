@@ -5,6 +5,7 @@ pub mod compare;
 mod error;
 pub mod export;
 pub mod inspect;
+pub mod remote;
 pub mod serve;
 pub mod store;
 

@@ -27,6 +27,8 @@ use pathprobe_proto::report::{
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_pathprobe-collector");
 const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 const OTHER_TOKEN: &str = "fedcba9876543210fedcba9876543210";
+/// A reader's: queries and `/metrics` take it.
+const READER: &str = "reader-0123456789abcdef01234567";
 const T0: u64 = 1_795_680_000_000_000_000;
 const W: u64 = 10_000_000_000;
 
@@ -44,11 +46,10 @@ impl Server {
     /// the horizon of what it keeps reaches back far enough for them.
     fn start_with(dir: &Path, extra: &[&str]) -> Self {
         let tokens = dir.join("tokens");
-        std::fs::write(
+        write_secret(
             &tokens,
-            format!("# agent token\nams-01 {TOKEN}\nfra-01 {OTHER_TOKEN}\n"),
-        )
-        .unwrap();
+            &format!("# agent token\nams-01 {TOKEN}\nfra-01 {OTHER_TOKEN}\nreader noc {READER}\n"),
+        );
         let mut child = Command::new(COLLECTOR)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(extra)
@@ -104,6 +105,13 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Writes a secret the way an operator must: readable by its owner only.
+fn write_secret(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 fn dir(name: &str) -> PathBuf {
@@ -282,7 +290,7 @@ fn hostile_input_gets_the_right_status_and_never_crashes_the_server() {
             Some(OTHER_TOKEN),
             batch(std::slice::from_ref(&good)),
             403,
-            "belongs to `fra-01`",
+            "the sender is `fra-01`",
         ),
     ];
     for (what, token, body, status, needle) in cases {
@@ -291,12 +299,12 @@ fn hostile_input_gets_the_right_status_and_never_crashes_the_server() {
         assert!(text.contains(needle), "{what}: {text}");
     }
     // Still up, and nothing was stored by any of them.
-    let (status, text) = http(s.addr, "GET", "/v1/paths", None, b"");
+    let (status, text) = http(s.addr, "GET", "/v1/paths", Some(READER), b"");
     assert_eq!((status, text.as_str()), (200, "[]"));
     let (status, text) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &batch(&[good]));
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("\"accepted\":1"), "{text}");
-    let (_, metrics) = http(s.addr, "GET", "/metrics", None, b"");
+    let (_, metrics) = http(s.addr, "GET", "/metrics", Some(READER), b"");
     assert!(
         metrics.contains("pathprobe_collector_requests_rejected_total{reason=\"unauthorized\"} 2"),
         "{metrics}"
@@ -328,7 +336,7 @@ fn retries_are_acknowledged_and_never_counted_twice() {
     assert!(first.contains("\"accepted\":5,\"duplicates\":0"), "{first}");
     let (_, again) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &batch(&reports));
     assert!(again.contains("\"accepted\":0,\"duplicates\":5"), "{again}");
-    let (_, paths) = http(s.addr, "GET", "/v1/paths", None, b"");
+    let (_, paths) = http(s.addr, "GET", "/v1/paths", Some(READER), b"");
     assert!(paths.contains("\"windows\":5"), "{paths}");
 }
 
@@ -388,7 +396,13 @@ fn events_are_served_by_path_kind_and_range_and_shown_by_compare() {
         (T0 + 2 * W) / 1_000_000_000
     );
     let get = |q: &str| {
-        let (status, body) = http(s.addr, "GET", &format!("/v1/events?{q}&{range}"), None, b"");
+        let (status, body) = http(
+            s.addr,
+            "GET",
+            &format!("/v1/events?{q}&{range}"),
+            Some(READER),
+            b"",
+        );
         (
             status,
             serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default(),
@@ -415,7 +429,7 @@ fn events_are_served_by_path_kind_and_range_and_shown_by_compare() {
         s.addr,
         "GET",
         &format!("/v1/compare?a=expressroute&b=vpn&{range}"),
-        None,
+        Some(READER),
         b"",
     );
     assert_eq!(status, 200, "{cmp}");
@@ -530,7 +544,7 @@ fn compare_equals_one_histogram_of_every_sample() {
         T0 / 1_000_000_000,
         to / 1_000_000_000
     );
-    let (status, text) = http(s.addr, "GET", &q, None, b"");
+    let (status, text) = http(s.addr, "GET", &q, Some(READER), b"");
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("\"figure\":\"RTT p99 µs\""), "{text}");
     let q = format!(
@@ -538,7 +552,7 @@ fn compare_equals_one_histogram_of_every_sample() {
         T0 / 1_000_000_000,
         to / 1_000_000_000
     );
-    let (status, log) = http(s.addr, "GET", &q, None, b"");
+    let (status, log) = http(s.addr, "GET", &q, Some(READER), b"");
     assert_eq!(status, 200, "{log}");
     let line = log.lines().find(|l| l.contains("HISTF")).unwrap();
     let blob = line.rsplit(',').next().unwrap();
@@ -605,7 +619,7 @@ fn every_acknowledged_report_survives_kill_9() {
             );
         }
     }
-    let (_, paths) = http(s.addr, "GET", "/v1/paths", None, b"");
+    let (_, paths) = http(s.addr, "GET", "/v1/paths", Some(READER), b"");
     assert!(
         paths.contains(&format!("\"windows\":{}", 60 * 50)),
         "exactly once: {paths}"
@@ -714,7 +728,7 @@ fn reports_no_sender_can_produce_are_refused_and_rollups_go_on() {
         T0 / 1_000_000_000,
         (T0 + 7_003 * W) / 1_000_000_000
     );
-    let (status, body) = http(s.addr, "GET", &q, None, b"");
+    let (status, body) = http(s.addr, "GET", &q, Some(READER), b"");
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let windows = v["rows"]
@@ -945,7 +959,7 @@ fn twenty_of_the_largest_batches_keep_the_collector_under_300_mb() {
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["accepted"], 1_000, "round {round}: {text}");
     }
-    let (status, metrics) = http(s.addr, "GET", "/metrics", None, b"");
+    let (status, metrics) = http(s.addr, "GET", "/metrics", Some(READER), b"");
     assert_eq!(status, 200);
     let peak = s.peak_rss();
     eprintln!(
@@ -955,4 +969,563 @@ fn twenty_of_the_largest_batches_keep_the_collector_under_300_mb() {
         metrics.len()
     );
     assert!(peak < 300 << 20, "peak RSS {} MB", peak >> 20);
+}
+
+/// Agents' tokens ingest only, readers' tokens query only, and every query and `/metrics`
+/// needs a reader's.
+#[test]
+fn queries_need_a_reader_token_and_ingest_an_agent_token() {
+    let d = dir("roles");
+    let s = Server::start(&d);
+    let good = report(1, "ams-01", "er", PathKind::Expressroute, T0, &[1000]);
+    for path in [
+        "/v1/paths",
+        "/metrics",
+        "/v1/compare?a=er&b=vpn",
+        "/v1/events",
+        "/v1/histogram?path=er",
+    ] {
+        let (status, body) = http(s.addr, "GET", path, None, b"");
+        assert_eq!(status, 401, "{path} without a token: {body}");
+        assert!(body.contains("reader token"), "{path}: {body}");
+        let (status, body) = http(s.addr, "GET", path, Some(TOKEN), b"");
+        assert_eq!(status, 403, "{path} with an agent's token: {body}");
+        assert!(
+            body.contains("may send reports but not query"),
+            "{path}: {body}"
+        );
+    }
+    let (status, body) = http(
+        s.addr,
+        "POST",
+        "/v1/reports",
+        Some(READER),
+        &batch(std::slice::from_ref(&good)),
+    );
+    assert_eq!(status, 403, "a reader's token does not ingest: {body}");
+    assert!(body.contains("may query but not send reports"), "{body}");
+    let (status, body) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &batch(&[good]));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http(s.addr, "GET", "/v1/paths", Some(READER), b"");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"agent_id\":\"ams-01\""), "{body}");
+    let (_, metrics) = http(s.addr, "GET", "/metrics", Some(READER), b"");
+    assert!(
+        metrics.contains("pathprobe_collector_requests_rejected_total{reason=\"unauthorized\"} 5"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pathprobe_collector_requests_rejected_total{reason=\"forbidden\"} 6"),
+        "{metrics}"
+    );
+}
+
+/// `serve` with these arguments, expected to refuse to start: what it said.
+fn refused_start(args: &[&str]) -> String {
+    let o = Command::new(COLLECTOR)
+        .arg("serve")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "it started: {args:?}");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn secrets_others_can_read_and_open_reads_beyond_loopback_are_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let d = dir("secrets");
+    let tokens = d.join("tokens");
+    std::fs::write(&tokens, format!("ams-01 {TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let db = d.join("store.db");
+    let base = ["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()];
+    let said = refused_start(&[&base[..], &["--tokens", tokens.to_str().unwrap()]].concat());
+    assert!(
+        said.contains("mode 0644") && said.contains(&format!("chmod 600 {}", tokens.display())),
+        "{said}"
+    );
+    // Accepted when the operator says so: it starts (and is stopped here).
+    let mut child = Command::new(COLLECTOR)
+        .args([
+            "serve",
+            "--allow-world-readable-secrets",
+            "--tokens",
+            tokens.to_str().unwrap(),
+        ])
+        .args(base)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap().contains("collector serving")));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let said = refused_start(&[
+        "--listen",
+        "0.0.0.0:0",
+        "--db",
+        db.to_str().unwrap(),
+        "--open-read",
+    ]);
+    assert!(
+        said.contains("--open-read on 0.0.0.0:0 without TLS"),
+        "{said}"
+    );
+    let said = refused_start(
+        &[
+            &base[..],
+            &[
+                "--tls-cert",
+                "/nonexistent/cert.pem",
+                "--tls-key",
+                "/nonexistent/key.pem",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(
+        said.contains("/nonexistent/cert.pem") && said.contains("check the path"),
+        "{said}"
+    );
+}
+
+/// `token new` prints a token and a digest line: with the line in the tokens file (and not
+/// the token), the token ingests.
+#[test]
+fn a_new_tokens_digest_line_lets_its_token_in() {
+    let o = Command::new(COLLECTOR)
+        .args(["token", "new", "--agent", "ams-01"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let out = String::from_utf8(o.stdout).unwrap();
+    let token = out
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .unwrap()
+        .to_string();
+    let line = out.lines().last().unwrap().to_string();
+    assert!(
+        line.starts_with("ams-01 sha256:") && !line.contains(&token),
+        "{out}"
+    );
+    let d = dir("digest");
+    let tokens = d.join("tokens");
+    write_secret(&tokens, &format!("{line}\nreader noc {READER}\n"));
+    let mut child = Command::new(COLLECTOR)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-report-age",
+            "36500d",
+        ])
+        .arg("--db")
+        .arg(d.join("store.db"))
+        .arg("--tokens")
+        .arg(&tokens)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr: SocketAddr = lines
+        .find_map(|l| {
+            l.unwrap()
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("listen=").map(str::to_string))
+        })
+        .unwrap()
+        .parse()
+        .unwrap();
+    std::thread::spawn(move || lines.for_each(drop));
+    let good = report(1, "ams-01", "er", PathKind::Expressroute, T0, &[1000]);
+    let (status, body) = http(addr, "POST", "/v1/reports", Some(&token), &batch(&[good]));
+    assert_eq!(status, 200, "{body}");
+    let digest = line.split_whitespace().nth(1).unwrap();
+    let (status, _) = http(addr, "POST", "/v1/reports", Some(digest), b"[]");
+    assert_eq!(status, 401, "the digest is not the token");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// How long after `start` the server closed `s` (it reads until end of stream), or `None`
+/// if it was still open at `within`.
+fn closed_after(mut s: TcpStream, start: std::time::Instant, within: Duration) -> Option<Duration> {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut sink = Vec::new();
+    match s.read_to_end(&mut sink) {
+        Ok(_) => Some(start.elapsed()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Some(start.elapsed()),
+        Err(_) => None,
+    }
+}
+
+/// Slowloris and idle connections: the first request's head must come within
+/// `--header-timeout`, a kept-alive connection's next one within `--idle-timeout`, and
+/// past `--max-connections` a connection is closed at once; 500 slow connections do not
+/// delay an agent's ingest.
+#[test]
+fn slow_silent_and_idle_connections_are_closed_and_ingest_goes_on() {
+    let d = dir("slowloris");
+    let s = Server::start_with(&d, &["--header-timeout", "2s", "--idle-timeout", "3s"]);
+    let one = |i: u32| {
+        batch(&[report(
+            i,
+            "ams-01",
+            "er",
+            PathKind::Expressroute,
+            T0 + u64::from(i) * W,
+            &[1000],
+        )])
+    };
+    // The ingest's own time, unloaded, sets the tolerance on a busy machine.
+    let t = std::time::Instant::now();
+    let (status, body) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &one(1));
+    assert_eq!(status, 200, "{body}");
+    let limit = Duration::from_secs(1).max(t.elapsed() * 20);
+
+    // 500 connections: half silent, half sending a header line and stopping.
+    let started = std::time::Instant::now();
+    let slow: Vec<TcpStream> = (0..500)
+        .map(|i| {
+            let mut c = TcpStream::connect(s.addr).unwrap();
+            if i % 2 == 0 {
+                c.write_all(b"POST /v1/reports HTTP/1.1\r\nHost: x\r\nContent-Le")
+                    .unwrap();
+            }
+            c
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let (status, body) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &one(2));
+    let took = t.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        took < limit,
+        "the ingest took {took:?} beside 500 slow connections (limit {limit:?})"
+    );
+
+    // Each slow connection is closed at the header timeout, not before.
+    for c in slow {
+        let after = closed_after(c, started, Duration::from_secs(10)).expect("still open 10 s on");
+        assert!(
+            after >= Duration::from_millis(1_900),
+            "closed after {after:?}, before the 2 s timeout"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // A kept-alive connection: answered, then closed after 3 s idle.
+    let mut k = TcpStream::connect(s.addr).unwrap();
+    k.write_all(
+        format!("GET /v1/paths HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {READER}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut first = [0u8; 12];
+    k.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let idle = std::time::Instant::now();
+    let after =
+        closed_after(k, idle, Duration::from_secs(10)).expect("the idle connection stayed open");
+    assert!(
+        after >= Duration::from_millis(2_900) && after < Duration::from_secs(8),
+        "closed {after:?} after its answer"
+    );
+
+    let (_, metrics) = http(s.addr, "GET", "/metrics", Some(READER), b"");
+    let timed_out = sample(
+        &metrics,
+        "pathprobe_collector_connections_refused_total{reason=\"header_timeout\"}",
+    );
+    assert!(timed_out >= 500, "{metrics}");
+}
+
+/// The value of the sample `key` (name and labels) in a `/metrics` text.
+fn sample(metrics: &str, key: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {metrics}"))
+}
+
+/// Past `--max-connections` a connection is closed at once, and counted.
+#[test]
+fn connections_past_the_limit_are_closed_at_once_and_counted() {
+    let d = dir("max-conn");
+    let s = Server::start_with(&d, &["--max-connections", "10", "--header-timeout", "30s"]);
+    let held: Vec<TcpStream> = (0..10)
+        .map(|_| TcpStream::connect(s.addr).unwrap())
+        .collect();
+    // The ten are accepted (and hold their places) once a request on an eleventh is refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http(s.addr, "GET", "/v1/paths", Some(READER), b"").0 != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the eleventh connection was served"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let over: Vec<Option<Duration>> = (0..10)
+        .map(|_| {
+            let c = TcpStream::connect(s.addr).unwrap();
+            closed_after(c, std::time::Instant::now(), Duration::from_secs(2))
+        })
+        .collect();
+    assert!(
+        over.iter().all(Option::is_some),
+        "a connection past the limit stayed open: {over:?}"
+    );
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let (status, m) = http(s.addr, "GET", "/metrics", Some(READER), b"");
+        if status == 200 {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the places were not given back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let refused = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "pathprobe_collector_connections_refused_total{reason=\"max_connections\"} ",
+            )
+        })
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap();
+    assert!(refused >= 11, "{metrics}");
+}
+
+/// `paths` paths (ExpressRoute and VPN in turn, named `er-N` and `vpn-N`) of `windows`
+/// windows each from `T0`, stored in the store at `db` and rolled up.
+fn fill(db: &Path, paths: u32, windows: u32) {
+    let mut db = pathprobe_collector::store::sqlite::Db::open(db).unwrap();
+    let kinds = [(PathKind::Expressroute, "er"), (PathKind::Vpn, "vpn")];
+    for path in 0..paths {
+        let (kind, name) = kinds[path as usize % 2];
+        let name = format!("{name}-{path}");
+        let all: Vec<WindowReport> = (0..windows)
+            .map(|w| {
+                let rtt = 1_000 + u64::from(w % 97) * 10 + u64::from(path % 2) * 20_000;
+                let start = T0 + u64::from(w) * W;
+                report(
+                    path * 100_000 + w,
+                    "ams-01",
+                    &name,
+                    kind,
+                    start,
+                    &[rtt, rtt + 5],
+                )
+            })
+            .collect();
+        for chunk in all.chunks(500) {
+            db.ingest(chunk, 0).unwrap();
+        }
+    }
+    while db.roll_up(10_000).unwrap() > 0 {}
+}
+
+/// The 99th percentile of `v` (sorted here).
+fn p99(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[(v.len() * 99).div_ceil(100).saturating_sub(1)]
+}
+
+/// Eight clients running day-long compares as fast as they are answered do not delay an
+/// agent's acknowledgements: queries run on their own, lower-priority threads, a few at a
+/// time, and the rest get a 503 with `Retry-After`.
+#[test]
+fn ingest_stays_quick_while_eight_clients_run_day_long_compares() {
+    const DAY: u32 = 8_640; // 10 s windows
+    let d = dir("query-flood");
+    fill(&d.join("store.db"), 4, DAY);
+    let s = Server::start(&d);
+    let next = std::sync::atomic::AtomicU32::new(1_000_000);
+    let ingest = || {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let b = batch(&[report(
+            i,
+            "ams-01",
+            "er-0",
+            PathKind::Expressroute,
+            T0 + u64::from(DAY + i - 1_000_000) * W,
+            &[1000],
+        )]);
+        let t = std::time::Instant::now();
+        let (status, body) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &b);
+        assert_eq!(status, 200, "{body}");
+        t.elapsed()
+    };
+    let mut quiet: Vec<Duration> = (0..40).map(|_| ingest()).collect();
+    let limit = Duration::from_millis(100).max(p99(&mut quiet) * 4);
+
+    let q = format!(
+        "/v1/compare?a=expressroute&b=vpn&from={}&to={}",
+        T0 / 1_000_000_000,
+        (T0 + u64::from(DAY) * W) / 1_000_000_000
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (answered, busy) = (
+        std::sync::atomic::AtomicU64::new(0),
+        std::sync::atomic::AtomicU64::new(0),
+    );
+    let mut loaded = Vec::new();
+    std::thread::scope(|sc| {
+        for _ in 0..8 {
+            sc.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (status, body) = http(s.addr, "GET", &q, Some(READER), b"");
+                    match status {
+                        200 => answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                        503 => {
+                            assert!(body.contains("--max-concurrent-queries"), "{body}");
+                            busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        }
+                        other => panic!("compare: {other} {body}"),
+                    };
+                }
+            });
+        }
+        let until = std::time::Instant::now() + Duration::from_secs(8);
+        while std::time::Instant::now() < until {
+            loaded.push(ingest());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let worst = p99(&mut loaded);
+    let answered = answered.into_inner();
+    eprintln!(
+        "ingest p99 {worst:?} beside 8 compare clients over 8 s ({} ingests; {answered} compares answered, {} told to retry); unloaded p99 {:?}",
+        loaded.len(),
+        busy.load(std::sync::atomic::Ordering::Relaxed),
+        p99(&mut quiet)
+    );
+    assert!(answered >= 4, "only {answered} compares answered in 8 s");
+    assert!(
+        worst < limit,
+        "ingest p99 {worst:?} beside 8 compare clients (limit {limit:?}; {answered} compares answered, {} busy)",
+        busy.into_inner()
+    );
+    let (_, metrics) = http(s.addr, "GET", "/metrics", Some(READER), b"");
+    assert!(
+        sample(
+            &metrics,
+            "pathprobe_collector_queries_refused_total{reason=\"busy\"}"
+        ) > 0,
+        "eight clients, two places: some were told to retry"
+    );
+    let (status, body) = http(s.addr, "GET", "/v1/events?since=400d", Some(READER), b"");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("--max-query-range"), "{body}");
+}
+
+/// `compare`, `paths`, `events` and `histogram` asked of a collector over HTTPS with a
+/// reader token print exactly what they print reading the store itself.
+#[test]
+fn the_cli_asks_a_remote_collector_over_https_and_prints_what_it_prints_locally() {
+    let d = dir("remote");
+    let ca = pathprobe_tests::pki::Ca::new(&d, "corp");
+    let cert = ca.server(&d, "server");
+    fill(&d.join("store.db"), 4, 360);
+    let s = Server::start_with(
+        &d,
+        &[
+            "--tls-cert",
+            cert.cert.to_str().unwrap(),
+            "--tls-key",
+            cert.key.to_str().unwrap(),
+        ],
+    );
+    let reader = d.join("reader.token");
+    write_secret(&reader, READER);
+    let agent = d.join("agent.token");
+    write_secret(&agent, TOKEN);
+    let url = format!("https://localhost:{}", s.addr.port());
+    let (from, to) = (
+        (T0 / 1_000_000_000).to_string(),
+        ((T0 + 360 * W) / 1_000_000_000).to_string(),
+    );
+    let cli = |args: &[&str], remote: Option<&Path>| {
+        let mut c = Command::new(COLLECTOR);
+        c.args(args);
+        match remote {
+            Some(token) => c
+                .args([
+                    "--collector",
+                    &url,
+                    "--ca-file",
+                    ca.cert_pem.to_str().unwrap(),
+                ])
+                .arg("--token-file")
+                .arg(token),
+            None => c.arg("--db").arg(d.join("store.db")),
+        };
+        let o = c.output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let range = ["--from", from.as_str(), "--to", to.as_str()];
+    let questions: Vec<Vec<&str>> = vec![
+        [
+            &["compare", "--a", "expressroute", "--b", "vpn"][..],
+            &range[..],
+        ]
+        .concat(),
+        [
+            &["compare", "--a", "expressroute", "--b", "vpn", "--json"][..],
+            &range[..],
+        ]
+        .concat(),
+        vec!["paths", "--json"],
+        [&["events", "--json"][..], &range[..]].concat(),
+        [
+            &["histogram", "--path", "er-0", "--format", "log"][..],
+            &range[..],
+        ]
+        .concat(),
+    ];
+    for q in &questions {
+        let (ok, local, err) = cli(q, None);
+        assert!(ok, "{q:?} locally: {err}");
+        let (ok, remote, err) = cli(q, Some(&reader));
+        assert!(ok, "{q:?} remotely: {err}");
+        assert_eq!(remote, local, "{q:?}");
+        assert!(!local.trim().is_empty(), "{q:?} printed nothing");
+    }
+    let (ok, _, err) = cli(&["paths"], Some(&agent));
+    assert!(
+        !ok && err.contains("answered 403") && err.contains("reader token"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(
+        &[&["compare", "--a", "er", "--b", "vpn", "--since", "400d"][..]].concat(),
+        Some(&reader),
+    );
+    assert!(
+        !ok && err.contains("answered 400") && err.contains("--max-query-range"),
+        "{err}"
+    );
+    let o = Command::new(COLLECTOR)
+        .args(["paths", "--collector", &url])
+        .arg("--token-file")
+        .arg(&reader)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("signed by a CA") && err.contains("--ca-file"),
+        "{err}"
+    );
 }

@@ -12,11 +12,14 @@
 //! No sockets, threads or clock reads: time is always an argument.
 
 pub mod capacity;
+#[cfg(feature = "client")]
+pub mod client;
 mod error;
 pub mod event;
 pub mod hist;
 pub mod ingest;
 pub mod report;
+pub mod secrets;
 pub mod stamp;
 
 pub use error::{Error, Result};

@@ -2,3 +2,4 @@
 //! namespace [`lab`] for root-only tests.
 
 pub mod lab;
+pub mod pki;

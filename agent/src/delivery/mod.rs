@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub use pathprobe_proto::client::TlsClient;
 pub use spool::{Spool, Step};
 pub use upload::{Delivery, Uploader};
 
@@ -29,7 +30,32 @@ pub struct Destination {
     pub spool_dir: PathBuf,
     /// Most reports the spool keeps; past it the oldest are dropped and counted.
     pub spool_max: usize,
+    /// For an `https://` collector.
+    pub tls: TlsClient,
+    /// Plain `http://` beyond loopback, allowed explicitly (`insecure_http = true`): warned
+    /// about every hour.
+    pub insecure_http: bool,
 }
+
+/// Whether `url` sends reports in clear beyond this host: `http://` to anything but a
+/// loopback address or `localhost`.
+pub fn cleartext_beyond_loopback(url: &str) -> bool {
+    let Ok(uri) = url.parse::<ureq::http::Uri>() else {
+        return false;
+    };
+    if uri.scheme_str() != Some("http") {
+        return false;
+    }
+    let host = uri.host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    !(host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()))
+}
+
+/// How often an agent that sends in clear beyond loopback says so.
+const CLEARTEXT_WARNING: Duration = Duration::from_hours(1);
 
 /// The agent's token: given inline, or read from `file` (trimmed). `what` names the
 /// setting in the error, the way the user wrote it.
@@ -39,7 +65,10 @@ pub fn read_token(inline: Option<&str>, file: Option<&Path>, what: &str) -> Resu
             "{what}: give the token or a token file, not both"
         ))),
         (Some(t), None) => Ok(Some(t.to_string())),
-        (None, Some(f)) => std::fs::read_to_string(f)
+        (None, Some(f)) => {
+            pathprobe_proto::secrets::check_mode(f, &format!("the collector token file ({what})"))
+                .map_err(Error::Config)?;
+            std::fs::read_to_string(f)
             .map(|t| Some(t.trim().to_string()))
             .map_err(|source| Error::Io {
                 what: format!(
@@ -47,7 +76,8 @@ pub fn read_token(inline: Option<&str>, file: Option<&Path>, what: &str) -> Resu
                     f.display()
                 ),
                 source,
-            }),
+            })
+        }
         (None, None) => Ok(None),
     }
 }
@@ -94,7 +124,7 @@ impl Courier {
         let now = Instant::now();
         Ok(Self {
             spool,
-            uploader: Uploader::new(&to.url, to.token.clone()),
+            uploader: Uploader::new(&to.url, to.token.clone(), &to.tls)?,
             url: to.url.clone(),
             backoff: FIRST_RETRY,
             retry_at: now,
@@ -257,7 +287,13 @@ impl Courier {
 /// again.
 pub fn run(mut courier: Courier, rx: &mpsc::Receiver<Vec<u8>>, stop: &AtomicBool) {
     let idle = Duration::from_millis(500);
+    let cleartext = cleartext_beyond_loopback(&courier.url);
+    let mut warned: Option<Instant> = None;
     loop {
+        if cleartext && warned.is_none_or(|at| at.elapsed() >= CLEARTEXT_WARNING) {
+            tracing::warn!(collector = %courier.url, "reports and the agent's token travel in clear (insecure_http = true): serve the collector over TLS and use https://");
+            warned = Some(Instant::now());
+        }
         // Short waits while idle, so that a stop is seen within a tenth of a second.
         match rx.recv_timeout(courier.next_due(idle).min(Duration::from_millis(100))) {
             Ok(r) => courier.push(&r),

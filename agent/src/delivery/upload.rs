@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
+use pathprobe_proto::client::{self, TlsClient};
 use pathprobe_proto::ingest::{Accepted, Reason, Refused};
 
 use super::spool::Queued;
+use crate::{Error, Result};
 
 /// What one delivery attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,18 +34,16 @@ pub struct Uploader {
 }
 
 impl Uploader {
-    /// An uploader to the collector at `base_url` (e.g. `http://127.0.0.1:8862`).
-    pub fn new(base_url: &str, token: Option<String>) -> Self {
-        let http = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(15)))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        Self {
+    /// An uploader to the collector at `base_url` (`https://HOST:PORT`, or `http://`),
+    /// with `tls` for an `https://` one.
+    pub fn new(base_url: &str, token: Option<String>, tls: &TlsClient) -> Result<Self> {
+        Ok(Self {
             url: format!("{}/v1/reports", base_url.trim_end_matches('/')),
             token,
-            http,
-        }
+            http: tls
+                .agent(base_url, Duration::from_secs(15))
+                .map_err(Error::Config)?,
+        })
     }
 
     /// Sends `batch` as one request.
@@ -67,7 +67,7 @@ impl Uploader {
         }
         let resp = match req.send(&body[..]) {
             Ok(r) => r,
-            Err(e) => return Delivery::Unreachable(e.to_string()),
+            Err(e) => return Delivery::Unreachable(client::explain(&e, &self.url)),
         };
         let status = resp.status().as_u16();
         let text = resp.into_body().read_to_string().unwrap_or_default();
@@ -166,7 +166,12 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let u = Uploader::new(&format!("http://127.0.0.1:{port}"), None);
+        let u = Uploader::new(
+            &format!("http://127.0.0.1:{port}"),
+            None,
+            &TlsClient::default(),
+        )
+        .unwrap();
         let q = vec![Queued {
             body: b"{}".to_vec(),
             origin: String::new(),

@@ -93,18 +93,22 @@ pub struct Collector {
 
 impl Collector {
     pub fn start(dir: &Path, addr: SocketAddr) -> Self {
+        let cfg = ServeConfig {
+            tokens: Some(Tokens::load(&dir.join("tokens")).unwrap()),
+            ..ServeConfig::lab(addr, dir.join("store.db"))
+        };
+        Self::start_with(cfg)
+    }
+
+    /// A collector with these settings, serving once its port accepts connections.
+    pub fn start_with(cfg: ServeConfig) -> Self {
+        let addr = cfg.listen;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let cfg = ServeConfig {
-            listen: addr,
-            db: dir.join("store.db"),
-            tokens: Some(Tokens::load(&dir.join("tokens")).unwrap()),
-            limits: pathprobe_collector::serve::Limits::default(),
-        };
         let task = rt.spawn(serve(cfg, async move {
             let _ = rx.await;
         }));
@@ -220,4 +224,12 @@ pub fn threads(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("Threads:"))
         .and_then(|n| n.trim().parse().ok())
         .unwrap()
+}
+
+/// Writes a secret (a tokens, token or key file) the way an operator must: readable by its
+/// owner alone (wider modes are refused).
+pub fn write_secret(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }

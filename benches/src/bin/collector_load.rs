@@ -20,15 +20,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Parser;
+use pathprobe_benches::{LabCollector, T0, load_report};
 use pathprobe_collector::compare;
-use pathprobe_collector::serve::{Limits, ServeConfig, serve};
+use pathprobe_collector::serve::ServeConfig;
 use pathprobe_collector::store::sqlite::Db;
 use pathprobe_collector::store::{Selector, SqliteStore};
-use pathprobe_proto::hist::Metric;
-use pathprobe_proto::report::{
-    ClockState, Counters, PathInfo, PathKind, ProbeProtocol, ReportId, TimestampSource,
-    Timestamping, Window, WindowReport,
-};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -47,75 +43,6 @@ struct Args {
     /// Only time the compare, on a store an earlier run filled.
     #[arg(long)]
     query_only: bool,
-}
-
-const T0: u64 = 1_795_600_800_000_000_000; // 2026-11-25T09:20:00Z, on an hour
-const W: u64 = 10_000_000_000;
-
-/// A window at 10 probes/s: 100 RTTs around a path's base delay, jitter, one loss run.
-fn report(path: u32, window: u32, id: u64) -> WindowReport {
-    let er = path.is_multiple_of(2);
-    let base: u64 = if er { 2_000_000 } else { 30_000_000 };
-    let spread: u64 = if er { 300_000 } else { 15_000_000 };
-    let mut rtt = Metric::Rtt.new_histogram();
-    let mut ipdv = Metric::Ipdv.new_histogram();
-    let mut x = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut last = base;
-    for _ in 0..100 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let v = base + x % spread;
-        rtt.record(v).unwrap();
-        ipdv.record(v.abs_diff(last)).unwrap();
-        last = v;
-    }
-    let mut runs = Metric::LossRun.new_histogram();
-    let missing = x % 3;
-    if missing > 0 {
-        runs.record(missing).unwrap();
-    }
-    WindowReport {
-        report_id: ReportId(u128::from(id).to_be_bytes()),
-        agent_id: format!("agent-{:03}", path / 2),
-        site: Some(format!("site-{:02}", path % 10)),
-        path: PathInfo {
-            name: format!("{}-{path:03}", if er { "er" } else { "vpn" }),
-            kind: if er {
-                PathKind::Expressroute
-            } else {
-                PathKind::Vpn
-            },
-            local: "10.0.0.1:40000".parse().unwrap(),
-            remote: "10.1.0.4:862".parse().unwrap(),
-            protocol: ProbeProtocol::Stamp,
-            dscp: if er { 46 } else { 0 },
-            packet_size: 44,
-        },
-        window: Window {
-            start_unix_ns: T0 + u64::from(window) * W,
-            end_unix_ns: T0 + u64::from(window + 1) * W,
-        },
-        timestamping: Timestamping {
-            rx: TimestampSource::Kernel,
-            tx: TimestampSource::Kernel,
-        },
-        owd_clock: ClockState::Unavailable,
-        counters: Counters {
-            sent: 100 + missing,
-            received: 100,
-            lost: missing,
-            ..Counters::default()
-        },
-        histograms: [
-            (Metric::Rtt, rtt),
-            (Metric::Ipdv, ipdv),
-            (Metric::LossRun, runs),
-        ]
-        .into(),
-        signature: None,
-        events: Vec::new(),
-    }
 }
 
 fn post(addr: SocketAddr, body: &[u8]) -> u16 {
@@ -141,29 +68,7 @@ fn rate(n: u64, d: Duration) -> f64 {
 /// Part 1: HTTP ingest, batches of 100 from two client threads, as agents send them.
 fn http_ingest(args: &Args, windows: u32) -> Result<()> {
     let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(serve(
-        ServeConfig {
-            listen: addr,
-            db: args.db.clone(),
-            tokens: None,
-            // The windows are dated from T0 (November 2026): keep them whatever today is.
-            limits: Limits {
-                max_report_age: Duration::from_hours(24 * 365 * 100),
-                ..Limits::default()
-            },
-        },
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    while TcpStream::connect(addr).is_err() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let server = LabCollector::start(ServeConfig::lab(addr, args.db.clone()))?;
     let per_thread = args.http_reports / 2;
     let half = (args.paths / 2).max(1);
     let bodies: Vec<Vec<Vec<u8>>> = (0..2u32)
@@ -174,7 +79,7 @@ fn http_ingest(args: &Args, windows: u32) -> Result<()> {
                         .map(|i| {
                             let n = b * 100 + i;
                             let (path, window) = (t * half + n % half, n / half);
-                            let r = report(
+                            let r = load_report(
                                 path,
                                 window,
                                 u64::from(path) * u64::from(windows) + u64::from(window),
@@ -204,8 +109,7 @@ fn http_ingest(args: &Args, windows: u32) -> Result<()> {
         http.as_secs_f64(),
         rate(sent, http)
     );
-    let _ = stop_tx.send(());
-    rt.block_on(server)??;
+    server.stop()?;
 
     Ok(())
 }
@@ -239,7 +143,7 @@ fn main() -> Result<()> {
     for path in 0..args.paths {
         for window in 0..windows {
             let id = u64::from(path) * u64::from(windows) + u64::from(window);
-            batch.push(report(path, window, id));
+            batch.push(load_report(path, window, id));
             if batch.len() == 100 {
                 stored += store.ingest(&batch, 0)?.accepted;
                 batch.clear();

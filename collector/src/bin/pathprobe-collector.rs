@@ -4,13 +4,17 @@ use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
-use pathprobe_collector::serve::{DEFAULT_MAX_BODY, Limits, ServeConfig, Tokens};
-use pathprobe_collector::store::{Selector, SqliteStore, Store};
+use pathprobe_collector::remote::Remote;
+use pathprobe_collector::serve::{
+    ConnLimits, DEFAULT_MAX_BODY, Limits, QueryLimits, ServeConfig, Tls, TlsFiles, Tokens,
+};
+use pathprobe_collector::store::{EventRow, PathRow, Selector, SqliteStore, Store};
 use pathprobe_collector::{Error, compare, export, inspect, time_range};
 use pathprobe_proto::hist::Metric;
 use pathprobe_proto::report::WindowReport;
@@ -21,6 +25,118 @@ use pathprobe_proto::report::WindowReport;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Accept token and key files that others can read (mode wider than 0600).
+    #[arg(long, global = true, env = "PATHPROBE_ALLOW_WORLD_READABLE_SECRETS")]
+    allow_world_readable_secrets: bool,
+}
+
+/// Asking a collector over HTTP(S) in place of reading `--db`.
+#[derive(Debug, Args)]
+struct RemoteArgs {
+    /// Ask this collector (like <https://collector.example.net:8862>) instead of reading
+    /// --db.
+    #[arg(
+        long = "collector",
+        requires = "token_file",
+        env = "PATHPROBE_COLLECTOR"
+    )]
+    collector: Option<String>,
+    /// A reader token (a `reader NAME TOKEN` line of the collector's tokens), in this file.
+    #[arg(long, requires = "collector", env = "PATHPROBE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The CA (PEM) that signed the collector's certificate [default: the system's CAs].
+    #[arg(long, requires = "collector", env = "PATHPROBE_CA_FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+impl RemoteArgs {
+    fn remote(&self) -> anyhow::Result<Option<Remote>> {
+        let (Some(url), Some(token)) = (&self.collector, &self.token_file) else {
+            return Ok(None);
+        };
+        Ok(Some(Remote::new(url, token, self.ca_file.as_deref())?))
+    }
+}
+
+impl RangeArgs {
+    /// The range as the collector's query parameters.
+    fn query(&self) -> [(&'static str, Option<&str>); 3] {
+        [
+            ("since", self.since.as_deref()),
+            ("from", self.from.as_deref()),
+            ("to", self.to.as_deref()),
+        ]
+    }
+}
+
+/// `serve`'s TLS, access and connection settings.
+#[derive(Debug, Args)]
+struct AccessArgs {
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); SIGHUP reloads it.
+    #[arg(long, requires = "tls_key", env = "PATHPROBE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM; mode 0600).
+    #[arg(long, requires = "tls_cert", env = "PATHPROBE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Require agents to present a client certificate signed by these CAs (PEM) to send
+    /// reports; its subject CN or DNS SAN is the agent id, in place of a bearer token.
+    #[arg(long, requires = "tls_cert", env = "PATHPROBE_CLIENT_CA")]
+    client_ca: Option<PathBuf>,
+    /// Answer queries and /metrics without a reader token (refused beyond loopback
+    /// without TLS).
+    #[arg(long, env = "PATHPROBE_OPEN_READ")]
+    open_read: bool,
+    /// Most connections open at once; more are closed at once.
+    #[arg(long, default_value_t = ConnLimits::default().max_connections, env = "PATHPROBE_MAX_CONNECTIONS",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|v| v as usize))]
+    max_connections: usize,
+    /// Time from a connection's accept (TLS handshake included) to its first request's
+    /// complete headers.
+    #[arg(long, default_value = "10s", env = "PATHPROBE_HEADER_TIMEOUT", value_parser = humantime::parse_duration)]
+    header_timeout: std::time::Duration,
+    /// Time a kept-alive connection may wait for its next request's headers.
+    #[arg(long, default_value = "60s", env = "PATHPROBE_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    idle_timeout: std::time::Duration,
+    /// Queries answered at once, on threads of lower priority than ingest; more get 503.
+    #[arg(long, default_value_t = QueryLimits::default().max_concurrent, env = "PATHPROBE_MAX_CONCURRENT_QUERIES",
+          value_parser = clap::value_parser!(u32).range(1..=64).map(|v| v as usize))]
+    max_concurrent_queries: usize,
+    /// Time a query has to answer; past it, 503.
+    #[arg(long, default_value = "30s", env = "PATHPROBE_QUERY_TIMEOUT", value_parser = humantime::parse_duration)]
+    query_timeout: std::time::Duration,
+    /// The longest range a query may ask for; longer is a 400.
+    #[arg(long, default_value = "31d", env = "PATHPROBE_MAX_QUERY_RANGE", value_parser = humantime::parse_duration)]
+    max_query_range: std::time::Duration,
+}
+
+impl AccessArgs {
+    fn queries(&self) -> QueryLimits {
+        QueryLimits {
+            max_concurrent: self.max_concurrent_queries,
+            timeout: self.query_timeout,
+            max_range: self.max_query_range,
+        }
+    }
+
+    fn conn(&self) -> ConnLimits {
+        ConnLimits {
+            max_connections: self.max_connections,
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+
+    fn tls(&self) -> anyhow::Result<Option<Arc<Tls>>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let files = TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: self.client_ca.clone(),
+        };
+        Ok(Some(Arc::new(Tls::load(files)?)))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +219,19 @@ impl LimitArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a fresh random token and the line that gives it to an agent or a reader.
+    New {
+        /// The agent id the token sends reports for.
+        #[arg(long, conflicts_with = "reader", required_unless_present = "reader")]
+        agent: Option<String>,
+        /// The reader (a person or a dashboard) the token queries for.
+        #[arg(long)]
+        reader: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Receive reports over HTTP and answer queries (see the library docs for the API).
     Serve {
@@ -116,7 +245,14 @@ enum Command {
         #[arg(long, env = "PATHPROBE_TOKENS")]
         tokens: Option<PathBuf>,
         #[command(flatten)]
+        access: AccessArgs,
+        #[command(flatten)]
         limits: LimitArgs,
+    },
+    /// Tokens for the --tokens file.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Compare two paths (by name or kind) side by side, with difference and ratio.
     Compare {
@@ -133,6 +269,8 @@ enum Command {
         range: RangeArgs,
         #[command(flatten)]
         db: DbArg,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// Print JSON.
         #[arg(long, conflicts_with = "csv")]
         json: bool,
@@ -144,6 +282,8 @@ enum Command {
     Paths {
         #[command(flatten)]
         db: DbArg,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -166,6 +306,8 @@ enum Command {
         range: RangeArgs,
         #[command(flatten)]
         db: DbArg,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -190,6 +332,8 @@ enum Command {
         range: RangeArgs,
         #[command(flatten)]
         db: DbArg,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Validate window report files and print each path's windows merged exactly.
     Inspect {
@@ -241,24 +385,39 @@ fn run_serve(
     listen: SocketAddr,
     db: PathBuf,
     tokens: Option<&PathBuf>,
+    access: &AccessArgs,
     limits: Limits,
 ) -> anyhow::Result<()> {
     let tokens = tokens.map(|p| Tokens::load(p)).transpose()?;
-    if tokens.is_none() {
-        tracing::warn!("no --tokens file: accepting reports from anyone who can reach {listen}");
-    }
+    let tls = access.tls()?;
     let cfg = ServeConfig {
         listen,
         db,
         tokens,
         limits,
+        conn: access.conn(),
+        queries: access.queries(),
+        tls: tls.clone(),
+        open_read: access.open_read,
     };
+    cfg.check()?;
+    if cfg.tokens.is_none() && !tls.as_ref().is_some_and(|t| t.mutual()) {
+        tracing::warn!("no --tokens file: accepting reports from anyone who can reach {listen}");
+    }
+    if !cfg.open_read && !cfg.tokens.as_ref().is_some_and(Tokens::has_readers) {
+        tracing::warn!(
+            "no reader token in --tokens and no --open-read: every query and /metrics will be refused (401)"
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async {
+        if let Some(tls) = tls {
+            reload_on_hangup(tls);
+        }
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
@@ -272,25 +431,126 @@ fn run_serve(
     Ok(())
 }
 
+/// Reloads the certificate and key on each SIGHUP: new connections get the new ones,
+/// established ones keep theirs; a bad file leaves the old ones in place.
+fn reload_on_hangup(tls: Arc<Tls>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot watch SIGHUP: the certificate is reloaded only by a restart");
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: the TLS certificate is not reloaded: serving on with the old one");
+                }
+            }
+        }
+    });
+}
+
+fn run_token_new(agent: Option<&str>, reader: Option<&str>) -> anyhow::Result<()> {
+    let (token, digest) = pathprobe_collector::serve::new_token()?;
+    let line = match (agent, reader) {
+        (Some(a), _) => format!("{a} {digest}"),
+        (None, Some(r)) => format!("reader {r} {digest}"),
+        (None, None) => anyhow::bail!("give --agent ID or --reader NAME"),
+    };
+    println!("token: {token}");
+    println!("line for the collector's --tokens file (it holds the digest, not the token):");
+    println!("{line}");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments, clippy::fn_params_excessive_bools)]
+fn run_compare(
+    a: &String,
+    b: &String,
+    site: Option<&String>,
+    range: &RangeArgs,
+    db: &DbArg,
+    remote: &RemoteArgs,
+    json: bool,
+    csv: bool,
+) -> anyhow::Result<()> {
+    let c = if let Some(r) = remote.remote()? {
+        let mut q = vec![
+            ("a", Some(a.as_str())),
+            ("b", Some(b.as_str())),
+            ("site", site.map(String::as_str)),
+        ];
+        q.extend(range.query());
+        r.get_json::<compare::Comparison>("/v1/compare", &q)?
+    } else {
+        let (from, to) = range.resolve()?;
+        let store = SqliteStore::open_read_only(&db.db)?;
+        let sel = |n: &String| Selector {
+            name_or_kind: n.clone(),
+            site: site.cloned(),
+        };
+        compare::compare(&store, &sel(a), &sel(b), from, to)?
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+    } else if csv {
+        print!("{}", compare::csv(&c));
+    } else {
+        println!("{}", compare::table(&c));
+    }
+    Ok(())
+}
+
+fn run_paths(db: &DbArg, remote: &RemoteArgs, json: bool) -> anyhow::Result<()> {
+    let paths: Vec<PathRow> = if let Some(r) = remote.remote()? {
+        r.get_json("/v1/paths", &[])?
+    } else {
+        SqliteStore::open_read_only(&db.db)?.paths()?
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&paths)?);
+    } else {
+        for p in &paths {
+            println!(
+                "{:<20} {:<13} site {:<10} agent {:<16} {} -> {} dscp {} windows {}",
+                p.name, p.kind, p.site, p.agent_id, p.local, p.remote, p.dscp, p.windows
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run_events(
     path: Option<&str>,
     site: Option<&str>,
     kind: Option<&str>,
     range: &RangeArgs,
     db: &DbArg,
+    remote: &RemoteArgs,
     json: bool,
 ) -> anyhow::Result<()> {
-    let sel = Selector {
-        name_or_kind: path.unwrap_or_default().to_string(),
-        site: site.map(str::to_string),
+    let events: Vec<EventRow> = if let Some(r) = remote.remote()? {
+        let mut q = vec![
+            ("path", path),
+            ("site", site),
+            ("kind", kind),
+            ("limit", Some("100000")),
+        ];
+        q.extend(range.query());
+        r.get_json("/v1/events", &q)?
+    } else {
+        let sel = Selector {
+            name_or_kind: path.unwrap_or_default().to_string(),
+            site: site.map(str::to_string),
+        };
+        let (from, to) = range.resolve()?;
+        let store = SqliteStore::open_read_only(&db.db)?;
+        let kind = kind
+            .map(str::parse)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        store.events(&sel, from, to, kind, usize::MAX)?
     };
-    let (from, to) = range.resolve()?;
-    let store = SqliteStore::open_read_only(&db.db)?;
-    let kind = kind
-        .map(str::parse)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
-    let events = store.events(&sel, from, to, kind, usize::MAX)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&events)?);
     } else {
@@ -309,45 +569,53 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let result = match &cli.command {
+    pathprobe_proto::secrets::allow_readable(cli.allow_world_readable_secrets);
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pathprobe-collector: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the command.
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Token {
+            command: TokenCommand::New { agent, reader },
+        } => run_token_new(agent.as_deref(), reader.as_deref()),
         Command::Inspect { files, json } => run_inspect(files, *json),
         Command::Serve {
             listen,
             db,
             tokens,
+            access,
             limits,
-        } => run_serve(*listen, db.db.clone(), tokens.as_ref(), limits.limits()),
+        } => run_serve(
+            *listen,
+            db.db.clone(),
+            tokens.as_ref(),
+            access,
+            limits.limits(),
+        ),
         Command::Compare {
             a,
             b,
             site,
             range,
             db,
+            remote,
             json,
             csv,
-        } => (|| {
-            let (from, to) = range.resolve()?;
-            let store = SqliteStore::open_read_only(&db.db)?;
-            let sel = |n: &String| Selector {
-                name_or_kind: n.clone(),
-                site: site.clone(),
-            };
-            let c = compare::compare(&store, &sel(a), &sel(b), from, to)?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&c)?);
-            } else if *csv {
-                print!("{}", compare::csv(&c));
-            } else {
-                println!("{}", compare::table(&c));
-            }
-            Ok(())
-        })(),
+        } => run_compare(a, b, site.as_ref(), range, db, remote, *json, *csv),
         Command::Events {
             path,
             site,
             kind,
             range,
             db,
+            remote,
             json,
         } => run_events(
             path.as_deref(),
@@ -355,23 +623,10 @@ fn main() -> ExitCode {
             kind.as_deref(),
             range,
             db,
+            remote,
             *json,
         ),
-        Command::Paths { db, json } => (|| {
-            let store = SqliteStore::open_read_only(&db.db)?;
-            let paths = store.paths()?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&paths)?);
-            } else {
-                for p in &paths {
-                    println!(
-                        "{:<20} {:<13} site {:<10} agent {:<16} {} -> {} dscp {} windows {}",
-                        p.name, p.kind, p.site, p.agent_id, p.local, p.remote, p.dscp, p.windows
-                    );
-                }
-            }
-            Ok(())
-        })(),
+        Command::Paths { db, remote, json } => run_paths(db, remote, *json),
         Command::Histogram {
             path,
             metric,
@@ -379,7 +634,19 @@ fn main() -> ExitCode {
             site,
             range,
             db,
-        } => (|| {
+            remote,
+        } => {
+            if let Some(r) = remote.remote()? {
+                let mut q = vec![
+                    ("path", Some(path.as_str())),
+                    ("metric", Some(metric.as_str())),
+                    ("format", Some(format.as_str())),
+                    ("site", site.as_deref()),
+                ];
+                q.extend(range.query());
+                print!("{}", r.get("/v1/histogram", &q)?);
+                return Ok(());
+            }
             let (from, to) = range.resolve()?;
             let m =
                 Metric::from_key(metric).with_context(|| format!("unknown --metric {metric}"))?;
@@ -390,13 +657,6 @@ fn main() -> ExitCode {
             };
             print!("{}", export::histogram(&store, &sel, m, from, to, format)?);
             Ok(())
-        })(),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pathprobe-collector: error: {e:#}");
-            ExitCode::FAILURE
         }
     }
 }

@@ -20,6 +20,7 @@ use pathprobe_proto::report::EncodedReport;
 use serde::de::{DeserializeSeed, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
+use super::auth::Sender;
 use super::metrics::PathMetrics;
 use super::{AppState, now_ns};
 use crate::Error;
@@ -68,7 +69,8 @@ impl Default for Limits {
 /// only for as long as its body takes to arrive (`body_timeout`): a peer that sends a
 /// request's head and then nothing cannot hold the places and stop every agent's ingest.
 pub(super) async fn gate(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let agent = match st.authorize(req.headers()) {
+    let peer = req.extensions().get::<super::listen::Peer>();
+    let agent = match st.authorize_ingest(req.headers(), peer) {
         Ok(agent) => agent,
         Err(refused) => return refused,
     };
@@ -167,7 +169,7 @@ fn metric_key(r: &EncodedReport) -> String {
 fn ingest_batch(
     st: &AppState,
     body: &[u8],
-    agent: Option<&str>,
+    agent: &Sender,
 ) -> Result<
     (
         pathprobe_proto::ingest::Accepted,
@@ -210,14 +212,13 @@ fn ingest_batch(
         })?;
         r.check_horizon(now, earliest)
             .map_err(|e| Refused::new(Reason::Horizon, format!("report {i}: {e}")).at(i))?;
-        if let Some(agent) = agent
-            && r.agent_id != agent
-        {
+        if !agent.may_send(&r.agent_id) {
             return Err(Refused::new(
                 Reason::Forbidden,
                 format!(
-                    "report {i} is from agent `{}` but the token belongs to `{agent}`",
-                    r.agent_id
+                    "report {i} is from agent `{}` but the sender is {}: an agent sends its own reports only",
+                    r.agent_id,
+                    agent.describe()
                 ),
             )
             .at(i));
@@ -264,9 +265,9 @@ fn over_limit(e: &axum::Error) -> bool {
     std::error::Error::source(e).is_some_and(<dyn std::error::Error>::is::<LengthLimitError>)
 }
 
-/// The agent the gate authorized for a batch (`None` without a tokens file).
+/// Who the gate authorized for a batch.
 #[derive(Debug, Clone)]
-pub(super) struct Agent(Option<String>);
+pub(super) struct Agent(Sender);
 
 /// A batch the gate admitted: authorized, and its whole body read within its limits.
 pub(super) async fn ingest(
@@ -275,8 +276,7 @@ pub(super) async fn ingest(
     body: Bytes,
 ) -> Response {
     let st2 = Arc::clone(&st);
-    let done =
-        tokio::task::spawn_blocking(move || ingest_batch(&st2, &body, agent.as_deref())).await;
+    let done = tokio::task::spawn_blocking(move || ingest_batch(&st2, &body, &agent)).await;
     match done {
         Ok(Ok((outcome, figures))) => {
             st.record(figures, outcome.accepted, outcome.duplicates);

@@ -15,6 +15,8 @@ use pathprobe_proto::ingest::Reason;
 use pathprobe_proto::report::Counters;
 
 use super::AppState;
+use super::listen::ConnCounts;
+use super::pool::QueryPool;
 
 /// Classic Prometheus buckets for latency, in seconds.
 const LATENCY_BUCKETS_S: [f64; 17] = [
@@ -186,8 +188,27 @@ fn path_series(out: &mut String, m: &Metrics) {
     }
 }
 
+/// A counter family `name` with one sample per reason.
+fn reasons(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    counts: impl Iterator<Item = (&'static str, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (reason, n) in counts {
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
+    }
+}
+
 /// The whole exposition: per-path series, then the collector's own health.
-fn exposition(m: &Metrics, store_bytes: u64, quarantined: u64) -> String {
+fn exposition(
+    m: &Metrics,
+    store_bytes: u64,
+    quarantined: u64,
+    conns: &ConnCounts,
+    queries: &QueryPool,
+) -> String {
     let mut out = String::new();
     path_series(&mut out, m);
     for (name, kind, help, value) in [
@@ -221,6 +242,12 @@ fn exposition(m: &Metrics, store_bytes: u64, quarantined: u64) -> String {
             "Reports of paths left out of these metrics because --max-metric-paths series are kept already.",
             m.paths_left_out,
         ),
+        (
+            "pathprobe_collector_connections_open",
+            "gauge",
+            "Connections open now (at most --max-connections).",
+            conns.open.load(Ordering::Relaxed),
+        ),
     ] {
         let _ = writeln!(
             out,
@@ -229,7 +256,7 @@ fn exposition(m: &Metrics, store_bytes: u64, quarantined: u64) -> String {
     }
     let _ = writeln!(
         out,
-        "# HELP pathprobe_collector_requests_rejected_total Report requests refused, by reason.\n# TYPE pathprobe_collector_requests_rejected_total counter"
+        "# HELP pathprobe_collector_requests_rejected_total Requests refused (reports, and queries without a reader token), by reason.\n# TYPE pathprobe_collector_requests_rejected_total counter"
     );
     for reason in Reason::ALL {
         let n = m.rejected.get(&reason).copied().unwrap_or(0);
@@ -239,6 +266,18 @@ fn exposition(m: &Metrics, store_bytes: u64, quarantined: u64) -> String {
             reason.as_str()
         );
     }
+    reasons(
+        &mut out,
+        "pathprobe_collector_connections_refused_total",
+        "Connections closed by a limit before a request was answered, by reason.",
+        conns.refusals().into_iter(),
+    );
+    reasons(
+        &mut out,
+        "pathprobe_collector_queries_refused_total",
+        "Queries refused by a query limit, by reason (busy: no free place; timeout; range; limit).",
+        queries.refusals(),
+    );
     out
 }
 
@@ -247,6 +286,8 @@ pub(super) async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         &st.metrics.lock().unwrap_or_else(PoisonError::into_inner),
         st.store.size_bytes(),
         st.quarantined.load(Ordering::Relaxed),
+        &st.conns,
+        &st.queries,
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

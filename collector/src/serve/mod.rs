@@ -9,6 +9,11 @@
 //! | `GET /v1/histogram?path=&metric=&site=&since=|from=&to=&format=v2|log` | the merged histogram in HdrHistogram's formats |
 //! | `GET /metrics` | Prometheus text exposition |
 //!
+//! Ingest takes an agent's token (or, with `--client-ca`, its client certificate); every
+//! query and `/metrics` take a reader's token, unless `--open-read` (refused on an address
+//! beyond loopback without TLS). Over TLS ([`tls`]) the certificate is reloaded on
+//! `SIGHUP`. The accept loop ([`listen`]) bounds the connections a peer can hold.
+//!
 //! Everything a token holder can make the collector hold is bounded ([`Limits`]): the body,
 //! the reports in a batch, the batches ingested at once, the paths of one agent and the
 //! paths `/metrics` keeps. Reports are validated on their encoded histograms (never built
@@ -18,15 +23,19 @@
 //! never leave half a batch behind; a report already stored is acknowledged again and not
 //! stored twice.
 //!
-//! The server is split by concern: [`auth`] (tokens), [`ingest`] (the gate, the limits,
+//! The server is split by concern: [`auth`] (tokens and roles), [`listen`] (connections,
+//! TLS and their limits), [`tls`] (certificates), [`ingest`] (the gate, the limits,
 //! reading and storing a batch), [`queries`] (paths, compare, histogram, events) and
 //! [`metrics`] (`/metrics`). It holds its [`Store`] as a trait object: SQLite today
 //! ([`serve`]), any backend through [`serve_store`].
 
 mod auth;
 mod ingest;
+pub mod listen;
 mod metrics;
+pub mod pool;
 mod queries;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,8 +53,11 @@ use pathprobe_proto::ingest::{Reason, Refused};
 use serde_json::json;
 use tokio::sync::Semaphore;
 
-pub use auth::Tokens;
+pub use auth::{MIN_TOKEN_LEN, Role, Tokens, new_token};
 pub use ingest::{DEFAULT_MAX_BODY, Limits};
+pub use listen::ConnLimits;
+pub use pool::QueryLimits;
+pub use tls::{Tls, TlsFiles};
 
 use crate::store::{SqliteStore, Store};
 use crate::{Error, Result};
@@ -58,6 +70,42 @@ pub struct ServeConfig {
     /// `None` accepts reports from anyone (for a lab on loopback).
     pub tokens: Option<Tokens>,
     pub limits: Limits,
+    pub conn: ConnLimits,
+    pub queries: QueryLimits,
+    /// TLS (and mutual TLS), loaded and checked; `None` serves plain HTTP.
+    pub tls: Option<Arc<Tls>>,
+    /// Queries and `/metrics` without a reader token (refused beyond loopback without
+    /// TLS).
+    pub open_read: bool,
+}
+
+impl ServeConfig {
+    /// A collector for a lab on `listen`: plain HTTP, no tokens, open to read, default
+    /// limits.
+    pub fn lab(listen: SocketAddr, db: PathBuf) -> Self {
+        Self {
+            listen,
+            db,
+            tokens: None,
+            limits: Limits::default(),
+            conn: ConnLimits::default(),
+            queries: QueryLimits::default(),
+            tls: None,
+            open_read: true,
+        }
+    }
+
+    /// Refuses settings that would expose the collector: `--open-read` on an address
+    /// beyond loopback without TLS.
+    pub fn check(&self) -> Result<()> {
+        if self.open_read && self.tls.is_none() && !self.listen.ip().is_loopback() {
+            return Err(Error::Config(format!(
+                "--open-read on {} without TLS would let anyone on the network read every path's data: listen on 127.0.0.1, add --tls-cert and --tls-key, or give readers tokens (`reader NAME TOKEN` lines in --tokens) instead",
+                self.listen
+            )));
+        }
+        Ok(())
+    }
 }
 
 struct AppState {
@@ -68,6 +116,11 @@ struct AppState {
     ingests: Semaphore,
     /// Windows set aside by the rollup (and found at start).
     quarantined: AtomicU64,
+    /// Ingest requires a client certificate.
+    mutual_tls: bool,
+    open_read: bool,
+    conns: Arc<listen::ConnCounts>,
+    queries: pool::QueryPool,
 }
 
 /// Windows one rollup pass takes while holding the writer: small, so that an ingest never
@@ -145,46 +198,83 @@ pub async fn serve(
     cfg: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    cfg.check()?;
     let store = SqliteStore::open(&cfg.db, cfg.limits.max_paths_per_agent)?;
     tracing::info!(db = %cfg.db.display(), "store opened");
-    serve_store(
-        Arc::new(store),
-        cfg.listen,
-        cfg.tokens,
-        cfg.limits,
-        shutdown,
-    )
-    .await
+    serve_store(Arc::new(store), cfg, shutdown).await
 }
 
-/// Serves `store` on `listen` until `shutdown`, with a rollup thread beside it.
+/// The listening socket, with a backlog of 4,096 (the kernel caps it at `somaxconn`): a
+/// fleet's agents reconnecting at once, or a burst of slow connections, must not overflow
+/// the accept queue (a dropped SYN costs its sender a second).
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let domain = if addr.is_ipv6() {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4_096)?;
+    sock.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(sock.into())
+}
+
+/// Queries and `/metrics`: a reader's token (or `--open-read`) first.
+async fn readers_only(
+    axum::extract::State(st): axum::extract::State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    if let Err(refused) = st.authorize_read(req.headers()) {
+        return refused;
+    }
+    next.run(req).await
+}
+
+/// Serves `store` with `cfg`'s settings (its `db` unused) until `shutdown`, with a
+/// rollup thread beside it.
 pub async fn serve_store(
     store: Arc<dyn Store>,
-    listen: SocketAddr,
-    tokens: Option<Tokens>,
-    limits: Limits,
+    cfg: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    cfg.check()?;
+    let listen = cfg.listen;
     let quarantined = store.quarantined()?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: listen,
-            source,
-        })?;
+    let listener = bind(listen).map_err(|source| Error::Bind {
+        addr: listen,
+        source,
+    })?;
+    let conns = Arc::new(listen::ConnCounts::default());
     let state = Arc::new(AppState {
         store,
-        tokens,
-        limits,
+        mutual_tls: cfg.tls.as_ref().is_some_and(|t| t.mutual()),
+        tokens: cfg.tokens,
+        limits: cfg.limits,
         metrics: Mutex::new(metrics::Metrics::default()),
-        ingests: Semaphore::new(limits.max_concurrent_ingests.max(1)),
+        ingests: Semaphore::new(cfg.limits.max_concurrent_ingests.max(1)),
         quarantined: AtomicU64::new(quarantined),
+        open_read: cfg.open_read,
+        conns: Arc::clone(&conns),
+        queries: pool::QueryPool::new(cfg.queries),
     });
     let stop = Arc::new(AtomicBool::new(false));
     let roller = {
         let (st, stop) = (Arc::clone(&state), Arc::clone(&stop));
         std::thread::spawn(move || roll_up(&st, &stop))
     };
+    let reads = Router::new()
+        .route("/v1/paths", get(queries::paths))
+        .route("/v1/compare", get(queries::compare))
+        .route("/v1/histogram", get(queries::histogram))
+        .route("/v1/events", get(queries::events))
+        .route("/metrics", get(metrics::metrics))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            readers_only,
+        ));
     let app = Router::new()
         .route(
             "/v1/reports",
@@ -193,22 +283,20 @@ pub async fn serve_store(
                 ingest::gate,
             )),
         )
-        .route("/v1/paths", get(queries::paths))
-        .route("/v1/compare", get(queries::compare))
-        .route("/v1/histogram", get(queries::histogram))
-        .route("/v1/events", get(queries::events))
-        .route("/metrics", get(metrics::metrics))
-        .layer(DefaultBodyLimit::max(limits.max_body))
+        .merge(reads)
+        .layer(DefaultBodyLimit::max(cfg.limits.max_body))
         .with_state(Arc::clone(&state));
     let bound = listener.local_addr().unwrap_or(listen);
-    tracing::info!(listen = %bound, auth = state.tokens.is_some(), "collector serving");
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    tracing::info!(
+        listen = %bound,
+        tls = cfg.tls.is_some(),
+        mutual_tls = state.mutual_tls,
+        agent_tokens = state.tokens.is_some(),
+        open_read = state.open_read,
+        "collector serving"
+    );
+    listen::serve(listener, app, cfg.tls, cfg.conn, conns, shutdown).await;
     stop.store(true, Ordering::Relaxed);
     let _ = roller.join();
-    served.map_err(|source| Error::Bind {
-        addr: listen,
-        source,
-    })
+    Ok(())
 }

@@ -1,7 +1,11 @@
 //! The questions: `/v1/paths`, `/v1/compare`, `/v1/histogram` and `/v1/events`, each
-//! answered from the [`crate::store::Store`] on a blocking thread.
+//! answered from the [`crate::store::Store`] on a query thread ([`super::pool`]), within
+//! the query limits: the range (`--max-query-range`), `limit=`, a place among
+//! `--max-concurrent-queries` and `--query-timeout`; each refusal is a clear 400 or 503
+//! (with `Retry-After`), counted in `/metrics`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
@@ -10,20 +14,49 @@ use pathprobe_proto::event::EventKind;
 use pathprobe_proto::hist::Metric;
 use serde::Deserialize;
 
+use super::pool::{Outcome, QueryRefusal};
 use super::{AppState, error, now_ns};
 use crate::store::Selector;
 use crate::{Error, compare};
 
+/// Runs `work` on a query thread and answers with `ok` of its result; a store error is a
+/// 503, a bad question (`Error::Config`) a 400, no free place or no answer in time a 503
+/// with `Retry-After`.
+async fn answer<T: Send + 'static>(
+    st: &AppState,
+    work: impl FnOnce() -> crate::Result<T> + Send + 'static,
+    ok: impl FnOnce(T) -> Response,
+) -> Response {
+    let retry = |message: String| {
+        let mut r = error(StatusCode::SERVICE_UNAVAILABLE, message);
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        r
+    };
+    let limits = st.queries.limits;
+    match st.queries.run(work).await {
+        Outcome::Done(Ok(v)) => ok(v),
+        Outcome::Done(Err(Error::Config(e))) => error(StatusCode::BAD_REQUEST, e),
+        Outcome::Done(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Outcome::Busy => retry(format!(
+            "{} queries are being answered already (--max-concurrent-queries): retry in a few seconds",
+            limits.max_concurrent
+        )),
+        Outcome::TimedOut => retry(format!(
+            "the query was not answered within {} (--query-timeout): ask for a shorter range or fewer paths, or retry later",
+            humantime::format_duration(limits.timeout)
+        )),
+    }
+}
+
 pub(super) async fn paths(State(st): State<Arc<AppState>>) -> Response {
     let store = Arc::clone(&st.store);
-    match tokio::task::spawn_blocking(move || store.paths())
-        .await
-        .map_err(|e| Error::Config(e.to_string()))
-        .and_then(|r| r)
-    {
-        Ok(p) => axum::Json(p).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    }
+    answer(
+        &st,
+        move || store.paths(),
+        |p| axum::Json(p).into_response(),
+    )
+    .await
 }
 
 /// The time range of a question: `since` (a duration back from now) or `from` and `to`
@@ -36,16 +69,29 @@ struct RangeQuery {
 }
 
 impl RangeQuery {
-    /// The range in Unix nanoseconds, or a 400 that says what is wrong with it.
+    /// The range in Unix nanoseconds, or a 400 that says what is wrong with it (a range
+    /// longer than `--max-query-range` among them).
     #[allow(clippy::result_large_err)]
-    fn resolve(&self) -> Result<(u64, u64), Response> {
-        crate::time_range(
+    fn resolve(&self, st: &AppState) -> Result<(u64, u64), Response> {
+        let (from, to) = crate::time_range(
             self.since.as_deref(),
             self.from.as_deref(),
             self.to.as_deref(),
             now_ns(),
         )
-        .map_err(|e| error(StatusCode::BAD_REQUEST, e))
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+        let max = st.queries.limits.max_range;
+        if Duration::from_nanos(to.saturating_sub(from)) > max {
+            st.queries.count(QueryRefusal::Range);
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the range is longer than {} (--max-query-range): ask for a shorter one",
+                    humantime::format_duration(max)
+                ),
+            ));
+        }
+        Ok((from, to))
     }
 }
 
@@ -62,7 +108,7 @@ pub(super) async fn compare(
     State(st): State<Arc<AppState>>,
     Query(q): Query<CompareQuery>,
 ) -> Response {
-    let (from, to) = match q.range.resolve() {
+    let (from, to) = match q.range.resolve(&st) {
         Ok(r) => r,
         Err(r) => return r,
     };
@@ -75,13 +121,12 @@ pub(super) async fn compare(
         name_or_kind: q.b,
         site: q.site,
     };
-    let result =
-        tokio::task::spawn_blocking(move || compare::compare(&*store, &a, &b, from, to)).await;
-    match result {
-        Ok(Ok(c)) => axum::Json(c).into_response(),
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    answer(
+        &st,
+        move || compare::compare(&*store, &a, &b, from, to),
+        |c| axum::Json(c).into_response(),
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,7 +143,7 @@ pub(super) async fn histogram(
     State(st): State<Arc<AppState>>,
     Query(q): Query<HistogramQuery>,
 ) -> Response {
-    let (from, to) = match q.range.resolve() {
+    let (from, to) = match q.range.resolve(&st) {
         Ok(r) => r,
         Err(r) => return r,
     };
@@ -119,18 +164,12 @@ pub(super) async fn histogram(
         site: q.site,
     };
     let format = q.format.unwrap_or_else(|| "v2".to_string());
-    let result = tokio::task::spawn_blocking(move || {
-        crate::export::histogram(&*store, &sel, metric, from, to, &format)
-    })
-    .await;
-    match result {
-        Ok(Ok(text)) => {
-            ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
-        }
-        Ok(Err(Error::Config(e))) => error(StatusCode::BAD_REQUEST, e),
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    answer(
+        &st,
+        move || crate::export::histogram(&*store, &sel, metric, from, to, &format),
+        |text| ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response(),
+    )
+    .await
 }
 
 /// Most events `/v1/events` returns by default, and at most.
@@ -152,7 +191,7 @@ pub(super) async fn events(
     State(st): State<Arc<AppState>>,
     Query(q): Query<EventsQuery>,
 ) -> Response {
-    let (from, to) = match q.range.resolve() {
+    let (from, to) = match q.range.resolve(&st) {
         Ok(r) => r,
         Err(r) => return r,
     };
@@ -162,6 +201,7 @@ pub(super) async fn events(
     };
     let limit = q.limit.unwrap_or(EVENTS_DEFAULT_LIMIT);
     if limit == 0 || limit > EVENTS_MAX_LIMIT {
+        st.queries.count(QueryRefusal::Limit);
         return error(
             StatusCode::BAD_REQUEST,
             format!("limit {limit} is out of range: use 1 to {EVENTS_MAX_LIMIT}"),
@@ -172,11 +212,10 @@ pub(super) async fn events(
         name_or_kind: q.path.unwrap_or_default(),
         site: q.site,
     };
-    let result =
-        tokio::task::spawn_blocking(move || store.events(&sel, from, to, kind, limit)).await;
-    match result {
-        Ok(Ok(events)) => axum::Json(events).into_response(),
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    answer(
+        &st,
+        move || store.events(&sel, from, to, kind, limit),
+        |events| axum::Json(events).into_response(),
+    )
+    .await
 }

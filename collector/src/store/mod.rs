@@ -14,7 +14,7 @@ pub mod sqlite;
 
 use pathprobe_proto::event::{EventKind, PathEvent};
 use pathprobe_proto::report::{Aggregate, EncodedReport};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use sqlite::SqliteStore;
 
@@ -84,7 +84,7 @@ pub struct WindowRow {
 }
 
 /// A stored path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PathRow {
     pub id: i64,
     pub agent_id: String,
@@ -102,7 +102,7 @@ pub struct PathRow {
 }
 
 /// A stored event and the path it happened to.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventRow {
     pub agent_id: String,
     pub site: String,

@@ -36,6 +36,9 @@ use pathprobe_proto::stamp::TimestampFormat;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Accept token and key files that others can read (mode wider than 0600).
+    #[arg(long, global = true, env = "PATHPROBE_ALLOW_WORLD_READABLE_SECRETS")]
+    allow_world_readable_secrets: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -96,6 +99,13 @@ struct RunArgs {
     /// Where reports wait for the collector, over the spool folder in the config.
     #[arg(long, env = "PATHPROBE_SPOOL")]
     spool: Option<PathBuf>,
+    /// The CA (PEM) that signed an https:// collector's certificate, over the CA file of
+    /// the config's [collector] section [default: the system's CAs].
+    #[arg(long, env = "PATHPROBE_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Allow an http:// collector beyond loopback: reports and token in clear.
+    #[arg(long, env = "PATHPROBE_INSECURE_HTTP")]
+    insecure_http: bool,
 }
 
 /// `run`: the agent, until SIGINT or SIGTERM; SIGHUP reloads the file.
@@ -106,6 +116,8 @@ fn run_agent(args: &RunArgs) -> anyhow::Result<ExitCode> {
         collector: args.collector.clone(),
         token_file: args.token_file.clone(),
         spool: args.spool.clone(),
+        ca_file: args.ca_file.clone(),
+        insecure_http: args.insecure_http,
     };
     let plan = AgentPlan::load(&args.config, &over)?;
     let stop = stop_on_signals()?;
@@ -847,6 +859,7 @@ fn run_decode(args: &DecodeArgs) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    pathprobe_proto::secrets::allow_readable(cli.allow_world_readable_secrets);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PATHPROBE_LOG")

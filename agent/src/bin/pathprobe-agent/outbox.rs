@@ -43,6 +43,19 @@ pub struct CollectorArgs {
     /// could not.
     #[arg(long, requires = "collector", env = "PATHPROBE_SPOOL")]
     pub spool: Option<PathBuf>,
+    /// The CA (PEM) that signed an https:// collector's certificate [default: the
+    /// system's CAs].
+    #[arg(long, requires = "collector", env = "PATHPROBE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// This agent's client certificate (PEM), for a collector that requires mutual TLS.
+    #[arg(long, requires_all = ["collector", "client_key"], env = "PATHPROBE_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key of --client-cert (PEM; mode 0600).
+    #[arg(long, requires = "client_cert", env = "PATHPROBE_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
+    /// Allow an http:// collector beyond loopback: reports and token in clear.
+    #[arg(long, requires = "collector", env = "PATHPROBE_INSECURE_HTTP")]
+    pub insecure_http: bool,
 }
 
 /// Reports on their way to a collector: the agent's one delivery path
@@ -58,6 +71,14 @@ impl CollectorArgs {
         let Some(url) = &self.collector else {
             return Ok(None);
         };
+        if delivery::cleartext_beyond_loopback(url) && !self.insecure_http {
+            anyhow::bail!(
+                "--collector {url} would send reports and the agent's token in clear beyond this host: use https:// (the collector's --tls-cert), or add --insecure-http on a network you trust"
+            );
+        }
+        if self.insecure_http && delivery::cleartext_beyond_loopback(url) {
+            tracing::warn!(collector = %url, "reports and the agent's token travel in clear (--insecure-http)");
+        }
         let to = Destination {
             url: url.clone(),
             token: delivery::read_token(None, self.token_file.as_deref(), "--token-file")?,
@@ -66,6 +87,12 @@ impl CollectorArgs {
                 .clone()
                 .unwrap_or_else(|| std::env::temp_dir().join(format!("pathprobe-{command}-spool"))),
             spool_max: 100_000,
+            tls: delivery::TlsClient {
+                ca_file: self.ca_file.clone(),
+                client_cert: self.client_cert.clone(),
+                client_key: self.client_key.clone(),
+            },
+            insecure_http: self.insecure_http,
         };
         Ok(Some(Outbox {
             courier: Courier::open(&to)?,
