@@ -468,14 +468,13 @@ pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
     let _ = std::fs::remove_dir_all(&spool);
 
     let refl_cfg = ReflectorConfig {
-        listen: "127.0.0.1:0"
-            .parse()
-            .map_err(|_| Error::Config("loopback".to_string()))?,
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         key: None,
         stateful: false,
         max_rate_per_source: 250_000,
         reply_dscp: reflector::ReplyDscp::Copy,
         timestamp_format: TimestampFormat::Ntp,
+        admission: reflector::Admission::default(),
     };
     let refl_sock = reflector::bind(refl_cfg.listen)?;
     let refl_addr = refl_sock

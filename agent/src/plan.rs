@@ -49,6 +49,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use pathprobe_proto::report::{PathKind, ProbeProtocol};
 use pathprobe_proto::stamp::{Mode, TimestampFormat};
 use serde::Deserialize;
@@ -149,6 +150,47 @@ pub struct ReflectorSection {
     pub max_rate_per_source: u32,
     /// `copy` (the default), `keep` or a DSCP from 0 to 63: see `reflect --reply-dscp`.
     pub reply_dscp: Option<String>,
+    /// Most replies a second over all sources (0: no cap): see `reflect --max-rate-total`.
+    #[serde(default)]
+    pub max_rate_total: u32,
+    /// The configured senders' prefixes, answered first: see `reflect --allow`.
+    #[serde(default)]
+    pub allow: Vec<IpNet>,
+    /// Most replies a second to all other sources together, with `allow`.
+    #[serde(default = "default_max_rate_others")]
+    pub max_rate_others: u32,
+}
+
+/// `reflect --max-rate-others`'s default.
+pub const fn default_max_rate_others() -> u32 {
+    1_000
+}
+
+impl ReflectorSection {
+    /// The reflector this section asks for; errors name the file and line.
+    fn plan(&self, file: &Path, text: &str) -> Result<ReflectorConfig> {
+        let r = self;
+        let reply_dscp = r.reply_dscp().map_err(|reason| {
+            let at = line_of(text, &[Key::Name("reflector"), Key::Name("reply_dscp")]);
+            Error::Config(format!(
+                "{}{at}: [reflector] reply_dscp: {reason}",
+                file.display()
+            ))
+        })?;
+        Ok(ReflectorConfig {
+            listen: r.listen,
+            key: r.auth_key_file.as_deref().map(keyfile::load).transpose()?,
+            stateful: r.stateful,
+            max_rate_per_source: r.max_rate_per_source,
+            reply_dscp,
+            timestamp_format: TimestampFormat::Ntp,
+            admission: reflector::Admission {
+                max_rate_total: r.max_rate_total,
+                allow: r.allow.clone(),
+                max_rate_others: r.max_rate_others,
+            },
+        })
+    }
 }
 
 impl ReflectorSection {
@@ -345,23 +387,7 @@ impl AgentPlan {
         let reflector = cfg
             .reflector
             .as_ref()
-            .map(|r| -> Result<_> {
-                let reply_dscp = r.reply_dscp().map_err(|reason| {
-                    let at = line_of(text, &[Key::Name("reflector"), Key::Name("reply_dscp")]);
-                    Error::Config(format!(
-                        "{}{at}: [reflector] reply_dscp: {reason}",
-                        file.display()
-                    ))
-                })?;
-                Ok(ReflectorConfig {
-                    listen: r.listen,
-                    key: r.auth_key_file.as_deref().map(keyfile::load).transpose()?,
-                    stateful: r.stateful,
-                    max_rate_per_source: r.max_rate_per_source,
-                    reply_dscp,
-                    timestamp_format: TimestampFormat::Ntp,
-                })
-            })
+            .map(|r| r.plan(file, text))
             .transpose()?;
         let collector = cfg
             .collector

@@ -21,6 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use pathprobe_proto::stamp::reflect::{ReflectInput, finish, prepare_verified, verify};
 use pathprobe_proto::stamp::tlv::{
     ClassOfService, TimestampInformation, TlvIter, TlvReflectInfo, sync_source, timestamp_method,
@@ -82,6 +83,33 @@ pub struct ReflectorConfig {
     pub max_rate_per_source: u32,
     pub timestamp_format: TimestampFormat,
     pub reply_dscp: ReplyDscp,
+    pub admission: Admission,
+}
+
+/// Who is answered first when the reflector is flooded (an RFC 8762 reflector is an open
+/// UDP service, and its senders' addresses can be spoofed): a cap on all replies, and
+/// prefixes of the configured senders, whose requests are answered before anyone else's.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Admission {
+    /// Most replies per second over all sources together (0: no cap).
+    pub max_rate_total: u32,
+    /// The configured senders' prefixes (`--allow`). With any, every other source shares
+    /// `max_rate_others`, is refused before its HMAC is checked, and is the one refused
+    /// when the table of sources is full.
+    pub allow: Vec<IpNet>,
+    /// Most replies per second to all sources outside `allow` together.
+    pub max_rate_others: u32,
+}
+
+impl Admission {
+    /// Whether `ip` is a configured sender's (an IPv4-mapped IPv6 address as its IPv4).
+    fn allows(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 @ IpAddr::V4(_) => v4,
+        };
+        self.allow.iter().any(|n| n.contains(&ip))
+    }
 }
 
 /// Counters, readable from another thread while the reflector runs.
@@ -96,6 +124,10 @@ pub struct ReflectorStats {
     /// Requests dropped in stateful mode because their source had its most sessions, or the
     /// table was full of active ones.
     pub session_limited: AtomicU64,
+    /// Of `rate_limited`: over `--max-rate-total`.
+    pub total_limited: AtomicU64,
+    /// Of `rate_limited`: sources outside `--allow`, over `--max-rate-others`.
+    pub others_limited: AtomicU64,
 }
 
 impl ReflectorStats {
@@ -103,23 +135,64 @@ impl ReflectorStats {
     pub fn line(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "received {} reflected {} malformed {} auth-failed {} rate-limited {} session-limited {} send-failed {}",
+            "received {} reflected {} malformed {} auth-failed {} rate-limited {} (over the total {}, others {}) session-limited {} send-failed {}",
             g(&self.received),
             g(&self.reflected),
             g(&self.malformed),
             g(&self.auth_failed),
             g(&self.rate_limited),
+            g(&self.total_limited),
+            g(&self.others_limited),
             g(&self.session_limited),
             g(&self.send_failed)
         )
     }
 }
 
-/// A token bucket per source address.
+/// A token bucket: tokens kept in nanosecond units (1 token = 10^9) so that refills are
+/// exact integers; it holds a tenth of a second of the rate (at least one request).
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: u64,
+    last: u64,
+}
+
+impl Bucket {
+    fn full(rate: u64) -> u64 {
+        (rate * 100_000_000).max(1_000_000_000)
+    }
+
+    fn new(rate: u64, now_ns: u64) -> Self {
+        Self {
+            tokens: Self::full(rate),
+            last: now_ns,
+        }
+    }
+
+    /// Takes a token at `now_ns`; false when empty.
+    fn take(&mut self, rate: u64, now_ns: u64) -> bool {
+        let refill = now_ns.saturating_sub(self.last).saturating_mul(rate);
+        self.tokens = self.tokens.saturating_add(refill).min(Self::full(rate));
+        self.last = now_ns;
+        if self.tokens >= 1_000_000_000 {
+            self.tokens -= 1_000_000_000;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A token bucket per source address, for at most [`MAX_TRACKED`] sources. When the table
+/// is full, the idle ones (silent for a second: their buckets are full again anyway) are
+/// swept out at most once a second; until then a new source is refused. (A sweep for
+/// every new source, which a flood of spoofed sources forces, cost the reflector its
+/// answers to everyone.)
 #[derive(Debug)]
 struct RateLimiter {
     rate: u64,
-    buckets: HashMap<IpAddr, (u64, u64)>,
+    buckets: HashMap<IpAddr, Bucket>,
+    swept_at: Option<u64>,
 }
 
 impl RateLimiter {
@@ -127,32 +200,35 @@ impl RateLimiter {
         Self {
             rate: u64::from(rate),
             buckets: HashMap::new(),
+            swept_at: None,
         }
     }
 
-    /// Takes a token for `src` at `now_ns`; false when its bucket is empty. Tokens are kept
-    /// in nanosecond units (1 token = 10^9) so that refills are exact integers; the bucket
-    /// holds a tenth of a second of the rate (at least one request).
+    /// Takes a token for `src` at `now_ns`; false when its bucket is empty, or the table
+    /// is full of active sources.
     fn allow(&mut self, src: IpAddr, now_ns: u64) -> bool {
         if self.rate == 0 {
             return true;
         }
-        let full = (self.rate * 100_000_000).max(1_000_000_000);
         if self.buckets.len() >= MAX_TRACKED && !self.buckets.contains_key(&src) {
-            // Forget sources idle for a second: their buckets are full again anyway.
+            if self
+                .swept_at
+                .is_some_and(|at| now_ns.saturating_sub(at) < 1_000_000_000)
+            {
+                return false;
+            }
+            self.swept_at = Some(now_ns);
             self.buckets
-                .retain(|_, (_, last)| now_ns.saturating_sub(*last) < 1_000_000_000);
+                .retain(|_, b| now_ns.saturating_sub(b.last) < 1_000_000_000);
+            if self.buckets.len() >= MAX_TRACKED {
+                return false;
+            }
         }
-        let (tokens, last) = self.buckets.entry(src).or_insert((full, now_ns));
-        let refill = now_ns.saturating_sub(*last).saturating_mul(self.rate);
-        *tokens = tokens.saturating_add(refill).min(full);
-        *last = now_ns;
-        if *tokens >= 1_000_000_000 {
-            *tokens -= 1_000_000_000;
-            true
-        } else {
-            false
-        }
+        let rate = self.rate;
+        self.buckets
+            .entry(src)
+            .or_insert_with(|| Bucket::new(rate, now_ns))
+            .take(rate, now_ns)
     }
 }
 
@@ -279,7 +355,12 @@ struct State<'a> {
     cfg: &'a ReflectorConfig,
     stats: &'a ReflectorStats,
     mode: Mode,
+    /// Per source: the others, and (with `--allow`) the configured senders apart, so that
+    /// a flood filling the table of the others cannot refuse them.
     limiter: RateLimiter,
+    allowed: RateLimiter,
+    total: Bucket,
+    others: Bucket,
     sessions: Sessions,
     ee: ErrorEstimate,
     ts_info: TimestampInformation,
@@ -300,12 +381,37 @@ impl State<'_> {
         if meta.truncated {
             return Self::count(&self.stats.malformed);
         }
+        let admission = &self.cfg.admission;
+        let allowed = admission.allows(src.ip());
+        if !allowed
+            && !admission.allow.is_empty()
+            && !self
+                .others
+                .take(u64::from(admission.max_rate_others), now_mono)
+        {
+            // Before the HMAC: a flood from elsewhere costs as little as it can.
+            Self::count(&self.stats.others_limited);
+            return Self::count(&self.stats.rate_limited);
+        }
         match verify(payload, self.cfg.key.as_ref()) {
             Ok(()) => {}
             Err(ProtoError::AuthenticationFailed) => return Self::count(&self.stats.auth_failed),
             Err(_) => return Self::count(&self.stats.malformed),
         }
-        if !self.limiter.allow(src.ip(), now_mono) {
+        let limiter = if allowed {
+            &mut self.allowed
+        } else {
+            &mut self.limiter
+        };
+        if !limiter.allow(src.ip(), now_mono) {
+            return Self::count(&self.stats.rate_limited);
+        }
+        if admission.max_rate_total > 0
+            && !self
+                .total
+                .take(u64::from(admission.max_rate_total), now_mono)
+        {
+            Self::count(&self.stats.total_limited);
             return Self::count(&self.stats.rate_limited);
         }
         let sequence_number = if self.cfg.stateful {
@@ -407,6 +513,12 @@ pub fn run(
             Mode::Unauthenticated
         },
         limiter: RateLimiter::new(cfg.max_rate_per_source),
+        allowed: RateLimiter::new(cfg.max_rate_per_source),
+        total: Bucket::new(u64::from(cfg.admission.max_rate_total), sys::monotonic_ns()),
+        others: Bucket::new(
+            u64::from(cfg.admission.max_rate_others),
+            sys::monotonic_ns(),
+        ),
         sessions: Sessions::default(),
         ee,
         ts_info,
@@ -468,6 +580,79 @@ mod tests {
         assert_eq!(more, 10);
         // Another source has its own bucket.
         assert!(r.allow("192.0.2.2".parse().unwrap(), t0));
+    }
+
+    /// A flood of spoofed sources used to make every new source sweep the whole table
+    /// (65,536 entries): now a full table of active sources is swept at most once a
+    /// second, newcomers are refused meanwhile, and the sources already in it go on.
+    #[test]
+    fn a_full_table_is_swept_once_a_second_and_its_sources_go_on() {
+        let mut r = RateLimiter::new(1_000);
+        let t0 = 10_000_000_000;
+        let known: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(r.allow(known, t0));
+        let mut n = 1;
+        'fill: for a in 0..=255u8 {
+            for b in 0..=255u8 {
+                if n == MAX_TRACKED {
+                    break 'fill;
+                }
+                assert!(r.allow(IpAddr::from([10, 1, a, b]), t0));
+                n += 1;
+            }
+        }
+        let newcomer = |i: u8| IpAddr::from([10, 2, 0, i]);
+        assert!(!r.allow(newcomer(1), t0 + 1_000), "full of active sources");
+        assert_eq!(r.swept_at, Some(t0 + 1_000));
+        assert!(!r.allow(newcomer(2), t0 + 2_000), "refused without a sweep");
+        assert_eq!(
+            r.swept_at,
+            Some(t0 + 1_000),
+            "no second sweep within the second"
+        );
+        assert!(
+            r.allow(known, t0 + 3_000_000),
+            "a source in the table goes on"
+        );
+        // A second on, the idle ones are swept out and a newcomer gets a bucket.
+        assert!(r.allow(newcomer(3), t0 + 1_500_000_000));
+        assert!(
+            r.buckets.len() < 10,
+            "the idle were swept: {}",
+            r.buckets.len()
+        );
+    }
+
+    #[test]
+    fn allowed_prefixes_take_ipv4_and_ipv4_mapped_senders() {
+        let a = Admission {
+            allow: vec![
+                "10.20.0.0/16".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ],
+            ..Admission::default()
+        };
+        assert!(a.allows("10.20.3.4".parse().unwrap()));
+        assert!(
+            a.allows("::ffff:10.20.3.4".parse().unwrap()),
+            "mapped on a [::] socket"
+        );
+        assert!(a.allows("2001:db8::9".parse().unwrap()));
+        assert!(!a.allows("10.21.0.1".parse().unwrap()));
+        assert!(!Admission::default().allows("10.20.3.4".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_bucket_gives_its_rate_after_a_tenth_of_a_second_burst() {
+        let t0 = 1_000_000_000;
+        let mut b = Bucket::new(1_000, t0);
+        assert_eq!((0..1_000).filter(|_| b.take(1_000, t0)).count(), 100);
+        assert_eq!(
+            (0..1_000)
+                .filter(|_| b.take(1_000, t0 + 50_000_000))
+                .count(),
+            50
+        );
     }
 
     /// The adversarial run: 131,072 SSIDs from another address reset a legitimate

@@ -1529,3 +1529,20 @@ fn the_cli_asks_a_remote_collector_over_https_and_prints_what_it_prints_locally(
         "{err}"
     );
 }
+
+/// A service manager's reload (SIGHUP) of a collector without TLS is logged, and it serves
+/// on.
+#[test]
+fn sighup_without_tls_does_not_stop_the_collector() {
+    let d = dir("hup");
+    let s = Server::start(&d);
+    let ok = Command::new("kill")
+        .args(["-HUP", &s.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, body) = http(s.addr, "GET", "/v1/paths", Some(READER), b"");
+    assert_eq!(status, 200, "{body}");
+}

@@ -1971,7 +1971,7 @@ mod tests {
     use pathprobe_proto::report::Counters;
 
     use super::*;
-    use crate::reflector::{self, ReflectorConfig, ReflectorStats, ReplyDscp};
+    use crate::reflector::{self, Admission, ReflectorConfig, ReflectorStats, ReplyDscp};
 
     const MS: u64 = 1_000_000;
 
@@ -1990,6 +1990,7 @@ mod tests {
             max_rate_per_source: 0,
             timestamp_format: TimestampFormat::Ntp,
             reply_dscp: ReplyDscp::Copy,
+            admission: Admission::default(),
         };
         s.spawn(move || reflector::run(&sock, &cfg, stop, stats));
         addr

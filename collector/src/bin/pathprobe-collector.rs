@@ -415,9 +415,7 @@ fn run_serve(
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async {
-        if let Some(tls) = tls {
-            reload_on_hangup(tls);
-        }
+        reload_on_hangup(tls);
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
@@ -432,17 +430,19 @@ fn run_serve(
 }
 
 /// Reloads the certificate and key on each SIGHUP: new connections get the new ones,
-/// established ones keep theirs; a bad file leaves the old ones in place.
-fn reload_on_hangup(tls: Arc<Tls>) {
+/// established ones keep theirs; a bad file leaves the old ones in place. Without TLS a
+/// SIGHUP (a service manager's reload) is logged, not the end of the collector.
+fn reload_on_hangup(tls: Option<Arc<Tls>>) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         tracing::warn!("cannot watch SIGHUP: the certificate is reloaded only by a restart");
         return;
     };
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            match tls.reload() {
-                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-                Err(e) => {
+            match tls.as_ref().map(|t| t.reload()) {
+                None => tracing::info!("SIGHUP: no TLS certificate to reload; serving on"),
+                Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Some(Err(e)) => {
                     tracing::error!(error = %e, "SIGHUP: the TLS certificate is not reloaded: serving on with the old one");
                 }
             }

@@ -193,6 +193,23 @@ struct ReflectArgs {
     /// from being used to flood a third party with spoofed requests.
     #[arg(long, default_value_t = 250_000, env = "PATHPROBE_MAX_RATE_PER_SOURCE")]
     max_rate_per_source: u32,
+    /// Most replies per second over all sources together (0: no cap).
+    #[arg(long, default_value_t = 0, env = "PATHPROBE_MAX_RATE_TOTAL")]
+    max_rate_total: u32,
+    /// A prefix of configured senders (repeatable, like 10.20.0.0/16): answered first.
+    /// With any, all other sources share --max-rate-others, are refused before their HMAC
+    /// is checked, and are the ones refused when the table of sources is full, so that a
+    /// flood from spoofed addresses costs the configured senders nothing.
+    #[arg(
+        long = "allow",
+        value_name = "PREFIX",
+        env = "PATHPROBE_ALLOW",
+        value_delimiter = ','
+    )]
+    allow: Vec<ipnet::IpNet>,
+    /// With --allow: most replies per second to all other sources together.
+    #[arg(long, default_value_t = pathprobe_agent::plan::default_max_rate_others(), env = "PATHPROBE_MAX_RATE_OTHERS")]
+    max_rate_others: u32,
     /// The DSCP of replies: `copy` (the DSCP1 a request's Class-of-Service TLV asks for,
     /// else the DSCP it arrived with), a fixed value 0 to 63 (so that no sender can have
     /// replies marked as network control, CS6/CS7), or `keep` (the socket's own marking).
@@ -646,6 +663,11 @@ fn run_reflect(args: &ReflectArgs) -> anyhow::Result<ExitCode> {
             FormatArg::Ntp => TimestampFormat::Ntp,
             FormatArg::Ptp => TimestampFormat::Ptp,
         },
+        admission: reflector::Admission {
+            max_rate_total: args.max_rate_total,
+            allow: args.allow.clone(),
+            max_rate_others: args.max_rate_others,
+        },
     };
     let sock = reflector::bind(cfg.listen)?;
     let stop = stop_on_signals()?;
@@ -678,6 +700,8 @@ fn run_reflect(args: &ReflectArgs) -> anyhow::Result<ExitCode> {
         mode = if cfg.key.is_some() { "authenticated" } else { "unauthenticated" },
         numbering = if cfg.stateful { "stateful" } else { "stateless" },
         max_rate_per_source = cfg.max_rate_per_source,
+        max_rate_total = cfg.admission.max_rate_total,
+        allow = ?cfg.admission.allow,
         "reflecting"
     );
     supervise(
