@@ -475,6 +475,7 @@ pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
         reply_dscp: reflector::ReplyDscp::Copy,
         timestamp_format: TimestampFormat::Ntp,
         admission: reflector::Admission::default(),
+        refuse_replays: false,
     };
     let refl_sock = reflector::bind(refl_cfg.listen)?;
     let refl_addr = refl_sock

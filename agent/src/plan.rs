@@ -159,6 +159,9 @@ pub struct ReflectorSection {
     /// Most replies a second to all other sources together, with `allow`.
     #[serde(default = "default_max_rate_others")]
     pub max_rate_others: u32,
+    /// Authenticated mode: refuse replayed requests (see `reflect --refuse-replays`).
+    #[serde(default)]
+    pub refuse_replays: bool,
 }
 
 /// `reflect --max-rate-others`'s default.
@@ -170,6 +173,13 @@ impl ReflectorSection {
     /// The reflector this section asks for; errors name the file and line.
     fn plan(&self, file: &Path, text: &str) -> Result<ReflectorConfig> {
         let r = self;
+        if r.refuse_replays && r.auth_key_file.is_none() {
+            let at = line_of(text, &[Key::Name("reflector"), Key::Name("refuse_replays")]);
+            return Err(Error::Config(format!(
+                "{}{at}: [reflector] refuse_replays needs auth_key_file: without authentication anyone can make a new request, so there is nothing to refuse",
+                file.display()
+            )));
+        }
         let reply_dscp = r.reply_dscp().map_err(|reason| {
             let at = line_of(text, &[Key::Name("reflector"), Key::Name("reply_dscp")]);
             Error::Config(format!(
@@ -189,6 +199,7 @@ impl ReflectorSection {
                 allow: r.allow.clone(),
                 max_rate_others: r.max_rate_others,
             },
+            refuse_replays: r.refuse_replays,
         })
     }
 }

@@ -27,7 +27,9 @@ use pathprobe_proto::stamp::tlv::{
     ClassOfService, TimestampInformation, TlvIter, TlvReflectInfo, sync_source, timestamp_method,
     tlv_type,
 };
-use pathprobe_proto::stamp::{AuthKey, ErrorEstimate, Mode, TimestampFormat};
+use pathprobe_proto::stamp::{
+    AuthKey, ErrorEstimate, Mode, SenderPacket, SenderRepr, TimestampFormat,
+};
 use pathprobe_proto::{Error as ProtoError, report::TimestampSource};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -84,6 +86,9 @@ pub struct ReflectorConfig {
     pub timestamp_format: TimestampFormat,
     pub reply_dscp: ReplyDscp,
     pub admission: Admission,
+    /// Authenticated mode: refuse a request whose (SSID, sequence number) was answered
+    /// already, or that is older than the session's window ([`Replays`]).
+    pub refuse_replays: bool,
 }
 
 /// Who is answered first when the reflector is flooded (an RFC 8762 reflector is an open
@@ -128,6 +133,8 @@ pub struct ReflectorStats {
     pub total_limited: AtomicU64,
     /// Of `rate_limited`: sources outside `--allow`, over `--max-rate-others`.
     pub others_limited: AtomicU64,
+    /// Authenticated requests refused as replays (`--refuse-replays`).
+    pub replays_refused: AtomicU64,
 }
 
 impl ReflectorStats {
@@ -135,11 +142,12 @@ impl ReflectorStats {
     pub fn line(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "received {} reflected {} malformed {} auth-failed {} rate-limited {} (over the total {}, others {}) session-limited {} send-failed {}",
+            "received {} reflected {} malformed {} auth-failed {} replays-refused {} rate-limited {} (over the total {}, others {}) session-limited {} send-failed {}",
             g(&self.received),
             g(&self.reflected),
             g(&self.malformed),
             g(&self.auth_failed),
+            g(&self.replays_refused),
             g(&self.rate_limited),
             g(&self.total_limited),
             g(&self.others_limited),
@@ -229,6 +237,118 @@ impl RateLimiter {
             .entry(src)
             .or_insert_with(|| Bucket::new(rate, now_ns))
             .take(rate, now_ns)
+    }
+}
+
+/// Sequence numbers a replay window remembers behind the highest one seen.
+const REPLAY_WINDOW: u32 = 1_024;
+
+/// One session's replay window: the highest sequence number answered, which of the
+/// [`REPLAY_WINDOW`] below it were answered, and the newest T1 (raw, as sent).
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    top: u32,
+    newest_t1: u64,
+    seen: [u64; (REPLAY_WINDOW / 64) as usize],
+}
+
+impl Window {
+    fn new(seq: u32, t1: u64) -> Self {
+        let mut w = Self {
+            top: seq,
+            newest_t1: t1,
+            seen: [0; (REPLAY_WINDOW / 64) as usize],
+        };
+        w.mark(0);
+        w
+    }
+
+    /// Bit `back` (sequence numbers below the top).
+    fn bit(back: u32) -> (usize, u64) {
+        ((back / 64) as usize, 1u64 << (back % 64))
+    }
+
+    fn mark(&mut self, back: u32) {
+        let (w, b) = Self::bit(back);
+        self.seen[w] |= b;
+    }
+
+    fn seen(&self, back: u32) -> bool {
+        let (w, b) = Self::bit(back);
+        self.seen[w] & b != 0
+    }
+
+    /// Moves the top up by `by`: what was `back` is now `back + by` (a shift of the
+    /// bitmap towards its far end, a word at a time).
+    fn advance(&mut self, by: u32) {
+        const WORDS: usize = (REPLAY_WINDOW / 64) as usize;
+        if by >= REPLAY_WINDOW {
+            self.seen = [0; WORDS];
+            return;
+        }
+        let (words, bits) = ((by / 64) as usize, by % 64);
+        for i in (0..WORDS).rev() {
+            let hi = i.checked_sub(words).map_or(0, |j| self.seen[j]);
+            let lo = i.checked_sub(words + 1).map_or(0, |j| self.seen[j]);
+            self.seen[i] = if bits == 0 {
+                hi
+            } else {
+                (hi << bits) | (lo >> (64 - bits))
+            };
+        }
+    }
+
+    /// Whether the request (`seq`, `t1`) is new; it is remembered if it is. HMAC covers
+    /// both, so only the sender can make a new pair. A newer T1 is always new: above the
+    /// top it moves the window, far below it is a sender that started again (a stateless
+    /// sender restarting at 0), and the window starts again there. An older or equal T1
+    /// (a reordered request, or a replay) is new only inside the window and unseen.
+    fn admit(&mut self, seq: u32, t1: u64) -> bool {
+        if t1 > self.newest_t1 {
+            self.newest_t1 = t1;
+            if seq > self.top {
+                self.advance(seq - self.top);
+                self.top = seq;
+                self.mark(0);
+            } else if self.top - seq >= REPLAY_WINDOW {
+                *self = Self::new(seq, t1);
+            } else {
+                let back = self.top - seq;
+                if self.seen(back) {
+                    return false;
+                }
+                self.mark(back);
+            }
+            return true;
+        }
+        if seq > self.top || self.top - seq >= REPLAY_WINDOW {
+            return false;
+        }
+        let back = self.top - seq;
+        if self.seen(back) {
+            return false;
+        }
+        self.mark(back);
+        true
+    }
+}
+
+/// Replay refusal in authenticated mode: a window per SSID, whatever the source address
+/// (a replay from a forged source is refused too), so at most 65,536 of them (about 9
+/// MiB). Senders that share the key must use SSIDs of their own (as paths to one
+/// reflector must anyway); a sender whose clock steps back after a restart is refused
+/// until its T1 passes the newest one answered.
+#[derive(Debug, Default)]
+struct Replays(HashMap<u16, Window>);
+
+impl Replays {
+    fn admit(&mut self, ssid: u16, seq: u32, t1: u64) -> bool {
+        if let Some(w) = self.0.get_mut(&ssid) {
+            w.admit(seq, t1)
+        } else {
+            self.0.insert(ssid, Window::new(seq, t1));
+            true
+        }
     }
 }
 
@@ -361,6 +481,7 @@ struct State<'a> {
     allowed: RateLimiter,
     total: Bucket,
     others: Bucket,
+    replays: Replays,
     sessions: Sessions,
     ee: ErrorEstimate,
     ts_info: TimestampInformation,
@@ -397,6 +518,19 @@ impl State<'_> {
             Ok(()) => {}
             Err(ProtoError::AuthenticationFailed) => return Self::count(&self.stats.auth_failed),
             Err(_) => return Self::count(&self.stats.malformed),
+        }
+        if self.cfg.refuse_replays && self.mode == Mode::Authenticated {
+            // Checked whole by `verify` above.
+            let Ok(packet) = SenderPacket::new_checked(payload, self.mode) else {
+                return Self::count(&self.stats.malformed);
+            };
+            let req = SenderRepr::parse(&packet);
+            if !self
+                .replays
+                .admit(req.ssid, req.sequence_number, req.timestamp)
+            {
+                return Self::count(&self.stats.replays_refused);
+            }
         }
         let limiter = if allowed {
             &mut self.allowed
@@ -519,6 +653,7 @@ pub fn run(
             u64::from(cfg.admission.max_rate_others),
             sys::monotonic_ns(),
         ),
+        replays: Replays::default(),
         sessions: Sessions::default(),
         ee,
         ts_info,
@@ -640,6 +775,54 @@ mod tests {
         assert!(a.allows("2001:db8::9".parse().unwrap()));
         assert!(!a.allows("10.21.0.1".parse().unwrap()));
         assert!(!Admission::default().allows("10.20.3.4".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_window_shifts_as_a_bit_by_bit_shift_would() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for by in [1u32, 5, 63, 64, 65, 127, 128, 500, 1_023] {
+            let mut w = Window::new(0, 0);
+            let mut marked = vec![0]; // the top itself, marked by `new`
+            for _ in 0..300 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let b = u32::try_from(x % u64::from(REPLAY_WINDOW)).unwrap();
+                w.mark(b);
+                marked.push(b);
+            }
+            w.advance(by);
+            for b in 0..REPLAY_WINDOW {
+                let want = b >= by && marked.contains(&(b - by));
+                assert_eq!(w.seen(b), want, "shift {by}, bit {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_replay_window_takes_each_request_once_and_a_restarted_sender_again() {
+        let mut r = Replays::default();
+        // A sender: sequence n at time 1000 + n.
+        for n in 0..2_000u32 {
+            assert!(r.admit(7, n, 1_000 + u64::from(n)), "{n}");
+        }
+        assert!(!r.admit(7, 1_999, 2_999), "the newest again");
+        assert!(!r.admit(7, 1_500, 2_500), "an older one again");
+        assert!(!r.admit(7, 100, 1_100), "older than the window");
+        // Reordered: 2,003 before 2,001 and 2,002; each once.
+        assert!(r.admit(7, 2_003, 3_003));
+        assert!(r.admit(7, 2_001, 3_001));
+        assert!(r.admit(7, 2_002, 3_002));
+        assert!(!r.admit(7, 2_002, 3_002));
+        // A jump of more than the window forgets it all, and goes on from there.
+        assert!(r.admit(7, 10_000, 11_000));
+        assert!(!r.admit(7, 2_004, 3_004), "far behind and older");
+        // The sender starts again at 0 with a newer clock: taken, and each once after.
+        assert!(r.admit(7, 0, 20_000));
+        assert!(r.admit(7, 1, 20_001));
+        assert!(!r.admit(7, 0, 20_000));
+        // Another SSID has its own window.
+        assert!(r.admit(8, 1, 20_001));
     }
 
     #[test]

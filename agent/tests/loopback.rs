@@ -586,3 +586,62 @@ fn reply_dscp_policy_decides_what_replies_carry() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("0 to 63"));
 }
+
+/// One captured authenticated request sent 200 times: with `--refuse-replays` it is
+/// answered once (the adversarial run had 198 of 200 answered); probes run as before.
+#[test]
+fn replays_of_an_authenticated_request_are_answered_once() {
+    use pathprobe_proto::stamp::{AuthKey, ErrorEstimate, Mode, SenderPacket, SenderRepr};
+    let hex = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    let key_path = key_file("replay", hex);
+    let key = AuthKey::new(&(0..32u8).collect::<Vec<_>>()).unwrap();
+    let mut packet = vec![0u8; Mode::Authenticated.base_len()];
+    {
+        let mut p = SenderPacket::new_unchecked(&mut packet[..], Mode::Authenticated);
+        SenderRepr {
+            sequence_number: 42,
+            timestamp: 0x1234_5678_0000_0000,
+            error_estimate: ErrorEstimate::default(),
+            ssid: 9,
+        }
+        .emit(&mut p);
+        p.sign(&key);
+    }
+    let answers = |extra: &[&str]| {
+        let r = Reflector::start(&[&["--auth-key-file", key_path.as_str()][..], extra].concat());
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        for _ in 0..200 {
+            s.send_to(&packet, r.addr).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut buf = [0u8; 512];
+        let mut n = 0;
+        while s.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        let summary = probe_summary(&[
+            "--target",
+            &r.addr.to_string(),
+            "--rate",
+            "500",
+            "--count",
+            "200",
+            "--json",
+            "--auth-key-file",
+            &key_path,
+        ]);
+        (n, summary["received"].as_u64())
+    };
+    assert_eq!(
+        answers(&[]),
+        (200, Some(200)),
+        "without --refuse-replays, every copy"
+    );
+    assert_eq!(
+        answers(&["--refuse-replays"]),
+        (1, Some(200)),
+        "with it, once"
+    );
+}

@@ -1991,6 +1991,7 @@ mod tests {
             timestamp_format: TimestampFormat::Ntp,
             reply_dscp: ReplyDscp::Copy,
             admission: Admission::default(),
+            refuse_replays: false,
         };
         s.spawn(move || reflector::run(&sock, &cfg, stop, stats));
         addr

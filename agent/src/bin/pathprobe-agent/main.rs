@@ -207,6 +207,11 @@ struct ReflectArgs {
         value_delimiter = ','
     )]
     allow: Vec<ipnet::IpNet>,
+    /// Authenticated mode: refuse a request whose SSID and sequence number were answered
+    /// already, or that is older than its session's window of 1,024 (per SSID, whatever
+    /// the source address). Senders that share the key need SSIDs of their own.
+    #[arg(long, requires = "auth_key_file", env = "PATHPROBE_REFUSE_REPLAYS")]
+    refuse_replays: bool,
     /// With --allow: most replies per second to all other sources together.
     #[arg(long, default_value_t = pathprobe_agent::plan::default_max_rate_others(), env = "PATHPROBE_MAX_RATE_OTHERS")]
     max_rate_others: u32,
@@ -668,6 +673,7 @@ fn run_reflect(args: &ReflectArgs) -> anyhow::Result<ExitCode> {
             allow: args.allow.clone(),
             max_rate_others: args.max_rate_others,
         },
+        refuse_replays: args.refuse_replays,
     };
     let sock = reflector::bind(cfg.listen)?;
     let stop = stop_on_signals()?;
