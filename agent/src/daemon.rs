@@ -504,7 +504,7 @@ impl Running<'_, '_> {
                 self.start_uploader(to, c);
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot open the new spool: reports go where they went");
+                tracing::error!(error = %e, "cannot use the new collector settings (spool or TLS files): reports go where they went");
                 if let Some(old) = old_to {
                     match Courier::open(&old) {
                         Ok(c) => self.start_uploader(old, c),
