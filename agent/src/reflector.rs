@@ -299,35 +299,34 @@ impl Window {
     }
 
     /// Whether the request (`seq`, `t1`) is new; it is remembered if it is. HMAC covers
-    /// both, so only the sender can make a new pair. A newer T1 is always new: above the
-    /// top it moves the window, far below it is a sender that started again (a stateless
-    /// sender restarting at 0), and the window starts again there. An older or equal T1
-    /// (a reordered request, or a replay) is new only inside the window and unseen.
+    /// both, so only the sender can make a new pair. A sequence number above the top with
+    /// a T1 no older than the newest moves the window (a sender may give a whole batch one
+    /// T1: ours does). A newer T1 far below the top is a sender that started again (a
+    /// stateless sender restarting at 0), and the window starts again there. Otherwise a
+    /// request is new only inside the window and unseen.
     fn admit(&mut self, seq: u32, t1: u64) -> bool {
-        if t1 > self.newest_t1 {
-            self.newest_t1 = t1;
-            if seq > self.top {
-                self.advance(seq - self.top);
-                self.top = seq;
-                self.mark(0);
-            } else if self.top - seq >= REPLAY_WINDOW {
-                *self = Self::new(seq, t1);
-            } else {
-                let back = self.top - seq;
-                if self.seen(back) {
-                    return false;
-                }
-                self.mark(back);
+        if seq > self.top {
+            if t1 < self.newest_t1 {
+                return false;
             }
+            self.advance(seq - self.top);
+            self.top = seq;
+            self.newest_t1 = t1;
+            self.mark(0);
             return true;
         }
-        if seq > self.top || self.top - seq >= REPLAY_WINDOW {
+        let back = self.top - seq;
+        if back >= REPLAY_WINDOW {
+            if t1 > self.newest_t1 {
+                *self = Self::new(seq, t1);
+                return true;
+            }
             return false;
         }
-        let back = self.top - seq;
         if self.seen(back) {
             return false;
         }
+        self.newest_t1 = self.newest_t1.max(t1);
         self.mark(back);
         true
     }
@@ -823,6 +822,11 @@ mod tests {
         assert!(!r.admit(7, 0, 20_000));
         // Another SSID has its own window.
         assert!(r.admit(8, 1, 20_001));
+        // A batch sent with one T1 (as our sender does): each of it taken, once.
+        assert!(r.admit(7, 2, 20_005));
+        assert!(r.admit(7, 3, 20_005));
+        assert!(r.admit(7, 4, 20_005));
+        assert!(!r.admit(7, 3, 20_005));
     }
 
     #[test]
