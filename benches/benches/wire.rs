@@ -14,19 +14,7 @@ use pathprobe_proto::stamp::{
 };
 
 fn request(mode: Mode, key: Option<&AuthKey>) -> Vec<u8> {
-    let mut buf = vec![0u8; mode.base_len()];
-    let mut p = SenderPacket::new_unchecked(&mut buf[..], mode);
-    SenderRepr {
-        sequence_number: 1,
-        timestamp: 0xeeb2_7a98_4000_0000,
-        error_estimate: ErrorEstimate::default(),
-        ssid: 1,
-    }
-    .emit(&mut p);
-    if let Some(k) = key {
-        p.sign(k);
-    }
-    buf
+    pathprobe_benches::stamp_request(mode, key, 1, 0xeeb2_7a98_4000_0000)
 }
 
 fn stamp(c: &mut Criterion) {

@@ -193,3 +193,42 @@ impl LabCollector {
         Ok(())
     }
 }
+
+/// `pathprobe-agent reflect` (the sibling binary) on an ephemeral loopback port with
+/// `extra` flags, its counters never logged: the reflector and where it listens.
+pub fn start_reflector(extra: &[&str]) -> Result<(Guard, SocketAddr)> {
+    let mut cmd = Command::new(sibling("pathprobe-agent")?);
+    cmd.args([
+        "reflect",
+        "--listen",
+        "127.0.0.1:0",
+        "--stats-interval",
+        "0s",
+    ])
+    .args(extra);
+    start_listening(cmd, false)
+}
+
+/// A Session-Sender test packet of `mode` (signed with `key` when given): SSID 1, these
+/// sequence number and T1, an unsynchronized error estimate.
+pub fn stamp_request(
+    mode: pathprobe_proto::stamp::Mode,
+    key: Option<&pathprobe_proto::stamp::AuthKey>,
+    sequence_number: u32,
+    timestamp: u64,
+) -> Vec<u8> {
+    use pathprobe_proto::stamp::{ErrorEstimate, SenderPacket, SenderRepr};
+    let mut buf = vec![0u8; mode.base_len()];
+    let mut p = SenderPacket::new_unchecked(&mut buf[..], mode);
+    SenderRepr {
+        sequence_number,
+        timestamp,
+        error_estimate: ErrorEstimate::default(),
+        ssid: 1,
+    }
+    .emit(&mut p);
+    if let Some(k) = key {
+        p.sign(k);
+    }
+    buf
+}

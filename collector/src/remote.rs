@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use pathprobe_proto::client::{TlsClient, explain};
+use pathprobe_proto::client::{TlsClient, cleartext_beyond_loopback, explain};
 
 use crate::{Error, Result};
 
@@ -28,15 +28,9 @@ impl Remote {
                 "--collector {base} is not a URL ({e}): write it like https://collector.example.net:8862"
             ))
         })?;
-        let loopback = uri.host().is_some_and(|h| {
-            h == "localhost"
-                || h.trim_matches(['[', ']'])
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-        });
         match uri.scheme_str() {
             Some("https") => {}
-            Some("http") if loopback => {}
+            Some("http") if !cleartext_beyond_loopback(base) => {}
             Some("http") => {
                 return Err(Error::Config(format!(
                     "--collector {base} would send the reader token in clear beyond this host: use https://"

@@ -109,9 +109,7 @@ impl Drop for Server {
 
 /// Writes a secret the way an operator must: readable by its owner only.
 fn write_secret(path: &Path, text: &str) {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    pathprobe_tests::pki::write(path, text, true);
 }
 
 fn dir(name: &str) -> PathBuf {

@@ -9,6 +9,23 @@ use std::time::Duration;
 
 use ureq::tls::{Certificate, ClientCert, PemItem, RootCerts, TlsConfig, TlsProvider};
 
+/// Whether `url` sends in clear beyond this host (reports and tokens): `http://` to
+/// anything but a loopback address or `localhost`.
+pub fn cleartext_beyond_loopback(url: &str) -> bool {
+    let Ok(uri) = url.parse::<ureq::http::Uri>() else {
+        return false;
+    };
+    if uri.scheme_str() != Some("http") {
+        return false;
+    }
+    let host = uri.host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    !(host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()))
+}
+
 /// How a client reaches a collector over TLS: whose CA signs the collector's certificate,
 /// and the client's own certificate for mutual TLS.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-pub use pathprobe_proto::client::TlsClient;
+pub use pathprobe_proto::client::{TlsClient, cleartext_beyond_loopback};
 pub use spool::{Spool, Step};
 pub use upload::{Delivery, Uploader};
 
@@ -35,23 +35,6 @@ pub struct Destination {
     /// Plain `http://` beyond loopback, allowed explicitly (`insecure_http = true`): warned
     /// about every hour.
     pub insecure_http: bool,
-}
-
-/// Whether `url` sends reports in clear beyond this host: `http://` to anything but a
-/// loopback address or `localhost`.
-pub fn cleartext_beyond_loopback(url: &str) -> bool {
-    let Ok(uri) = url.parse::<ureq::http::Uri>() else {
-        return false;
-    };
-    if uri.scheme_str() != Some("http") {
-        return false;
-    }
-    let host = uri.host().unwrap_or_default();
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    !(host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback()))
 }
 
 /// How often an agent that sends in clear beyond loopback says so.

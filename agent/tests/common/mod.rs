@@ -229,7 +229,5 @@ pub fn threads(pid: u32) -> u64 {
 /// Writes a secret (a tokens, token or key file) the way an operator must: readable by its
 /// owner alone (wider modes are refused).
 pub fn write_secret(path: &Path, text: &str) {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    pathprobe_tests::pki::write(path, text, true);
 }

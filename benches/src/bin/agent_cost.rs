@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use pathprobe_benches::{Guard, sibling, start_listening};
+use pathprobe_benches::{Guard, sibling, start_reflector};
 
 #[derive(Debug, Parser)]
 #[command(about = "The agent's memory, threads and CPU as its paths grow")]
@@ -237,17 +237,7 @@ fn row(name: &str, paths: u32, rate: u32, c: &Cost, l: Option<&Logged>) {
 fn main() -> Result<()> {
     let args = Args::parse();
     let agent = sibling("pathprobe-agent")?;
-    let mut reflect = Command::new(&agent);
-    reflect.args([
-        "reflect",
-        "--listen",
-        "127.0.0.1:0",
-        "--stats-interval",
-        "0s",
-        "--max-rate-per-source",
-        "0",
-    ]);
-    let (_reflector, stamp_target) = start_listening(reflect, false)?;
+    let (_reflector, stamp_target) = start_reflector(&["--max-rate-per-source", "0"])?;
     let tcp_target = tcp_listener()?;
     let dir = std::env::temp_dir().join(format!("pathprobe-agent-cost-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;

@@ -16,15 +16,14 @@
 )]
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Parser;
 use pathprobe_agent::sys::{RecvBatch, SendBatch};
-use pathprobe_benches::{sibling, start_listening};
-use pathprobe_proto::stamp::{AuthKey, ErrorEstimate, Mode, SenderPacket, SenderRepr};
+use pathprobe_benches::{stamp_request, start_reflector};
+use pathprobe_proto::stamp::{AuthKey, Mode};
 use socket2::{Domain, Protocol, Socket, Type};
 
 #[derive(Debug, Parser)]
@@ -48,36 +47,15 @@ type Mode3<'a> = (&'a str, Vec<&'a str>, &'a [Vec<u8>]);
 fn requests(mode: Mode, key: Option<&AuthKey>, n: usize) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
-            let mut buf = vec![0u8; mode.base_len()];
-            let mut p = SenderPacket::new_unchecked(&mut buf[..], mode);
-            SenderRepr {
-                sequence_number: u32::try_from(i).unwrap(),
-                timestamp: 1 << 40 | u64::try_from(i).unwrap(),
-                error_estimate: ErrorEstimate::default(),
-                ssid: 1,
-            }
-            .emit(&mut p);
-            if let Some(k) = key {
-                p.sign(k);
-            }
-            buf
+            let seq = u32::try_from(i).unwrap();
+            stamp_request(mode, key, seq, 1 << 40 | u64::from(seq))
         })
         .collect()
 }
 
 /// Replies per second from a reflector started with `extra`, sent `reqs` as fast as they go.
 fn trial(extra: &[&str], reqs: &[Vec<u8>], length: Duration) -> Result<(f64, f64)> {
-    let mut cmd = Command::new(sibling("pathprobe-agent")?);
-    cmd.args([
-        "reflect",
-        "--listen",
-        "127.0.0.1:0",
-        "--stats-interval",
-        "0s",
-    ])
-    .args(["--max-rate-per-source", "0"])
-    .args(extra);
-    let (_guard, addr) = start_listening(cmd, false)?;
+    let (_guard, addr) = start_reflector(&[&["--max-rate-per-source", "0"][..], extra].concat())?;
     let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     sock.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>()?.into())?;
     sock.connect(&addr.into())?;

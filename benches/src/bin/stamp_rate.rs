@@ -32,7 +32,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use pathprobe_agent::sys::{self, RecvBatch, SendBatch};
-use pathprobe_benches::{Guard, sibling, start_listening};
+use pathprobe_benches::{Guard, sibling, start_listening, start_reflector};
 use socket2::{Domain, Protocol, Socket, Type};
 
 #[derive(Debug, Parser)]
@@ -88,15 +88,7 @@ struct Pathprobe {
 impl Pathprobe {
     fn start() -> Result<Self> {
         let agent = sibling("pathprobe-agent")?;
-        let mut cmd = Command::new(&agent);
-        cmd.args([
-            "reflect",
-            "--listen",
-            "127.0.0.1:0",
-            "--stats-interval",
-            "0s",
-        ]);
-        let (g, addr) = start_listening(cmd, false)?;
+        let (g, addr) = start_reflector(&[])?;
         Ok(Self {
             agent,
             _reflector: g,

@@ -254,18 +254,14 @@ fn exposition(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
     }
-    let _ = writeln!(
-        out,
-        "# HELP pathprobe_collector_requests_rejected_total Requests refused (reports, and queries without a reader token), by reason.\n# TYPE pathprobe_collector_requests_rejected_total counter"
+    reasons(
+        &mut out,
+        "pathprobe_collector_requests_rejected_total",
+        "Requests refused (reports, and queries without a reader token), by reason.",
+        Reason::ALL
+            .into_iter()
+            .map(|r| (r.as_str(), m.rejected.get(&r).copied().unwrap_or(0))),
     );
-    for reason in Reason::ALL {
-        let n = m.rejected.get(&reason).copied().unwrap_or(0);
-        let _ = writeln!(
-            out,
-            "pathprobe_collector_requests_rejected_total{{reason=\"{}\"}} {n}",
-            reason.as_str()
-        );
-    }
     reasons(
         &mut out,
         "pathprobe_collector_connections_refused_total",
