@@ -12,7 +12,10 @@
 //! difference: a path or drill whose plan changed is stopped (its last window delivered)
 //! and started again, a new one is started, a removed one is stopped and its last window
 //! delivered, and one that did not change is not touched, so it loses and repeats no
-//! window. A changed reflector is bound again; a changed collector gets a new uploader
+//! window. A path whose key alone changed signs with the new key from its next probe, and
+//! a reflector whose keys alone changed answers with the new ones from its next batch:
+//! neither restarts, so a key rollover loses nothing. A changed reflector is bound
+//! again; a changed collector gets a new uploader
 //! (the old one delivers what it can first). A plan that does not load is logged, and the
 //! agent runs on with the one it has.
 
@@ -35,6 +38,9 @@ use crate::plan::{AgentPlan, DrillPlan, PathPlan};
 use crate::reflector::{self, ReflectorConfig, ReflectorStats};
 use crate::watch::{Observed, PathWatch};
 use crate::{Error, Result};
+
+/// How often the reflector's counters (and each key's answers) are logged.
+const REFLECTOR_LOG_EVERY: Duration = Duration::from_mins(1);
 
 /// How long a path waits after a failure before it tries again, at most.
 const MAX_BACKOFF: Duration = Duration::from_mins(1);
@@ -184,6 +190,8 @@ fn send_report(json: Result<Vec<u8>>, tx: &mpsc::Sender<Vec<u8>>) {
 #[derive(Debug, Default)]
 struct Changes {
     kept: usize,
+    /// Paths whose key alone changed: they sign with the new one, without a restart.
+    rekeyed: Vec<String>,
     restarted: Vec<String>,
     started: Vec<String>,
     stopped: Vec<String>,
@@ -301,7 +309,11 @@ impl Running<'_, '_> {
         });
         match added {
             Ok(h) => {
-                tracing::info!(path = %p.name, target = %probe.target, "probing");
+                if let Some(key) = h.key_fingerprint() {
+                    tracing::info!(path = %p.name, target = %probe.target, %key, "probing");
+                } else {
+                    tracing::info!(path = %p.name, target = %probe.target, "probing");
+                }
                 part.handle = Some(h);
                 part.started = Instant::now();
             }
@@ -389,7 +401,11 @@ impl Running<'_, '_> {
     fn start_reflector(&mut self, rc: ReflectorConfig, sock: socket2::Socket) {
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, stats, cfg) = (Arc::clone(&stop), self.stats, rc.clone());
-        tracing::info!(listen = %rc.listen, "reflecting");
+        if let Some(k) = &rc.keys {
+            tracing::info!(listen = %rc.listen, keys = %k.get().summary(), "reflecting, authenticated");
+        } else {
+            tracing::info!(listen = %rc.listen, "reflecting");
+        }
         let thread = self
             .scope
             .spawn(move || reflector::run(&sock, &cfg, &flag, stats));
@@ -422,6 +438,7 @@ impl Running<'_, '_> {
         };
         self.agent = agent.clone();
         let mut changes = Changes::default();
+        self.rekey_paths(&next.paths, &agent, &mut changes);
         let named = |p: PathPlan| (p.name.clone(), p);
         let (old_paths, new_paths) = sort_out(
             &mut self.paths,
@@ -447,19 +464,56 @@ impl Running<'_, '_> {
         for d in new_drills {
             self.start_drill(d);
         }
-        if self.reflector.as_ref().map(|h| &h.plan) != next.reflector.as_ref() {
-            self.replace_reflector(next.reflector);
+        match (self.reflector.as_ref(), next.reflector.as_ref()) {
+            (Some(h), Some(n)) if h.plan.differs_only_in_keys(n) => {
+                if let (Some(live), Some(new)) = (&h.plan.keys, &n.keys) {
+                    tracing::info!(keys = %live.get().summary(), "reflector keys until now");
+                    live.adopt(new);
+                    tracing::info!(keys = %live.get().summary(), "reflector keys reloaded (fingerprint and requests answered, newest first)");
+                }
+            }
+            (old, new) if old.map(|h| &h.plan) != new => self.replace_reflector(next.reflector),
+            _ => {}
         }
         if self.uploader.as_ref().map(|h| &h.plan) != next.collector.as_ref() {
             self.replace_uploader(next.collector);
         }
         tracing::info!(
             unchanged = changes.kept,
+            rekeyed = ?changes.rekeyed,
             restarted = ?changes.restarted,
             started = ?changes.started,
             stopped = ?changes.stopped,
             "configuration reloaded"
         );
+    }
+
+    /// Paths whose plan changed in their key alone (both authenticated) take the new key
+    /// where they run, and their plan is the new one: `sort_out` then keeps them.
+    fn rekey_paths(&mut self, wanted: &[PathPlan], agent: &Agent, changes: &mut Changes) {
+        for p in wanted {
+            let Some(part) = self.paths.get_mut(&p.name) else {
+                continue;
+            };
+            let (a, q) = &part.plan;
+            let (Some(_), Some(new_key)) = (&q.probe.key, &p.probe.key) else {
+                continue;
+            };
+            if a != agent || q == p {
+                continue;
+            }
+            let mut rekeyed = q.clone();
+            rekeyed.probe.key = Some(new_key.clone());
+            if rekeyed != *p {
+                continue;
+            }
+            if let Some(h) = &part.handle {
+                h.set_key(new_key.clone());
+            }
+            tracing::info!(path = %p.name, key = %new_key.fingerprint(), "path key changed: signing with the new key, the old one still accepted on answers in flight");
+            part.plan.1 = p.clone();
+            changes.rekeyed.push(p.name.clone());
+        }
     }
 
     fn replace_reflector(&mut self, next: Option<ReflectorConfig>) {
@@ -668,7 +722,19 @@ fn supervise(
     stop: &AtomicBool,
     reload: &mut dyn FnMut() -> Option<Result<AgentPlan>>,
 ) -> Option<&'static str> {
+    let mut counters_logged = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if counters_logged.elapsed() >= REFLECTOR_LOG_EVERY {
+            counters_logged = Instant::now();
+            if let Some(h) = &running.reflector {
+                let keys = h.plan.keys.as_ref().map(|k| k.get().summary());
+                tracing::info!(
+                    keys = keys.as_deref().unwrap_or("none"),
+                    "reflector: {}",
+                    running.stats.line()
+                );
+            }
+        }
         if running
             .reflector
             .as_ref()

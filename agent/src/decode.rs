@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
 use pathprobe_proto::stamp::tlv::{
-    ClassOfService, FLAG_I, FLAG_M, FLAG_U, TimestampInformation, TlvIter, tlv_type,
+    ClassOfService, FLAG_I, FLAG_M, FLAG_U, HmacTlvCheck, TimestampInformation, TlvIter,
+    check_hmac_tlv, check_request_hmac_tlv, tlv_type,
 };
 use pathprobe_proto::stamp::{
     AuthKey, ErrorEstimate, Mode, ReflectorPacket, ReflectorRepr, SenderPacket, SenderRepr,
@@ -120,6 +121,8 @@ pub struct Decoded {
     pub tlv_problem: Option<String>,
     /// "verified", or why it was not.
     pub hmac: Option<String>,
+    /// The HMAC TLV's check (RFC 8972 §4.8), when the packet has one and a key is given.
+    pub hmac_tlv: Option<String>,
 }
 
 /// Decodes `bytes` as a packet of `direction`. With `authenticated`, the 112-octet layout is
@@ -192,6 +195,7 @@ pub fn decode(
             Err(e) => tlv_problem = Some(e.to_string()),
         }
     }
+    let hmac_tlv = key.and_then(|k| hmac_tlv_said(bytes, mode, direction, k));
     let hmac = match (mode, verified) {
         (Mode::Unauthenticated, _) => None,
         (Mode::Authenticated, None) => Some("not checked: no key given".to_string()),
@@ -210,7 +214,30 @@ pub fn decode(
         tlvs,
         tlv_problem,
         hmac,
+        hmac_tlv,
     })
+}
+
+/// What the HMAC TLV's check says, when the packet has one.
+fn hmac_tlv_said(bytes: &[u8], mode: Mode, direction: Direction, k: &AuthKey) -> Option<String> {
+    let check = match direction {
+        Direction::Request => check_request_hmac_tlv(bytes, mode.base_len(), k),
+        Direction::Reply => check_hmac_tlv(bytes, mode.base_len(), k),
+    };
+    let said = match check {
+        HmacTlvCheck::Absent => return None,
+        HmacTlvCheck::Unrecognized => {
+            "not checked: flagged unrecognized (the reflector does not implement it)"
+        }
+        HmacTlvCheck::Verified {
+            integrity_failed: false,
+        } => "verified",
+        HmacTlvCheck::Verified {
+            integrity_failed: true,
+        } => "verified, flagged I: the request's TLVs failed their HMAC at the reflector",
+        HmacTlvCheck::Failed => "FAILED: the TLVs were altered, or it is not the last TLV",
+    };
+    Some(said.to_string())
 }
 
 fn describe(t: &pathprobe_proto::stamp::tlv::Tlv<'_>, base: usize) -> Tlv {
@@ -324,6 +351,9 @@ pub fn render(d: &Decoded) -> String {
     }
     if let Some(h) = &d.hmac {
         let _ = writeln!(out, "{:<32}{h}", "HMAC");
+    }
+    if let Some(h) = &d.hmac_tlv {
+        let _ = writeln!(out, "{:<32}{h}", "HMAC TLV");
     }
     for t in &d.tlvs {
         let flags = if t.flags.is_empty() {

@@ -91,7 +91,7 @@ fn capacity_demo(
         listen: refl_addr,
         max_rate_bps: 1_000_000_000,
         max_stage: Duration::from_mins(1),
-        key: None,
+        keys: None,
     })
     .map_err(|e| format!("did not run: {e}"))?;
     let load_port = SocketAddr::new(refl_addr.ip(), refl_addr.port().saturating_add(1));
@@ -469,7 +469,7 @@ pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
 
     let refl_cfg = ReflectorConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        key: None,
+        keys: None,
         stateful: false,
         max_rate_per_source: 250_000,
         reply_dscp: reflector::ReplyDscp::Copy,

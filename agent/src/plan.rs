@@ -145,7 +145,11 @@ pub struct ReflectorSection {
     pub listen: SocketAddr,
     #[serde(default)]
     pub stateful: bool,
+    /// Authenticated mode: the key(s) for every SSID (one per line, newest first).
     pub auth_key_file: Option<PathBuf>,
+    /// Authenticated mode: a key file per SSID (`000a.key`) and `default.key`; see
+    /// [`keyfile`].
+    pub auth_key_dir: Option<PathBuf>,
     #[serde(default = "default_max_rate")]
     pub max_rate_per_source: u32,
     /// `copy` (the default), `keep` or a DSCP from 0 to 63: see `reflect --reply-dscp`.
@@ -164,6 +168,16 @@ pub struct ReflectorSection {
     pub refuse_replays: bool,
 }
 
+/// A reflector's keys: from one file (for every SSID) or a directory (per SSID); `None`
+/// for unauthenticated mode.
+pub fn load_ring(file: Option<&Path>, dir: Option<&Path>) -> Result<Option<keyfile::KeyRing>> {
+    match (file, dir) {
+        (Some(f), _) => Ok(Some(keyfile::KeyRing::single(keyfile::load_all(f)?))),
+        (None, Some(d)) => keyfile::KeyRing::from_dir(d).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
 /// `reflect --max-rate-others`'s default.
 pub const fn default_max_rate_others() -> u32 {
     1_000
@@ -173,10 +187,17 @@ impl ReflectorSection {
     /// The reflector this section asks for; errors name the file and line.
     fn plan(&self, file: &Path, text: &str) -> Result<ReflectorConfig> {
         let r = self;
-        if r.refuse_replays && r.auth_key_file.is_none() {
+        if r.refuse_replays && r.auth_key_file.is_none() && r.auth_key_dir.is_none() {
             let at = line_of(text, &[Key::Name("reflector"), Key::Name("refuse_replays")]);
             return Err(Error::Config(format!(
-                "{}{at}: [reflector] refuse_replays needs auth_key_file: without authentication anyone can make a new request, so there is nothing to refuse",
+                "{}{at}: [reflector] refuse_replays needs auth_key_file or auth_key_dir: without authentication anyone can make a new request, so there is nothing to refuse",
+                file.display()
+            )));
+        }
+        if r.auth_key_file.is_some() && r.auth_key_dir.is_some() {
+            let at = line_of(text, &[Key::Name("reflector"), Key::Name("auth_key_dir")]);
+            return Err(Error::Config(format!(
+                "{}{at}: [reflector] has both auth_key_file and auth_key_dir: keep one (put the file in the directory as default.key)",
                 file.display()
             )));
         }
@@ -189,7 +210,8 @@ impl ReflectorSection {
         })?;
         Ok(ReflectorConfig {
             listen: r.listen,
-            key: r.auth_key_file.as_deref().map(keyfile::load).transpose()?,
+            keys: load_ring(r.auth_key_file.as_deref(), r.auth_key_dir.as_deref())?
+                .map(|ring| std::sync::Arc::new(keyfile::LiveRing::new(ring))),
             stateful: r.stateful,
             max_rate_per_source: r.max_rate_per_source,
             reply_dscp,
@@ -357,6 +379,7 @@ impl AgentFile {
         }
         if let Some(r) = &mut cfg.reflector {
             r.auth_key_file.as_mut().map(anchor);
+            r.auth_key_dir.as_mut().map(anchor);
         }
         for p in &mut cfg.paths {
             p.auth_key_file.as_mut().map(anchor);
@@ -1138,7 +1161,64 @@ mod tests {
         let second = AgentPlan::load(&p, &Overrides::default()).unwrap();
         assert_ne!(
             first.paths[0], second.paths[0],
-            "a new key restarts the path"
+            "a new key changes the plan (the daemon rekeys the running path)"
+        );
+    }
+
+    #[test]
+    fn a_reflector_key_directory_loads_and_a_new_key_changes_only_the_keys() {
+        let dir =
+            std::env::temp_dir().join(format!("pathprobe-config-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("000a.key");
+        std::fs::write(&key, "ab".repeat(32)).unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let p = write(
+            "keydir.toml",
+            &format!(
+                "agent_id = \"a\"\n[reflector]\nlisten = \"127.0.0.1:8620\"\nauth_key_dir = \"{}\"\n",
+                dir.display()
+            ),
+        );
+        let first = AgentPlan::load(&p, &Overrides::default())
+            .unwrap()
+            .reflector
+            .unwrap();
+        assert_eq!(first.keys.as_ref().unwrap().get().for_ssid(10).len(), 1);
+        assert!(first.keys.as_ref().unwrap().get().for_ssid(11).is_empty());
+        std::fs::write(&key, format!("{}\n{}\n", "cd".repeat(32), "ab".repeat(32))).unwrap();
+        let second = AgentPlan::load(&p, &Overrides::default())
+            .unwrap()
+            .reflector
+            .unwrap();
+        assert_ne!(first, second);
+        assert!(
+            first.differs_only_in_keys(&second),
+            "the running reflector takes the keys"
+        );
+        let moved = ReflectorConfig {
+            stateful: true,
+            ..second.clone()
+        };
+        assert!(
+            !first.differs_only_in_keys(&moved),
+            "a changed reflector starts again"
+        );
+        let both = write(
+            "bothkeys.toml",
+            &format!(
+                "agent_id = \"a\"\n[reflector]\nauth_key_file = \"{}\"\nauth_key_dir = \"{}\"\n",
+                key.display(),
+                dir.display()
+            ),
+        );
+        let err = AgentPlan::load(&both, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bothkeys.toml:4") && err.contains("keep one"),
+            "{err}"
         );
     }
 

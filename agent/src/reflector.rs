@@ -14,6 +14,11 @@
 //!   party with spoofed requests. Malformed requests, and in authenticated mode any request
 //!   whose HMAC fails, are counted and dropped before they cost anything: nothing is sent
 //!   back, and they take no token of the rate cap and no session.
+//! - Authenticated, its keys are a [`KeyRing`]: a rollover set per SSID and a default one,
+//!   tried newest first; the reply is signed with the key that verified the request, and
+//!   each key counts the requests it answered. `SIGHUP` swaps the ring in between two
+//!   batches ([`LiveRing`]): no socket is closed and no request is lost. The request's HMAC
+//!   TLV is checked and the reply's signed (RFC 8972 §4.8, [`pathprobe_proto::stamp::tlv`]).
 
 use std::collections::HashMap;
 use std::io;
@@ -23,14 +28,15 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use pathprobe_proto::stamp::reflect::{ReflectInput, finish, prepare_verified, verify};
+use std::sync::Arc;
+
+use crate::keyfile::{KeyRing, LiveRing, RingKey};
+use pathprobe_proto::report::TimestampSource;
 use pathprobe_proto::stamp::tlv::{
     ClassOfService, TimestampInformation, TlvIter, TlvReflectInfo, sync_source, timestamp_method,
     tlv_type,
 };
-use pathprobe_proto::stamp::{
-    AuthKey, ErrorEstimate, Mode, SenderPacket, SenderRepr, TimestampFormat,
-};
-use pathprobe_proto::{Error as ProtoError, report::TimestampSource};
+use pathprobe_proto::stamp::{ErrorEstimate, Mode, SenderPacket, SenderRepr, TimestampFormat};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::sys::{self, RecvBatch, RecvMeta, SendBatch};
@@ -79,7 +85,8 @@ impl std::str::FromStr for ReplyDscp {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReflectorConfig {
     pub listen: SocketAddr,
-    pub key: Option<AuthKey>,
+    /// Authenticated mode's keys (unauthenticated without), swappable while it runs.
+    pub keys: Option<Arc<LiveRing>>,
     pub stateful: bool,
     /// Most requests per second answered per source address; 0 turns the cap off.
     pub max_rate_per_source: u32,
@@ -89,6 +96,19 @@ pub struct ReflectorConfig {
     /// Authenticated mode: refuse a request whose (SSID, sequence number) was answered
     /// already, or that is older than the session's window ([`Replays`]).
     pub refuse_replays: bool,
+}
+
+impl ReflectorConfig {
+    /// Whether `other` is this reflector with other keys only (both authenticated): then
+    /// the running one takes the new keys ([`LiveRing::adopt`]) instead of starting again.
+    pub fn differs_only_in_keys(&self, other: &Self) -> bool {
+        self.keys.is_some()
+            && other.keys.is_some()
+            && Self {
+                keys: other.keys.clone(),
+                ..self.clone()
+            } == *other
+    }
 }
 
 /// Who is answered first when the reflector is flooded (an RFC 8762 reflector is an open
@@ -135,6 +155,8 @@ pub struct ReflectorStats {
     pub others_limited: AtomicU64,
     /// Authenticated requests refused as replays (`--refuse-replays`).
     pub replays_refused: AtomicU64,
+    /// Authenticated requests whose HMAC TLV failed: answered, their TLVs flagged I.
+    pub tlv_integrity_failed: AtomicU64,
 }
 
 impl ReflectorStats {
@@ -142,11 +164,12 @@ impl ReflectorStats {
     pub fn line(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "received {} reflected {} malformed {} auth-failed {} replays-refused {} rate-limited {} (over the total {}, others {}) session-limited {} send-failed {}",
+            "received {} reflected {} malformed {} auth-failed {} tlv-integrity-failed {} replays-refused {} rate-limited {} (over the total {}, others {}) session-limited {} send-failed {}",
             g(&self.received),
             g(&self.reflected),
             g(&self.malformed),
             g(&self.auth_failed),
+            g(&self.tlv_integrity_failed),
             g(&self.replays_refused),
             g(&self.rate_limited),
             g(&self.total_limited),
@@ -474,6 +497,10 @@ struct State<'a> {
     cfg: &'a ReflectorConfig,
     stats: &'a ReflectorStats,
     mode: Mode,
+    /// The keys this batch answers with, and the generation they are of.
+    ring: Option<(Arc<KeyRing>, u64)>,
+    /// The key each queued reply is signed with.
+    reply_keys: Vec<Option<Arc<RingKey>>>,
     /// Per source: the others, and (with `--allow`) the configured senders apart, so that
     /// a flood filling the table of the others cannot refuse them.
     limiter: RateLimiter,
@@ -486,9 +513,86 @@ struct State<'a> {
     ts_info: TimestampInformation,
 }
 
+impl<'a> State<'a> {
+    fn new(
+        cfg: &'a ReflectorConfig,
+        stats: &'a ReflectorStats,
+        ee: ErrorEstimate,
+        ts_info: TimestampInformation,
+    ) -> Self {
+        Self {
+            cfg,
+            stats,
+            mode: if cfg.keys.is_some() {
+                Mode::Authenticated
+            } else {
+                Mode::Unauthenticated
+            },
+            ring: cfg.keys.as_ref().map(|l| (l.get(), l.generation())),
+            reply_keys: Vec::with_capacity(BATCH),
+            limiter: RateLimiter::new(cfg.max_rate_per_source),
+            allowed: RateLimiter::new(cfg.max_rate_per_source),
+            total: Bucket::new(u64::from(cfg.admission.max_rate_total), sys::monotonic_ns()),
+            others: Bucket::new(
+                u64::from(cfg.admission.max_rate_others),
+                sys::monotonic_ns(),
+            ),
+            replays: Replays::default(),
+            sessions: Sessions::default(),
+            ee,
+            ts_info,
+        }
+    }
+}
+
 impl State<'_> {
     fn count(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Checks a request whole and, authenticated, finds the key that signed it (its SSID's
+    /// keys, newest first) and refuses a replay; `None` (counted) when it is to get no
+    /// answer, else the key to sign the answer with.
+    #[allow(
+        clippy::option_option,
+        reason = "refused, or answered without or with a key"
+    )]
+    fn authenticate(&mut self, payload: &[u8]) -> Option<Option<Arc<RingKey>>> {
+        match &self.ring {
+            None => {
+                if verify(payload, None).is_err() {
+                    Self::count(&self.stats.malformed);
+                    return None;
+                }
+                Some(None)
+            }
+            Some((ring, _)) => {
+                let Ok(packet) = SenderPacket::new_checked(payload, self.mode) else {
+                    Self::count(&self.stats.malformed);
+                    return None;
+                };
+                // The request's SSID chooses the keys; the newest that verifies answers.
+                let Some(key) = ring
+                    .for_ssid(packet.ssid())
+                    .iter()
+                    .find(|k| packet.verify(&k.key).is_ok())
+                else {
+                    Self::count(&self.stats.auth_failed);
+                    return None;
+                };
+                if self.cfg.refuse_replays {
+                    let req = SenderRepr::parse(&packet);
+                    if !self
+                        .replays
+                        .admit(req.ssid, req.sequence_number, req.timestamp)
+                    {
+                        Self::count(&self.stats.replays_refused);
+                        return None;
+                    }
+                }
+                Some(Some(Arc::clone(key)))
+            }
+        }
     }
 
     /// Queues the reply to one datagram in `tx`, or counts why there is none. The request is
@@ -513,24 +617,9 @@ impl State<'_> {
             Self::count(&self.stats.others_limited);
             return Self::count(&self.stats.rate_limited);
         }
-        match verify(payload, self.cfg.key.as_ref()) {
-            Ok(()) => {}
-            Err(ProtoError::AuthenticationFailed) => return Self::count(&self.stats.auth_failed),
-            Err(_) => return Self::count(&self.stats.malformed),
-        }
-        if self.cfg.refuse_replays && self.mode == Mode::Authenticated {
-            // Checked whole by `verify` above.
-            let Ok(packet) = SenderPacket::new_checked(payload, self.mode) else {
-                return Self::count(&self.stats.malformed);
-            };
-            let req = SenderRepr::parse(&packet);
-            if !self
-                .replays
-                .admit(req.ssid, req.sequence_number, req.timestamp)
-            {
-                return Self::count(&self.stats.replays_refused);
-            }
-        }
+        let Some(key) = self.authenticate(payload) else {
+            return;
+        };
         let limiter = if allowed {
             &mut self.allowed
         } else {
@@ -569,7 +658,7 @@ impl State<'_> {
         let dscp1 = requested_dscp(&payload[self.mode.base_len()..]);
         let (tos, carries_dscp1) = reply_tos(self.cfg.reply_dscp, dscp1, received_tos);
         let input = ReflectInput {
-            key: self.cfg.key.as_ref(),
+            key: key.as_ref().map(|k| &k.key),
             sequence_number,
             receive_timestamp: t2,
             error_estimate: self.ee,
@@ -578,16 +667,24 @@ impl State<'_> {
                 received_tos,
                 reverse_path: u8::from(!carries_dscp1),
                 timestamp_information: self.ts_info,
+                authenticated: key.is_some(),
             },
         };
         let Some(slot) = tx.next_slot() else { return };
         match prepare_verified(payload, &input, slot) {
             Ok(r) => {
+                if r.tlv_integrity_failed {
+                    Self::count(&self.stats.tlv_integrity_failed);
+                }
                 tx.commit(
                     r.len,
                     Some(src),
                     tos.map(|t| (self.cfg.listen.is_ipv6(), t)),
                 );
+                if let Some(k) = &key {
+                    k.answered.fetch_add(1, Ordering::Relaxed);
+                }
+                self.reply_keys.push(key);
             }
             Err(_) => Self::count(&self.stats.malformed),
         }
@@ -608,19 +705,27 @@ fn reply_tos(policy: ReplyDscp, dscp1: Option<u8>, received_tos: u8) -> (Option<
     }
 }
 
-/// Stamps T3 on every queued reply, as late as possible, and sends them.
-fn send_replies(sock: &Socket, tx: &mut SendBatch, cfg: &ReflectorConfig, stats: &ReflectorStats) {
+/// Stamps T3 on every queued reply, as late as possible, signs each with the key that
+/// verified its request, and sends them.
+fn send_replies(
+    sock: &Socket,
+    tx: &mut SendBatch,
+    keys: &mut Vec<Option<Arc<RingKey>>>,
+    cfg: &ReflectorConfig,
+    stats: &ReflectorStats,
+) {
     let queued = tx.len();
     let t3 = cfg
         .timestamp_format
         .encode(sys::realtime_ns())
         .unwrap_or_default();
-    for i in 0..queued {
+    for (i, key) in keys.iter().enumerate().take(queued) {
         if let Some(reply) = tx.payload_mut(i) {
             // Cannot fail: the reply was prepared in this mode.
-            let _ = finish(reply, t3, cfg.key.as_ref());
+            let _ = finish(reply, t3, key.as_ref().map(|k| &k.key));
         }
     }
+    keys.clear();
     let sent = tx.send(sock).unwrap_or(0);
     stats.reflected.fetch_add(sent as u64, Ordering::Relaxed);
     stats
@@ -637,26 +742,7 @@ pub fn run(
 ) -> Result<()> {
     let (rx_source, _) = sys::enable_timestamping(sock, false);
     let (ee, ts_info) = clock_info(cfg.timestamp_format, rx_source);
-    let mut reflector = State {
-        cfg,
-        stats,
-        mode: if cfg.key.is_some() {
-            Mode::Authenticated
-        } else {
-            Mode::Unauthenticated
-        },
-        limiter: RateLimiter::new(cfg.max_rate_per_source),
-        allowed: RateLimiter::new(cfg.max_rate_per_source),
-        total: Bucket::new(u64::from(cfg.admission.max_rate_total), sys::monotonic_ns()),
-        others: Bucket::new(
-            u64::from(cfg.admission.max_rate_others),
-            sys::monotonic_ns(),
-        ),
-        replays: Replays::default(),
-        sessions: Sessions::default(),
-        ee,
-        ts_info,
-    };
+    let mut reflector = State::new(cfg, stats, ee, ts_info);
     let mut rx = RecvBatch::new(BATCH);
     let mut tx = SendBatch::new(BATCH);
     let mut clock_checked = sys::monotonic_ns();
@@ -686,13 +772,19 @@ pub fn run(
             clock_checked = now_mono;
         }
         stats.received.fetch_add(n as u64, Ordering::Relaxed);
+        if let (Some(live), Some((ring, generation))) = (&cfg.keys, &mut reflector.ring)
+            && live.generation() != *generation
+        {
+            *generation = live.generation();
+            *ring = live.get();
+        }
         for i in 0..n {
             if let Some((payload, meta)) = rx.get(i) {
                 reflector.answer(payload, meta, now_mono, &mut tx);
             }
         }
         if !tx.is_empty() {
-            send_replies(sock, &mut tx, cfg, stats);
+            send_replies(sock, &mut tx, &mut reflector.reply_keys, cfg, stats);
         }
     }
     Ok(())
@@ -701,6 +793,135 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An authenticated request of `ssid`, signed with `key`: the probe the agent sends.
+    fn request(ssid: u16, key: &pathprobe_proto::stamp::AuthKey) -> Vec<u8> {
+        let cfg = crate::probe::ProbeConfig {
+            protocol: pathprobe_proto::report::ProbeProtocol::Stamp,
+            target: "127.0.0.1:862".parse().unwrap(),
+            bind: None,
+            interface: None,
+            fwmark: None,
+            interval_ns: 1_000_000,
+            count: None,
+            duration_ns: None,
+            size: crate::probe::default_size(Mode::Authenticated),
+            dscp: 46,
+            ttl: None,
+            key: Some(key.clone()),
+            window_ns: 1_000_000_000,
+            late_timeout_ns: 1_000_000_000,
+            no_reply_ns: 1_000_000_000,
+            ssid,
+            route_each_probe: false,
+        };
+        let mut buf = vec![0u8; cfg.size];
+        let ee = ErrorEstimate::from_u16(0x8001);
+        crate::probe::stamp::build_probe(&cfg, Some(key), &mut buf, 1, 1 << 40, ee);
+        buf
+    }
+
+    #[test]
+    fn each_ssid_is_answered_with_its_own_keys_newest_first_and_the_reply_signed_with_the_one_that_verified()
+     {
+        use pathprobe_proto::stamp::AuthKey;
+        use pathprobe_proto::stamp::tlv::{HmacTlvCheck, check_hmac_tlv};
+        let k = |b: u8| AuthKey::new(&[b; 32]).unwrap();
+        let dir = std::env::temp_dir().join(format!("pathprobe-refl-ring-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, keys: &[u8]| {
+            let text: String = keys
+                .iter()
+                .flat_map(|b| [format!("{b:02x}").repeat(32), "\n".to_string()])
+                .collect();
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+        };
+        write("000a.key", &[2, 1]);
+        write("default.key", &[3]);
+        let cfg = ReflectorConfig {
+            listen: "127.0.0.1:862".parse().unwrap(),
+            keys: Some(Arc::new(LiveRing::new(KeyRing::from_dir(&dir).unwrap()))),
+            stateful: false,
+            max_rate_per_source: 0,
+            timestamp_format: TimestampFormat::Ntp,
+            reply_dscp: ReplyDscp::Copy,
+            admission: Admission::default(),
+            refuse_replays: false,
+        };
+        let stats = ReflectorStats::default();
+        let mut refl = State::new(
+            &cfg,
+            &stats,
+            ErrorEstimate::from_u16(0x8001),
+            TimestampInformation::default(),
+        );
+        let meta = RecvMeta {
+            len: 0,
+            src: Some("127.0.0.1:40000".parse().unwrap()),
+            kernel_rx_ns: Some(1_800_000_000_000_000_000),
+            ttl: Some(64),
+            tos: Some(46 << 2),
+            truncated: false,
+        };
+        let mut tx = SendBatch::new(BATCH);
+        let mut answer = |payload: &[u8]| {
+            let before = tx.len();
+            refl.answer(payload, &meta, 1_000, &mut tx);
+            let reply = (tx.len() > before).then(|| tx.payload_mut(before).unwrap().to_vec());
+            (reply, refl.reply_keys.last().cloned().flatten())
+        };
+        // SSID 10 under its old key (a sender not moved yet) and its new one.
+        for (key, fingerprint) in [(k(1), k(1).fingerprint()), (k(2), k(2).fingerprint())] {
+            let (reply, used) = answer(&request(10, &key));
+            let reply = reply.expect("answered");
+            assert_eq!(
+                used.unwrap().key.fingerprint(),
+                fingerprint,
+                "signed with the key that verified"
+            );
+            assert_eq!(
+                check_hmac_tlv(&reply, 112, &key),
+                HmacTlvCheck::Verified {
+                    integrity_failed: false
+                }
+            );
+        }
+        // The default key is not SSID 10's; another SSID takes it.
+        assert!(answer(&request(10, &k(3))).0.is_none());
+        assert_eq!(stats.auth_failed.load(Ordering::Relaxed), 1);
+        assert!(answer(&request(7, &k(3))).0.is_some());
+        // A TLV changed on the way (the base HMAC still verifies): answered, flagged I.
+        let mut tampered = request(7, &k(3));
+        tampered[116] = 48 << 2;
+        let mut p = SenderPacket::new_unchecked(&mut tampered[..], Mode::Authenticated);
+        p.sign(&k(3));
+        let (reply, _) = answer(&tampered);
+        let reply = reply.unwrap();
+        assert_eq!(stats.tlv_integrity_failed.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            reply[112] & pathprobe_proto::stamp::tlv::FLAG_I,
+            pathprobe_proto::stamp::tlv::FLAG_I
+        );
+        // Each key counted what it answered.
+        let ring = cfg.keys.as_ref().unwrap().get();
+        let counts: Vec<(String, u64)> = ring
+            .keys()
+            .map(|(_, r)| (r.key.fingerprint(), r.answered.load(Ordering::Relaxed)))
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                (k(2).fingerprint(), 1),
+                (k(1).fingerprint(), 1),
+                (k(3).fingerprint(), 2)
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn rate_limiter_allows_a_tenth_of_a_second_burst_then_the_rate() {

@@ -412,3 +412,163 @@ fn sighup_restarts_changed_paths_and_unchanged_ones_lose_no_window() {
     assert!(fresh.last().unwrap().1 <= stopped_at);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The reflector's last `keys: ...` summary in its log: (fingerprint, answered) per key of
+/// SSID 000a, newest first.
+fn key_counts(log: &Path) -> Vec<(String, u64)> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let Some(line) = text.lines().rev().find(|l| l.contains("ssid 000a: ")) else {
+        return Vec::new();
+    };
+    let set = line.split("ssid 000a: ").nth(1).unwrap();
+    let set = set.split(';').next().unwrap();
+    set.split(", ")
+        .map(|k| {
+            let mut it = k.split_whitespace();
+            let fp = it.next().unwrap().to_string();
+            (fp, it.next().unwrap().parse().unwrap())
+        })
+        .collect()
+}
+
+/// Waits for two of the reflector's counter lines in a row in which the old key (the
+/// second) answered nothing more and the new one did; returns the last.
+fn wait_until_the_old_key_is_unused(log: &Path) -> Vec<(String, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut before = key_counts(log);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the old key kept answering: {before:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1_100));
+        let now = key_counts(log);
+        if now.len() == 2 && before.len() == 2 && now[1] == before[1] && now[0].1 > before[0].1 {
+            return now;
+        }
+        before = now;
+    }
+}
+
+/// Path `er` ran as one session through `reloaded_at`, and every probe it sent was
+/// answered, with nothing malformed (failing its HMAC) or late.
+fn every_probe_answered_in_one_session(db: &Path, reloaded_at: u64) {
+    let store = SqliteStore::open_read_only(db).unwrap();
+    one_session_throughout(&store, "er", reloaded_at);
+    let sel = pathprobe_collector::store::Selector {
+        name_or_kind: "er".into(),
+        site: None,
+    };
+    let c = store.query(&sel, 0, u64::MAX).unwrap().aggregate.counters;
+    eprintln!(
+        "sent {} received {} lost {} malformed {} late {}",
+        c.sent, c.received, c.lost, c.malformed, c.late
+    );
+    assert!(c.sent >= 5_000, "{c:?}");
+    assert_eq!((c.lost, c.malformed, c.late), (0, 0, 0), "{c:?}");
+    assert_eq!(c.received, c.sent, "{c:?}");
+}
+
+/// The rollover the README gives, while a path probes 1,000 times a second: the reflector
+/// takes the new key beside the old one, the agent signs with the new one, the old one
+/// is dropped once it answers nothing more. Nothing is lost, nothing fails its HMAC, and
+/// the path runs as one session throughout.
+#[test]
+fn a_key_rollover_at_1000_a_second_loses_no_probe() {
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("pathprobe-daemon-rekey-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    common::write_secret(&dir.join("tokens"), &format!("k-agent {TOKEN}\n"));
+    let (k1, k2) = (
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210",
+    );
+    let reflector_key = dir.join("keys").join("000a.key");
+    let agent_key = dir.join("agent.key");
+    common::write_secret(&reflector_key, &format!("{k1}\n"));
+    common::write_secret(&agent_key, &format!("{k1}\n"));
+
+    let reflector_addr = free_udp();
+    let reflector_log = dir.join("reflector.log");
+    let mut reflector = Command::new(AGENT)
+        .args(["reflect", "--listen", &reflector_addr.to_string()])
+        .args(["--stats-interval", "1s", "--auth-key-dir"])
+        .arg(dir.join("keys"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&reflector_log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_log(&reflector_log, "reflecting", 1);
+    let collector_addr = free_tcp();
+    let collector = Collector::start(&dir, collector_addr);
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "agent_id = \"k-agent\"\n[collector]\nurl = \"http://{collector_addr}\"\ntoken = \"{TOKEN}\"\n[[path]]\nname = \"er\"\nkind = \"expressroute\"\ntarget = \"{reflector_addr}\"\nrate = 1000\nwindow = \"1s\"\ntimeout = \"500ms\"\nssid = 10\nauth_key_file = \"agent.key\"\n"
+        ),
+    )
+    .unwrap();
+    let agent_log = dir.join("agent.log");
+    let mut agent = run_agent(&config, &agent_log);
+    let hup = |pid: u32| {
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let started_at = now_ns();
+    std::thread::sleep(Duration::from_secs(2));
+
+    // 1. The reflector accepts the new key, tried first, beside the old one.
+    common::write_secret(&reflector_key, &format!("{k2}\n{k1}\n"));
+    hup(reflector.id());
+    wait_for_log(&reflector_log, "keys loaded", 1);
+    std::thread::sleep(Duration::from_secs(1));
+    // 2. The agent signs with the new key.
+    common::write_secret(&agent_key, &format!("{k2}\n"));
+    hup(agent.id());
+    wait_for_log(&agent_log, "path key changed", 1);
+    // 3. Once the old key answers nothing more (two counter lines alike), it goes.
+    let before = wait_until_the_old_key_is_unused(&reflector_log);
+    assert!(
+        before[1].1 > 0,
+        "the old key answered before the rollover: {before:?}"
+    );
+    common::write_secret(&reflector_key, &format!("{k2}\n"));
+    hup(reflector.id());
+    wait_for_log(&reflector_log, "keys loaded", 2);
+    std::thread::sleep(Duration::from_secs(2));
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    assert!(agent.wait().unwrap().success());
+    let _ = Command::new("kill")
+        .args(["-TERM", &reflector.id().to_string()])
+        .status();
+    assert!(reflector.wait().unwrap().success());
+    collector.stop();
+
+    let text = std::fs::read_to_string(&reflector_log).unwrap();
+    let stopped = text.lines().rev().find(|l| l.contains("stopped:")).unwrap();
+    assert!(
+        stopped.contains(" malformed 0 auth-failed 0 tlv-integrity-failed 0 "),
+        "{stopped}"
+    );
+    let after = key_counts(&reflector_log);
+    assert_eq!(after.len(), 1, "only the new key is left: {after:?}");
+    assert!(after[0].1 > before[0].1, "the new key answers: {after:?}");
+    let agent_text = std::fs::read_to_string(&agent_log).unwrap();
+    assert!(
+        agent_text.contains(r#"rekeyed=["er"] restarted=[]"#),
+        "{agent_text}"
+    );
+
+    every_probe_answered_in_one_session(&dir.join("store.db"), started_at + 3_000_000_000);
+    let _ = std::fs::remove_dir_all(&dir);
+}

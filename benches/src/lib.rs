@@ -209,6 +209,33 @@ pub fn start_reflector(extra: &[&str]) -> Result<(Guard, SocketAddr)> {
     start_listening(cmd, false)
 }
 
+/// A STAMP request laid out as the agent sends its probes by default: the base packet, a
+/// Class-of-Service TLV (DSCP1 0) and, authenticated, the HMAC TLV, signed with `key`.
+pub fn stamp_probe(
+    key: Option<&pathprobe_proto::stamp::AuthKey>,
+    sequence_number: u32,
+    timestamp: u64,
+) -> Vec<u8> {
+    use pathprobe_proto::stamp::tlv::{ClassOfService, HMAC_TLV_LEN, TlvWriter, sign_hmac_tlv};
+    use pathprobe_proto::stamp::{Mode, SenderPacket};
+    let mode = if key.is_some() {
+        Mode::Authenticated
+    } else {
+        Mode::Unauthenticated
+    };
+    let mut buf = stamp_request(mode, None, sequence_number, timestamp);
+    buf.resize(mode.base_len() + 8 + key.map_or(0, |_| HMAC_TLV_LEN), 0);
+    let mut p = SenderPacket::new_unchecked(&mut buf[..], mode);
+    let mut w = TlvWriter::new(p.tlvs_mut());
+    let _ = w.class_of_service(ClassOfService::default());
+    let at = key.and_then(|_| w.hmac_placeholder().ok());
+    if let (Some(k), Some(at)) = (key, at) {
+        sign_hmac_tlv(&mut buf, mode.base_len(), at, k);
+        SenderPacket::new_unchecked(&mut buf[..], mode).sign(k);
+    }
+    buf
+}
+
 /// A Session-Sender test packet of `mode` (signed with `key` when given): SSID 1, these
 /// sequence number and T1, an unsynchronized error estimate.
 pub fn stamp_request(

@@ -21,7 +21,13 @@ fuzz_target!(|data: &[u8]| {
             let _ = ReflectorRepr::parse(&p).timestamps_unix_nanos();
         }
     }
-    for k in [None, Some(&key)] {
+    // The same datagram with a valid base HMAC, so that the authenticated reflection gets
+    // past it to the TLVs and their HMAC TLV.
+    let mut signed = data.to_vec();
+    if let Ok(mut p) = SenderPacket::new_checked(&mut signed[..], Mode::Authenticated) {
+        p.sign(&key);
+    }
+    for (k, data) in [(None, data), (Some(&key), data), (Some(&key), &signed[..])] {
         let input = ReflectInput {
             key: k,
             sequence_number: None,

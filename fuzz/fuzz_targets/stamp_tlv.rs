@@ -1,10 +1,12 @@
 //! Any TLV area: iteration stays in bounds, reflection keeps the length and the TLV
-//! boundaries, typed values never panic.
+//! boundaries, typed values and the HMAC TLV's checks never panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use pathprobe_proto::stamp::AuthKey;
 use pathprobe_proto::stamp::tlv::{
-    ClassOfService, TimestampInformation, TlvIter, TlvReflectInfo, reflect_tlvs,
+    ClassOfService, HmacTlvAt, TimestampInformation, TlvIter, TlvReflectInfo, check_hmac_tlv,
+    check_request_hmac_tlv, find_hmac_tlv, flag_integrity_failed, reflect_tlvs,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -27,4 +29,14 @@ fuzz_target!(|data: &[u8]| {
         .map(|t| (t.offset, t.tlv_type, t.value.len()))
         .collect();
     assert_eq!(bounds, back);
+    if let HmacTlvAt::At(at) = find_hmac_tlv(data) {
+        assert!(at + 20 <= data.len());
+    }
+    let key = AuthKey::new(&[7u8; 32]).expect("a 32-octet key");
+    let mut packet = vec![0u8; 112];
+    packet.extend_from_slice(data);
+    let _ = check_hmac_tlv(&packet, 112, &key);
+    let _ = check_request_hmac_tlv(&packet, 112, &key);
+    let mut flagged = vec![0u8; data.len()];
+    flag_integrity_failed(data, &mut flagged);
 });

@@ -22,8 +22,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::pacer::{Load, pace};
 use super::sink::Sink;
 use super::wire::{self, CHALLENGE_LEN, HEADER_LEN, Reply, Request, VERSION};
+use crate::keyfile::LiveRing;
 use crate::{Error, Result};
-use pathprobe_proto::stamp::AuthKey;
 
 /// Longest control line accepted.
 const MAX_LINE: u64 = 4096;
@@ -45,8 +45,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_rate_bps: u64,
     pub max_stage: Duration,
-    /// The reflector's key: a test must prove it holds it.
-    pub key: Option<AuthKey>,
+    /// The reflector's keys: a test must prove it holds one of them.
+    pub keys: Option<Arc<LiveRing>>,
 }
 
 /// IP octets of a full-size TCP segment on a 1500-octet MTU, and its payload (with the
@@ -278,7 +278,7 @@ impl Server {
             Ok(_) => return refuse("say hello first".to_string()),
             Err(e) => return refuse(e),
         };
-        let Some(key) = &self.cfg.key else {
+        let Some(keys) = &self.cfg.keys else {
             return Some(session);
         };
         let mut challenge = [0u8; CHALLENGE_LEN];
@@ -295,9 +295,11 @@ impl Server {
             Ok(_) => return refuse("this reflector has an authentication key: answer the challenge with `auth` (give the capacity test --auth-key-file)".to_string()),
             Err(e) => return refuse(e),
         };
-        let valid = wire::from_hex::<16>(&proof)
-            .ok()
-            .is_some_and(|p| wire::check_hello_proof(key, &challenge, session, &p).is_ok());
+        let ring = keys.get();
+        let valid = wire::from_hex::<16>(&proof).ok().is_some_and(|p| {
+            ring.keys()
+                .any(|(_, k)| wire::check_hello_proof(&k.key, &challenge, session, &p).is_ok())
+        });
         if valid {
             Some(session)
         } else {

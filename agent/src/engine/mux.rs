@@ -47,6 +47,7 @@ use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 use pathprobe_proto::report::{ProbeProtocol, TimestampSource, Timestamping};
+use pathprobe_proto::stamp::tlv::{HmacTlvCheck, check_hmac_tlv};
 use pathprobe_proto::stamp::{
     AuthKey, ErrorEstimate, Mode, ReflectorPacket, ReflectorRepr, TimestampFormat,
 };
@@ -55,6 +56,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::session::{Marks, Reply, Sent, Tracker, TrackerConfig, WindowStats};
 use super::timetable::{self, Due, Note, Slots, Timetable};
 use super::{Sink, Timing};
+use crate::keyfile::LiveKey;
 use crate::pin::io_err;
 use crate::probe::ProbeConfig;
 use crate::probe::stamp::{build_probe, canonical, far_dscp};
@@ -121,6 +123,8 @@ struct PathShared {
     malformed: AtomicU64,
     /// The far end answered "port unreachable" (ICMP).
     unreachable: AtomicBool,
+    /// Authenticated: the far end returned the HMAC TLV unrecognized (said once in the log).
+    tlv_unprotected: AtomicBool,
 }
 
 /// The sender's records.
@@ -374,9 +378,27 @@ pub struct PathHandle {
     pub id: u32,
     pub info: PathInfo,
     done: mpsc::Receiver<PathEnd>,
+    key: Option<Arc<LiveKey>>,
+    late_timeout: Duration,
 }
 
 impl PathHandle {
+    /// Signs the path's probes with `key` from the next one on, without a gap: answers to
+    /// the probes signed with the key before still verify for as long as they can come
+    /// (twice the late timeout). False for an unauthenticated path, which has no key to
+    /// change (its mode is its plan's).
+    pub fn set_key(&self, key: AuthKey) -> bool {
+        self.key.as_ref().is_some_and(|live| {
+            live.replace(key, self.late_timeout.saturating_mul(2));
+            true
+        })
+    }
+
+    /// The fingerprint of the key it signs with now, if authenticated.
+    pub fn key_fingerprint(&self) -> Option<String> {
+        self.key.as_ref().map(|k| k.fingerprint())
+    }
+
     /// How the path ended, if it has.
     pub fn ended(&self) -> Option<PathEnd> {
         match self.done.try_recv() {
@@ -406,6 +428,8 @@ struct SendPath {
     tr: Arc<Transport>,
     shared: Arc<PathShared>,
     cfg: ProbeConfig,
+    /// Authenticated: the key it signs with now.
+    key: Option<Arc<LiveKey>>,
     ee: ErrorEstimate,
     seq: u32,
     /// A `tcp-syn` path's flow.
@@ -431,7 +455,7 @@ struct Peer {
     /// Its probes' interval: the receiver paces its wake-ups to the paths' rate.
     interval_ns: u64,
     mode: Mode,
-    key: Option<AuthKey>,
+    key: Option<Arc<LiveKey>>,
     shared: Arc<PathShared>,
     /// A `tcp-syn` path's flow: which ports of ours its answers come to.
     syn: Option<Arc<SynFlow>>,
@@ -616,6 +640,7 @@ impl Core {
         };
         let path = self.next_path.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(PathShared::default());
+        let key = cfg.key.clone().map(|k| Arc::new(LiveKey::new(k)));
         let _ = self.to_receiver.send(RecvCmd::Add {
             tr: Arc::clone(&tr),
             target: canonical(cfg.target),
@@ -624,7 +649,7 @@ impl Core {
                 ssid: cfg.ssid,
                 interval_ns: cfg.timing().interval_ns,
                 mode: cfg.mode(),
-                key: cfg.key.clone(),
+                key: key.clone(),
                 shared: Arc::clone(&shared),
                 syn: syn.clone(),
             }),
@@ -659,10 +684,12 @@ impl Core {
             timing,
             tracker,
             shared,
+            key: key.clone(),
             send: Box::new(SendPath {
                 tr,
                 shared: send_shared,
                 cfg: cfg.clone(),
+                key,
                 ee,
                 seq: 0,
                 syn,
@@ -684,6 +711,7 @@ struct Opened {
     timing: Timing,
     tracker: TrackerConfig,
     shared: Arc<PathShared>,
+    key: Option<Arc<LiveKey>>,
     send: Box<SendPath>,
     slots: Slots,
 }
@@ -938,7 +966,10 @@ fn send_chunk(
             // A raw socket takes no port: the segment carries it.
             (flow.syn(buf, p.seq), SocketAddr::new(p.cfg.target.ip(), 0))
         } else {
-            build_probe(&p.cfg, buf, p.seq, t1, p.ee);
+            match &p.key {
+                Some(k) => k.with_current(|k| build_probe(&p.cfg, Some(k), buf, p.seq, t1, p.ee)),
+                None => build_probe(&p.cfg, None, buf, p.seq, t1, p.ee),
+            }
             (p.cfg.size, p.cfg.target)
         };
         // The sockets keep the default TOS (0): DSCP 0 needs no ancillary data.
@@ -1020,12 +1051,13 @@ struct RecvSock {
 impl RecvSock {
     /// The path an answer from `src` belongs to, with the packet checked whole for it:
     /// the only path of that far end on this socket, or the one whose SSID it carries.
+    /// With it, where the answer's TLVs start, and whether they are to be believed.
     /// `Err` names a path whose far end sent something that is not an answer of its.
     fn credit<'a>(
         &'a self,
         src: SocketAddr,
         payload: &[u8],
-    ) -> std::result::Result<(&'a Peer, ReflectorRepr, usize), Option<&'a Peer>> {
+    ) -> std::result::Result<(&'a Peer, ReflectorRepr, usize, bool), Option<&'a Peer>> {
         let Some(far) = self.peers.get(&canonical(src)) else {
             // From nowhere we probe: a socket of one path counts it as that path's, as a
             // connected socket's session did.
@@ -1054,11 +1086,30 @@ impl RecvSock {
             if peer.mode != mode {
                 continue;
             }
-            if peer.key.as_ref().is_some_and(|k| packet.verify(k).is_err()) {
-                return Err(Some(peer));
-            }
             let tlv_at = payload.len() - packet.tlvs().len();
-            return Ok((peer, ReflectorRepr::parse(&packet), tlv_at));
+            let mut tlvs_trusted = true;
+            if let Some(key) = &peer.key {
+                // The base HMAC and the HMAC TLV, with the key that signed the probe.
+                let check = key.first(|k| {
+                    packet
+                        .verify(k)
+                        .is_ok()
+                        .then(|| check_hmac_tlv(payload, tlv_at, k))
+                });
+                match check {
+                    None | Some(HmacTlvCheck::Failed) => return Err(Some(peer)),
+                    Some(HmacTlvCheck::Verified { integrity_failed }) => {
+                        tlvs_trusted = !integrity_failed;
+                    }
+                    Some(HmacTlvCheck::Absent) => tlvs_trusted = tlv_at == payload.len(),
+                    Some(HmacTlvCheck::Unrecognized) => {
+                        if !peer.shared.tlv_unprotected.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(far_end = %src, "the reflector does not implement the HMAC TLV (RFC 8972 §4.8): its TLV answers (the DSCP it received) are not integrity-protected");
+                        }
+                    }
+                }
+            }
+            return Ok((peer, ReflectorRepr::parse(&packet), tlv_at, tlvs_trusted));
         }
         Err(peers.first())
     }
@@ -1130,7 +1181,7 @@ fn drain_socket(core: &Core, rs: &RecvSock, batch: &mut RecvBatch, errs: &mut Er
             );
             return;
         }
-        let (peer, r, tlv_at) = match rs.credit(src, payload) {
+        let (peer, r, tlv_at, tlvs_trusted) = match rs.credit(src, payload) {
             Ok(found) => found,
             Err(peer) => {
                 count_malformed(core, peer);
@@ -1146,7 +1197,11 @@ fn drain_socket(core: &Core, rs: &RecvSock, batch: &mut RecvBatch, errs: &mut Er
         let marks = Marks {
             // 0: a reflector that does not fill in the Session-Sender TTL.
             far_ttl: Some(r.sender_ttl).filter(|&t| t > 0),
-            far_dscp: far_dscp(&payload[tlv_at..]),
+            far_dscp: if tlvs_trusted {
+                far_dscp(&payload[tlv_at..])
+            } else {
+                None
+            },
             back_ttl: meta.ttl,
             back_dscp: meta.tos.map(|t| t >> 2),
         };
@@ -1789,6 +1844,7 @@ impl<'s> Engine<'s> {
         let opened = self.core.open_path(cfg, None)?;
         let path = opened.path;
         let info = opened.info;
+        let key = opened.key.clone();
         let (done_tx, done) = mpsc::channel();
         let (agg, start) = opened.split(sink(&info), done_tx);
         let _ = self.to_agg.send(AggCmd::Add {
@@ -1800,6 +1856,8 @@ impl<'s> Engine<'s> {
             id: path,
             info,
             done,
+            key,
+            late_timeout: Duration::from_nanos(cfg.late_timeout_ns),
         })
     }
 
@@ -1985,7 +2043,7 @@ mod tests {
         let addr = sock.local_addr().unwrap().as_socket().unwrap();
         let cfg = ReflectorConfig {
             listen: addr,
-            key: None,
+            keys: None,
             stateful: false,
             max_rate_per_source: 0,
             timestamp_format: TimestampFormat::Ntp,

@@ -16,7 +16,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use pathprobe_proto::report::{ProbeProtocol, Timestamping};
-use pathprobe_proto::stamp::tlv::{ClassOfService, HEADER_LEN};
+use pathprobe_proto::stamp::tlv::{ClassOfService, HEADER_LEN, HMAC_TLV_LEN};
 use pathprobe_proto::stamp::{AuthKey, Mode};
 
 pub use crate::engine::Sink;
@@ -31,11 +31,14 @@ pub const MAX_SIZE: usize = 1472;
 /// Octets of the Class-of-Service TLV, with which the far end tells what DSCP it received.
 pub(crate) const COS_TLV_LEN: usize = HEADER_LEN + ClassOfService::LEN;
 
-/// The default probe size: the base packet and a Class-of-Service TLV (52 octets
-/// unauthenticated, 120 authenticated), so that every probe learns the DSCP the far end
-/// received.
+/// The default probe size: the base packet and a Class-of-Service TLV, so that every probe
+/// learns the DSCP the far end received, and in authenticated mode the HMAC TLV that
+/// protects it (52 octets unauthenticated, 140 authenticated).
 pub const fn default_size(mode: Mode) -> usize {
-    mode.base_len() + COS_TLV_LEN
+    match mode {
+        Mode::Unauthenticated => mode.base_len() + COS_TLV_LEN,
+        Mode::Authenticated => mode.base_len() + COS_TLV_LEN + HMAC_TLV_LEN,
+    }
 }
 
 /// How to probe.
@@ -95,6 +98,17 @@ impl ProbeConfig {
                 } else {
                     "unauthenticated"
                 }
+            )));
+        }
+        if self.protocol == ProbeProtocol::Stamp
+            && self.key.is_some()
+            && self.size > base
+            && self.size < base + HMAC_TLV_LEN
+        {
+            return Err(Error::Config(format!(
+                "--size {} leaves no room for the HMAC TLV that protects an authenticated probe's TLVs: use {base} (no TLVs) or {} to {MAX_SIZE}",
+                self.size,
+                base + HMAC_TLV_LEN
             )));
         }
         if self.dscp > 63 {

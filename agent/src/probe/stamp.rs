@@ -9,14 +9,17 @@
 //! ```
 //!
 //! Every probe is the base packet, a Class-of-Service TLV asking the far end which DSCP it
-//! received, and padding to the configured size, signed in authenticated mode. The engine
+//! received, and padding to the configured size; in authenticated mode an HMAC TLV
+//! (RFC 8972 §4.8) closes the TLVs and the base packet is signed. The engine
 //! keeps the schedule, sends every due probe of a socket in one batch, verifies each answer
 //! whole before it counts, and dates it by its kernel receive stamp.
 
 use std::net::SocketAddr;
 
-use pathprobe_proto::stamp::ErrorEstimate;
-use pathprobe_proto::stamp::tlv::{ClassOfService, HEADER_LEN, TlvIter, TlvWriter, tlv_type};
+use pathprobe_proto::stamp::tlv::{
+    ClassOfService, HEADER_LEN, HMAC_TLV_LEN, TlvIter, TlvWriter, sign_hmac_tlv, tlv_type,
+};
+use pathprobe_proto::stamp::{AuthKey, ErrorEstimate};
 use pathprobe_proto::stamp::{SenderPacket, SenderRepr};
 
 use super::{COS_TLV_LEN, ProbeConfig};
@@ -24,8 +27,16 @@ use super::{COS_TLV_LEN, ProbeConfig};
 /// Writes probe `seq` with T1 into `buf` (exactly `cfg.size` octets): base packet, a
 /// Class-of-Service TLV asking for our DSCP back (when it fits with nothing or a whole TLV
 /// after it), one Extra Padding TLV for the rest (zero fill when fewer than 4 octets
-/// remain), HMAC.
-pub(crate) fn build_probe(cfg: &ProbeConfig, buf: &mut [u8], seq: u32, t1: u64, ee: ErrorEstimate) {
+/// remain), and in authenticated mode the HMAC TLV and the HMAC, each signed with `key`
+/// (the path's current one).
+pub(crate) fn build_probe(
+    cfg: &ProbeConfig,
+    key: Option<&AuthKey>,
+    buf: &mut [u8],
+    seq: u32,
+    t1: u64,
+    ee: ErrorEstimate,
+) {
     let mode = cfg.mode();
     let mut p = SenderPacket::new_unchecked(&mut buf[..cfg.size], mode);
     SenderRepr {
@@ -37,7 +48,9 @@ pub(crate) fn build_probe(cfg: &ProbeConfig, buf: &mut [u8], seq: u32, t1: u64, 
     .emit(&mut p);
     let area = p.tlvs_mut();
     area.fill(0);
-    let len = area.len();
+    // Authenticated, any TLVs at all end with the HMAC TLV (`validate` leaves room for it).
+    let hmac_tlv = key.filter(|_| !area.is_empty());
+    let len = area.len() - hmac_tlv.map_or(0, |_| HMAC_TLV_LEN);
     let mut w = TlvWriter::new(area);
     // The writes cannot fail: each fits in what is left of the area.
     if len == COS_TLV_LEN || len >= COS_TLV_LEN + HEADER_LEN {
@@ -50,8 +63,13 @@ pub(crate) fn build_probe(cfg: &ProbeConfig, buf: &mut [u8], seq: u32, t1: u64, 
     if rest >= HEADER_LEN {
         let _ = w.extra_padding(rest);
     }
-    if let Some(k) = &cfg.key {
-        p.sign(k);
+    let at = hmac_tlv.and_then(|_| w.hmac_placeholder().ok());
+    if let Some(k) = key {
+        let packet = &mut buf[..cfg.size];
+        if let Some(at) = at {
+            sign_hmac_tlv(packet, mode.base_len(), at, k);
+        }
+        SenderPacket::new_unchecked(packet, mode).sign(k);
     }
 }
 
@@ -67,12 +85,13 @@ pub(crate) fn canonical(a: SocketAddr) -> SocketAddr {
 }
 
 /// DSCP2 of a reply's Class-of-Service TLV: the DSCP the far end received. Not from a TLV
-/// the reflector flagged as unrecognized or malformed (it echoes those unchanged).
+/// the reflector flagged as unrecognized, malformed (it echoes those unchanged) or failing
+/// its integrity check.
 pub(crate) fn far_dscp(tlvs: &[u8]) -> Option<u8> {
     TlvIter::new(tlvs)
         .map_while(Result::ok)
         .find(|t| t.tlv_type == tlv_type::CLASS_OF_SERVICE)
-        .filter(|t| !t.unrecognized() && !t.malformed())
+        .filter(|t| !t.unrecognized() && !t.malformed() && !t.integrity_failed())
         .and_then(|t| ClassOfService::parse(t.value).ok())
         .map(|c| c.dscp2)
 }

@@ -1,8 +1,9 @@
 //! The reflector's reply rate at saturation, unauthenticated, authenticated, and
 //! authenticated with replay refusal (`--refuse-replays`), in one run on loopback: a client
-//! sends distinct requests (each its own sequence number and T1, signed where a key is
-//! used, so that none is a replay) in batches of 64 as fast as it can for `--trial`, and
-//! counts the answers.
+//! sends distinct requests laid out as the agent's probes (a Class-of-Service TLV, and
+//! authenticated the HMAC TLV: 52 and 140 octets), each its own sequence number and T1 so
+//! that none is a replay, in batches of 64 as fast as it can for `--trial`, and counts the
+//! answers.
 //!
 //! ```sh
 //! cargo build --release -p pathprobe-agent -p pathprobe-benches
@@ -22,8 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::Parser;
 use pathprobe_agent::sys::{RecvBatch, SendBatch};
-use pathprobe_benches::{stamp_request, start_reflector};
-use pathprobe_proto::stamp::{AuthKey, Mode};
+use pathprobe_benches::{stamp_probe, start_reflector};
+use pathprobe_proto::stamp::AuthKey;
 use socket2::{Domain, Protocol, Socket, Type};
 
 #[derive(Debug, Parser)]
@@ -42,13 +43,13 @@ struct Args {
 /// A mode's name, the reflector's flags and the requests to send it.
 type Mode3<'a> = (&'a str, Vec<&'a str>, &'a [Vec<u8>]);
 
-/// `n` requests of `mode` (signed with `key` when authenticated), sequence numbers and T1
-/// counting up.
-fn requests(mode: Mode, key: Option<&AuthKey>, n: usize) -> Vec<Vec<u8>> {
+/// `n` requests laid out as the agent's probes (authenticated with the HMAC TLV when
+/// signed with `key`), sequence numbers and T1 counting up.
+fn requests(key: Option<&AuthKey>, n: usize) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
             let seq = u32::try_from(i).unwrap();
-            stamp_request(mode, key, seq, 1 << 40 | u64::from(seq))
+            stamp_probe(key, seq, 1 << 40 | u64::from(seq))
         })
         .collect()
 }
@@ -107,8 +108,8 @@ fn main() -> Result<()> {
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))?;
     let key = AuthKey::new(&raw)?;
     let key_path = key_file.to_str().unwrap().to_string();
-    let plain = requests(Mode::Unauthenticated, None, args.requests);
-    let signed = requests(Mode::Authenticated, Some(&key), args.requests);
+    let plain = requests(None, args.requests);
+    let signed = requests(Some(&key), args.requests);
     let modes: [Mode3<'_>; 3] = [
         ("unauthenticated", vec![], &plain),
         ("authenticated", vec!["--auth-key-file", &key_path], &signed),

@@ -52,10 +52,29 @@ impl AuthKey {
         Ok(Self { mac, digest })
     }
 
+    /// A name for the key that does not give it away: the first four octets of its
+    /// SHA-256, in hexadecimal (`sha256sum` of the key's raw octets begins with it). Logs
+    /// and counters name keys by it, so an operator can tell which key answers.
+    pub fn fingerprint(&self) -> String {
+        use std::fmt::Write as _;
+        self.digest[..4].iter().fold(String::new(), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    }
+
     /// The truncated HMAC of `covered`.
     pub fn tag(&self, covered: &[u8]) -> [u8; HMAC_LEN] {
+        self.tag_parts(&[covered])
+    }
+
+    /// The truncated HMAC of the concatenation of `parts` (the HMAC TLV covers two runs
+    /// of the packet that are not adjacent).
+    pub fn tag_parts(&self, parts: &[&[u8]]) -> [u8; HMAC_LEN] {
         let mut mac = self.mac.clone();
-        mac.update(covered);
+        for p in parts {
+            mac.update(p);
+        }
         let full = mac.finalize().into_bytes();
         let mut out = [0u8; HMAC_LEN];
         out.copy_from_slice(&full[..HMAC_LEN]);
@@ -64,8 +83,15 @@ impl AuthKey {
 
     /// Checks `tag` against the HMAC of `covered` in constant time.
     pub fn verify(&self, covered: &[u8], tag: &[u8]) -> Result<()> {
+        self.verify_parts(&[covered], tag)
+    }
+
+    /// Checks `tag` against the HMAC of the concatenation of `parts` in constant time.
+    pub fn verify_parts(&self, parts: &[&[u8]], tag: &[u8]) -> Result<()> {
         let mut mac = self.mac.clone();
-        mac.update(covered);
+        for p in parts {
+            mac.update(p);
+        }
         // verify_truncated_left compares the leftmost tag.len() octets in constant time;
         // insist on the full 16 so that a short tag cannot weaken the check.
         if tag.len() != HMAC_LEN {
@@ -98,6 +124,21 @@ mod tests {
             key.verify(b"Hi there", &tag),
             Err(Error::AuthenticationFailed)
         );
+    }
+
+    #[test]
+    fn parts_are_the_concatenation() {
+        let key = AuthKey::new(&[0x0b; 20]).unwrap();
+        assert_eq!(key.tag_parts(&[b"Hi ", b"There"]), key.tag(b"Hi There"));
+        let tag = key.tag(b"Hi There");
+        assert!(key.verify_parts(&[b"Hi", b" There"], &tag).is_ok());
+        assert!(key.verify_parts(&[b"Hi", b"There"], &tag).is_err());
+    }
+
+    #[test]
+    fn fingerprint_is_the_start_of_the_keys_sha256() {
+        // SHA-256 of 32 zero octets begins 66687aad.
+        assert_eq!(AuthKey::new(&[0; 32]).unwrap().fingerprint(), "66687aad");
     }
 
     #[test]

@@ -416,6 +416,142 @@ fn reflection_with_tlvs_echoes_unknown_and_answers_known() {
     assert_eq!(tlvs[2].value, [9, 9]);
 }
 
+/// An authenticated request with a Class-of-Service TLV (DSCP1 EF) and an HMAC TLV, as
+/// RFC 8972 §4.2 and §4.8 lay them out: U set by the sender, and an HMAC (computed apart,
+/// with Python's `hmac`) over the Sequence Number field and the Class-of-Service TLV.
+#[rustfmt::skip]
+const HMAC_TLV_REQUEST_TLVS: [u8; 28] = [
+    0x80, 0x04, 0x00, 0x04, 0xb8, 0x00, 0x00, 0x00, // U, Class of Service, DSCP1 46
+    0x80, 0x08, 0x00, 0x10,                         // U, HMAC, 16 octets
+    0xb3, 0x8d, 0x81, 0xb5, 0x14, 0xf9, 0xe0, 0x09,
+    0x04, 0x32, 0x33, 0xae, 0x6e, 0x55, 0x28, 0x96,
+];
+
+/// The reply's: Class of Service answered (DSCP2 0, RP 0), flags clear, and the HMAC over
+/// the reply's Sequence Number (7, stateful) and its Class-of-Service TLV.
+#[rustfmt::skip]
+const HMAC_TLV_REPLY_TLVS: [u8; 28] = [
+    0x00, 0x04, 0x00, 0x04, 0xb8, 0x00, 0x00, 0x00,
+    0x00, 0x08, 0x00, 0x10,
+    0x86, 0x0b, 0xb9, 0xdb, 0x14, 0x91, 0x13, 0x77,
+    0x20, 0x11, 0xa7, 0xb1, 0xcb, 0x0f, 0xba, 0xa6,
+];
+
+fn request_with_hmac_tlv() -> [u8; 140] {
+    let mut buf = [0u8; 140];
+    let mut p = SenderPacket::new_unchecked(&mut buf[..], Mode::Authenticated);
+    sender_repr().emit(&mut p);
+    let mut w = TlvWriter::new(p.tlvs_mut());
+    w.class_of_service(super::tlv::ClassOfService {
+        dscp1: 46,
+        ..Default::default()
+    })
+    .unwrap();
+    let at = w.hmac_placeholder().unwrap();
+    super::tlv::sign_hmac_tlv(&mut buf, 112, at, &key());
+    SenderPacket::new_unchecked(&mut buf[..], Mode::Authenticated).sign(&key());
+    buf
+}
+
+#[test]
+fn hmac_tlv_request_is_laid_out_as_rfc_8972_says() {
+    assert_eq!(request_with_hmac_tlv()[112..], HMAC_TLV_REQUEST_TLVS);
+}
+
+#[test]
+fn hmac_tlv_is_checked_and_the_reply_signed_over_its_own_tlvs() {
+    let request = request_with_hmac_tlv();
+    let mut reply = [0u8; 140];
+    let r = prepare(&request, &reflect_input(Some(&key())), &mut reply).unwrap();
+    assert!(!r.tlv_integrity_failed);
+    assert_eq!(reply[112..], HMAC_TLV_REPLY_TLVS);
+    finish(&mut reply, T_PTP, Some(&key())).unwrap();
+    assert_eq!(
+        super::tlv::check_hmac_tlv(&reply, 112, &key()),
+        super::tlv::HmacTlvCheck::Verified {
+            integrity_failed: false
+        }
+    );
+}
+
+#[test]
+fn a_tlv_altered_on_the_way_comes_back_unanswered_and_flagged_i() {
+    // An on-path attacker asks for CS6 replies: the base HMAC still verifies (it covers
+    // no TLV), the HMAC TLV does not.
+    let mut request = request_with_hmac_tlv();
+    request[116] = 48 << 2;
+    SenderPacket::new_unchecked(&mut request[..], Mode::Authenticated).sign(&key());
+    let mut reply = [0u8; 140];
+    let r = prepare(&request, &reflect_input(Some(&key())), &mut reply).unwrap();
+    assert!(r.tlv_integrity_failed);
+    let tlvs: Vec<_> = TlvIter::new(&reply[112..]).map(Result::unwrap).collect();
+    assert!(
+        tlvs.iter().all(|t| t.flags == super::tlv::FLAG_I),
+        "{tlvs:?}"
+    );
+    assert_eq!(tlvs[0].value, &request[116..120], "returned as it came");
+    assert_eq!(
+        super::tlv::check_hmac_tlv(&reply, 112, &key()),
+        super::tlv::HmacTlvCheck::Verified {
+            integrity_failed: true
+        },
+        "the sender can trust the reflector's word that its TLVs were altered"
+    );
+    // And a reply altered on its way back fails at the sender.
+    reply[116] ^= 4;
+    assert_eq!(
+        super::tlv::check_hmac_tlv(&reply, 112, &key()),
+        super::tlv::HmacTlvCheck::Failed
+    );
+}
+
+#[test]
+fn an_hmac_tlv_with_a_tlv_after_it_fails() {
+    use super::tlv::{HmacTlvAt, find_hmac_tlv};
+    let hmac = [
+        0x80, 8, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let cos = [0x80, 4, 0, 4, 0, 0, 0, 0];
+    let pad = [0x80, 1, 0, 2, 0, 0];
+    let area = |parts: &[&[u8]]| parts.concat();
+    assert_eq!(find_hmac_tlv(&area(&[&cos, &hmac])), HmacTlvAt::At(8));
+    assert_eq!(find_hmac_tlv(&area(&[&cos, &hmac, &pad])), HmacTlvAt::At(8));
+    assert_eq!(
+        find_hmac_tlv(&area(&[&cos, &hmac, &[0; 6]])),
+        HmacTlvAt::At(8)
+    );
+    assert_eq!(find_hmac_tlv(&area(&[&hmac, &cos])), HmacTlvAt::Misplaced);
+    assert_eq!(find_hmac_tlv(&area(&[&hmac, &hmac])), HmacTlvAt::Misplaced);
+    assert_eq!(
+        find_hmac_tlv(&[0x80, 8, 0, 4, 0, 0, 0, 0]),
+        HmacTlvAt::Misplaced,
+        "an HMAC of 4 octets"
+    );
+    assert_eq!(find_hmac_tlv(&area(&[&cos, &pad])), HmacTlvAt::Absent);
+    // Misplaced in a request: every TLV flagged I, nothing answered.
+    let mut request = [0u8; 112 + 28];
+    request[..112].copy_from_slice(&signed_sender());
+    request[112..132].copy_from_slice(&hmac);
+    request[132..].copy_from_slice(&cos);
+    SenderPacket::new_unchecked(&mut request[..], Mode::Authenticated).sign(&key());
+    let mut reply = [0u8; 140];
+    let r = prepare(&request, &reflect_input(Some(&key())), &mut reply).unwrap();
+    assert!(r.tlv_integrity_failed);
+    assert_eq!(reply[112], super::tlv::FLAG_I);
+    assert_eq!(reply[132], super::tlv::FLAG_I);
+}
+
+#[test]
+fn an_hmac_tlv_in_unauthenticated_mode_is_unrecognized() {
+    let mut request = [0u8; 44 + 20];
+    request[..44].copy_from_slice(&SENDER_UNAUTH);
+    request[44..48].copy_from_slice(&[0x80, 8, 0, 16]);
+    let mut reply = [0u8; 64];
+    let r = prepare(&request, &reflect_input(None), &mut reply).unwrap();
+    assert_eq!(r.tlvs.unrecognized, 1);
+    assert_eq!(reply[44], super::tlv::FLAG_U);
+}
+
 fn arb_sender() -> impl Strategy<Value = SenderRepr> {
     (any::<u32>(), any::<u64>(), any::<u16>(), any::<u16>()).prop_map(|(s, t, e, i)| SenderRepr {
         sequence_number: s,

@@ -4,7 +4,10 @@
 use super::auth::AuthKey;
 use super::packet::{Mode, ReflectorPacket, ReflectorRepr, SenderPacket, SenderRepr};
 use super::time::ErrorEstimate;
-use super::tlv::{TlvReflectInfo, TlvReflectOutcome, reflect_tlvs};
+use super::tlv::{
+    HEADER_LEN, HMAC_TLV_LEN, HmacTlvAt, TlvReflectInfo, TlvReflectOutcome, find_hmac_tlv,
+    flag_integrity_failed, reflect_tlvs, sign_hmac_tlv,
+};
 use crate::{Error, Result};
 
 /// What the reflector knows about one received test packet and about itself.
@@ -45,12 +48,18 @@ pub struct Reflection {
     pub request: SenderRepr,
     /// What the TLV pass found.
     pub tlvs: TlvReflectOutcome,
+    /// Authenticated mode: the request's HMAC TLV failed (or was misplaced), and its TLVs
+    /// came back unanswered, flagged I.
+    pub tlv_integrity_failed: bool,
 }
 
-/// Builds the reply to `request` in `reply[..request.len()]`, all but T3 and the HMAC.
+/// Builds the reply to `request` in `reply[..request.len()]`, all but T3 and the base
+/// packet's HMAC.
 ///
 /// In authenticated mode the request's HMAC is checked first, and a request that fails it
-/// gets no reply ([`Error::AuthenticationFailed`]). A request shorter than the mode's base
+/// gets no reply ([`Error::AuthenticationFailed`]). A request's HMAC TLV is checked too:
+/// when it verifies, the reply's HMAC TLV is signed over the reply's TLVs; when it fails,
+/// the TLVs come back as they came, flagged I, and the reply is signed all the same. A request shorter than the mode's base
 /// packet is refused ([`Error::Truncated`]). Stamp T3 and sign with [`finish`] just before
 /// sending.
 pub fn prepare(request: &[u8], input: &ReflectInput<'_>, reply: &mut [u8]) -> Result<Reflection> {
@@ -104,11 +113,38 @@ pub fn prepare_verified(
     };
     let mut out = ReflectorPacket::new_unchecked(&mut *reply, mode);
     repr.emit(&mut out);
-    let tlvs = reflect_tlvs(packet.tlvs(), out.tlvs_mut(), &input.tlv);
+    let info = TlvReflectInfo {
+        authenticated: input.key.is_some(),
+        ..input.tlv
+    };
+    let tlvs = reflect_tlvs(packet.tlvs(), out.tlvs_mut(), &info);
+    let mut tlv_integrity_failed = false;
+    if let Some(key) = input.key {
+        let base = mode.base_len();
+        match find_hmac_tlv(&request[base..]) {
+            HmacTlvAt::Absent => {}
+            HmacTlvAt::At(at) => {
+                let covered = [&request[..4], &request[base..base + at]];
+                let tag = &request[base + at + HEADER_LEN..base + at + HMAC_TLV_LEN];
+                if key.verify_parts(&covered, tag).is_err() {
+                    flag_integrity_failed(&request[base..], &mut reply[base..]);
+                    tlv_integrity_failed = true;
+                }
+                // Signed either way: the sender learns, from an answer it can trust,
+                // that its TLVs were altered on the way.
+                sign_hmac_tlv(reply, base, at, key);
+            }
+            HmacTlvAt::Misplaced => {
+                flag_integrity_failed(&request[base..], &mut reply[base..]);
+                tlv_integrity_failed = true;
+            }
+        }
+    }
     Ok(Reflection {
         len,
         request: sender,
         tlvs,
+        tlv_integrity_failed,
     })
 }
 

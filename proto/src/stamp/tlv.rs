@@ -11,8 +11,17 @@
 //! ```
 //!
 //! Length counts the Value only. Flags: U (bit 0, unrecognized), M (bit 1, malformed),
-//! I (bit 2, integrity check failed); the other bits are unassigned and sent as zero.
+//! I (bit 2, integrity check failed); the other bits are unassigned and sent as zero. A
+//! Session-Sender sends every TLV with U set (RFC 8972 §4.2), and the Session-Reflector
+//! clears it on each TLV it understood, so a sender can tell an answer from an echo.
+//!
+//! In authenticated mode the HMAC TLV (type 8, §4.8) protects the TLVs, which the base
+//! packet's HMAC does not cover: HMAC-SHA-256-128, with the session's key, over the
+//! Sequence Number field (the packet's first four octets) and every TLV before it. It
+//! follows every other TLV but Extra Padding; one anywhere else, of another length, or a
+//! second one, fails verification.
 
+use super::auth::{AuthKey, HMAC_LEN};
 use crate::{Error, Result};
 
 /// U: the Session-Reflector did not recognize the TLV.
@@ -23,6 +32,8 @@ pub const FLAG_M: u8 = 0x40;
 pub const FLAG_I: u8 = 0x20;
 /// Flags, Type and Length.
 pub const HEADER_LEN: usize = 4;
+/// Octets of the HMAC TLV: its header and a 16-octet HMAC.
+pub const HMAC_TLV_LEN: usize = HEADER_LEN + HMAC_LEN;
 
 /// TLV types from the IANA "STAMP TLV Types" registry (RFC 8972 §6.2).
 pub mod tlv_type {
@@ -263,12 +274,21 @@ impl<'a> TlvWriter<'a> {
                 needed,
             });
         };
-        dst[0] = 0;
+        dst[0] = FLAG_U;
         dst[1] = tlv_type;
         dst[2..4].copy_from_slice(&len.to_be_bytes());
         dst[4..].copy_from_slice(value);
         self.pos = needed;
         Ok(())
+    }
+
+    /// Appends an HMAC TLV with a zero HMAC and returns its offset; sign the packet with
+    /// [`sign_hmac_tlv`] once everything it covers is written. It must be the last TLV
+    /// but Extra Padding.
+    pub fn hmac_placeholder(&mut self) -> Result<usize> {
+        let at = self.pos;
+        self.push(tlv_type::HMAC, &[0; HMAC_LEN])?;
+        Ok(at)
     }
 
     /// Appends an Extra Padding TLV whose whole length, header included, is `total_len`
@@ -293,6 +313,7 @@ impl<'a> TlvWriter<'a> {
             });
         };
         dst.fill(0);
+        dst[0] = FLAG_U;
         dst[1] = tlv_type::EXTRA_PADDING;
         dst[2..4].copy_from_slice(&len.to_be_bytes());
         self.pos = needed;
@@ -328,6 +349,9 @@ pub struct TlvReflectInfo {
     pub reverse_path: u8,
     /// The reflector's own clock and timestamping.
     pub timestamp_information: TimestampInformation,
+    /// Authenticated mode: the HMAC TLV is understood (its value is left for
+    /// [`sign_hmac_tlv`]); unauthenticated, it is returned as unrecognized.
+    pub authenticated: bool,
 }
 
 /// Reflects the TLV area `request` into `reply`, which must be exactly as long: the reply is
@@ -378,7 +402,12 @@ pub fn reflect_tlvs(request: &[u8], reply: &mut [u8], info: &TlvReflectInfo) -> 
                 value_out.copy_from_slice(&answer.to_bytes());
                 0
             }
+            tlv_type::HMAC if info.authenticated && value.len() == HMAC_LEN => 0,
             tlv_type::TIMESTAMP_INFORMATION | tlv_type::CLASS_OF_SERVICE => {
+                outcome.malformed += 1;
+                FLAG_M
+            }
+            tlv_type::HMAC if info.authenticated => {
                 outcome.malformed += 1;
                 FLAG_M
             }
@@ -391,6 +420,111 @@ pub fn reflect_tlvs(request: &[u8], reply: &mut [u8], info: &TlvReflectInfo) -> 
         pos = end;
     }
     outcome
+}
+
+/// Where a TLV area's HMAC TLV is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HmacTlvAt {
+    /// The area has none (or a malformed TLV ends it before one).
+    Absent,
+    /// The HMAC TLV's first octet, counted from the start of the TLV area.
+    At(usize),
+    /// An HMAC TLV followed by a TLV other than Extra Padding, not 16 octets long, or not
+    /// the only one: RFC 8972 §4.8 makes that an HMAC verification failure.
+    Misplaced,
+}
+
+/// Finds the HMAC TLV of a TLV area.
+pub fn find_hmac_tlv(area: &[u8]) -> HmacTlvAt {
+    let mut at = None;
+    for tlv in TlvIter::new(area) {
+        let Ok(tlv) = tlv else {
+            return at.map_or(HmacTlvAt::Absent, |_| HmacTlvAt::Misplaced);
+        };
+        match (tlv.tlv_type, at) {
+            (tlv_type::HMAC, None) if tlv.value.len() == HMAC_LEN => at = Some(tlv.offset),
+            (tlv_type::HMAC, _) => return HmacTlvAt::Misplaced,
+            (tlv_type::EXTRA_PADDING, _) | (_, None) => {}
+            (_, Some(_)) => return HmacTlvAt::Misplaced,
+        }
+    }
+    at.map_or(HmacTlvAt::Absent, HmacTlvAt::At)
+}
+
+/// The two runs of `packet` an HMAC TLV at `at` (in the TLV area, which starts at `base`)
+/// covers: the Sequence Number field, and the TLVs before it.
+fn hmac_tlv_covers(packet: &[u8], base: usize, at: usize) -> Option<[&[u8]; 2]> {
+    Some([packet.get(..4)?, packet.get(base..base + at)?])
+}
+
+/// Writes the HMAC of the HMAC TLV at `at` of `packet`'s TLV area (which starts at
+/// `base`, the mode's base length). Everything it covers must be final.
+pub fn sign_hmac_tlv(packet: &mut [u8], base: usize, at: usize, key: &AuthKey) {
+    let Some(parts) = hmac_tlv_covers(packet, base, at) else {
+        return;
+    };
+    let tag = key.tag_parts(&parts);
+    let value = base + at + HEADER_LEN;
+    if let Some(dst) = packet.get_mut(value..value + HMAC_LEN) {
+        dst.copy_from_slice(&tag);
+    }
+}
+
+/// What a packet's HMAC TLV says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HmacTlvCheck {
+    /// There is none: the TLVs are not protected.
+    Absent,
+    /// The far end returned it flagged unrecognized: it does not implement the HMAC TLV,
+    /// and the TLVs are not protected.
+    Unrecognized,
+    /// It verifies. `integrity_failed`: the reflector flagged it I, because the request's
+    /// TLVs failed their HMAC on the way there, so its TLV answers are not to be used.
+    Verified { integrity_failed: bool },
+    /// It does not verify, or is not where it must be: the TLVs were altered.
+    Failed,
+}
+
+/// Checks the HMAC TLV of a reply, whose TLV area starts at `base`, with `key`.
+pub fn check_hmac_tlv(packet: &[u8], base: usize, key: &AuthKey) -> HmacTlvCheck {
+    check(packet, base, key, true)
+}
+
+/// Checks the HMAC TLV of a request (whose sender sets U on every TLV) with `key`.
+pub fn check_request_hmac_tlv(packet: &[u8], base: usize, key: &AuthKey) -> HmacTlvCheck {
+    check(packet, base, key, false)
+}
+
+fn check(packet: &[u8], base: usize, key: &AuthKey, reply: bool) -> HmacTlvCheck {
+    let Some(area) = packet.get(base..) else {
+        return HmacTlvCheck::Absent;
+    };
+    let at = match find_hmac_tlv(area) {
+        HmacTlvAt::Absent => return HmacTlvCheck::Absent,
+        HmacTlvAt::Misplaced => return HmacTlvCheck::Failed,
+        HmacTlvAt::At(at) => at,
+    };
+    let flags = area[at];
+    if reply && flags & FLAG_U != 0 {
+        return HmacTlvCheck::Unrecognized;
+    }
+    let value = &area[at + HEADER_LEN..at + HMAC_TLV_LEN];
+    match hmac_tlv_covers(packet, base, at) {
+        Some(parts) if key.verify_parts(&parts, value).is_ok() => HmacTlvCheck::Verified {
+            integrity_failed: flags & FLAG_I != 0,
+        },
+        _ => HmacTlvCheck::Failed,
+    }
+}
+
+/// Returns a request's TLVs as they came, each flagged I (and nothing else), for a
+/// request whose HMAC TLV failed: the reflector answers none of them (RFC 8972 §4.8).
+pub fn flag_integrity_failed(request: &[u8], reply: &mut [u8]) {
+    let len = request.len().min(reply.len());
+    reply[..len].copy_from_slice(&request[..len]);
+    for tlv in TlvIter::new(&request[..len]).map_while(Result::ok) {
+        reply[tlv.offset] = FLAG_I;
+    }
 }
 
 #[cfg(test)]
@@ -473,7 +607,11 @@ mod tests {
         assert!(w.extra_padding(7).is_ok());
         assert_eq!(w.len(), 7);
         assert!(w.extra_padding(4).is_err());
-        assert_eq!(buf, [0, 1, 0, 3, 0, 0, 0]);
+        assert_eq!(
+            buf,
+            [FLAG_U, 1, 0, 3, 0, 0, 0],
+            "a sender sets U on every TLV"
+        );
     }
 
     fn reflect(request: &[u8], info: TlvReflectInfo) -> (Vec<u8>, TlvReflectOutcome) {

@@ -185,10 +185,16 @@ struct ReflectArgs {
     /// sender's sequence number (stateless, the default).
     #[arg(long, env = "PATHPROBE_STATEFUL")]
     stateful: bool,
-    /// Authenticated mode, with the key in this file (hexadecimal digits). Requests without
-    /// a valid HMAC are dropped unanswered.
-    #[arg(long, env = "PATHPROBE_AUTH_KEY_FILE")]
+    /// Authenticated mode, with the key in this file (hexadecimal digits) for every SSID.
+    /// Requests without a valid HMAC are dropped unanswered. During a key rollover the file
+    /// holds the new key and the old one, one per line, newest first. SIGHUP reads it again.
+    #[arg(long, env = "PATHPROBE_AUTH_KEY_FILE", group = "auth")]
     auth_key_file: Option<PathBuf>,
+    /// Authenticated mode, with a key file per SSID in this directory, named by the SSID in
+    /// hexadecimal (`000a.key` for SSID 10, as stamp-suite's --hmac-key-dir), and
+    /// `default.key` for the other SSIDs. SIGHUP reads it again.
+    #[arg(long, env = "PATHPROBE_AUTH_KEY_DIR", group = "auth")]
+    auth_key_dir: Option<PathBuf>,
     /// Most requests answered per second per source address (0: no cap). Keeps the reflector
     /// from being used to flood a third party with spoofed requests.
     #[arg(long, default_value_t = 250_000, env = "PATHPROBE_MAX_RATE_PER_SOURCE")]
@@ -210,7 +216,7 @@ struct ReflectArgs {
     /// Authenticated mode: refuse a request whose SSID and sequence number were answered
     /// already, or that is older than its session's window of 1,024 (per SSID, whatever
     /// the source address). Senders that share the key need SSIDs of their own.
-    #[arg(long, requires = "auth_key_file", env = "PATHPROBE_REFUSE_REPLAYS")]
+    #[arg(long, requires = "auth", env = "PATHPROBE_REFUSE_REPLAYS")]
     refuse_replays: bool,
     /// With --allow: most replies per second to all other sources together.
     #[arg(long, default_value_t = pathprobe_agent::plan::default_max_rate_others(), env = "PATHPROBE_MAX_RATE_OTHERS")]
@@ -652,15 +658,19 @@ fn supervise(
     })
 }
 
+/// The reflector's keys as its flags name them.
+fn reflect_keys(args: &ReflectArgs) -> anyhow::Result<Option<keyfile::KeyRing>> {
+    Ok(pathprobe_agent::plan::load_ring(
+        args.auth_key_file.as_deref(),
+        args.auth_key_dir.as_deref(),
+    )?)
+}
+
 fn run_reflect(args: &ReflectArgs) -> anyhow::Result<ExitCode> {
-    let key = args
-        .auth_key_file
-        .as_deref()
-        .map(keyfile::load)
-        .transpose()?;
+    let keys = reflect_keys(args)?.map(|r| Arc::new(keyfile::LiveRing::new(r)));
     let cfg = ReflectorConfig {
         listen: args.listen,
-        key,
+        keys,
         stateful: args.stateful,
         max_rate_per_source: args.max_rate_per_source,
         reply_dscp: args.reply_dscp,
@@ -689,7 +699,7 @@ fn run_reflect(args: &ReflectArgs) -> anyhow::Result<ExitCode> {
             listen: bound,
             max_rate_bps: args.capacity_max_rate.bps(),
             max_stage: args.capacity_max_stage,
-            key: cfg.key.clone(),
+            keys: cfg.keys.clone(),
         })?;
         tracing::info!(
             control = %bound,
@@ -703,23 +713,34 @@ fn run_reflect(args: &ReflectArgs) -> anyhow::Result<ExitCode> {
     };
     tracing::info!(
         listen = %bound,
-        mode = if cfg.key.is_some() { "authenticated" } else { "unauthenticated" },
+        mode = if cfg.keys.is_some() { "authenticated" } else { "unauthenticated" },
         numbering = if cfg.stateful { "stateful" } else { "stateless" },
         max_rate_per_source = cfg.max_rate_per_source,
         max_rate_total = cfg.admission.max_rate_total,
         allow = ?cfg.admission.allow,
+        keys = cfg.keys.as_ref().map_or_else(|| "none".to_string(), |k| k.get().summary()),
         "reflecting"
     );
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))
+        .context("cannot install the SIGHUP handler")?;
+    let line = || match &cfg.keys {
+        Some(k) => format!("{} keys: {}", stats.line(), k.get().summary()),
+        None => stats.line(),
+    };
     supervise(
         "reflector",
         &stop,
         args.duration,
         args.stats_interval,
-        &|| stats.line(),
+        &line,
         || {
             std::thread::scope(|s| {
                 if let Some(server) = &capacity {
                     s.spawn(|| server.run(&stop));
+                }
+                if let Some(live) = &cfg.keys {
+                    s.spawn(|| reload_keys_on_sighup(args, live, &hup, &stop));
                 }
                 let r = reflector::run(&sock, &cfg, &stop, &stats);
                 // The capacity server ends with the reflector, whatever ended it.
@@ -728,8 +749,35 @@ fn run_reflect(args: &ReflectArgs) -> anyhow::Result<ExitCode> {
             })
         },
     )?;
-    tracing::info!("stopped: {}", stats.line());
+    tracing::info!("stopped: {}", line());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reads the reflector's keys again on each SIGHUP and swaps them in between two batches;
+/// keys that do not load are logged, and the reflector answers on with the ones it has.
+fn reload_keys_on_sighup(
+    args: &ReflectArgs,
+    live: &keyfile::LiveRing,
+    hup: &AtomicBool,
+    stop: &AtomicBool,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+        if !hup.swap(false, Ordering::Relaxed) {
+            continue;
+        }
+        tracing::info!(keys = %live.get().summary(), "SIGHUP: reading the keys again; until now");
+        match reflect_keys(args) {
+            Ok(Some(ring)) => {
+                live.replace(ring);
+                tracing::info!(keys = %live.get().summary(), "keys loaded (fingerprint and requests answered, newest first)");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "the keys did not load: answering on with the ones loaded before");
+            }
+        }
+    }
 }
 
 /// Exit code 2, with the message, when the target never answered; other errors as they
