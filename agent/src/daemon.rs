@@ -142,7 +142,11 @@ impl Sink for ToReporter {
 /// Windows arrive with their histograms compact: figures and reports are made from them
 /// as they are (the same figures and octets as from full histograms), so a thousand
 /// paths' windows never cost a full histogram each.
-fn reporter(rx: &mpsc::Receiver<Reported>, tx: &mpsc::Sender<Vec<u8>>) {
+fn reporter(
+    rx: &mpsc::Receiver<Reported>,
+    tx: &mpsc::Sender<Vec<u8>>,
+    plan_version: &Mutex<Option<String>>,
+) {
     for (ctx, mut w) in rx {
         if !w.histograms.is_empty() {
             // Some full already: all full, so that each metric has one form.
@@ -159,10 +163,21 @@ fn reporter(rx: &mpsc::Receiver<Reported>, tx: &mpsc::Sender<Vec<u8>>) {
             .window(&w);
         let f = output::window_figures(&ctx.labels, &w, &seen);
         log_window(&ctx.labels, &f, &seen);
+        // The plan the window was measured under: the one running when it closed.
+        let version = plan_version
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let json = if w.compact.is_empty() {
-            output::report(&ctx.labels, &w, &seen).and_then(|r| Ok(r.to_json()?))
+            output::report(&ctx.labels, &w, &seen).and_then(|mut r| {
+                r.plan_version = version;
+                Ok(r.to_json()?)
+            })
         } else {
-            output::compact_report(&ctx.labels, &mut w, &seen).and_then(|r| Ok(r.to_json()?))
+            output::compact_report(&ctx.labels, &mut w, &seen).and_then(|mut r| {
+                r.plan_version = version;
+                Ok(r.to_json()?)
+            })
         };
         send_report(json, tx);
     }
@@ -250,6 +265,8 @@ struct Running<'scope, 'env> {
     /// The uploaders' end of the reports channel: one uploader at a time holds it.
     rx: &'env Mutex<mpsc::Receiver<Vec<u8>>>,
     stats: &'env ReflectorStats,
+    /// The fleet plan's version, for the reporter.
+    plan_version: &'env Mutex<Option<String>>,
     /// Every path, on the engine.
     paths: BTreeMap<String, EnginePart>,
     engine: Option<Engine<'scope>>,
@@ -437,6 +454,22 @@ impl Running<'_, '_> {
             site: next.site.clone(),
         };
         self.agent = agent.clone();
+        let version = next.plan_version.clone();
+        if *self
+            .plan_version
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            != version
+        {
+            tracing::info!(
+                plan_version = version.as_deref().unwrap_or("none"),
+                "fleet plan version"
+            );
+        }
+        *self
+            .plan_version
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = version;
         let mut changes = Changes::default();
         self.rekey_paths(&next.paths, &agent, &mut changes);
         let named = |p: PathPlan| (p.name.clone(), p);
@@ -663,6 +696,7 @@ pub fn run(
     let (tx, rx) = mpsc::channel::<Vec<u8>>();
     let rx = Mutex::new(rx);
     let stats = ReflectorStats::default();
+    let plan_version = Mutex::new(plan.plan_version.clone());
     // Rings for twice the rate the plan starts with: room for a reload to add paths.
     let rate: f64 = plan
         .paths
@@ -672,7 +706,8 @@ pub fn run(
     std::thread::scope(|s| -> Result<()> {
         let (report_tx, report_rx) = mpsc::channel::<Reported>();
         let uploads = tx.clone();
-        let reporter_thread = s.spawn(move || reporter(&report_rx, &uploads));
+        let version = &plan_version;
+        let reporter_thread = s.spawn(move || reporter(&report_rx, &uploads, version));
         let mut running = Running {
             scope: s,
             paths: BTreeMap::new(),
@@ -686,6 +721,7 @@ pub fn run(
             tx,
             rx: &rx,
             stats: &stats,
+            plan_version: &plan_version,
             drills: BTreeMap::new(),
             reflector: None,
             uploader: None,

@@ -225,6 +225,8 @@ fn agent_config(
             insecure_http: false,
             spool_dir: spool,
             spool_max_reports: 10_000,
+            fleet: None,
+            plan_poll: None,
         }),
         reflector: None,
         paths: vec![

@@ -18,6 +18,7 @@ pub mod emulate;
 pub mod engine;
 mod error;
 pub mod failover;
+pub mod fleet;
 pub mod hexbytes;
 pub mod keyfile;
 pub mod output;

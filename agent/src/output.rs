@@ -399,6 +399,7 @@ fn report_with<H: Counted + CheckForm>(
         histograms,
         signature: o.signature,
         events: o.events.clone(),
+        plan_version: None,
     };
     report.validate()?;
     Ok(report)

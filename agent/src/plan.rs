@@ -49,7 +49,6 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::IpNet;
 use pathprobe_proto::report::{PathKind, ProbeProtocol};
 use pathprobe_proto::stamp::{Mode, TimestampFormat};
 use serde::Deserialize;
@@ -59,6 +58,10 @@ use crate::failover::{self, FailoverConfig, PinnedPath, StreamTiming};
 use crate::probe::ProbeConfig;
 use crate::reflector::{self, ReflectorConfig};
 use crate::{Error, Result, keyfile};
+
+pub use pathprobe_proto::plan::{
+    DrillSection, FleetPlan, PathSection, ReflectorSection, default_max_rate_others,
+};
 
 /// The configuration file as written (relative files anchored at the file).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -73,42 +76,6 @@ pub struct AgentFile {
     pub paths: Vec<PathSection>,
     #[serde(default, rename = "drill")]
     pub drills: Vec<DrillSection>,
-}
-
-/// A failover drill at a set time: the options of `failover --drill`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DrillSection {
-    /// The path name of its reports.
-    pub name: String,
-    /// `stamp` (the default) or `tcp-syn`.
-    #[serde(default)]
-    pub proto: ProbeProtocol,
-    pub target: String,
-    /// Probes per second to the service [default: 1,000].
-    pub rate: Option<u32>,
-    pub primary: Option<String>,
-    pub backup: Option<String>,
-    /// Probes per second to each pinned reflector [default: 20].
-    pub pinned_rate: Option<u32>,
-    /// When the drill starts (RFC 3339); required in the file, now for `failover`.
-    pub start: Option<String>,
-    /// How long the maintenance window lasts; required in the file, until Ctrl-C for
-    /// `failover`.
-    pub duration: Option<String>,
-    /// The longest outage that passes [default: 10s].
-    pub max_outage: Option<String>,
-    pub min_outage: Option<String>,
-    pub settle: Option<String>,
-    /// Three path switches within this long are flapping [default: 60s].
-    pub flap_window: Option<String>,
-    pub window: Option<String>,
-    pub timeout: Option<String>,
-    #[serde(default)]
-    pub dscp: u8,
-    pub bind: Option<SocketAddr>,
-    pub interface: Option<String>,
-    pub fwmark: Option<u32>,
 }
 
 /// Where reports go.
@@ -127,6 +94,11 @@ pub struct CollectorSection {
     pub spool_dir: PathBuf,
     #[serde(default = "default_spool_max")]
     pub spool_max_reports: usize,
+    /// Follow the collector's fleet plan (`GET /v1/plan`) [default: when this file lists
+    /// no path, drill or reflector]. See [`crate::fleet`] for how the two layer.
+    pub fleet: Option<bool>,
+    /// How often the fleet plan is asked for [default: 30s].
+    pub plan_poll: Option<String>,
 }
 
 const fn default_spool_max() -> usize {
@@ -135,37 +107,6 @@ const fn default_spool_max() -> usize {
 
 fn default_spool_dir() -> PathBuf {
     PathBuf::from("spool")
-}
-
-/// The reflector, if this agent answers probes.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReflectorSection {
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
-    #[serde(default)]
-    pub stateful: bool,
-    /// Authenticated mode: the key(s) for every SSID (one per line, newest first).
-    pub auth_key_file: Option<PathBuf>,
-    /// Authenticated mode: a key file per SSID (`000a.key`) and `default.key`; see
-    /// [`keyfile`].
-    pub auth_key_dir: Option<PathBuf>,
-    #[serde(default = "default_max_rate")]
-    pub max_rate_per_source: u32,
-    /// `copy` (the default), `keep` or a DSCP from 0 to 63: see `reflect --reply-dscp`.
-    pub reply_dscp: Option<String>,
-    /// Most replies a second over all sources (0: no cap): see `reflect --max-rate-total`.
-    #[serde(default)]
-    pub max_rate_total: u32,
-    /// The configured senders' prefixes, answered first: see `reflect --allow`.
-    #[serde(default)]
-    pub allow: Vec<IpNet>,
-    /// Most replies a second to all other sources together, with `allow`.
-    #[serde(default = "default_max_rate_others")]
-    pub max_rate_others: u32,
-    /// Authenticated mode: refuse replayed requests (see `reflect --refuse-replays`).
-    #[serde(default)]
-    pub refuse_replays: bool,
 }
 
 /// A reflector's keys: from one file (for every SSID) or a directory (per SSID); `None`
@@ -178,13 +119,15 @@ pub fn load_ring(file: Option<&Path>, dir: Option<&Path>) -> Result<Option<keyfi
     }
 }
 
-/// `reflect --max-rate-others`'s default.
-pub const fn default_max_rate_others() -> u32 {
-    1_000
+/// What the agent makes of a `[reflector]` section.
+pub trait ReflectorSectionExt {
+    /// The reflector this section asks for; errors name the file and line.
+    fn plan(&self, file: &Path, text: &str) -> Result<ReflectorConfig>;
+    /// The reply DSCP policy; what is wrong with it otherwise.
+    fn reply_dscp(&self) -> std::result::Result<reflector::ReplyDscp, String>;
 }
 
-impl ReflectorSection {
-    /// The reflector this section asks for; errors name the file and line.
+impl ReflectorSectionExt for ReflectorSection {
     fn plan(&self, file: &Path, text: &str) -> Result<ReflectorConfig> {
         let r = self;
         if r.refuse_replays && r.auth_key_file.is_none() && r.auth_key_dir.is_none() {
@@ -224,49 +167,12 @@ impl ReflectorSection {
             refuse_replays: r.refuse_replays,
         })
     }
-}
 
-impl ReflectorSection {
-    /// The reply DSCP policy; what is wrong with it otherwise.
-    pub fn reply_dscp(&self) -> std::result::Result<reflector::ReplyDscp, String> {
+    fn reply_dscp(&self) -> std::result::Result<reflector::ReplyDscp, String> {
         self.reply_dscp
             .as_deref()
             .map_or(Ok(reflector::ReplyDscp::Copy), str::parse)
     }
-}
-
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 862))
-}
-
-const fn default_max_rate() -> u32 {
-    250_000
-}
-
-/// One path to probe: the options of `probe`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PathSection {
-    pub name: String,
-    pub kind: PathKind,
-    /// `stamp` (the default), `tcp-syn` or `tcp-connect`.
-    #[serde(default)]
-    pub proto: ProbeProtocol,
-    pub target: String,
-    pub rate: Option<u32>,
-    pub interval: Option<String>,
-    pub size: Option<usize>,
-    #[serde(default)]
-    pub dscp: u8,
-    pub ttl: Option<u8>,
-    pub bind: Option<SocketAddr>,
-    pub interface: Option<String>,
-    pub fwmark: Option<u32>,
-    pub window: Option<String>,
-    pub timeout: Option<String>,
-    pub auth_key_file: Option<PathBuf>,
-    #[serde(default)]
-    pub ssid: u16,
 }
 
 /// `value` as a duration, or `default` without one; `owner` names the section in errors
@@ -338,6 +244,10 @@ pub struct AgentPlan {
     pub reflector: Option<ReflectorConfig>,
     pub paths: Vec<PathPlan>,
     pub drills: Vec<DrillPlan>,
+    /// It follows the collector's fleet plan, asking this often.
+    pub fleet_poll: Option<Duration>,
+    /// The version of the fleet plan it was built with (every report carries it).
+    pub plan_version: Option<String>,
 }
 
 /// The host's name, the default agent id.
@@ -396,9 +306,43 @@ impl AgentPlan {
         Self::new(file, &text, cfg, over)
     }
 
+    /// The plan of the config `file` (or of the flags alone, without one) under `over`,
+    /// with the collector's fleet plan laid under it when it follows one.
+    pub fn load_with_fleet(
+        file: Option<&Path>,
+        over: &Overrides,
+        fleet: Option<&FleetPlan>,
+    ) -> Result<Self> {
+        match file {
+            Some(f) => {
+                let (cfg, text) = AgentFile::read(f)?;
+                Self::layered(f, &text, cfg, over, fleet)
+            }
+            None => Self::layered(
+                Path::new("the command line"),
+                "",
+                AgentFile::default(),
+                over,
+                fleet,
+            ),
+        }
+    }
+
     /// The plan of `cfg` (read from `origin`, whose TOML `text` gives the lines in errors;
     /// empty for a plan built in code) under `over`.
-    pub fn new(origin: &Path, text: &str, mut cfg: AgentFile, over: &Overrides) -> Result<Self> {
+    pub fn new(origin: &Path, text: &str, cfg: AgentFile, over: &Overrides) -> Result<Self> {
+        Self::layered(origin, text, cfg, over, None)
+    }
+
+    /// [`Self::new`], with `fleet` laid under the file when the file follows a fleet plan
+    /// ([`crate::fleet`]: the local file wins, name by name).
+    pub fn layered(
+        origin: &Path,
+        text: &str,
+        mut cfg: AgentFile,
+        over: &Overrides,
+        fleet: Option<&FleetPlan>,
+    ) -> Result<Self> {
         let file = origin;
         if let Some(id) = &over.agent_id {
             check_name("agent_id", id)
@@ -410,9 +354,19 @@ impl AgentPlan {
         }
         cfg.check_names(file, text)?;
         let agent_id = cfg.agent_id(file, over)?;
-        let site = over.site.clone().or_else(|| cfg.site.clone());
         cfg.apply_collector_flags(file, over)?;
-        if cfg.paths.is_empty() && cfg.reflector.is_none() && cfg.drills.is_empty() {
+        let fleet_poll = cfg.fleet_poll(file)?;
+        if fleet_poll.is_some()
+            && let Some(f) = fleet
+        {
+            cfg.lay_over(f);
+        }
+        let site = over.site.clone().or_else(|| cfg.site.clone());
+        if fleet_poll.is_none()
+            && cfg.paths.is_empty()
+            && cfg.reflector.is_none()
+            && cfg.drills.is_empty()
+        {
             return Err(Error::Config(format!(
                 "{}: nothing to do: add a [reflector] section, a [[path]] or a [[drill]]",
                 file.display()
@@ -482,7 +436,57 @@ impl AgentPlan {
             reflector,
             paths,
             drills,
+            fleet_poll,
+            plan_version: fleet
+                .filter(|_| fleet_poll.is_some())
+                .map(|f| f.version.clone()),
         })
+    }
+}
+
+impl AgentFile {
+    /// How often the fleet plan is asked for, when this file follows one: `[collector]
+    /// fleet`, or by default when the file lists nothing to run.
+    fn fleet_poll(&self, file: &Path) -> Result<Option<Duration>> {
+        let Some(c) = &self.collector else {
+            return Ok(None);
+        };
+        let nothing_local =
+            self.paths.is_empty() && self.drills.is_empty() && self.reflector.is_none();
+        if !c.fleet.unwrap_or(nothing_local) {
+            return Ok(None);
+        }
+        duration(
+            file,
+            "[collector]",
+            "plan_poll",
+            c.plan_poll.as_deref(),
+            crate::fleet::DEFAULT_POLL,
+        )
+        .map(Some)
+    }
+
+    /// Lays the fleet plan under this file: its paths, drills, reflector and site, each
+    /// replaced by a local one of the same name.
+    fn lay_over(&mut self, f: &FleetPlan) {
+        self.paths = laid_over(
+            &f.paths,
+            std::mem::take(&mut self.paths),
+            |p| &p.name,
+            "path",
+        );
+        self.drills = laid_over(
+            &f.drills,
+            std::mem::take(&mut self.drills),
+            |d| &d.name,
+            "drill",
+        );
+        if self.reflector.is_none() {
+            self.reflector.clone_from(&f.reflector);
+        }
+        if self.site.is_none() {
+            self.site = Some(f.site.clone());
+        }
     }
 }
 
@@ -504,6 +508,8 @@ impl AgentFile {
                     .unwrap_or_else(|| Path::new("."))
                     .join(default_spool_dir()),
                 spool_max_reports: default_spool_max(),
+                fleet: None,
+                plan_poll: None,
             });
             c.url.clone_from(url);
         }
@@ -612,9 +618,17 @@ impl AgentFile {
     }
 }
 
-impl DrillSection {
+/// What the agent makes of a `[[drill]]` section.
+pub trait DrillSectionExt {
     /// When the drill starts (ns since 1970; now without a start) and how long it may run
     /// (ns; until stopped without a duration).
+    fn window(&self, file: &Path) -> Result<(u64, Option<u64>)>;
+    /// The checked settings of this `[[drill]]` (or of `failover`'s flags); `file` names
+    /// the source in errors.
+    fn plan(&self, file: &Path) -> Result<DrillPlan>;
+}
+
+impl DrillSectionExt for DrillSection {
     fn window(&self, file: &Path) -> Result<(u64, Option<u64>)> {
         let start = self
             .start
@@ -640,9 +654,7 @@ impl DrillSection {
         Ok((start, length.map(nanos)))
     }
 
-    /// The checked settings of this `[[drill]]` (or of `failover`'s flags); `file` names
-    /// the source in errors.
-    pub fn plan(&self, file: &Path) -> Result<DrillPlan> {
+    fn plan(&self, file: &Path) -> Result<DrillPlan> {
         let d = self;
         let bad = |reason: String| {
             Error::Config(format!("{}: drill `{}`: {reason}", file.display(), d.name))
@@ -739,10 +751,15 @@ impl DrillSection {
     }
 }
 
-impl PathSection {
+/// What the agent makes of a `[[path]]` section.
+pub trait PathSectionExt {
     /// The checked settings of this `[[path]]` (or of `probe`'s flags); `file` names the
     /// source in errors.
-    pub fn plan(&self, file: &Path) -> Result<PathPlan> {
+    fn plan(&self, file: &Path) -> Result<PathPlan>;
+}
+
+impl PathSectionExt for PathSection {
+    fn plan(&self, file: &Path) -> Result<PathPlan> {
         let p = self;
         let owner = format!("path `{}`", p.name);
         let bad = |reason: String| {
@@ -844,6 +861,26 @@ fn line_of(text: &str, keys: &[Key<'_>]) -> String {
     }
     let start = at.span().start.min(text.len());
     format!(":{}", text[..start].matches('\n').count() + 1)
+}
+
+/// The fleet's sections with the local ones over them: a local one replaces the fleet's
+/// of its name, the others are added.
+fn laid_over<T: Clone>(
+    fleet: &[T],
+    local: Vec<T>,
+    name: impl Fn(&T) -> &String,
+    what: &str,
+) -> Vec<T> {
+    let mut out = fleet.to_vec();
+    for l in local {
+        if let Some(f) = out.iter_mut().find(|f| name(f) == name(&l)) {
+            tracing::info!(name = %name(&l), "the local [[{what}]] replaces the fleet plan's");
+            *f = l;
+        } else {
+            out.push(l);
+        }
+    }
+    out
 }
 
 /// A name as reports carry it, checked with the rules of `proto`.

@@ -15,7 +15,7 @@ use pathprobe_collector::store::{SqliteStore, Store};
 
 mod common;
 
-use common::{AGENT, Collector, free_tcp};
+use common::{AGENT, Collector, free_tcp, now_ns};
 const TOKEN: &str = "daemon-test-token-0123456789";
 
 fn free_udp() -> SocketAddr {
@@ -240,16 +240,6 @@ fn stored_windows(store: &dyn Store, name: &str) -> Vec<(u16, Vec<(u64, u64)>)> 
             (p.packet_size, w)
         })
         .collect()
-}
-
-fn now_ns() -> u64 {
-    u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos(),
-    )
-    .unwrap()
 }
 
 fn wait_for_log(log: &Path, text: &str, times: usize) {

@@ -140,6 +140,7 @@ pub fn load_report(path: u32, window: u32, id: u64) -> WindowReport {
         .into(),
         signature: None,
         events: Vec::new(),
+        plan_version: None,
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod compare;
 mod error;
 pub mod export;
+pub mod fleet;
 pub mod inspect;
 pub mod remote;
 pub mod serve;

@@ -55,6 +55,7 @@ fn report(id: u8, name: &str, kind: PathKind, rtts_ns: &[u64], lost: u64) -> Win
         histograms: [(Metric::Rtt, rtt), (Metric::LossRun, runs)].into(),
         signature: None,
         events: Vec::new(),
+        plan_version: None,
     }
 }
 

@@ -209,6 +209,7 @@ fn report(
         histograms: [(Metric::Rtt, rtt)].into(),
         signature: None,
         events: Vec::new(),
+        plan_version: None,
     }
 }
 

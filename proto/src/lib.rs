@@ -18,6 +18,7 @@ mod error;
 pub mod event;
 pub mod hist;
 pub mod ingest;
+pub mod plan;
 pub mod report;
 pub mod secrets;
 pub mod stamp;

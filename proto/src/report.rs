@@ -321,6 +321,9 @@ pub struct Report<H> {
     pub signature: Option<Signature>,
     /// Events raised when the window closed ([`crate::event`]).
     pub events: Vec<PathEvent>,
+    /// The version of the collector's fleet plan the agent measured under
+    /// ([`crate::plan::FleetPlan`]); `None` for an agent that plans itself.
+    pub plan_version: Option<String>,
 }
 
 /// A report whose histograms are decoded.
@@ -401,6 +404,8 @@ struct Wire {
     signature: Option<Signature>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     events: Vec<PathEvent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    plan_version: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -427,6 +432,7 @@ impl<H> Report<H> {
             histograms: BTreeMap::new(),
             signature: self.signature,
             events: self.events,
+            plan_version: self.plan_version,
         }
     }
 }
@@ -453,6 +459,7 @@ impl<H: Counted + CheckForm + EncodeHist> Report<H> {
             histograms,
             signature: self.signature,
             events: self.events.clone(),
+            plan_version: self.plan_version.clone(),
         };
         serde_json::to_vec(&wire).map_err(|e| json_error(&e))
     }
@@ -516,6 +523,7 @@ impl EncodedReport {
             histograms,
             signature: wire.signature,
             events: wire.events,
+            plan_version: wire.plan_version,
         };
         report.validate()?;
         Ok(report)
@@ -557,6 +565,9 @@ impl<H: Counted + CheckForm> Report<H> {
     /// Checks the fields that JSON typing alone does not.
     pub fn validate(&self) -> Result<()> {
         check_name("agent_id", &self.agent_id)?;
+        if let Some(v) = &self.plan_version {
+            check_name("plan_version", v)?;
+        }
         if let Some(site) = &self.site {
             check_name("site", site)?;
         }
@@ -861,6 +872,7 @@ mod tests {
                 trace_error: None,
                 outage: None,
             }],
+            plan_version: None,
         }
     }
 

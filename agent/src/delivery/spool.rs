@@ -552,6 +552,7 @@ mod tests {
             histograms: [(Metric::Rtt, rtt)].into(),
             signature: None,
             events: Vec::new(),
+            plan_version: None,
         }
         .to_json()
         .unwrap()

@@ -231,3 +231,14 @@ pub fn threads(pid: u32) -> u64 {
 pub fn write_secret(path: &Path, text: &str) {
     pathprobe_tests::pki::write(path, text, true);
 }
+
+/// Now, in ns since 1970.
+pub fn now_ns() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    )
+    .unwrap()
+}

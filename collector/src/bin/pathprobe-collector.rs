@@ -86,6 +86,11 @@ struct AccessArgs {
     /// without TLS).
     #[arg(long, env = "PATHPROBE_OPEN_READ")]
     open_read: bool,
+    /// Plan the fleet from this file: each agent fetches its expanded plan at GET /v1/plan.
+    /// Loaded again on SIGHUP and when it changes; a file that does not pass is not applied
+    /// (check one first with `pathprobe-collector fleet check FILE`).
+    #[arg(long, env = "PATHPROBE_FLEET")]
+    fleet: Option<PathBuf>,
     /// Most connections open at once; more are closed at once.
     #[arg(long, default_value_t = ConnLimits::default().max_connections, env = "PATHPROBE_MAX_CONNECTIONS",
           value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|v| v as usize))]
@@ -232,6 +237,20 @@ enum TokenCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum FleetCommand {
+    /// Check a fleet file and say what it expands to; errors give the line and the fix.
+    Check { file: PathBuf },
+    /// Print one agent's expanded plan, in agent.toml's sections.
+    Show {
+        file: PathBuf,
+        #[arg(long)]
+        agent: String,
+    },
+    /// Say which agents' plans change from OLD to NEW, and how.
+    Diff { old: PathBuf, new: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Receive reports over HTTP and answer queries (see the library docs for the API).
     Serve {
@@ -253,6 +272,11 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// The fleet file: check it, show one agent's expanded plan, or compare two versions.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
     },
     /// Compare two paths (by name or kind) side by side, with difference and ratio.
     Compare {
@@ -399,6 +423,12 @@ fn run_serve(
         queries: access.queries(),
         tls: tls.clone(),
         open_read: access.open_read,
+        fleet: access
+            .fleet
+            .clone()
+            .map(pathprobe_collector::serve::plan::FleetState::load)
+            .transpose()?
+            .map(Arc::new),
     };
     cfg.check()?;
     if cfg.tokens.is_none() && !tls.as_ref().is_some_and(|t| t.mutual()) {
@@ -580,12 +610,65 @@ fn main() -> ExitCode {
 }
 
 /// Runs the command.
+fn run_fleet(command: &FleetCommand) -> anyhow::Result<()> {
+    use pathprobe_collector::fleet;
+    match command {
+        FleetCommand::Check { file } => {
+            let f = fleet::load(file)?;
+            let plans = f.plans.values();
+            let paths: usize = plans.clone().map(|p| p.plan.paths.len()).sum();
+            let reflectors = plans.clone().filter(|p| p.plan.reflector.is_some()).count();
+            println!(
+                "{}: good: {} agents, {reflectors} reflecting, {paths} paths",
+                file.display(),
+                f.plans.len()
+            );
+            for p in f.plans.values() {
+                println!(
+                    "  {} (site {}): {} paths{}",
+                    p.plan.agent_id,
+                    p.plan.site,
+                    p.plan.paths.len(),
+                    if p.plan.reflector.is_some() {
+                        ", reflects"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        FleetCommand::Show { file, agent } => {
+            let f = fleet::load(file)?;
+            let Some(p) = f.plans.get(agent) else {
+                anyhow::bail!(
+                    "agent {agent} is in no [[site]] of {}: its agents are {}",
+                    file.display(),
+                    f.plans.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            };
+            print!("{}", toml::to_string(&p.plan)?);
+        }
+        FleetCommand::Diff { old, new } => {
+            let (a, b) = (fleet::load(old)?, fleet::load(new)?);
+            let lines = fleet::diff(&a, &b);
+            if lines.is_empty() {
+                println!("no agent's plan changes");
+            }
+            for l in lines {
+                println!("{l}");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Token {
             command: TokenCommand::New { agent, reader },
         } => run_token_new(agent.as_deref(), reader.as_deref()),
         Command::Inspect { files, json } => run_inspect(files, *json),
+        Command::Fleet { command } => run_fleet(command),
         Command::Serve {
             listen,
             db,

@@ -285,5 +285,9 @@ pub(super) async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         &st.conns,
         &st.queries,
     );
+    let mut text = text;
+    if let Some(f) = &st.fleet {
+        f.exposition(&mut text);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -33,6 +33,7 @@ mod auth;
 mod ingest;
 pub mod listen;
 mod metrics;
+pub mod plan;
 pub mod pool;
 mod queries;
 pub mod tls;
@@ -77,6 +78,8 @@ pub struct ServeConfig {
     /// Queries and `/metrics` without a reader token (refused beyond loopback without
     /// TLS).
     pub open_read: bool,
+    /// The fleet file's plans (`--fleet`), served at `GET /v1/plan`.
+    pub fleet: Option<Arc<plan::FleetState>>,
 }
 
 impl ServeConfig {
@@ -92,6 +95,7 @@ impl ServeConfig {
             queries: QueryLimits::default(),
             tls: None,
             open_read: true,
+            fleet: None,
         }
     }
 
@@ -121,6 +125,7 @@ struct AppState {
     open_read: bool,
     conns: Arc<listen::ConnCounts>,
     queries: pool::QueryPool,
+    fleet: Option<Arc<plan::FleetState>>,
 }
 
 /// Windows one rollup pass takes while holding the writer: small, so that an ingest never
@@ -259,7 +264,11 @@ pub async fn serve_store(
         open_read: cfg.open_read,
         conns: Arc::clone(&conns),
         queries: pool::QueryPool::new(cfg.queries),
+        fleet: cfg.fleet.clone(),
     });
+    if let Some(f) = &cfg.fleet {
+        plan::watch(Arc::clone(f));
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let roller = {
         let (st, stop) = (Arc::clone(&state), Arc::clone(&stop));
@@ -283,6 +292,7 @@ pub async fn serve_store(
                 ingest::gate,
             )),
         )
+        .route("/v1/plan", get(plan::plan))
         .merge(reads)
         .layer(DefaultBodyLimit::max(cfg.limits.max_body))
         .with_state(Arc::clone(&state));
@@ -293,6 +303,7 @@ pub async fn serve_store(
         mutual_tls = state.mutual_tls,
         agent_tokens = state.tokens.is_some(),
         open_read = state.open_read,
+        fleet = state.fleet.is_some(),
         "collector serving"
     );
     listen::serve(listener, app, cfg.tls, cfg.conn, conns, shutdown).await;

@@ -1162,6 +1162,7 @@ mod tests {
             histograms: [(Metric::Rtt, rtt), (Metric::LossRun, runs)].into(),
             signature: None,
             events: Vec::new(),
+            plan_version: None,
         }
     }
 

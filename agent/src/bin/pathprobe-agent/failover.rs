@@ -11,7 +11,7 @@ use clap::ValueEnum;
 use pathprobe_agent::engine::session::WindowStats;
 use pathprobe_agent::failover::{self, FailoverConfig, FailoverRun, PinnedPath, Verdict};
 use pathprobe_agent::output::{self, Labels};
-use pathprobe_agent::plan::DrillSection;
+use pathprobe_agent::plan::{DrillSection, DrillSectionExt as _};
 use pathprobe_agent::watch::Observed;
 use pathprobe_proto::event::{EventKind, Outage, PathEvent};
 use pathprobe_proto::report::ProbeProtocol;

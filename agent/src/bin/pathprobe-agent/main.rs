@@ -4,8 +4,8 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 mod capacity;
@@ -22,8 +22,9 @@ use pathprobe_agent::decode::{self, Direction};
 use pathprobe_agent::emulate::link::{LinkConfig, Profile};
 use pathprobe_agent::emulate::nfqueue::{NfqueueConfig, NfqueueEmulator};
 use pathprobe_agent::emulate::{Emulator, EmulatorConfig, EmulatorStats};
+use pathprobe_agent::fleet;
 use pathprobe_agent::output::{self, Labels};
-use pathprobe_agent::plan::{AgentPlan, Overrides, PathSection};
+use pathprobe_agent::plan::{AgentPlan, FleetPlan, Overrides, PathSection, PathSectionExt as _};
 use pathprobe_agent::probe::{self, ProbeConfig};
 use pathprobe_agent::reflector::{self, ReflectorConfig, ReflectorStats};
 use pathprobe_agent::{Error, hexbytes, keyfile};
@@ -81,9 +82,11 @@ enum Command {
 /// `run`: the config file, and what the command line or environment set over it.
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// The agent's TOML configuration.
-    #[arg(long, env = "PATHPROBE_CONFIG")]
-    config: PathBuf,
+    /// The agent's TOML configuration. Without one (or with one that lists no path, drill
+    /// or reflector) the agent follows the collector's fleet plan: give --collector and
+    /// --token-file.
+    #[arg(long, env = "PATHPROBE_CONFIG", required_unless_present = "collector")]
+    config: Option<PathBuf>,
     /// Agent id for reports, over the file's agent id [default: the host name].
     #[arg(long, env = "PATHPROBE_AGENT_ID")]
     agent_id: Option<String>,
@@ -108,7 +111,8 @@ struct RunArgs {
     insecure_http: bool,
 }
 
-/// `run`: the agent, until SIGINT or SIGTERM; SIGHUP reloads the file.
+/// `run`: the agent, until SIGINT or SIGTERM; SIGHUP reloads the file. Following a fleet
+/// plan, it asks the collector for it every `plan_poll` and applies each new one.
 fn run_agent(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let over = Overrides {
         agent_id: args.agent_id.clone(),
@@ -119,20 +123,105 @@ fn run_agent(args: &RunArgs) -> anyhow::Result<ExitCode> {
         ca_file: args.ca_file.clone(),
         insecure_http: args.insecure_http,
     };
-    let plan = AgentPlan::load(&args.config, &over)?;
+    let config = args.config.as_deref();
+    let local = AgentPlan::load_with_fleet(config, &over, None)?;
+    let current: Mutex<Option<FleetPlan>> = Mutex::new(None);
+    let mut source = match (local.fleet_poll, &local.collector) {
+        (Some(poll), Some(to)) => Some((fleet::PlanSource::new(to, &local.agent_id)?, poll)),
+        _ => None,
+    };
+    if let Some((src, _)) = source.as_mut() {
+        if let Some(cached) = src.cached() {
+            tracing::info!(plan_version = %cached.version, "starting on the cached fleet plan");
+            *current.lock().unwrap_or_else(PoisonError::into_inner) = Some(cached);
+        }
+        match src.poll() {
+            fleet::Polled::New(p) => {
+                tracing::info!(plan_version = %p.version, paths = p.paths.len(), "fleet plan fetched");
+                *current.lock().unwrap_or_else(PoisonError::into_inner) = Some(*p);
+            }
+            fleet::Polled::Unchanged => {}
+            fleet::Polled::Failed(e) => {
+                tracing::warn!(error = %e, "cannot fetch the fleet plan yet: running on what there is, asking again");
+            }
+        }
+    }
+    let plan = AgentPlan::load_with_fleet(
+        config,
+        &over,
+        current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref(),
+    )?;
     let stop = stop_on_signals()?;
     let hup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))
         .context("cannot install the SIGHUP handler")?;
-    let mut reload = || {
-        hup.swap(false, Ordering::Relaxed).then(|| {
-            tracing::info!(config = %args.config.display(), "SIGHUP: reading the configuration again");
-            AgentPlan::load(&args.config, &over)
+    let fleet_changed = AtomicBool::new(false);
+    let mut reload =
+        || {
+            let hangup = hup.swap(false, Ordering::Relaxed);
+            let changed = fleet_changed.swap(false, Ordering::Relaxed);
+            (hangup || changed).then(|| {
+            if hangup {
+                tracing::info!(config = ?args.config, "SIGHUP: reading the configuration again");
+            }
+            let fleet_plan = current.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            AgentPlan::load_with_fleet(config, &over, fleet_plan.as_ref())
         })
-    };
-    pathprobe_agent::daemon::run(plan, &stop, &mut reload)?;
+        };
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        if let Some((mut src, poll)) = source {
+            let (stop, current, changed) = (&*stop, &current, &fleet_changed);
+            s.spawn(move || follow_fleet(&mut src, poll, stop, current, changed));
+        }
+        pathprobe_agent::daemon::run(plan, &stop, &mut reload)?;
+        stop.store(true, Ordering::Relaxed);
+        Ok(())
+    })?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Asks for the fleet plan every `poll` until `stop`; a new one goes to `current`, and
+/// `changed` tells the supervisor. Failures are logged when they start and when they end.
+fn follow_fleet(
+    src: &mut fleet::PlanSource,
+    poll: Duration,
+    stop: &AtomicBool,
+    current: &Mutex<Option<FleetPlan>>,
+    changed: &AtomicBool,
+) {
+    let mut failing = false;
+    let mut next = std::time::Instant::now() + poll;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+        if std::time::Instant::now() < next {
+            continue;
+        }
+        next = std::time::Instant::now() + poll;
+        match src.poll() {
+            fleet::Polled::New(p) => {
+                tracing::info!(plan_version = %p.version, paths = p.paths.len(), "new fleet plan");
+                *current.lock().unwrap_or_else(PoisonError::into_inner) = Some(*p);
+                changed.store(true, Ordering::Relaxed);
+                failing = false;
+            }
+            fleet::Polled::Unchanged => {
+                if failing {
+                    tracing::info!("the collector answers again: the fleet plan is unchanged");
+                }
+                failing = false;
+            }
+            fleet::Polled::Failed(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot fetch the fleet plan: running on the last one, asking again");
+                }
+                failing = true;
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

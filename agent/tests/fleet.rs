@@ -1,0 +1,242 @@
+//! The fleet file on a collector, and three agents (two on-prem, one Azure reflector) on
+//! loopback that follow it: each probes exactly its expanded paths, takes a changed plan
+//! live (a changed path restarts, a new one starts, a removed one stops with its last
+//! window delivered, an unchanged one loses and repeats no window), and keeps its plan
+//! when the file is broken.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pathprobe_collector::serve::plan::FleetState;
+use pathprobe_collector::serve::{ServeConfig, Tokens};
+use pathprobe_collector::store::{Selector, SqliteStore, Store};
+
+mod common;
+
+use common::{AGENT, Collector, free_tcp, now_ns};
+
+const AGENTS: [&str; 3] = ["a-1", "a-2", "r-1"];
+
+fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The fleet: a-1 and a-2 in site `ams` (on-prem), r-1 reflecting in `weu` (Azure), and
+/// `templates` from the on-prem site to it.
+fn fleet(reflector: SocketAddr, er_rate: u32, templates: &[&str]) -> String {
+    let list: Vec<String> = templates.iter().map(|t| format!("\"{t}\"")).collect();
+    format!(
+        r#"[[site]]
+name = "ams"
+tags = ["onprem"]
+agents = ["a-1", "a-2"]
+
+[[site]]
+name = "weu"
+tags = ["azure"]
+agents = ["r-1"]
+
+[[reflector]]
+agent = "r-1"
+addresses = {{ expressroute = "{reflector}", vpn = "{reflector}", internet = "{reflector}", other = "{reflector}" }}
+settings = {{ listen = "{reflector}" }}
+
+[[template]]
+name = "er"
+kind = "expressroute"
+rate = {er_rate}
+window = "1s"
+timeout = "300ms"
+ssid = 1
+
+[[template]]
+name = "vpn"
+kind = "vpn"
+rate = 20
+window = "1s"
+timeout = "300ms"
+ssid = 2
+
+[[template]]
+name = "old"
+kind = "other"
+rate = 20
+window = "1s"
+timeout = "300ms"
+ssid = 3
+
+[[template]]
+name = "inet"
+kind = "internet"
+rate = 20
+window = "1s"
+timeout = "300ms"
+ssid = 4
+
+[[mesh]]
+from = {{ tags = ["onprem"] }}
+to = {{ tags = ["azure"] }}
+templates = [{}]
+"#,
+        list.join(", ")
+    )
+}
+
+/// Starts agent `id`, with an agent.toml that names only its collector (so it follows the
+/// fleet plan), asking for it every second.
+fn start_agent(dir: &Path, id: &str, collector: SocketAddr) -> (Child, PathBuf) {
+    let token = format!("fleet-test-token-{id}-0123456789");
+    common::write_secret(&dir.join(format!("{id}.token")), &token);
+    let config = dir.join(format!("{id}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "agent_id = \"{id}\"\n[collector]\nurl = \"http://{collector}\"\ntoken_file = \"{id}.token\"\nspool_dir = \"spool-{id}\"\nplan_poll = \"1s\"\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.join(format!("{id}.log"));
+    (common::run_agent(Command::new(AGENT), &config, &log), log)
+}
+
+fn stop(mut agent: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    assert!(agent.wait().unwrap().success());
+}
+
+/// Per agent, per path name: the windows stored, (start, end), oldest first.
+fn stored(store: &dyn Store) -> BTreeMap<(String, String), Vec<(u64, u64)>> {
+    let mut out: BTreeMap<(String, String), Vec<(u64, u64)>> = BTreeMap::new();
+    let rows = store.paths().unwrap();
+    for name in ["er-r-1", "vpn-r-1", "old-r-1", "inet-r-1"] {
+        let sel = Selector {
+            name_or_kind: name.into(),
+            site: None,
+        };
+        for w in store.windows(&sel).unwrap() {
+            let p = rows.iter().find(|p| p.id == w.path_id).unwrap();
+            out.entry((p.agent_id.clone(), p.name.clone()))
+                .or_default()
+                .push((w.start_ns, w.end_ns));
+        }
+    }
+    for w in out.values_mut() {
+        w.sort_unstable();
+    }
+    out
+}
+
+#[test]
+fn three_agents_follow_the_fleet_file_live() {
+    let dir: PathBuf = std::env::temp_dir().join(format!("pathprobe-fleet-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens = AGENTS
+        .map(|id| format!("agent {id} fleet-test-token-{id}-0123456789"))
+        .join("\n");
+    common::write_secret(&dir.join("tokens"), &tokens);
+    let reflector = free_udp();
+    let fleet_file = dir.join("fleet.toml");
+    std::fs::write(&fleet_file, fleet(reflector, 20, &["er", "vpn", "old"])).unwrap();
+    let collector_addr = free_tcp();
+    let collector = Collector::start_with(ServeConfig {
+        tokens: Some(Tokens::load(&dir.join("tokens")).unwrap()),
+        fleet: Some(Arc::new(FleetState::load(fleet_file.clone()).unwrap())),
+        ..ServeConfig::lab(collector_addr, dir.join("store.db"))
+    });
+    let mut agents: Vec<(Child, PathBuf)> = AGENTS
+        .iter()
+        .map(|id| start_agent(&dir, id, collector_addr))
+        .collect();
+    for (_, log) in &agents[..2] {
+        common::wait_for_log(log, "probing", 3, Duration::from_secs(20));
+    }
+    common::wait_for_log(&agents[2].1, "reflecting", 1, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(3));
+
+    // er faster, vpn as it was, old gone, inet new.
+    std::fs::write(&fleet_file, fleet(reflector, 40, &["er", "vpn", "inet"])).unwrap();
+    let changed_at = now_ns();
+    for (_, log) in &agents[..2] {
+        let text = common::wait_for_log(log, "configuration reloaded", 1, Duration::from_secs(20));
+        assert!(
+            text.contains(r#"restarted=["er-r-1"] started=["inet-r-1"] stopped=["old-r-1"]"#)
+                && text.contains("unchanged=1"),
+            "{text}"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
+
+    // A broken file is refused: the plans stay, and the agents run on as they were.
+    std::fs::write(&fleet_file, "[[site]]\nname = \"ams\"\nagents = [\"a-1\"]\n[[site]]\nname = \"x\"\nagents = [\"a-1\"]\n").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let metrics = ureq::get(&format!("http://{collector_addr}/metrics"))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("pathprobe_collector_fleet_refused{reason=\"")
+            && metrics.contains("agent a-1 is in site `ams` and in site `x`"),
+        "{metrics}"
+    );
+    for (_, log) in &agents[..2] {
+        let text = std::fs::read_to_string(log).unwrap();
+        assert_eq!(text.matches("configuration reloaded").count(), 1, "{text}");
+    }
+    for (child, _) in agents.drain(..) {
+        stop(child);
+    }
+    let stopped_at = now_ns();
+    collector.stop();
+
+    let store = SqliteStore::open_read_only(&dir.join("store.db")).unwrap();
+    let got = stored(&store);
+    let keys: Vec<(String, String)> = got.keys().cloned().collect();
+    let want: Vec<(String, String)> = ["a-1", "a-2"]
+        .iter()
+        .flat_map(|a| {
+            ["er-r-1", "inet-r-1", "old-r-1", "vpn-r-1"]
+                .map(move |p| ((*a).to_string(), p.to_string()))
+        })
+        .collect();
+    assert_eq!(keys, want, "each agent probes exactly its expanded paths");
+    for a in ["a-1", "a-2"] {
+        // vpn: one session from before the change to the end, no gap, no overlap.
+        let vpn = &got[&(a.to_string(), "vpn-r-1".to_string())];
+        for pair in vpn.windows(2) {
+            assert_eq!(
+                pair[0].1, pair[1].0,
+                "{a} vpn: a gap or an overlap: {vpn:?}"
+            );
+        }
+        assert!(
+            vpn[0].0 < changed_at && vpn.last().unwrap().1 > changed_at,
+            "{vpn:?}"
+        );
+        // old: its last window reached the collector, after the change.
+        let old = &got[&(a.to_string(), "old-r-1".to_string())];
+        assert!(old.last().unwrap().1 >= changed_at, "{a} old: {old:?}");
+        let inet = &got[&(a.to_string(), "inet-r-1".to_string())];
+        assert!(
+            inet[0].0 >= changed_at && inet.last().unwrap().1 <= stopped_at,
+            "{a} inet: {inet:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
