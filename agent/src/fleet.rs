@@ -128,7 +128,12 @@ impl PlanSource {
         }
         // Cached before it is used: a restart comes up on the plan it ran.
         let tmp = self.cache.with_extension("json.tmp");
-        let written = std::fs::write(&tmp, &body).and_then(|()| std::fs::rename(&tmp, &self.cache));
+        let written = self
+            .cache
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, &body))
+            .and_then(|()| std::fs::rename(&tmp, &self.cache));
         if let Err(e) = written {
             tracing::warn!(cache = %self.cache.display(), error = %e, "cannot cache the fleet plan: a restart without the collector will not have it");
         }

@@ -140,9 +140,10 @@ fn stored(store: &dyn Store) -> BTreeMap<(String, String), Vec<(u64, u64)>> {
     out
 }
 
-#[test]
-fn three_agents_follow_the_fleet_file_live() {
-    let dir: PathBuf = std::env::temp_dir().join(format!("pathprobe-fleet-{}", std::process::id()));
+/// A fresh test folder `name`, with the three agents' tokens, a reflector address, and the
+/// fleet file (written with `templates`).
+fn lab(name: &str, templates: &[&str]) -> (PathBuf, SocketAddr, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("pathprobe-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let tokens = AGENTS
@@ -151,7 +152,13 @@ fn three_agents_follow_the_fleet_file_live() {
     common::write_secret(&dir.join("tokens"), &tokens);
     let reflector = free_udp();
     let fleet_file = dir.join("fleet.toml");
-    std::fs::write(&fleet_file, fleet(reflector, 20, &["er", "vpn", "old"])).unwrap();
+    std::fs::write(&fleet_file, fleet(reflector, 20, templates)).unwrap();
+    (dir, reflector, fleet_file)
+}
+
+#[test]
+fn three_agents_follow_the_fleet_file_live() {
+    let (dir, reflector, fleet_file) = lab("fleet", &["er", "vpn", "old"]);
     let collector_addr = free_tcp();
     let collector = Collector::start_with(ServeConfig {
         tokens: Some(Tokens::load(&dir.join("tokens")).unwrap()),
@@ -236,6 +243,117 @@ fn three_agents_follow_the_fleet_file_live() {
         assert!(
             inet[0].0 >= changed_at && inet.last().unwrap().1 <= stopped_at,
             "{a} inet: {inet:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let body = ureq::get(&format!("http://{addr}{path}"))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The agents' row of `/v1/agents`.
+fn agent_row(addr: SocketAddr, id: &str) -> serde_json::Value {
+    get_json(addr, "/v1/agents")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["agent_id"] == id)
+        .unwrap()
+        .clone()
+}
+
+/// Waits until `/v1/events` has `n` events of `kind`.
+fn wait_for_events(addr: SocketAddr, kind: &str, n: usize) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = get_json(addr, &format!("/v1/events?kind={kind}&since=1h"));
+        if events.as_array().unwrap().len() >= n {
+            return events;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {kind} event: {events}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn agents_run_on_their_cached_plan_while_the_collector_is_away_and_silence_is_an_event() {
+    let (dir, _, fleet_file) = lab("fleet-away", &["er"]);
+    let collector_addr = free_tcp();
+    let start_collector = || {
+        Collector::start_with(ServeConfig {
+            tokens: Some(Tokens::load(&dir.join("tokens")).unwrap()),
+            fleet: Some(Arc::new(FleetState::load(fleet_file.clone()).unwrap())),
+            ..ServeConfig::lab(collector_addr, dir.join("store.db"))
+        })
+    };
+    let collector = start_collector();
+    let mut agents: BTreeMap<&str, (Child, PathBuf)> = AGENTS
+        .iter()
+        .map(|id| (*id, start_agent(&dir, id, collector_addr)))
+        .collect();
+    for id in ["a-1", "a-2"] {
+        common::wait_for_log(&agents[id].1, "probing", 1, Duration::from_secs(20));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    for id in AGENTS {
+        let row = agent_row(collector_addr, id);
+        assert_eq!(row["fetched_version"], row["plan_version"], "{row}");
+        assert_eq!(row["not_reporting"], serde_json::json!([]), "{row}");
+    }
+
+    // a-2 stops: its path is silent after 3 windows, and listed as not reporting.
+    let (a2, _) = agents.remove("a-2").unwrap();
+    stop(a2);
+    let silent = wait_for_events(collector_addr, "path_silent", 1);
+    assert!(
+        silent[0]["agent_id"] == "a-2" && silent[0]["path"] == "er-r-1",
+        "{silent}"
+    );
+    assert_eq!(
+        agent_row(collector_addr, "a-2")["not_reporting"],
+        serde_json::json!(["er-r-1"])
+    );
+
+    // The collector goes away; a-1 restarts, and a-2 comes back, on their cached plans.
+    collector.stop();
+    let away_from = now_ns();
+    let (a1, _) = agents.remove("a-1").unwrap();
+    stop(a1);
+    for id in ["a-1", "a-2"] {
+        let (child, log) = start_agent(&dir, id, collector_addr);
+        let text = common::wait_for_log(&log, "probing", 1, Duration::from_secs(20));
+        assert!(text.contains("starting on the cached fleet plan"), "{text}");
+        agents.insert(id, (child, log));
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    let away_to = now_ns();
+    let collector = start_collector();
+    let resumed = wait_for_events(collector_addr, "path_resumed", 1);
+    assert!(resumed[0]["agent_id"] == "a-2", "{resumed}");
+    std::thread::sleep(Duration::from_secs(2));
+    for (_, (child, _)) in std::mem::take(&mut agents) {
+        stop(child);
+    }
+    collector.stop();
+
+    // What a-1 and a-2 measured while the collector was away reached it.
+    let store = SqliteStore::open_read_only(&dir.join("store.db")).unwrap();
+    let got = stored(&store);
+    for a in ["a-1", "a-2"] {
+        let w = &got[&(a.to_string(), "er-r-1".to_string())];
+        assert!(
+            w.iter().any(|(s, e)| *s >= away_from && *e <= away_to),
+            "{a}: no window from the time away: {w:?}"
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -258,6 +258,9 @@ fn expand_mesh(
     paths: &mut AgentPaths,
 ) -> Result<(), FleetError> {
     let at = mesh.span().start;
+    // Once per rule: counting a big file's lines for every path it gives was most of
+    // the expansion's time.
+    let rule_line = line(text, at);
     let m = mesh.get_ref();
     let what = m
         .name
@@ -300,7 +303,7 @@ fn expand_mesh(
                         ),
                     ));
                 }
-                of.insert(p.name.clone(), (p, line(text, at)));
+                of.insert(p.name.clone(), (p, rule_line));
                 added += 1;
             }
         }
@@ -617,8 +620,9 @@ pub fn diff(old: &Fleet, new: &Fleet) -> Vec<String> {
     for agent in agents {
         match (old.plans.get(agent), new.plans.get(agent)) {
             (None, Some(p)) => out.push(format!(
-                "{agent}: new agent, {} paths{}",
+                "{agent}: new agent, {} path{}{}",
                 p.plan.paths.len(),
+                if p.plan.paths.len() == 1 { "" } else { "s" },
                 if p.plan.reflector.is_some() {
                     ", reflects"
                 } else {

@@ -130,6 +130,11 @@ pub enum EventKind {
     PathChange,
     /// Traffic was lost and came back on the same path.
     Outage,
+    /// A path of the fleet plan sent no report for 3 of its windows (raised by the
+    /// collector: the agent, or its probing, stopped).
+    PathSilent,
+    /// A silent path reports again.
+    PathResumed,
 }
 
 impl EventKind {
@@ -141,6 +146,8 @@ impl EventKind {
         Self::Failback,
         Self::PathChange,
         Self::Outage,
+        Self::PathSilent,
+        Self::PathResumed,
     ];
 
     /// The name used in JSON and queries.
@@ -152,6 +159,8 @@ impl EventKind {
             Self::Failback => "failback",
             Self::PathChange => "path_change",
             Self::Outage => "outage",
+            Self::PathSilent => "path_silent",
+            Self::PathResumed => "path_resumed",
         }
     }
 }

@@ -302,6 +302,20 @@ enum Command {
         #[arg(long)]
         csv: bool,
     },
+    /// List the fleet's agents: site, plan version, when each last fetched its plan and
+    /// last reported, and the paths of its plan that do not report.
+    Agents {
+        /// The fleet file, to read with --db (a serving collector knows its own).
+        #[arg(long, required_unless_present = "collector")]
+        fleet: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbArg,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the paths the collector knows.
     Paths {
         #[command(flatten)]
@@ -531,6 +545,64 @@ fn run_compare(
     Ok(())
 }
 
+fn run_agents(
+    fleet: Option<&std::path::Path>,
+    db: &DbArg,
+    remote: &RemoteArgs,
+    json: bool,
+) -> anyhow::Result<()> {
+    use pathprobe_collector::serve::plan::{AgentRow, FleetState, agents};
+    let rows: Vec<AgentRow> = if let Some(r) = remote.remote()? {
+        r.get_json("/v1/agents", &[])?
+    } else {
+        let Some(file) = fleet else {
+            anyhow::bail!(
+                "give --fleet FILE with --db, or ask a serving collector with --collector URL"
+            );
+        };
+        let state = FleetState::load(file.to_owned())?;
+        let paths = SqliteStore::open_read_only(&db.db)?.paths()?;
+        let now = u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos())?;
+        agents(&state, &paths, now)
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let ago = |ns: Option<u64>| {
+        ns.map_or_else(
+            || "never".to_string(),
+            |at| {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+                format!("{} s ago", now.saturating_sub(at) / 1_000_000_000)
+            },
+        )
+    };
+    for a in &rows {
+        let fetched = match (&a.fetched_version, a.fetched_ns) {
+            (Some(v), at) if *v == a.plan_version => format!("fetched {}", ago(at)),
+            (Some(v), at) => format!("fetched {} (version {v}, not the newest)", ago(at)),
+            (None, _) => "not fetched since the collector started".to_string(),
+        };
+        let silent = if a.not_reporting.is_empty() {
+            String::new()
+        } else {
+            format!("; NOT REPORTING: {}", a.not_reporting.join(", "))
+        };
+        println!(
+            "{:<16} site {:<10} plan {} {fetched}; reported {}; {} paths{silent}",
+            a.agent_id,
+            a.site,
+            a.plan_version,
+            ago(a.last_report_ns),
+            a.paths
+        );
+    }
+    Ok(())
+}
+
 fn run_paths(db: &DbArg, remote: &RemoteArgs, json: bool) -> anyhow::Result<()> {
     let paths: Vec<PathRow> = if let Some(r) = remote.remote()? {
         r.get_json("/v1/paths", &[])?
@@ -710,6 +782,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             *json,
         ),
         Command::Paths { db, remote, json } => run_paths(db, remote, *json),
+        Command::Agents {
+            fleet,
+            db,
+            remote,
+            json,
+        } => run_agents(fleet.as_deref(), db, remote, *json),
         Command::Histogram {
             path,
             metric,

@@ -7,11 +7,13 @@
 //! | `GET /v1/compare?a=&b=&site=&since=|from=&to=` | side-by-side figures with difference and ratio, and both sides' events |
 //! | `GET /v1/events?path=&site=&kind=&limit=&since=|from=&to=` | events (failovers, failbacks, outages, signature changes, DSCP re-marking) seen in the range, oldest first, each with its path; `path` is a name or kind, all paths without it |
 //! | `GET /v1/histogram?path=&metric=&site=&since=|from=&to=&format=v2|log` | the merged histogram in HdrHistogram's formats |
+//! | `GET /v1/plan?agent=` | the agent's fleet plan (`--fleet`), with its `ETag`; `304` while it has not changed ([`plan`]) |
+//! | `GET /v1/agents` | the fleet's agents: plan version, last fetch and report, plan paths not reporting |
 //! | `GET /metrics` | Prometheus text exposition |
 //!
-//! Ingest takes an agent's token (or, with `--client-ca`, its client certificate); every
-//! query and `/metrics` take a reader's token, unless `--open-read` (refused on an address
-//! beyond loopback without TLS). Over TLS ([`tls`]) the certificate is reloaded on
+//! Ingest and the plan take an agent's token (or, with `--client-ca`, its client
+//! certificate); every query and `/metrics` take a reader's token, unless `--open-read`
+//! (refused on an address beyond loopback without TLS). Over TLS ([`tls`]) the certificate is reloaded on
 //! `SIGHUP`. The accept loop ([`listen`]) bounds the connections a peer can hold.
 //!
 //! Everything a token holder can make the collector hold is bounded ([`Limits`]): the body,
@@ -127,6 +129,9 @@ struct AppState {
     queries: pool::QueryPool,
     fleet: Option<Arc<plan::FleetState>>,
 }
+
+/// How often the fleet's paths are looked at for silence.
+const SILENCE_CHECK: Duration = Duration::from_secs(2);
 
 /// Windows one rollup pass takes while holding the writer: small, so that an ingest never
 /// waits long behind the rollup.
@@ -274,11 +279,18 @@ pub async fn serve_store(
         let (st, stop) = (Arc::clone(&state), Arc::clone(&stop));
         std::thread::spawn(move || roll_up(&st, &stop))
     };
+    let silence = state.fleet.clone().map(|fleet| {
+        let (st, stop) = (Arc::clone(&state), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            plan::watch_silence(&*st.store, &fleet, &stop, SILENCE_CHECK);
+        })
+    });
     let reads = Router::new()
         .route("/v1/paths", get(queries::paths))
         .route("/v1/compare", get(queries::compare))
         .route("/v1/histogram", get(queries::histogram))
         .route("/v1/events", get(queries::events))
+        .route("/v1/agents", get(plan::agents_list))
         .route("/metrics", get(metrics::metrics))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -309,5 +321,8 @@ pub async fn serve_store(
     listen::serve(listener, app, cfg.tls, cfg.conn, conns, shutdown).await;
     stop.store(true, Ordering::Relaxed);
     let _ = roller.join();
+    if let Some(s) = silence {
+        let _ = s.join();
+    }
     Ok(())
 }

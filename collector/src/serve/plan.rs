@@ -259,3 +259,230 @@ fn if_none_match(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
 }
+
+/// A plan path is silent after this many of its windows without a report.
+pub const SILENT_WINDOWS: u64 = 3;
+
+/// Time an agent is given to deliver its spool once the collector is up, before its paths
+/// are judged silent.
+const DELIVERY_GRACE_NS: u64 = 5_000_000_000;
+
+/// A plan path's window, as its template gives it (10 s by default, as the agent's).
+fn window_ns(p: &pathprobe_proto::plan::PathSection) -> u64 {
+    p.window
+        .as_deref()
+        .and_then(|w| humantime::parse_duration(w).ok())
+        .map_or(10_000_000_000, |d| {
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+        })
+}
+
+/// One agent as the collector sees it: its plan, when it fetched one, when it reported,
+/// and the paths of its plan that do not report.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentRow {
+    pub agent_id: String,
+    pub site: String,
+    /// The version of the plan served to it now.
+    pub plan_version: String,
+    /// When it last fetched its plan (ns since 1970), and which version; `None` before
+    /// it has since the collector started.
+    pub fetched_ns: Option<u64>,
+    pub fetched_version: Option<String>,
+    /// The end of its newest stored window (ns since 1970).
+    pub last_report_ns: Option<u64>,
+    /// Paths in its plan.
+    pub paths: usize,
+    /// Paths of its plan with no report in their last 3 windows (or none ever).
+    pub not_reporting: Vec<String>,
+}
+
+/// Per (agent, path name): the stored path's id and the end of its newest window.
+fn last_reports(rows: &[crate::store::PathRow]) -> HashMap<(&str, &str), (i64, u64)> {
+    let mut last: HashMap<(&str, &str), (i64, u64)> = HashMap::new();
+    for r in rows {
+        let e = last
+            .entry((r.agent_id.as_str(), r.name.as_str()))
+            .or_insert((r.id, r.last_ns));
+        if r.last_ns > e.1 {
+            *e = (r.id, r.last_ns);
+        }
+    }
+    last
+}
+
+/// Every agent of the fleet, at `now_ns`, from the stored paths `rows`.
+pub fn agents(fleet: &FleetState, rows: &[crate::store::PathRow], now_ns: u64) -> Vec<AgentRow> {
+    let plans = fleet.fleet();
+    let fetched = fleet.fetched();
+    let last = last_reports(rows);
+    plans
+        .plans
+        .values()
+        .map(|s| {
+            let p = &s.plan;
+            let f = fetched.get(&p.agent_id);
+            let not_reporting = p
+                .paths
+                .iter()
+                .filter(|path| {
+                    last.get(&(p.agent_id.as_str(), path.name.as_str()))
+                        .is_none_or(|(_, at)| {
+                            now_ns.saturating_sub(*at) > SILENT_WINDOWS * window_ns(path)
+                        })
+                })
+                .map(|path| path.name.clone())
+                .collect();
+            AgentRow {
+                agent_id: p.agent_id.clone(),
+                site: p.site.clone(),
+                plan_version: p.version.clone(),
+                fetched_ns: f.map(|f| f.0),
+                fetched_version: f.map(|f| f.1.clone()),
+                last_report_ns: rows
+                    .iter()
+                    .filter(|r| r.agent_id == p.agent_id)
+                    .map(|r| r.last_ns)
+                    .max(),
+                paths: p.paths.len(),
+                not_reporting,
+            }
+        })
+        .collect()
+}
+
+/// `GET /v1/agents`.
+pub(super) async fn agents_list(State(st): State<Arc<AppState>>) -> Response {
+    let Some(fleet_state) = st.fleet.clone() else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "this collector serves no fleet plan (start it with --fleet FILE): its agents are in GET /v1/paths",
+        );
+    };
+    let store = Arc::clone(&st.store);
+    match tokio::task::spawn_blocking(move || {
+        store
+            .paths()
+            .map(|rows| agents(&fleet_state, &rows, super::now_ns()))
+    })
+    .await
+    {
+        Ok(Ok(list)) => axum::Json(list).into_response(),
+        Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+/// Raises `path_silent` when a plan path that has reported sends nothing for
+/// [`SILENT_WINDOWS`] of its windows, and `path_resumed` when it reports again; looks
+/// every `every` until `stop`. The events are stored against the path, dated by the
+/// reports (so that a collector that restarts does not raise one twice).
+pub fn watch_silence(
+    store: &dyn crate::store::Store,
+    fleet: &FleetState,
+    stop: &std::sync::atomic::AtomicBool,
+    every: Duration,
+) {
+    use pathprobe_proto::event::{EventKind, PathEvent};
+    let mut silent = still_silent(store);
+    let mut next = std::time::Instant::now();
+    // Agents back from a collector outage deliver what they spooled: no path is judged
+    // before its silence could be seen with the collector up.
+    let up_since = super::now_ns();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if std::time::Instant::now() < next {
+            continue;
+        }
+        next = std::time::Instant::now() + every;
+        let Ok(rows) = store.paths() else { continue };
+        let last = last_reports(&rows);
+        let now = super::now_ns();
+        let plans = fleet.fleet();
+        for s in plans.plans.values() {
+            for path in &s.plan.paths {
+                let agent = s.plan.agent_id.as_str();
+                let Some(&(id, at)) = last.get(&(agent, path.name.as_str())) else {
+                    continue;
+                };
+                let limit = SILENT_WINDOWS * window_ns(path);
+                if now.saturating_sub(up_since) < limit + DELIVERY_GRACE_NS {
+                    continue;
+                }
+                let key = (agent.to_string(), path.name.clone());
+                let quiet = now.saturating_sub(at);
+                let event = |kind, at_unix_ns, summary: String| PathEvent {
+                    kind,
+                    at_unix_ns,
+                    before: None,
+                    after: None,
+                    summary,
+                    trace: None,
+                    trace_error: None,
+                    outage: None,
+                };
+                let raised = if quiet > limit && !silent.contains_key(&key) {
+                    silent.insert(key, at + limit);
+                    Some(event(
+                        EventKind::PathSilent,
+                        at + limit,
+                        format!(
+                            "agent {agent} path {}: no report for {SILENT_WINDOWS} windows ({} s): the agent, or its probing, stopped",
+                            path.name,
+                            limit / 1_000_000_000
+                        ),
+                    ))
+                } else if quiet <= limit
+                    && let Some(since) = silent.remove(&key)
+                {
+                    Some(event(
+                        EventKind::PathResumed,
+                        at,
+                        format!(
+                            "agent {agent} path {}: reports again, {} s after it went silent",
+                            path.name,
+                            at.saturating_sub(since) / 1_000_000_000
+                        ),
+                    ))
+                } else {
+                    None
+                };
+                if let Some(e) = raised {
+                    tracing::warn!(agent, path = %path.name, kind = %e.kind, "{}", e.summary);
+                    if let Err(err) = store.record_event(id, &e) {
+                        tracing::error!(error = %err, "cannot store a {} event", e.kind);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The paths whose newest silence event is `path_silent` (an earlier run of the collector
+/// raised it, and no `path_resumed` since), with when their silence began.
+fn still_silent(store: &dyn crate::store::Store) -> HashMap<(String, String), u64> {
+    use pathprobe_proto::event::EventKind;
+    let all = crate::store::Selector {
+        name_or_kind: String::new(),
+        site: None,
+    };
+    let mut newest: HashMap<(String, String), (u64, EventKind)> = HashMap::new();
+    for kind in [EventKind::PathSilent, EventKind::PathResumed] {
+        let Ok(rows) = store.events(&all, 0, super::now_ns(), Some(kind), 100_000) else {
+            continue;
+        };
+        for r in rows {
+            let e = newest
+                .entry((r.agent_id.clone(), r.path.clone()))
+                .or_insert((r.event.at_unix_ns, kind));
+            if r.event.at_unix_ns >= e.0 {
+                *e = (r.event.at_unix_ns, kind);
+            }
+        }
+    }
+    newest
+        .into_iter()
+        .filter(|(_, (_, kind))| *kind == EventKind::PathSilent)
+        .map(|(k, (at, _))| (k, at))
+        .collect()
+}

@@ -68,6 +68,10 @@ pub trait Store: Send + Sync {
         limit: usize,
     ) -> Result<Vec<EventRow>>;
 
+    /// Stores an event the collector raised itself (a plan path gone silent, and its
+    /// return) against the stored path `path_id`; the same event twice is stored once.
+    fn record_event(&self, path_id: i64, event: &PathEvent) -> Result<()>;
+
     /// Windows stored, and windows not yet rolled up.
     fn counts(&self) -> Result<(u64, u64)>;
 

@@ -25,11 +25,12 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use pathprobe_proto::event::EventKind;
+use pathprobe_proto::event::{EventKind, PathEvent};
 use pathprobe_proto::hist::{self, Metric};
 use pathprobe_proto::report::{self, ClockState, Counters, Encoded, EncodedReport, Report};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use super::accumulate::{Accumulator, parse_metric};
 use super::range::{self, Piece};
@@ -1093,6 +1094,23 @@ impl Store for SqliteStore {
 
     fn counts(&self) -> Result<(u64, u64)> {
         self.reader()?.counts()
+    }
+
+    fn record_event(&self, path_id: i64, event: &PathEvent) -> Result<()> {
+        // An id of its own, from what it is: a second record of it is ignored.
+        let mut h = Sha256::new();
+        h.update(path_id.to_be_bytes());
+        h.update(event.kind.as_str());
+        h.update(event.at_unix_ns.to_be_bytes());
+        let id = &h.finalize()[..16];
+        let w = self.writer()?;
+        w.conn
+            .execute(
+                "INSERT OR IGNORE INTO events (report_id, seq, path_id, kind, at_ns, body) VALUES (?1, 0, ?2, ?3, ?4, ?5)",
+                params![id, path_id, event.kind.as_str(), i64_of(event.at_unix_ns), json(event)],
+            )
+            .map_err(db("store an event"))?;
+        Ok(())
     }
 
     fn size_bytes(&self) -> u64 {
