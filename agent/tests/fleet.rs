@@ -10,6 +10,7 @@
 )]
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -356,5 +357,47 @@ fn agents_run_on_their_cached_plan_while_the_collector_is_away_and_silence_is_an
             "{a}: no window from the time away: {w:?}"
         );
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A drill in the fleet file runs on the agent it selects, at its time: the service's only
+/// path goes dark for 400 ms through the emulator, and the outage reaches the collector.
+#[test]
+fn a_drill_in_the_fleet_file_runs_on_its_agent_at_its_time() {
+    let (dir, _, fleet_file) = lab("fleet-drill", &["er"]);
+    let r = common::Reflector::start(&[]);
+    let em = common::emulator(r.addr, "delay=1ms,blackout=3500ms+400ms", "delay=1ms");
+    let start =
+        humantime::format_rfc3339_millis(std::time::SystemTime::now() + Duration::from_secs(2));
+    let mut text = std::fs::read_to_string(&fleet_file).unwrap();
+    let _ = write!(
+        text,
+        "\n[[drill]]\nname = \"service\"\nagents = {{ agents = [\"a-1\"] }}\nstart = \"{start}\"\nduration = \"20s\"\nsettings = {{ target = \"{}\", primary = \"{}\", rate = 500, settle = \"1s\", window = \"1s\", max_outage = \"10s\" }}\n",
+        em.1, r.addr
+    );
+    std::fs::write(&fleet_file, text).unwrap();
+    let collector_addr = free_tcp();
+    let collector = Collector::start_with(ServeConfig {
+        tokens: Some(Tokens::load(&dir.join("tokens")).unwrap()),
+        fleet: Some(Arc::new(FleetState::load(fleet_file.clone()).unwrap())),
+        ..ServeConfig::lab(collector_addr, dir.join("store.db"))
+    });
+    let (agent, log) = start_agent(&dir, "a-1", collector_addr);
+    let text = common::wait_for_log(&log, "drill passed", 1, Duration::from_secs(25));
+    assert!(text.contains("drill scheduled"), "{text}");
+    std::thread::sleep(Duration::from_secs(2));
+    stop(agent);
+    collector.stop();
+    let store = SqliteStore::open_read_only(&dir.join("store.db")).unwrap();
+    let sel = Selector {
+        name_or_kind: "service".into(),
+        site: None,
+    };
+    let events = store.events(&sel, 0, now_ns(), None, 10).unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].agent_id, "a-1");
+    let o = events[0].event.outage.as_ref().unwrap();
+    // 500 probes/s: within two 2 ms intervals of the 400 ms injected (forward only).
+    assert!((o.outage_ms - 400.0).abs() <= 4.0, "{}", o.outage_ms);
     let _ = std::fs::remove_dir_all(&dir);
 }

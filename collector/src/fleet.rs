@@ -31,7 +31,9 @@
 //!
 //! A mesh rule expands to one path per agent of `from`, reflector of `to` (not itself) and
 //! template, named `TEMPLATE-REFLECTOR` (`er-weu-1`), to the reflector's address for the
-//! template (by its name, else by its kind). That is the whole rule language.
+//! template (by its name, else by its kind). That is the whole rule language. A
+//! `[[drill]]` (once, or on a cron `schedule` in UTC) goes to the agents it selects, at the
+//! occurrence under way or next.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -59,6 +61,24 @@ struct FleetFile {
     templates: Vec<Spanned<Template>>,
     #[serde(default, rename = "mesh")]
     meshes: Vec<Spanned<Mesh>>,
+    #[serde(default, rename = "drill")]
+    drills: Vec<Spanned<Drill>>,
+}
+
+/// A failover drill for the agents it selects, in a maintenance window: once (`start`) or
+/// repeating (`schedule`, a cron pattern in UTC: minute hour day month weekday, with an
+/// optional seconds field first).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Drill {
+    name: String,
+    agents: Selector,
+    schedule: Option<String>,
+    start: Option<String>,
+    duration: String,
+    /// The rest of agent.toml's `[[drill]]` (`target`, `primary`, `backup`, `rate`, `max_outage`...).
+    #[serde(default)]
+    settings: toml::Table,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,6 +196,9 @@ pub struct Served {
 #[derive(Debug, Default)]
 pub struct Fleet {
     pub plans: BTreeMap<String, Arc<Served>>,
+    /// When a drill's window ends (ns since 1970): the plans must be expanded again then,
+    /// for its next occurrence.
+    pub next_change_ns: Option<u64>,
 }
 
 /// Reads and expands a fleet file.
@@ -193,8 +216,21 @@ fn line(text: &str, at: usize) -> usize {
     text[..at.min(text.len())].matches('\n').count() + 1
 }
 
-/// Checks and expands the fleet file `text` (named `file` in errors).
+/// Now, in ns since 1970.
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Checks and expands the fleet file `text` (named `file` in errors), now.
 pub fn expand(file: &str, text: &str) -> Result<Fleet, FleetError> {
+    expand_at(file, text, now_ns())
+}
+
+/// Checks and expands the fleet file `text` as at `now_ns` (which occurrence of each
+/// repeating drill is planned).
+pub fn expand_at(file: &str, text: &str, now_ns: u64) -> Result<Fleet, FleetError> {
     let err = |at: usize, message: String| FleetError {
         file: file.to_string(),
         line: line(text, at),
@@ -208,6 +244,30 @@ pub fn expand(file: &str, text: &str) -> Result<Fleet, FleetError> {
     let mut paths = AgentPaths::new();
     for mesh in &f.meshes {
         expand_mesh(&ctx, mesh, text, &err, &mut paths)?;
+    }
+    let mut drills: BTreeMap<String, Vec<pathprobe_proto::plan::DrillSection>> = BTreeMap::new();
+    let mut next_change_ns: Option<u64> = None;
+    for d in &f.drills {
+        let Some((section, ends)) =
+            drill_occurrence(d.get_ref(), now_ns).map_err(|m| err(d.span().start, m))?
+        else {
+            continue;
+        };
+        next_change_ns = Some(next_change_ns.map_or(ends, |n| n.min(ends)));
+        let what = format!("drill `{}`", section.name);
+        for a in ctx
+            .select(&d.get_ref().agents, &what, "agents")
+            .map_err(|m| err(d.span().start, m))?
+        {
+            let mine = drills.entry(a.clone()).or_default();
+            if mine.iter().any(|x| x.name == section.name) {
+                return Err(err(
+                    d.span().start,
+                    format!("{what} is given to agent {a} twice: drill names are one per agent"),
+                ));
+            }
+            mine.push(section.clone());
+        }
     }
     let budget = f.budget.max_rate_per_agent;
     let mut plans = BTreeMap::new();
@@ -239,11 +299,94 @@ pub fn expand(file: &str, text: &str) -> Result<Fleet, FleetError> {
                 .get(agent)
                 .map(|r| r.settings.clone().unwrap_or_default()),
             paths: mine,
-            drills: Vec::new(),
+            drills: drills.remove(agent).unwrap_or_default(),
         };
         plans.insert(agent.clone(), Arc::new(served(plan)));
     }
-    Ok(Fleet { plans })
+    Ok(Fleet {
+        plans,
+        next_change_ns,
+    })
+}
+
+/// The occurrence of drill `d` planned at `now_ns` (the one under way, else the next) as
+/// agent.toml's `[[drill]]`, and when its window ends; `None` for a one-off drill whose
+/// window has passed.
+fn drill_occurrence(
+    d: &Drill,
+    now_ns: u64,
+) -> Result<Option<(pathprobe_proto::plan::DrillSection, u64)>, String> {
+    let what = format!("drill `{}`", d.name);
+    check_name("drill", &d.name).map_err(|e| e.to_string())?;
+    let length = humantime::parse_duration(&d.duration).map_err(|e| {
+        format!(
+            "{what}: duration `{}` is not a duration ({e}): write it like 30m",
+            d.duration
+        )
+    })?;
+    let length_ns = u64::try_from(length.as_nanos()).unwrap_or(u64::MAX);
+    let start_ns = match (&d.schedule, &d.start) {
+        (Some(_), Some(_)) | (None, None) => {
+            return Err(format!(
+                "{what}: give `schedule` (a cron pattern, UTC) for a repeating drill or `start` (RFC 3339) for one, not both"
+            ));
+        }
+        (None, Some(start)) => {
+            let t = humantime::parse_rfc3339_weak(start).map_err(|e| {
+                format!("{what}: start `{start}` is not a time ({e}): write it like 2026-12-06T02:00:00Z")
+            })?;
+            let ns = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+            if ns.saturating_add(length_ns) <= now_ns {
+                return Ok(None);
+            }
+            ns
+        }
+        (Some(pattern), None) => {
+            // A second on: the pattern matches whole seconds, and a window that ends now is over.
+            next_occurrence(pattern, (now_ns + 1_000_000_000).saturating_sub(length_ns))
+                .map_err(|e| format!("{what}: schedule `{pattern}`: {e}"))?
+        }
+    };
+    let start = humantime::format_rfc3339(
+        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(start_ns),
+    )
+    .to_string();
+    let mut table = d.settings.clone();
+    for key in ["name", "start", "duration"] {
+        if table.contains_key(key) {
+            return Err(format!(
+                "{what}: settings must not set `{key}`: it is the drill's own"
+            ));
+        }
+    }
+    table.insert("name".into(), toml::Value::String(d.name.clone()));
+    table.insert("start".into(), toml::Value::String(start));
+    table.insert("duration".into(), toml::Value::String(d.duration.clone()));
+    let section: pathprobe_proto::plan::DrillSection = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| format!("{what}: settings: {}", e.message()))?;
+    Ok(Some((section, start_ns.saturating_add(length_ns))))
+}
+
+/// The first time at or after `from_ns` that the cron `pattern` (UTC; seconds optional)
+/// matches.
+fn next_occurrence(pattern: &str, from_ns: u64) -> Result<u64, String> {
+    let cron = croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .build()
+        .parse(pattern)
+        .map_err(|e| {
+            format!("{e}: write it like `0 2 * * SUN` (minute hour day month weekday, UTC)")
+        })?;
+    let from = jiff::Timestamp::from_nanosecond(i128::from(from_ns))
+        .map_err(|e| e.to_string())?
+        .to_zoned(jiff::tz::TimeZone::UTC);
+    let next = cron
+        .find_next_occurrence(&from, true)
+        .map_err(|e| format!("it never matches ({e})"))?;
+    u64::try_from(next.timestamp().as_nanosecond()).map_err(|e| e.to_string())
 }
 
 /// The paths of one agent so far, by name, with the line of the rule that gave each.
@@ -654,16 +797,24 @@ fn plan_diff(agent: &str, a: &FleetPlan, b: &FleetPlan) -> Vec<String> {
         ));
     }
     let by_name = |p: &FleetPlan| -> BTreeMap<String, serde_json::Value> {
-        p.paths
+        let paths = p
+            .paths
             .iter()
-            .map(|x| (x.name.clone(), serde_json::to_value(x).unwrap_or_default()))
+            .map(|x| (format!("path {}", x.name), serde_json::to_value(x)));
+        let drills = p
+            .drills
+            .iter()
+            .map(|x| (format!("drill {}", x.name), serde_json::to_value(x)));
+        paths
+            .chain(drills)
+            .map(|(k, v)| (k, v.unwrap_or_default()))
             .collect()
     };
     let (pa, pb) = (by_name(a), by_name(b));
     for name in pa.keys().chain(pb.keys()).collect::<BTreeSet<_>>() {
         match (pa.get(name), pb.get(name)) {
-            (None, Some(_)) => out.push(format!("{agent}: path {name} added")),
-            (Some(_), None) => out.push(format!("{agent}: path {name} removed")),
+            (None, Some(_)) => out.push(format!("{agent}: {name} added")),
+            (Some(_), None) => out.push(format!("{agent}: {name} removed")),
             (Some(x), Some(y)) if x != y => {
                 let fields: Vec<String> = x
                     .as_object()
@@ -672,10 +823,7 @@ fn plan_diff(agent: &str, a: &FleetPlan, b: &FleetPlan) -> Vec<String> {
                     .filter(|(k, v)| y.get(k.as_str()) != Some(v))
                     .map(|(k, v)| format!("{k} {} -> {}", show(v), show(&y[k.as_str()])))
                     .collect();
-                out.push(format!(
-                    "{agent}: path {name} changed: {}",
-                    fields.join(", ")
-                ));
+                out.push(format!("{agent}: {name} changed: {}", fields.join(", ")));
             }
             _ => {}
         }
@@ -811,6 +959,67 @@ templates = ["vpn"]
                 "ams-2: path vpn-weu-1 changed: rate 10 -> 15",
                 "br-1: path vpn-weu-1 changed: rate 10 -> 15",
             ]
+        );
+    }
+
+    #[test]
+    fn a_drill_is_planned_at_its_next_occurrence_for_the_agents_it_selects() {
+        let drill = "\n[[drill]]\nname = \"er-drill\"\nagents = { sites = [\"ams\"] }\nschedule = \"0 2 * * SUN\"\nduration = \"30m\"\nsettings = { target = \"10.9.0.10:862\", primary = \"10.1.0.4:862\", rate = 500 }\n";
+        let text = format!("{EXAMPLE}{drill}");
+        // Thursday 2026-12-03 12:00 UTC: the next window is Sunday 2026-12-06 02:00.
+        let thursday = 1_796_299_200_000_000_000;
+        let f = expand_at("fleet.toml", &text, thursday).unwrap();
+        let d = &f.plans["ams-1"].plan.drills[0];
+        assert_eq!(d.start.as_deref(), Some("2026-12-06T02:00:00Z"));
+        assert_eq!((d.target.as_str(), d.rate), ("10.9.0.10:862", Some(500)));
+        assert!(
+            f.plans["br-1"].plan.drills.is_empty(),
+            "only the agents it selects"
+        );
+        let sunday_0200 = 1_796_522_400_000_000_000;
+        assert_eq!(f.next_change_ns, Some(sunday_0200 + 1_800_000_000_000));
+        // Under way at 02:10: still that window; after it, the next Sunday's.
+        let during = expand_at("fleet.toml", &text, sunday_0200 + 600_000_000_000).unwrap();
+        assert_eq!(
+            during.plans["ams-1"].plan.drills[0].start.as_deref(),
+            Some("2026-12-06T02:00:00Z")
+        );
+        let after = expand_at("fleet.toml", &text, sunday_0200 + 1_800_000_000_000).unwrap();
+        assert_eq!(
+            after.plans["ams-1"].plan.drills[0].start.as_deref(),
+            Some("2026-12-13T02:00:00Z")
+        );
+        assert_eq!(
+            diff(&f, &after),
+            [
+                "ams-1: drill er-drill changed: start 2026-12-06T02:00:00Z -> 2026-12-13T02:00:00Z",
+                "ams-2: drill er-drill changed: start 2026-12-06T02:00:00Z -> 2026-12-13T02:00:00Z",
+            ]
+        );
+        let e = error(&format!(
+            "{EXAMPLE}{}",
+            drill.replace("0 2 * * SUN", "0 2 * * FUNDAY")
+        ));
+        assert!(
+            e.starts_with("fleet.toml:49:") && e.contains("schedule `0 2 * * FUNDAY`"),
+            "{e}"
+        );
+        let e = error(&format!(
+            "{EXAMPLE}{}",
+            drill.replace("rate = 500", "rat = 500")
+        ));
+        assert!(
+            e.contains("drill `er-drill`: settings:") && e.contains("rat"),
+            "{e}"
+        );
+        let once = drill.replace(
+            "schedule = \"0 2 * * SUN\"",
+            "start = \"2026-12-01T02:00:00Z\"",
+        );
+        let past = expand_at("fleet.toml", &format!("{EXAMPLE}{once}"), thursday).unwrap();
+        assert!(
+            past.plans["ams-1"].plan.drills.is_empty(),
+            "a one-off drill whose window passed"
         );
     }
 

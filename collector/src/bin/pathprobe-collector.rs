@@ -696,16 +696,30 @@ fn run_fleet(command: &FleetCommand) -> anyhow::Result<()> {
                 f.plans.len()
             );
             for p in f.plans.values() {
+                let n = p.plan.paths.len();
+                let drills: Vec<String> = p
+                    .plan
+                    .drills
+                    .iter()
+                    .map(|d| {
+                        format!(
+                            ", drill {} at {}",
+                            d.name,
+                            d.start.as_deref().unwrap_or("?")
+                        )
+                    })
+                    .collect();
                 println!(
-                    "  {} (site {}): {} paths{}",
+                    "  {} (site {}): {n} path{}{}{}",
                     p.plan.agent_id,
                     p.plan.site,
-                    p.plan.paths.len(),
+                    if n == 1 { "" } else { "s" },
                     if p.plan.reflector.is_some() {
                         ", reflects"
                     } else {
                         ""
-                    }
+                    },
+                    drills.concat()
                 );
             }
         }
