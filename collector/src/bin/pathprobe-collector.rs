@@ -561,7 +561,7 @@ fn run_agents(
             );
         };
         let state = FleetState::load(file.to_owned())?;
-        let paths = SqliteStore::open_read_only(&db.db)?.paths()?;
+        let paths = SqliteStore::open_read_only(&db.db)?.latest()?;
         let now = u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos())?;
         agents(&state, &paths, now)
     };

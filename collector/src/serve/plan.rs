@@ -298,24 +298,29 @@ pub struct AgentRow {
 }
 
 /// Per (agent, path name): the stored path's id and the end of its newest window.
-fn last_reports(rows: &[crate::store::PathRow]) -> HashMap<(&str, &str), (i64, u64)> {
+fn last_reports(rows: &[crate::store::Latest]) -> HashMap<(&str, &str), (i64, u64)> {
     let mut last: HashMap<(&str, &str), (i64, u64)> = HashMap::new();
     for r in rows {
         let e = last
             .entry((r.agent_id.as_str(), r.name.as_str()))
-            .or_insert((r.id, r.last_ns));
+            .or_insert((r.path_id, r.last_ns));
         if r.last_ns > e.1 {
-            *e = (r.id, r.last_ns);
+            *e = (r.path_id, r.last_ns);
         }
     }
     last
 }
 
 /// Every agent of the fleet, at `now_ns`, from the stored paths `rows`.
-pub fn agents(fleet: &FleetState, rows: &[crate::store::PathRow], now_ns: u64) -> Vec<AgentRow> {
+pub fn agents(fleet: &FleetState, rows: &[crate::store::Latest], now_ns: u64) -> Vec<AgentRow> {
     let plans = fleet.fleet();
     let fetched = fleet.fetched();
     let last = last_reports(rows);
+    let mut newest: HashMap<&str, u64> = HashMap::new();
+    for r in rows {
+        let e = newest.entry(r.agent_id.as_str()).or_insert(r.last_ns);
+        *e = (*e).max(r.last_ns);
+    }
     plans
         .plans
         .values()
@@ -339,11 +344,7 @@ pub fn agents(fleet: &FleetState, rows: &[crate::store::PathRow], now_ns: u64) -
                 plan_version: p.version.clone(),
                 fetched_ns: f.map(|f| f.0),
                 fetched_version: f.map(|f| f.1.clone()),
-                last_report_ns: rows
-                    .iter()
-                    .filter(|r| r.agent_id == p.agent_id)
-                    .map(|r| r.last_ns)
-                    .max(),
+                last_report_ns: newest.get(p.agent_id.as_str()).copied(),
                 paths: p.paths.len(),
                 not_reporting,
             }
@@ -362,7 +363,7 @@ pub(super) async fn agents_list(State(st): State<Arc<AppState>>) -> Response {
     let store = Arc::clone(&st.store);
     match tokio::task::spawn_blocking(move || {
         store
-            .paths()
+            .latest()
             .map(|rows| agents(&fleet_state, &rows, super::now_ns()))
     })
     .await
@@ -395,14 +396,17 @@ pub fn watch_silence(
             continue;
         }
         next = std::time::Instant::now() + every;
-        let Ok(rows) = store.paths() else { continue };
+        let Ok(rows) = store.latest() else { continue };
         let last = last_reports(&rows);
         let now = super::now_ns();
         let plans = fleet.fleet();
         for s in plans.plans.values() {
             for path in &s.plan.paths {
                 let agent = s.plan.agent_id.as_str();
-                let Some(&(id, at)) = last.get(&(agent, path.name.as_str())) else {
+                let Some(&(id, at)) = last
+                    .get(&(agent, path.name.as_str()))
+                    .filter(|(_, at)| *at > 0)
+                else {
                     continue;
                 };
                 let limit = SILENT_WINDOWS * window_ns(path);

@@ -68,6 +68,11 @@ pub trait Store: Send + Sync {
         limit: usize,
     ) -> Result<Vec<EventRow>>;
 
+    /// Each stored path and the end of its newest window, found through the index (not a
+    /// scan of every report, which `paths` counts): what the fleet's silence watch reads
+    /// every few seconds.
+    fn latest(&self) -> Result<Vec<Latest>>;
+
     /// Stores an event the collector raised itself (a plan path gone silent, and its
     /// return) against the stored path `path_id`; the same event twice is stored once.
     fn record_event(&self, path_id: i64, event: &PathEvent) -> Result<()>;
@@ -102,6 +107,15 @@ pub struct PathRow {
     pub packet_size: u16,
     pub windows: u64,
     pub first_ns: u64,
+    pub last_ns: u64,
+}
+
+/// A stored path and the end of its newest window (0 for none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Latest {
+    pub path_id: i64,
+    pub agent_id: String,
+    pub name: String,
     pub last_ns: u64,
 }
 

@@ -444,6 +444,31 @@ impl Db {
     }
 
     /// Every path, with its number of windows and time span.
+    /// Each path and the end of its newest window, through `reports_by_time`.
+    pub fn latest(&self) -> Result<Vec<super::Latest>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT p.id, p.agent_id, p.name,
+                        COALESCE((SELECT r.end_ns FROM reports r WHERE r.path_id = p.id
+                                  ORDER BY r.start_ns DESC LIMIT 1), 0)
+                 FROM paths p",
+            )
+            .map_err(db("list the paths' newest windows"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(super::Latest {
+                    path_id: r.get(0)?,
+                    agent_id: r.get(1)?,
+                    name: r.get(2)?,
+                    last_ns: u64_of(r.get(3)?),
+                })
+            })
+            .map_err(db("list the paths' newest windows"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db("list the paths' newest windows"))
+    }
+
     pub fn paths(&self) -> Result<Vec<PathRow>> {
         let mut stmt = self
             .conn
@@ -1096,6 +1121,10 @@ impl Store for SqliteStore {
         self.reader()?.counts()
     }
 
+    fn latest(&self) -> Result<Vec<super::Latest>> {
+        self.reader()?.latest()
+    }
+
     fn record_event(&self, path_id: i64, event: &PathEvent) -> Result<()> {
         // An id of its own, from what it is: a second record of it is ignored.
         let mut h = Sha256::new();
@@ -1225,6 +1254,44 @@ mod tests {
             trace_error: None,
             outage: None,
         }
+    }
+
+    #[test]
+    fn latest_gives_each_paths_newest_window_end_as_paths_does() {
+        let mut s = Db::open(&temp_db("latest")).unwrap();
+        let reports: Vec<_> = (0..5)
+            .map(|i| {
+                report(
+                    i + 1,
+                    "er",
+                    PathKind::Expressroute,
+                    T0 + u64::from(i) * W,
+                    u64::from(i),
+                )
+            })
+            .chain([report(9, "vpn", PathKind::Vpn, T0, 9)])
+            .collect();
+        s.ingest(&reports, 0).unwrap();
+        let mut latest: Vec<(i64, String, u64)> = s
+            .latest()
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.path_id, l.name, l.last_ns))
+            .collect();
+        let mut paths: Vec<(i64, String, u64)> = s
+            .paths()
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.id, p.name, p.last_ns))
+            .collect();
+        latest.sort();
+        paths.sort();
+        assert_eq!(latest, paths);
+        assert!(
+            latest
+                .iter()
+                .any(|(_, n, at)| n == "er" && *at == T0 + 5 * W)
+        );
     }
 
     #[test]
