@@ -454,22 +454,19 @@ impl Running<'_, '_> {
             site: next.site.clone(),
         };
         self.agent = agent.clone();
-        let version = next.plan_version.clone();
-        if *self
-            .plan_version
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            != version
         {
-            tracing::info!(
-                plan_version = version.as_deref().unwrap_or("none"),
-                "fleet plan version"
-            );
+            let mut version = self
+                .plan_version
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if *version != next.plan_version {
+                tracing::info!(
+                    plan_version = next.plan_version.as_deref().unwrap_or("none"),
+                    "fleet plan version"
+                );
+                version.clone_from(&next.plan_version);
+            }
         }
-        *self
-            .plan_version
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = version;
         let mut changes = Changes::default();
         self.rekey_paths(&next.paths, &agent, &mut changes);
         let named = |p: PathPlan| (p.name.clone(), p);

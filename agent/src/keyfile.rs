@@ -359,8 +359,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pathprobe-keyfile-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join(name);
-        std::fs::write(&p, contents).unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        pathprobe_tests::pki::write(&p, contents, true);
         p
     }
 
@@ -410,10 +409,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         for (f, text) in files {
-            let p = d.join(f);
-            std::fs::write(&p, text).unwrap();
-            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-                .unwrap();
+            pathprobe_tests::pki::write(&d.join(f), text, true);
         }
         d
     }

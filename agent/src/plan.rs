@@ -936,9 +936,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pathprobe-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
         // Token and key files among them: readable by their owner alone, as they must be.
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        pathprobe_tests::pki::write(&p, text, true);
         p
     }
 
@@ -1208,9 +1207,7 @@ mod tests {
             std::env::temp_dir().join(format!("pathprobe-config-keys-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let key = dir.join("000a.key");
-        std::fs::write(&key, "ab".repeat(32)).unwrap();
-        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
+        pathprobe_tests::pki::write(&key, &"ab".repeat(32), true);
         let p = write(
             "keydir.toml",
             &format!(

@@ -835,10 +835,7 @@ mod tests {
                 .iter()
                 .flat_map(|b| [format!("{b:02x}").repeat(32), "\n".to_string()])
                 .collect();
-            let p = dir.join(name);
-            std::fs::write(&p, text).unwrap();
-            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-                .unwrap();
+            pathprobe_tests::pki::write(&dir.join(name), &text, true);
         };
         write("000a.key", &[2, 1]);
         write("default.key", &[3]);

@@ -12,6 +12,34 @@ use pathprobe_proto::report::{
     Timestamping, Window, WindowReport,
 };
 
+/// User plus system CPU time of `pid`, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    // Fields after the command name, which ends with the last ')': state is field 3, so
+    // utime (14) and stime (15) are the 12th and 13th after it.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| -> Result<u64> {
+        f.get(i)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no field {i} in /proc/{pid}/stat"))
+    };
+    Ok(tick(11)? + tick(12)?)
+}
+
+/// The unit of `/proc/PID/stat`'s CPU times (`getconf CLK_TCK`; 100 on Linux).
+pub fn clock_ticks_per_second() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|t| t.trim().parse().ok())
+        .filter(|&hz| hz > 0)
+        .unwrap_or(100)
+}
+
 /// A child process killed when dropped.
 #[derive(Debug)]
 pub struct Guard(pub Child);

@@ -216,16 +216,9 @@ fn line(text: &str, at: usize) -> usize {
     text[..at.min(text.len())].matches('\n').count() + 1
 }
 
-/// Now, in ns since 1970.
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
 /// Checks and expands the fleet file `text` (named `file` in errors), now.
 pub fn expand(file: &str, text: &str) -> Result<Fleet, FleetError> {
-    expand_at(file, text, now_ns())
+    expand_at(file, text, crate::now_ns())
 }
 
 /// Checks and expands the fleet file `text` as at `now_ns` (which occurrence of each

@@ -12,6 +12,13 @@ pub mod store;
 
 pub use error::{Error, Result};
 
+/// Now, in Unix nanoseconds (0 before 1970).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// Parses a time: RFC 3339 (`2026-11-26T10:00:00Z`) or Unix seconds.
 fn parse_time(s: &str) -> std::result::Result<u64, String> {
     if let Ok(secs) = s.parse::<u64>() {

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use pathprobe_benches::{Guard, sibling, start_reflector};
+use pathprobe_benches::{Guard, clock_ticks_per_second, cpu_ticks, sibling, start_reflector};
 
 #[derive(Debug, Parser)]
 #[command(about = "The agent's memory, threads and CPU as its paths grow")]
@@ -101,22 +101,6 @@ struct Cost {
     cpu: f64,
 }
 
-/// User plus system CPU time of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("process {pid} is gone"))?;
-    // Fields after the command name, which ends with the last ')': state is field 3, so
-    // utime (14) and stime (15) are the 12th and 13th after it.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| -> Result<u64> {
-        f.get(i)
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no field {i} in /proc/{pid}/stat"))
-    };
-    Ok(tick(11)? + tick(12)?)
-}
-
 /// A `Key:   value kB` line of `/proc/PID/status`.
 fn status_field(pid: u32, key: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -127,18 +111,6 @@ fn status_field(pid: u32, key: &str) -> Result<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no {key} in /proc/{pid}/status"))
-}
-
-/// The unit of `/proc/PID/stat`'s CPU times (`getconf CLK_TCK`; 100 on Linux).
-fn clock_ticks_per_second() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|t| t.trim().parse().ok())
-        .filter(|&hz| hz > 0)
-        .unwrap_or(100)
 }
 
 /// Memory available to new work, KiB.

@@ -22,9 +22,9 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Parser;
-use pathprobe_benches::{Guard, sibling};
+use pathprobe_benches::{Guard, clock_ticks_per_second, cpu_ticks, sibling};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -83,11 +83,7 @@ fn fleet(agents: usize) -> (String, Vec<String>) {
 
 /// CPU seconds process `pid` has used.
 fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').context("no comm")?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    Ok(ticks as f64 / 100.0)
+    Ok(cpu_ticks(pid)? as f64 / clock_ticks_per_second() as f64)
 }
 
 /// Polls `ids` (with their `ETag`s, when given) round-robin from `clients` threads at

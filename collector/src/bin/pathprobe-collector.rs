@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::builder::TypedValueParser as _;
@@ -166,9 +165,7 @@ struct RangeArgs {
 
 impl RangeArgs {
     fn resolve(&self) -> anyhow::Result<(u64, u64)> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let now = pathprobe_collector::now_ns();
         time_range(
             self.since.as_deref(),
             self.from.as_deref(),
@@ -562,22 +559,17 @@ fn run_agents(
         };
         let state = FleetState::load(file.to_owned())?;
         let paths = SqliteStore::open_read_only(&db.db)?.latest()?;
-        let now = u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos())?;
-        agents(&state, &paths, now)
+        agents(&state, &paths, pathprobe_collector::now_ns())
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
+    let now = pathprobe_collector::now_ns();
     let ago = |ns: Option<u64>| {
         ns.map_or_else(
             || "never".to_string(),
-            |at| {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-                format!("{} s ago", now.saturating_sub(at) / 1_000_000_000)
-            },
+            |at| format!("{} s ago", now.saturating_sub(at) / 1_000_000_000),
         )
     };
     for a in &rows {

@@ -44,7 +44,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -63,7 +63,7 @@ pub use pool::QueryLimits;
 pub use tls::{Tls, TlsFiles};
 
 use crate::store::{SqliteStore, Store};
-use crate::{Error, Result};
+use crate::{Error, Result, now_ns};
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -136,12 +136,6 @@ const SILENCE_CHECK: Duration = Duration::from_secs(2);
 /// Windows one rollup pass takes while holding the writer: small, so that an ingest never
 /// waits long behind the rollup.
 const ROLLUP_PASS: usize = 200;
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({ "error": message.into() }))).into_response()

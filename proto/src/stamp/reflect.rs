@@ -5,8 +5,8 @@ use super::auth::AuthKey;
 use super::packet::{Mode, ReflectorPacket, ReflectorRepr, SenderPacket, SenderRepr};
 use super::time::ErrorEstimate;
 use super::tlv::{
-    HEADER_LEN, HMAC_TLV_LEN, HmacTlvAt, TlvReflectInfo, TlvReflectOutcome, find_hmac_tlv,
-    flag_integrity_failed, reflect_tlvs, sign_hmac_tlv,
+    HmacTlvAt, TlvReflectInfo, TlvReflectOutcome, find_hmac_tlv, flag_integrity_failed,
+    reflect_tlvs, sign_hmac_tlv, verify_hmac_tlv_at,
 };
 use crate::{Error, Result};
 
@@ -124,9 +124,7 @@ pub fn prepare_verified(
         match find_hmac_tlv(&request[base..]) {
             HmacTlvAt::Absent => {}
             HmacTlvAt::At(at) => {
-                let covered = [&request[..4], &request[base..base + at]];
-                let tag = &request[base + at + HEADER_LEN..base + at + HMAC_TLV_LEN];
-                if key.verify_parts(&covered, tag).is_err() {
+                if !verify_hmac_tlv_at(request, base, at, key) {
                     flag_integrity_failed(&request[base..], &mut reply[base..]);
                     tlv_integrity_failed = true;
                 }

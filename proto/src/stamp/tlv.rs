@@ -508,12 +508,25 @@ fn check(packet: &[u8], base: usize, key: &AuthKey, reply: bool) -> HmacTlvCheck
     if reply && flags & FLAG_U != 0 {
         return HmacTlvCheck::Unrecognized;
     }
-    let value = &area[at + HEADER_LEN..at + HMAC_TLV_LEN];
-    match hmac_tlv_covers(packet, base, at) {
-        Some(parts) if key.verify_parts(&parts, value).is_ok() => HmacTlvCheck::Verified {
+    if verify_hmac_tlv_at(packet, base, at, key) {
+        HmacTlvCheck::Verified {
             integrity_failed: flags & FLAG_I != 0,
-        },
-        _ => HmacTlvCheck::Failed,
+        }
+    } else {
+        HmacTlvCheck::Failed
+    }
+}
+
+/// Whether the HMAC of the HMAC TLV at `at` of `packet`'s TLV area (which starts at
+/// `base`) is right.
+pub fn verify_hmac_tlv_at(packet: &[u8], base: usize, at: usize, key: &AuthKey) -> bool {
+    let value = base + at + HEADER_LEN;
+    match (
+        hmac_tlv_covers(packet, base, at),
+        packet.get(value..value + HMAC_LEN),
+    ) {
+        (Some(parts), Some(tag)) => key.verify_parts(&parts, tag).is_ok(),
+        _ => false,
     }
 }
 

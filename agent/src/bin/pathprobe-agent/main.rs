@@ -135,15 +135,8 @@ fn run_agent(args: &RunArgs) -> anyhow::Result<ExitCode> {
             tracing::info!(plan_version = %cached.version, "starting on the cached fleet plan");
             *current.lock().unwrap_or_else(PoisonError::into_inner) = Some(cached);
         }
-        match src.poll() {
-            fleet::Polled::New(p) => {
-                tracing::info!(plan_version = %p.version, paths = p.paths.len(), "fleet plan fetched");
-                *current.lock().unwrap_or_else(PoisonError::into_inner) = Some(*p);
-            }
-            fleet::Polled::Unchanged => {}
-            fleet::Polled::Failed(e) => {
-                tracing::warn!(error = %e, "cannot fetch the fleet plan yet: running on what there is, asking again");
-            }
+        if let Err(e) = take(src.poll(), &current) {
+            tracing::warn!(error = %e, "cannot fetch the fleet plan yet: running on what there is, asking again");
         }
     }
     let plan = AgentPlan::load_with_fleet(
@@ -184,6 +177,20 @@ fn run_agent(args: &RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What a poll found, taken: a new plan goes to `current` (true), an unchanged one
+/// leaves it (false); a failure says why.
+fn take(polled: fleet::Polled, current: &Mutex<Option<FleetPlan>>) -> Result<bool, String> {
+    match polled {
+        fleet::Polled::New(p) => {
+            tracing::info!(plan_version = %p.version, paths = p.paths.len(), "new fleet plan");
+            *current.lock().unwrap_or_else(PoisonError::into_inner) = Some(*p);
+            Ok(true)
+        }
+        fleet::Polled::Unchanged => Ok(false),
+        fleet::Polled::Failed(e) => Err(e),
+    }
+}
+
 /// Asks for the fleet plan every `poll` until `stop`; a new one goes to `current`, and
 /// `changed` tells the supervisor. Failures are logged when they start and when they end.
 fn follow_fleet(
@@ -201,20 +208,16 @@ fn follow_fleet(
             continue;
         }
         next = std::time::Instant::now() + poll;
-        match src.poll() {
-            fleet::Polled::New(p) => {
-                tracing::info!(plan_version = %p.version, paths = p.paths.len(), "new fleet plan");
-                *current.lock().unwrap_or_else(PoisonError::into_inner) = Some(*p);
-                changed.store(true, Ordering::Relaxed);
-                failing = false;
-            }
-            fleet::Polled::Unchanged => {
-                if failing {
+        match take(src.poll(), current) {
+            Ok(new) => {
+                if new {
+                    changed.store(true, Ordering::Relaxed);
+                } else if failing {
                     tracing::info!("the collector answers again: the fleet plan is unchanged");
                 }
                 failing = false;
             }
-            fleet::Polled::Failed(e) => {
+            Err(e) => {
                 if !failing {
                     tracing::warn!(error = %e, "cannot fetch the fleet plan: running on the last one, asking again");
                 }
