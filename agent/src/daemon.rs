@@ -3,11 +3,13 @@
 //! report to the collector through [`crate::delivery`], so reports survive a collector
 //! outage or an agent restart and arrive in order, once.
 //!
-//! The daemon is a supervisor of handles: one per path, one per drill, the reflector and
-//! the uploader. Paths, whatever their kind (STAMP, `tcp-syn`, `tcp-connect`), are
+//! The daemon is a supervisor of handles: one per path, one per drill, one per scheduled
+//! capacity test, the reflector (with the far end of capacity tests beside it when it
+//! takes part in them) and the uploader. Paths, whatever their kind (STAMP, `tcp-syn`, `tcp-connect`), are
 //! handles on one shared probe engine ([`crate::engine::mux`]: three threads for all of
 //! them, and one reporter thread that turns their windows into log lines and reports);
-//! drills, the reflector and the uploader are each a thread with a stop flag of its own.
+//! drills, capacity tests, the reflector and the uploader are each a thread with a stop
+//! flag of its own.
 //! It runs an [`AgentPlan`] ([`crate::plan`]); a new plan (the config file read again on `SIGHUP`) is applied by
 //! difference: a path or drill whose plan changed is stopped (its last window delivered)
 //! and started again, a new one is started, a removed one is stopped and its last window
@@ -28,13 +30,16 @@ use std::time::{Duration, Instant};
 
 use pathprobe_proto::report::{PathInfo, PathKind};
 
+use crate::capacity::client as capacity_client;
+use crate::capacity::server::Server as CapacityServer;
+use crate::capacity::{present, rate::Rate, sizing};
 use crate::delivery::{self, Courier, Destination};
 use crate::engine::Sink;
 use crate::engine::mux::{self, Engine, PathHandle};
 use crate::engine::session::WindowStats;
 use crate::failover::{self, Failover, Verdict};
 use crate::output::{self, Labels};
-use crate::plan::{AgentPlan, DrillPlan, PathPlan};
+use crate::plan::{AgentPlan, CapacityPlan, DrillPlan, PathPlan};
 use crate::reflector::{self, ReflectorConfig, ReflectorStats};
 use crate::watch::{Observed, PathWatch};
 use crate::{Error, Result};
@@ -73,6 +78,10 @@ fn retire<P, T>(handles: Vec<Handle<'_, P, T>>) -> Vec<std::thread::Result<T>> {
     }
     handles.into_iter().map(|h| h.thread.join()).collect()
 }
+
+/// What runs a drill or a capacity test: its labels, its plan, its stop flag and where
+/// its reports go.
+type TimedRun<P> = fn(&Agent, &P, &AtomicBool, &mpsc::Sender<Vec<u8>>) -> Result<()>;
 
 /// A path or a drill: a handle started with the agent's labels and its own plan.
 type Part<'s, P, T> = Handle<'s, (Agent, P), T>;
@@ -273,13 +282,14 @@ struct Running<'scope, 'env> {
     report_tx: Option<mpsc::Sender<Reported>>,
     reporter: Option<ScopedJoinHandle<'scope, ()>>,
     drills: BTreeMap<String, Part<'scope, DrillPlan, ()>>,
+    capacity: BTreeMap<String, Part<'scope, CapacityPlan, ()>>,
     reflector: Option<Handle<'scope, ReflectorConfig, Result<()>>>,
     uploader: Option<Handle<'scope, Destination, ()>>,
     /// Reports dropped for want of a collector.
     discarded: u64,
 }
 
-impl Running<'_, '_> {
+impl<'scope> Running<'scope, '_> {
     fn start_path(&mut self, p: PathPlan) {
         let now = Instant::now();
         let mut part = EnginePart {
@@ -392,30 +402,46 @@ impl Running<'_, '_> {
         }
     }
 
-    fn start_drill(&mut self, d: DrillPlan) {
+    /// A drill or capacity test on a thread of its own: `run` waits for its window and
+    /// runs it, sending its reports to the uploader; `what` names it in the log.
+    fn spawn_timed<P: Clone + Send + 'scope>(
+        &self,
+        plan: P,
+        what: &'static str,
+        name: &str,
+        run: TimedRun<P>,
+    ) -> Part<'scope, P, ()> {
         let stop = Arc::new(AtomicBool::new(false));
-        let (flag, tx, agent, plan) = (
+        let (flag, tx, agent, mine) = (
             Arc::clone(&stop),
             self.tx.clone(),
             self.agent.clone(),
-            d.clone(),
+            plan.clone(),
         );
+        let name = name.to_string();
         let thread = self.scope.spawn(move || {
-            if let Err(e) = drill(&agent, &plan, &flag, &tx) {
-                tracing::error!(drill = %plan.name, error = %e, "the drill stopped");
+            if let Err(e) = run(&agent, &mine, &flag, &tx) {
+                tracing::error!(name = %name, error = %e, "the {what} stopped");
             }
         });
-        self.drills.insert(
-            d.name.clone(),
-            Handle {
-                plan: (self.agent.clone(), d),
-                stop,
-                thread,
-            },
-        );
+        Handle {
+            plan: (self.agent.clone(), plan),
+            stop,
+            thread,
+        }
     }
 
-    fn start_reflector(&mut self, rc: ReflectorConfig, sock: socket2::Socket) {
+    fn start_drill(&mut self, d: DrillPlan) {
+        let part = self.spawn_timed(d.clone(), "drill", &d.name, drill);
+        self.drills.insert(d.name, part);
+    }
+
+    fn start_capacity(&mut self, c: CapacityPlan) {
+        let part = self.spawn_timed(c.clone(), "capacity test", &c.name, capacity_test);
+        self.capacity.insert(c.name, part);
+    }
+
+    fn start_reflector(&mut self, rc: ReflectorConfig, bound: Bound) {
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, stats, cfg) = (Arc::clone(&stop), self.stats, rc.clone());
         if let Some(k) = &rc.keys {
@@ -423,9 +449,24 @@ impl Running<'_, '_> {
         } else {
             tracing::info!(listen = %rc.listen, "reflecting");
         }
-        let thread = self
-            .scope
-            .spawn(move || reflector::run(&sock, &cfg, &flag, stats));
+        if let Some(caps) = &rc.capacity {
+            tracing::info!(control = %rc.listen, max_rate = %Rate(caps.max_rate_bps), max_stage = ?caps.max_stage, "capacity tests allowed");
+        }
+        let (sock, capacity) = bound;
+        let thread = self.scope.spawn(move || {
+            std::thread::scope(|s| {
+                let far_end = capacity.as_ref().map(|c| s.spawn(|| c.run(&flag)));
+                let reflected = reflector::run(&sock, &cfg, &flag, stats);
+                // The reflector stopped (asked to, or failed): so does the far end.
+                flag.store(true, Ordering::Relaxed);
+                let served = far_end.map_or(Ok(()), |h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::Config("the capacity far end panicked".to_string()))
+                    })
+                });
+                reflected.and(served)
+            })
+        });
         self.reflector = Some(Handle {
             plan: rc,
             stop,
@@ -485,14 +526,27 @@ impl Running<'_, '_> {
             &agent,
             &mut changes,
         );
+        let (old_tests, new_tests) = sort_out(
+            &mut self.capacity,
+            next.capacity
+                .into_iter()
+                .map(|c| (c.name.clone(), c))
+                .collect(),
+            &agent,
+            &mut changes,
+        );
         // Each path's last window goes to the uploader before anything starts again on it.
         self.retire_engine_paths(&old_paths);
         retire(old_drills);
+        retire(old_tests);
         for p in new_paths {
             self.start_path(p);
         }
         for d in new_drills {
             self.start_drill(d);
+        }
+        for c in new_tests {
+            self.start_capacity(c);
         }
         match (self.reflector.as_ref(), next.reflector.as_ref()) {
             (Some(h), Some(n)) if h.plan.differs_only_in_keys(n) => {
@@ -556,13 +610,13 @@ impl Running<'_, '_> {
             tracing::info!("reflector stopped: the configuration has none");
             return;
         };
-        match reflector::bind(rc.listen) {
-            Ok(sock) => self.start_reflector(rc, sock),
+        match reflector::bind_with_capacity(&rc) {
+            Ok(bound) => self.start_reflector(rc, bound),
             Err(e) => {
                 tracing::error!(listen = %rc.listen, error = %e, "cannot start the new reflector: keeping the old one");
                 if let Some(old) = old_cfg {
-                    match reflector::bind(old.listen) {
-                        Ok(sock) => self.start_reflector(old, sock),
+                    match reflector::bind_with_capacity(&old) {
+                        Ok(bound) => self.start_reflector(old, bound),
                         Err(e) => {
                             tracing::error!(listen = %old.listen, error = %e, "cannot bind the old reflector again either");
                         }
@@ -623,6 +677,7 @@ impl Running<'_, '_> {
         let paths: Vec<EnginePart> = std::mem::take(&mut self.paths).into_values().collect();
         self.retire_engine_paths(&paths);
         retire(std::mem::take(&mut self.drills).into_values().collect());
+        retire(std::mem::take(&mut self.capacity).into_values().collect());
         // The engine's threads end; then the reporter, once it has passed every window on.
         if let Some(engine) = self.engine.take() {
             engine.shutdown();
@@ -683,7 +738,7 @@ pub fn run(
     let reflector = plan
         .reflector
         .as_ref()
-        .map(|rc| Ok::<_, Error>((rc.clone(), reflector::bind(rc.listen)?)))
+        .map(|rc| Ok::<_, Error>((rc.clone(), reflector::bind_with_capacity(rc)?)))
         .transpose()?;
     let courier = plan
         .collector
@@ -720,6 +775,7 @@ pub fn run(
             stats: &stats,
             plan_version: &plan_version,
             drills: BTreeMap::new(),
+            capacity: BTreeMap::new(),
             reflector: None,
             uploader: None,
             discarded: 0,
@@ -727,14 +783,17 @@ pub fn run(
         if let Some((to, c)) = courier {
             running.start_uploader(to, c);
         }
-        if let Some((rc, sock)) = reflector {
-            running.start_reflector(rc, sock);
+        if let Some((rc, bound)) = reflector {
+            running.start_reflector(rc, bound);
         }
         for p in plan.paths {
             running.start_path(p);
         }
         for d in plan.drills {
             running.start_drill(d);
+        }
+        for c in plan.capacity {
+            running.start_capacity(c);
         }
         let failure = supervise(&mut running, stop, reload);
         let outcome = running.shut_down();
@@ -794,6 +853,138 @@ fn supervise(
         std::thread::sleep(Duration::from_millis(100));
     }
     None
+}
+
+/// A reflector's socket, and the far end of capacity tests on its port when it takes part
+/// in them.
+type Bound = (socket2::Socket, Option<CapacityServer>);
+
+/// Runs one `[[capacity]]`: waits for its window, runs the test if the rest of the window
+/// holds it (and stops it at the window's end whatever happens), sends each stage's
+/// report to `tx`, and logs the stages, the capacity and the sizes it needs.
+fn capacity_test(
+    agent: &Agent,
+    c: &CapacityPlan,
+    stop: &AtomicBool,
+    tx: &mpsc::Sender<Vec<u8>>,
+) -> Result<()> {
+    let end = c.start_ns.saturating_add(c.length_ns);
+    if crate::sys::realtime_ns() >= end {
+        tracing::warn!(capacity = %c.name, start = %c.start, "the capacity test's window has passed: not run");
+        return Ok(());
+    }
+    tracing::info!(capacity = %c.name, start = %c.start, target = %c.test.target, "capacity test scheduled");
+    while crate::sys::realtime_ns() < c.start_ns {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = Duration::from_nanos(end.saturating_sub(crate::sys::realtime_ns()));
+    let longest = c.test.longest();
+    if left < longest {
+        // Started late (the agent came up inside the window): a test cut short would load
+        // the path past the maintenance window or report a knee it never reached.
+        tracing::warn!(capacity = %c.name, left = ?left, needs = ?longest, "too little of the capacity test's window is left: not run");
+        return Ok(());
+    }
+    let labels = capacity_labels(agent, c);
+    tracing::info!(capacity = %c.name, max_rate = %Rate(c.test.max_bps), window_left = ?left, "capacity test started");
+    // The test stops at the window's end, or with the agent, whichever comes first.
+    let halt = AtomicBool::new(false);
+    let done = AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                if stop.load(Ordering::Relaxed) || crate::sys::realtime_ns() >= end {
+                    halt.store(true, Ordering::Relaxed);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let run = capacity_client::run(&c.test, &halt, &mut |e| {
+            if let capacity_client::Event::StageDone(st) = e {
+                tracing::info!(
+                    capacity = %c.name,
+                    stage = st.number,
+                    offered = %Rate(st.offered_bps),
+                    delivered = %Rate(st.outcome.delivered_bps),
+                    loss_pct = format!("{:.2}", st.outcome.loss * 100.0),
+                    passed = st.judgement.passed(),
+                    "capacity stage"
+                );
+                match present::stage_report(&labels, st).and_then(|r| Ok(r.to_json()?)) {
+                    Ok(json) => {
+                        let _ = tx.send(json);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot build a stage report"),
+                }
+            }
+        });
+        done.store(true, Ordering::Relaxed);
+        run
+    });
+    let run = result?;
+    if halt.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+        tracing::warn!(capacity = %c.name, "the capacity test reached the end of its window and was stopped there");
+    }
+    log_capacity_result(c, &run);
+    Ok(())
+}
+
+/// The labels of a capacity test's stage reports.
+fn capacity_labels(agent: &Agent, c: &CapacityPlan) -> Labels {
+    Labels {
+        path: PathInfo {
+            name: c.name.clone(),
+            kind: c.kind,
+            local: c
+                .test
+                .bind
+                .unwrap_or_else(|| std::net::SocketAddr::new(c.test.target.ip(), 0)),
+            remote: c.test.target,
+            protocol: pathprobe_proto::report::ProbeProtocol::Stamp,
+            dscp: 0,
+            packet_size: u16::try_from(
+                (if c.test.key.is_some() {
+                    pathprobe_proto::stamp::Mode::Authenticated
+                } else {
+                    pathprobe_proto::stamp::Mode::Unauthenticated
+                })
+                .base_len(),
+            )
+            .unwrap_or(44),
+        },
+        agent_id: agent.id.clone(),
+        site: agent.site.clone(),
+        // Each stage's report takes the sources its own STAMP stream had.
+        timestamping: pathprobe_proto::report::Timestamping {
+            rx: pathprobe_proto::report::TimestampSource::Userspace,
+            tx: pathprobe_proto::report::TimestampSource::Userspace,
+        },
+    }
+}
+
+/// The capacity found, and the circuit and gateway sizes it needs, in one log line.
+fn log_capacity_result(c: &CapacityPlan, run: &capacity_client::Run) {
+    let ip_packet = c.test.size + if c.test.target.is_ipv4() { 28 } else { 48 };
+    let need = c.need_bps.or(run.knee.capacity_bps).map(Rate);
+    let rec = need.map(|n| sizing::recommend(n, c.headroom, ip_packet));
+    tracing::info!(
+        capacity = %c.name,
+        capacity_found = %match (run.knee.capacity_bps, run.knee.saturated) {
+            (None, _) => "none (even the first stage failed)".to_string(),
+            (Some(b), true) => Rate(b).to_string(),
+            (Some(b), false) => format!("at least {} (no stage failed: raise max_rate to find the knee)", Rate(b)),
+        },
+        rtt_inflates_at = %run.knee.rtt_inflates_at_bps.map_or_else(|| "not seen".to_string(), |b| Rate(b).to_string()),
+        er_circuit = %rec.as_ref().and_then(|r| r.er_circuit_bps).map_or_else(|| "none".to_string(), |b| Rate(b).to_string()),
+        er_gateway = rec.as_ref().and_then(|r| r.er_gateway.as_ref()).map_or("none", |g| g.sku),
+        vpn_gateway = rec.as_ref().and_then(|r| r.vpn_gateway.as_ref()).map_or("none", |g| g.sku),
+        stopped_early = run.stopped_early.as_deref().unwrap_or("no"),
+        "capacity test done"
+    );
 }
 
 /// Runs one `[[drill]]`: waits for its start, runs it (reports to `tx`), logs each event

@@ -17,7 +17,6 @@ use pathprobe_collector::compare::{self, Comparison};
 use pathprobe_collector::serve::{ServeConfig, serve};
 use pathprobe_collector::store::{Selector, SqliteStore, Store};
 use pathprobe_proto::report::{Counters, PathKind, ProbeProtocol};
-use pathprobe_proto::stamp::TimestampFormat;
 
 use crate::capacity::client::{self, Plan};
 use crate::capacity::knee::Thresholds;
@@ -234,6 +233,7 @@ fn agent_config(
             path("vpn", PathKind::Vpn, vpn, cfg),
         ],
         drills: Vec::new(),
+        capacity: Vec::new(),
     };
     AgentPlan::new(Path::new("demo"), "", file, &Overrides::default())
 }
@@ -469,16 +469,7 @@ pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
     let spool = cfg.dir.join("spool");
     let _ = std::fs::remove_dir_all(&spool);
 
-    let refl_cfg = ReflectorConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        keys: None,
-        stateful: false,
-        max_rate_per_source: 250_000,
-        reply_dscp: reflector::ReplyDscp::Copy,
-        timestamp_format: TimestampFormat::Ntp,
-        admission: reflector::Admission::default(),
-        refuse_replays: false,
-    };
+    let refl_cfg = ReflectorConfig::plain(SocketAddr::from(([127, 0, 0, 1], 0)));
     let refl_sock = reflector::bind(refl_cfg.listen)?;
     let refl_addr = refl_sock
         .local_addr()

@@ -4,8 +4,8 @@
 //! Sources, highest first: the command line, the environment (`PATHPROBE_*`, which clap
 //! reads for each flag), the TOML file, then the defaults. The daemon builds its plan from
 //! all four, and again on `SIGHUP`; `probe` builds a path's plan ([`PathSection::plan`])
-//! from its flags through the same checks; the demo builds one in code. Central
-//! configuration will hand the agent a file of the same shape.
+//! from its flags through the same checks; the demo builds one in code. The collector's
+//! fleet plan ([`crate::fleet`]) comes in the same sections, and is laid under the file.
 //!
 //! Relative file names (spool, token and key files) are relative to the config file.
 //!
@@ -43,6 +43,14 @@
 //! start = "2026-11-28T02:00:00Z"
 //! duration = "2h"               # the window; the drill ends once traffic is back on the primary
 //! max_outage = "10s"
+//!
+//! [[capacity]]                  # a capacity test in a window (`capacity`), against a far
+//! name = "er-size"              # reflector that consents ([reflector] allow_capacity)
+//! target = "10.1.0.4:862"
+//! start = "2026-11-29T03:00:00Z"
+//! duration = "30m"              # the whole test must fit; it is stopped at the window's end
+//! max_rate = "500mbit"          # the last stage; start_rate, steps, stage_duration,
+//! direction = "both"            # search, tcp_streams... as `capacity`'s flags
 //! ```
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -60,8 +68,14 @@ use crate::reflector::{self, ReflectorConfig};
 use crate::{Error, Result, keyfile};
 
 pub use pathprobe_proto::plan::{
-    DrillSection, FleetPlan, PathSection, ReflectorSection, default_max_rate_others,
+    CapacitySection, DrillSection, FleetPlan, PathSection, ReflectorSection,
+    default_max_rate_others,
 };
+use pathprobe_proto::plan::{DEFAULT_CAPACITY_MAX_RATE, DEFAULT_CAPACITY_MAX_STAGE};
+
+use crate::capacity::client;
+use crate::capacity::knee::Thresholds;
+use crate::capacity::rate;
 
 /// The configuration file as written (relative files anchored at the file).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -76,6 +90,8 @@ pub struct AgentFile {
     pub paths: Vec<PathSection>,
     #[serde(default, rename = "drill")]
     pub drills: Vec<DrillSection>,
+    #[serde(default, rename = "capacity")]
+    pub capacity: Vec<CapacitySection>,
 }
 
 /// Where reports go.
@@ -125,6 +141,11 @@ pub trait ReflectorSectionExt {
     fn plan(&self, file: &Path, text: &str) -> Result<ReflectorConfig>;
     /// The reply DSCP policy; what is wrong with it otherwise.
     fn reply_dscp(&self) -> std::result::Result<reflector::ReplyDscp, String>;
+    /// The capacity tests it takes part in, and their caps; the field and what is wrong
+    /// with it otherwise.
+    fn capacity_caps(
+        &self,
+    ) -> std::result::Result<Option<reflector::CapacityCaps>, (&'static str, String)>;
 }
 
 impl ReflectorSectionExt for ReflectorSection {
@@ -151,6 +172,13 @@ impl ReflectorSectionExt for ReflectorSection {
                 file.display()
             ))
         })?;
+        let capacity = r.capacity_caps().map_err(|(field, reason)| {
+            let at = line_of(text, &[Key::Name("reflector"), Key::Name(field)]);
+            Error::Config(format!(
+                "{}{at}: [reflector] {field}: {reason}",
+                file.display()
+            ))
+        })?;
         Ok(ReflectorConfig {
             listen: r.listen,
             keys: load_ring(r.auth_key_file.as_deref(), r.auth_key_dir.as_deref())?
@@ -165,7 +193,48 @@ impl ReflectorSectionExt for ReflectorSection {
                 max_rate_others: r.max_rate_others,
             },
             refuse_replays: r.refuse_replays,
+            capacity,
         })
+    }
+
+    fn capacity_caps(
+        &self,
+    ) -> std::result::Result<Option<reflector::CapacityCaps>, (&'static str, String)> {
+        let r = self;
+        if !r.allow_capacity {
+            if r.capacity_max_rate.is_some() || r.capacity_max_stage.is_some() {
+                let field = if r.capacity_max_rate.is_some() {
+                    "capacity_max_rate"
+                } else {
+                    "capacity_max_stage"
+                };
+                return Err((
+                    field,
+                    "caps a capacity test, but allow_capacity is not set: add allow_capacity = true, or remove it".to_string(),
+                ));
+            }
+            return Ok(None);
+        }
+        let max_rate = rate::parse(
+            r.capacity_max_rate
+                .as_deref()
+                .unwrap_or(DEFAULT_CAPACITY_MAX_RATE),
+        )
+        .map_err(|e| ("capacity_max_rate", e))?;
+        let stage = r
+            .capacity_max_stage
+            .as_deref()
+            .unwrap_or(DEFAULT_CAPACITY_MAX_STAGE);
+        let max_stage = humantime::parse_duration(stage).map_err(|e| {
+            (
+                "capacity_max_stage",
+                format!("\"{stage}\" is not a duration ({e}): write it like 60s"),
+            )
+        })?;
+        Ok(Some(reflector::CapacityCaps {
+            max_rate_bps: max_rate.bps(),
+            max_stage,
+        }))
     }
 
     fn reply_dscp(&self) -> std::result::Result<reflector::ReplyDscp, String> {
@@ -235,6 +304,21 @@ pub struct DrillPlan {
     pub failover: FailoverConfig,
 }
 
+/// One scheduled capacity test, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapacityPlan {
+    pub name: String,
+    pub kind: PathKind,
+    /// When its window opens, as written and in ns since 1970, and how long it lasts.
+    pub start: String,
+    pub start_ns: u64,
+    pub length_ns: u64,
+    pub test: client::Plan,
+    /// The rate the traffic needs (bits/s), for the recommendation [default: the capacity].
+    pub need_bps: Option<u64>,
+    pub headroom: f64,
+}
+
 /// Everything an agent runs, checked: what the daemon supervises.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentPlan {
@@ -244,6 +328,7 @@ pub struct AgentPlan {
     pub reflector: Option<ReflectorConfig>,
     pub paths: Vec<PathPlan>,
     pub drills: Vec<DrillPlan>,
+    pub capacity: Vec<CapacityPlan>,
     /// It follows the collector's fleet plan, asking this often.
     pub fleet_poll: Option<Duration>,
     /// The version of the fleet plan it was built with (every report carries it).
@@ -293,6 +378,9 @@ impl AgentFile {
         }
         for p in &mut cfg.paths {
             p.auth_key_file.as_mut().map(anchor);
+        }
+        for c in &mut cfg.capacity {
+            c.auth_key_file.as_mut().map(anchor);
         }
         Ok((cfg, text))
     }
@@ -366,9 +454,10 @@ impl AgentPlan {
             && cfg.paths.is_empty()
             && cfg.reflector.is_none()
             && cfg.drills.is_empty()
+            && cfg.capacity.is_empty()
         {
             return Err(Error::Config(format!(
-                "{}: nothing to do: add a [reflector] section, a [[path]] or a [[drill]]",
+                "{}: nothing to do: add a [reflector] section, a [[path]], a [[drill]] or a [[capacity]]",
                 file.display()
             )));
         }
@@ -380,54 +469,23 @@ impl AgentPlan {
         let collector = cfg
             .collector
             .as_ref()
-            .map(|c| -> Result<_> {
-                let from_flag = over.collector.is_some();
-                check_collector_url(&c.url, c.insecure_http).map_err(|reason| {
-                    let at = line_of(text, &[Key::Name("collector"), Key::Name("url")]);
-                    Error::Config(if from_flag {
-                        format!("--collector (PATHPROBE_COLLECTOR): {reason}")
-                    } else {
-                        format!("{}{at}: [collector] url: {reason}", file.display())
-                    })
-                })?;
-                if c.spool_max_reports == 0 {
-                    return Err(Error::Config(format!(
-                        "{}{}: [collector] spool_max_reports must be at least 1",
-                        file.display(),
-                        line_of(
-                            text,
-                            &[Key::Name("collector"), Key::Name("spool_max_reports")]
-                        )
-                    )));
-                }
-                Ok(Destination {
-                    url: c.url.clone(),
-                    token: delivery::read_token(
-                        c.token.as_deref(),
-                        c.token_file.as_deref(),
-                        &format!("{} [collector]", file.display()),
-                    )?,
-                    spool_dir: c.spool_dir.clone(),
-                    spool_max: c.spool_max_reports,
-                    tls: TlsClient {
-                        ca_file: c.ca_file.clone(),
-                        client_cert: c.client_cert.clone(),
-                        client_key: c.client_key.clone(),
-                    },
-                    insecure_http: c.insecure_http,
-                })
-            })
+            .map(|c| c.destination(file, text, over.collector.is_some()))
             .transpose()?;
         let paths = cfg
             .paths
             .iter()
             .map(|p| p.plan(file))
             .collect::<Result<Vec<_>>>()?;
-        cfg.check_drill_windows(file, text)?;
+        cfg.check_windows(file, text)?;
         let drills = cfg
             .drills
             .iter()
             .map(|d| d.plan(file))
+            .collect::<Result<Vec<_>>>()?;
+        let capacity = cfg
+            .capacity
+            .iter()
+            .map(|c| c.plan(file))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             agent_id,
@@ -436,10 +494,52 @@ impl AgentPlan {
             reflector,
             paths,
             drills,
+            capacity,
             fleet_poll,
             plan_version: fleet
                 .filter(|_| fleet_poll.is_some())
                 .map(|f| f.version.clone()),
+        })
+    }
+}
+
+impl CollectorSection {
+    /// Where reports go, checked; `from_flag` when the URL came from `--collector`.
+    fn destination(&self, file: &Path, text: &str, from_flag: bool) -> Result<Destination> {
+        let c = self;
+        check_collector_url(&c.url, c.insecure_http).map_err(|reason| {
+            let at = line_of(text, &[Key::Name("collector"), Key::Name("url")]);
+            Error::Config(if from_flag {
+                format!("--collector (PATHPROBE_COLLECTOR): {reason}")
+            } else {
+                format!("{}{at}: [collector] url: {reason}", file.display())
+            })
+        })?;
+        if c.spool_max_reports == 0 {
+            return Err(Error::Config(format!(
+                "{}{}: [collector] spool_max_reports must be at least 1",
+                file.display(),
+                line_of(
+                    text,
+                    &[Key::Name("collector"), Key::Name("spool_max_reports")]
+                )
+            )));
+        }
+        Ok(Destination {
+            url: c.url.clone(),
+            token: delivery::read_token(
+                c.token.as_deref(),
+                c.token_file.as_deref(),
+                &format!("{} [collector]", file.display()),
+            )?,
+            spool_dir: c.spool_dir.clone(),
+            spool_max: c.spool_max_reports,
+            tls: TlsClient {
+                ca_file: c.ca_file.clone(),
+                client_cert: c.client_cert.clone(),
+                client_key: c.client_key.clone(),
+            },
+            insecure_http: c.insecure_http,
         })
     }
 }
@@ -451,8 +551,10 @@ impl AgentFile {
         let Some(c) = &self.collector else {
             return Ok(None);
         };
-        let nothing_local =
-            self.paths.is_empty() && self.drills.is_empty() && self.reflector.is_none();
+        let nothing_local = self.paths.is_empty()
+            && self.drills.is_empty()
+            && self.capacity.is_empty()
+            && self.reflector.is_none();
         if !c.fleet.unwrap_or(nothing_local) {
             return Ok(None);
         }
@@ -466,8 +568,8 @@ impl AgentFile {
         .map(Some)
     }
 
-    /// Lays the fleet plan under this file: its paths, drills, reflector and site, each
-    /// replaced by a local one of the same name.
+    /// Lays the fleet plan under this file: its paths, drills, capacity tests, reflector
+    /// and site, each replaced by a local one of the same name.
     fn lay_over(&mut self, f: &FleetPlan) {
         self.paths = laid_over(
             &f.paths,
@@ -480,6 +582,12 @@ impl AgentFile {
             std::mem::take(&mut self.drills),
             |d| &d.name,
             "drill",
+        );
+        self.capacity = laid_over(
+            &f.capacity,
+            std::mem::take(&mut self.capacity),
+            |c| &c.name,
+            "capacity",
         );
         if self.reflector.is_none() {
             self.reflector.clone_from(&f.reflector);
@@ -554,19 +662,29 @@ impl AgentFile {
         Ok(host)
     }
 
-    /// Every `[[drill]]` of the file says when its window opens and how long it lasts.
-    fn check_drill_windows(&self, file: &Path, text: &str) -> Result<()> {
-        for (i, d) in self.drills.iter().enumerate() {
-            for (field, given) in [
-                ("start", d.start.is_some()),
-                ("duration", d.duration.is_some()),
-            ] {
+    /// Every `[[drill]]` and `[[capacity]]` of the file says when its window opens and
+    /// how long it lasts.
+    fn check_windows(&self, file: &Path, text: &str) -> Result<()> {
+        let drills = self
+            .drills
+            .iter()
+            .map(|d| ("drill", &d.name, &d.start, &d.duration));
+        let tests = self
+            .capacity
+            .iter()
+            .map(|c| ("capacity", &c.name, &c.start, &c.duration));
+        let mut index = std::collections::HashMap::new();
+        for (table, name, start, length) in drills.chain(tests) {
+            let i = *index
+                .entry(table)
+                .and_modify(|i| *i += 1)
+                .or_insert(0_usize);
+            for (field, given) in [("start", start.is_some()), ("duration", length.is_some())] {
                 if !given {
-                    let at = line_of(text, &[Key::Name("drill"), Key::At(i), Key::Name("name")]);
+                    let at = line_of(text, &[Key::Name(table), Key::At(i), Key::Name("name")]);
                     return Err(Error::Config(format!(
-                        "{}{at}: drill `{}`: {field} is missing: a [[drill]] runs in a maintenance window, so give start = \"2026-11-28T02:00:00Z\" and duration = \"2h\"",
+                        "{}{at}: {table} `{name}`: {field} is missing: a [[{table}]] runs in a maintenance window, so give start = \"2026-11-28T02:00:00Z\" and duration = \"2h\"",
                         file.display(),
-                        d.name
                     )));
                 }
             }
@@ -599,6 +717,12 @@ impl AgentFile {
                     .iter()
                     .enumerate()
                     .map(|(i, d)| ("drill", i, &d.name)),
+            )
+            .chain(
+                self.capacity
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| ("capacity", i, &c.name)),
             );
         for (table, i, name) in all_names {
             let keys = [Key::Name(table), Key::At(i), Key::Name("name")];
@@ -609,7 +733,7 @@ impl AgentFile {
                     &[Key::Name(first_table), Key::At(first), Key::Name("name")],
                 );
                 return Err(Error::Config(format!(
-                    "{}: {table} name `{name}` is used already (at{first_at}): every path and drill needs a name of its own, since its reports are found by it",
+                    "{}: {table} name `{name}` is used already (at{first_at}): every path, drill and capacity test needs a name of its own, since its reports are found by it",
                     at(&keys)
                 )));
             }
@@ -747,6 +871,130 @@ impl DrillSectionExt for DrillSection {
             start: d.start.clone().unwrap_or_else(|| "now".to_string()),
             start_ns: start,
             failover: cfg,
+        })
+    }
+}
+
+/// What the agent makes of a `[[capacity]]` section.
+pub trait CapacitySectionExt {
+    /// The checked test; `file` names the source in errors.
+    fn plan(&self, file: &Path) -> Result<CapacityPlan>;
+    /// Its probe rate, load datagram size and RTT factor, checked.
+    fn load_settings(&self) -> std::result::Result<(u32, usize, f64), String>;
+}
+
+impl CapacitySectionExt for CapacitySection {
+    fn load_settings(&self) -> std::result::Result<(u32, usize, f64), String> {
+        let probe_rate = self.probe_rate.unwrap_or(100);
+        if !(1..=100_000).contains(&probe_rate) {
+            return Err(format!(
+                "probe_rate = {probe_rate}: give 1 to 100000 probes a second"
+            ));
+        }
+        let size = self.size.unwrap_or(1372);
+        let sizes = crate::capacity::wire::HEADER_LEN..=crate::capacity::server::MAX_SIZE;
+        if !sizes.contains(&size) {
+            return Err(format!(
+                "size = {size}: give {} to {} octets of UDP payload",
+                sizes.start(),
+                sizes.end()
+            ));
+        }
+        let rtt_factor = self.rtt_factor.unwrap_or(3.0);
+        if rtt_factor.is_nan() || rtt_factor < 1.0 {
+            return Err(format!(
+                "rtt_factor = {rtt_factor} is below 1: a stage could never pass"
+            ));
+        }
+        Ok((probe_rate, size, rtt_factor))
+    }
+
+    fn plan(&self, file: &Path) -> Result<CapacityPlan> {
+        let c = self;
+        let bad = |reason: String| {
+            Error::Config(format!(
+                "{}: capacity `{}`: {reason}",
+                file.display(),
+                c.name
+            ))
+        };
+        let owner = format!("capacity `{}`", c.name);
+        let dur = |field: &str, v: Option<&str>, default: Duration| {
+            duration(file, &owner, field, v, default)
+        };
+        let bits = |field: &str, v: &str| {
+            rate::parse(v)
+                .map(rate::Rate::bps)
+                .map_err(|e| bad(format!("{field}: {e}")))
+        };
+        let part = |field: &str, v: Option<&str>, default: f64| {
+            v.map_or(Ok(default), |v| {
+                rate::parse_fraction(v).map_err(|e| bad(format!("{field}: {e}")))
+            })
+        };
+        let target = c
+            .target
+            .to_socket_addrs()
+            .map_err(|e| {
+                bad(format!(
+                    "target = \"{}\" does not resolve ({e}): write it as HOST:PORT",
+                    c.target
+                ))
+            })?
+            .next()
+            .ok_or_else(|| bad(format!("target = \"{}\" resolves to no address", c.target)))?;
+        let start = c.start.as_deref().unwrap_or_default();
+        let start_ns = drill_start(start).map_err(bad)?;
+        let length = dur("duration", c.duration.as_deref(), Duration::ZERO)?;
+        let shape = c
+            .shape()
+            .map_err(|(field, reason)| bad(format!("{field}: {reason}")))?;
+        let (probe_rate, size, rtt_factor) = c.load_settings().map_err(bad)?;
+        let test = client::Plan {
+            target,
+            control: c.control,
+            load_to: c.load_to,
+            bind: c.bind,
+            interface: c.interface.clone(),
+            fwmark: c.fwmark,
+            start_bps: shape.start_bps,
+            max_bps: shape.max_bps,
+            steps: shape.steps,
+            search: shape.search,
+            stage: shape.stage,
+            direction: shape.direction,
+            size,
+            probe_rate,
+            tcp_streams: c.tcp_streams.clone(),
+            thresholds: Thresholds {
+                min_delivered: part("min_delivered", c.min_delivered.as_deref(), 0.95)?,
+                max_loss: part("max_loss", c.max_loss.as_deref(), 0.01)?,
+                rtt_factor,
+                rtt_allowance_ns: nanos(dur(
+                    "rtt_allowance",
+                    c.rtt_allowance.as_deref(),
+                    Duration::from_millis(1),
+                )?),
+            },
+            key: c.auth_key_file.as_deref().map(keyfile::load).transpose()?,
+        };
+        let longest = test.longest();
+        if longest > length {
+            return Err(bad(format!(
+                "the test can take up to {} (its stages, each measured twice when an RTT spike fails it, and the idle and TCP stages), longer than its window of {}: lengthen duration, or shorten stage_duration or steps",
+                humantime::format_duration(longest),
+                humantime::format_duration(length)
+            )));
+        }
+        Ok(CapacityPlan {
+            name: c.name.clone(),
+            kind: c.kind.unwrap_or(PathKind::Other),
+            start: start.to_string(),
+            start_ns,
+            length_ns: nanos(length),
+            test,
+            need_bps: c.need.as_deref().map(|v| bits("need", v)).transpose()?,
+            headroom: part("headroom", c.headroom.as_deref(), 0.3)?,
         })
     }
 }
@@ -966,6 +1214,111 @@ mod tests {
             err.contains("unknown.toml:4") && err.contains("lisen"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_capacity_test_is_checked_field_by_field_and_must_fit_its_window() {
+        let test = |extra: &str| {
+            let p = write(
+                "capacity.toml",
+                &format!(
+                    "agent_id = \"a\"\n[[capacity]]\nname = \"er-size\"\ntarget = \"127.0.0.1:8620\"\nmax_rate = \"50mbit\"\n{extra}"
+                ),
+            );
+            AgentPlan::load(&p, &Overrides::default())
+        };
+        let window = "start = \"2026-11-28T02:00:00Z\"\nduration = \"10m\"\n";
+        let ok = test(&format!(
+            "{window}direction = \"both\"\ntcp_streams = [1, 4]\n"
+        ))
+        .unwrap();
+        let c = &ok.capacity[0];
+        assert_eq!(c.start_ns, 1_795_831_200_000_000_000);
+        assert_eq!(c.length_ns, 600_000_000_000);
+        assert_eq!(
+            c.kind,
+            PathKind::Other,
+            "its own kind: loaded RTT stays out of the path's"
+        );
+        let t = &c.test;
+        assert_eq!(
+            (t.start_bps, t.max_bps, t.steps),
+            (10_000_000, 50_000_000, 5)
+        );
+        assert_eq!(
+            t.stage,
+            Duration::from_secs(5),
+            "the defaults of `capacity`"
+        );
+        assert_eq!(t.direction, crate::capacity::wire::Direction::Both);
+        assert_eq!((t.size, t.probe_rate), (1372, 100));
+        assert!((t.thresholds.min_delivered - 0.95).abs() < 1e-9);
+        assert!((c.headroom - 0.3).abs() < 1e-9);
+        let err = |extra: &str| test(extra).unwrap_err().to_string();
+        let e = err("duration = \"10m\"\n");
+        assert!(
+            e.contains("capacity.toml:3:") && e.contains("capacity `er-size`: start is missing"),
+            "{e}"
+        );
+        let e = err(&window.replace("10m", "30s"));
+        assert!(
+            e.contains("can take up to 1m 20s") && e.contains("window of 30s"),
+            "{e}"
+        );
+        let e = err(&format!("{window}start_rate = \"80mbit\"\n"));
+        assert!(
+            e.contains("start_rate: 80.0 Mbit/s is above max_rate 50.0 Mbit/s"),
+            "{e}"
+        );
+        let e = err(&format!("{window}max_loss = \"half\"\n"));
+        assert!(e.contains("max_loss: `half` is not a fraction"), "{e}");
+        let e = err(&format!("{window}steps = 0\n"));
+        assert!(e.contains("steps: 0: give 1 to 50 stages"), "{e}");
+        let e = err(&format!("{window}max_rate_ = 1\n"));
+        assert!(
+            e.contains("capacity.toml:8") && e.contains("max_rate_"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{window}[[path]]\nname = \"er-size\"\nkind = \"vpn\"\ntarget = \"127.0.0.1:8620\"\n"
+        ));
+        assert!(e.contains("name `er-size` is used already"), "{e}");
+    }
+
+    #[test]
+    fn a_reflector_takes_part_in_capacity_tests_only_when_it_says_so() {
+        let refl = |extra: &str| {
+            let p = write(
+                "refl-capacity.toml",
+                &format!("agent_id = \"a\"\n[reflector]\nlisten = \"127.0.0.1:8620\"\n{extra}"),
+            );
+            AgentPlan::load(&p, &Overrides::default())
+        };
+        assert_eq!(refl("").unwrap().reflector.unwrap().capacity, None);
+        assert_eq!(
+            refl("allow_capacity = true\n")
+                .unwrap()
+                .reflector
+                .unwrap()
+                .capacity,
+            Some(reflector::CapacityCaps {
+                max_rate_bps: 1_000_000_000,
+                max_stage: Duration::from_mins(1),
+            }),
+            "the caps of `reflect --allow-capacity`"
+        );
+        let e = refl("capacity_max_rate = \"100mbit\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("refl-capacity.toml:4: [reflector] capacity_max_rate")
+                && e.contains("add allow_capacity = true"),
+            "{e}"
+        );
+        let e = refl("allow_capacity = true\ncapacity_max_rate = \"100mbps\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ambiguous"), "{e}");
     }
 
     #[test]

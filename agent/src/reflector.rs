@@ -96,9 +96,36 @@ pub struct ReflectorConfig {
     /// Authenticated mode: refuse a request whose (SSID, sequence number) was answered
     /// already, or that is older than the session's window ([`Replays`]).
     pub refuse_replays: bool,
+    /// It takes part in capacity tests, within these caps: the daemon runs the far end
+    /// ([`crate::capacity::server`]) beside it, on its port. The packet loop ignores it.
+    pub capacity: Option<CapacityCaps>,
+}
+
+/// The most a capacity test may ask of this agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapacityCaps {
+    pub max_rate_bps: u64,
+    pub max_stage: Duration,
 }
 
 impl ReflectorConfig {
+    /// What `reflect --listen LISTEN` alone asks for: unauthenticated, stateless, 250,000
+    /// replies a second per source, the request's DSCP copied, NTP timestamps, no
+    /// admission prefixes, no capacity tests.
+    pub fn plain(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            keys: None,
+            stateful: false,
+            max_rate_per_source: pathprobe_proto::plan::default_max_rate(),
+            timestamp_format: TimestampFormat::Ntp,
+            reply_dscp: ReplyDscp::Copy,
+            admission: Admission::default(),
+            refuse_replays: false,
+            capacity: None,
+        }
+    }
+
     /// Whether `other` is this reflector with other keys only (both authenticated): then
     /// the running one takes the new keys ([`LiveRing::adopt`]) instead of starting again.
     pub fn differs_only_in_keys(&self, other: &Self) -> bool {
@@ -108,6 +135,43 @@ impl ReflectorConfig {
                 keys: other.keys.clone(),
                 ..self.clone()
             } == *other
+    }
+}
+
+/// Binds what `rc` asks for: the reflector's socket, then, when it takes part in capacity
+/// tests, their far end on the same port (control on TCP, sinks one port above). With
+/// port 0 the kernel picks the port, and a pick whose next port is taken is tried again.
+pub fn bind_with_capacity(
+    rc: &ReflectorConfig,
+) -> Result<(Socket, Option<crate::capacity::server::Server>)> {
+    use crate::capacity::server::{Server, ServerConfig};
+    let mut tries = 0;
+    loop {
+        let sock = bind(rc.listen)?;
+        let Some(caps) = rc.capacity else {
+            return Ok((sock, None));
+        };
+        let listen = sock
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or(rc.listen);
+        match Server::bind(ServerConfig {
+            listen,
+            max_rate_bps: caps.max_rate_bps,
+            max_stage: caps.max_stage,
+            keys: rc.keys.clone(),
+        }) {
+            Ok(server) => return Ok((sock, Some(server))),
+            Err(Error::Io { source, .. })
+                if rc.listen.port() == 0
+                    && source.kind() == io::ErrorKind::AddrInUse
+                    && tries < 16 =>
+            {
+                tries += 1;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -848,6 +912,7 @@ mod tests {
             reply_dscp: ReplyDscp::Copy,
             admission: Admission::default(),
             refuse_replays: false,
+            capacity: None,
         };
         let stats = ReflectorStats::default();
         let mut refl = State::new(

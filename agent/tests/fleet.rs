@@ -160,12 +160,7 @@ fn lab(name: &str, templates: &[&str]) -> (PathBuf, SocketAddr, PathBuf) {
 #[test]
 fn three_agents_follow_the_fleet_file_live() {
     let (dir, reflector, fleet_file) = lab("fleet", &["er", "vpn", "old"]);
-    let collector_addr = free_tcp();
-    let collector = Collector::start_with(ServeConfig {
-        tokens: Some(Tokens::load(&dir.join("tokens")).unwrap()),
-        fleet: Some(Arc::new(FleetState::load(fleet_file.clone()).unwrap())),
-        ..ServeConfig::lab(collector_addr, dir.join("store.db"))
-    });
+    let (collector, collector_addr) = fleet_collector(&dir, &fleet_file);
     let mut agents: Vec<(Child, PathBuf)> = AGENTS
         .iter()
         .map(|id| start_agent(&dir, id, collector_addr))
@@ -362,6 +357,19 @@ fn agents_run_on_their_cached_plan_while_the_collector_is_away_and_silence_is_an
 
 /// A drill in the fleet file runs on the agent it selects, at its time: the service's only
 /// path goes dark for 400 ms through the emulator, and the outage reaches the collector.
+/// A collector on loopback with the lab's tokens, serving `fleet_file`.
+fn fleet_collector(dir: &Path, fleet_file: &Path) -> (Collector, SocketAddr) {
+    let addr = free_tcp();
+    let collector = Collector::start_with(ServeConfig {
+        tokens: Some(Tokens::load(&dir.join("tokens")).unwrap()),
+        fleet: Some(Arc::new(
+            FleetState::load(fleet_file.to_path_buf()).unwrap(),
+        )),
+        ..ServeConfig::lab(addr, dir.join("store.db"))
+    });
+    (collector, addr)
+}
+
 #[test]
 fn a_drill_in_the_fleet_file_runs_on_its_agent_at_its_time() {
     let (dir, _, fleet_file) = lab("fleet-drill", &["er"]);
@@ -376,12 +384,7 @@ fn a_drill_in_the_fleet_file_runs_on_its_agent_at_its_time() {
         em.1, r.addr
     );
     std::fs::write(&fleet_file, text).unwrap();
-    let collector_addr = free_tcp();
-    let collector = Collector::start_with(ServeConfig {
-        tokens: Some(Tokens::load(&dir.join("tokens")).unwrap()),
-        fleet: Some(Arc::new(FleetState::load(fleet_file.clone()).unwrap())),
-        ..ServeConfig::lab(collector_addr, dir.join("store.db"))
-    });
+    let (collector, collector_addr) = fleet_collector(&dir, &fleet_file);
     let (agent, log) = start_agent(&dir, "a-1", collector_addr);
     let text = common::wait_for_log(&log, "drill passed", 1, Duration::from_secs(25));
     assert!(text.contains("drill scheduled"), "{text}");
@@ -399,5 +402,68 @@ fn a_drill_in_the_fleet_file_runs_on_its_agent_at_its_time() {
     let o = events[0].event.outage.as_ref().unwrap();
     // 500 probes/s: within two 2 ms intervals of the 400 ms injected (forward only).
     assert!((o.outage_ms - 400.0).abs() <= 4.0, "{}", o.outage_ms);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_capacity_test_in_the_fleet_file_runs_against_the_reflector_that_consents() {
+    let (dir, reflector, fleet_file) = lab("fleet-capacity", &["er"]);
+    let start =
+        humantime::format_rfc3339_millis(std::time::SystemTime::now() + Duration::from_secs(3));
+    let text = std::fs::read_to_string(&fleet_file).unwrap().replace(
+        &format!("settings = {{ listen = \"{reflector}\" }}"),
+        &format!(
+            "settings = {{ listen = \"{reflector}\", allow_capacity = true, capacity_max_rate = \"20mbit\", capacity_max_stage = \"2s\" }}"
+        ),
+    );
+    let text = format!(
+        "{text}\n[[capacity]]\nname = \"er-size\"\nagent = \"a-1\"\nreflector = \"r-1\"\nvia = \"er\"\nstart = \"{start}\"\nduration = \"60s\"\nmax_rate = \"8mbit\"\nsettings = {{ start_rate = \"2mbit\", steps = 3, stage_duration = \"1s\", size = 972 }}\n"
+    );
+    std::fs::write(&fleet_file, text).unwrap();
+    let (collector, collector_addr) = fleet_collector(&dir, &fleet_file);
+    let (far, far_log) = start_agent(&dir, "r-1", collector_addr);
+    common::wait_for_log(
+        &far_log,
+        "capacity tests allowed",
+        1,
+        Duration::from_secs(15),
+    );
+    let (near, log) = start_agent(&dir, "a-1", collector_addr);
+    let text = common::wait_for_log(&log, "capacity test done", 1, Duration::from_secs(40));
+    assert!(text.contains("capacity test scheduled"), "{text}");
+    let stages = text.matches("capacity stage").count();
+    assert!(
+        (3..=6).contains(&stages),
+        "three stages, each measured at most twice: {text}"
+    );
+    // Its stage reports reach the collector before the agent stops.
+    std::thread::sleep(Duration::from_secs(2));
+    stop(near);
+    stop(far);
+    collector.stop();
+    let store = SqliteStore::open_read_only(&dir.join("store.db")).unwrap();
+    let sel = Selector {
+        name_or_kind: "er-size".into(),
+        site: None,
+    };
+    let m = store.query(&sel, 0, now_ns()).unwrap();
+    assert!(
+        (3..=6).contains(&m.aggregate.windows),
+        "{}",
+        m.aggregate.windows
+    );
+    let rows = store.paths().unwrap();
+    let path = rows.iter().find(|p| p.name == "er-size").unwrap();
+    assert_eq!(path.agent_id, "a-1");
+    assert_eq!(path.remote, reflector.to_string());
+    let tput = &m.aggregate.histograms[&pathprobe_proto::hist::Metric::Throughput];
+    // Ten 100 ms intervals a stage; loopback carries every stage's load (2, 5 and 8
+    // Mbit/s), and the far end never sends more than it was offered.
+    assert!(tput.len() >= 27, "{} intervals", tput.len());
+    assert!(
+        (7_000_000..=8_800_000).contains(&tput.max()),
+        "the last stage (8 Mbit/s offered) delivered {} bit/s at most",
+        tput.max()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

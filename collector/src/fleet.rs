@@ -34,12 +34,32 @@
 //! template (by its name, else by its kind). That is the whole rule language. A
 //! `[[drill]]` (once, or on a cron `schedule` in UTC) goes to the agents it selects, at the
 //! occurrence under way or next.
+//!
+//! ```toml
+//! [[capacity]]                     # one agent loads one reflector that consents
+//! name = "er-size"                 # the path name of its stage reports
+//! agent = "ams-1"
+//! reflector = "weu-1"              # its settings need allow_capacity = true
+//! via = "er"                       # its address for this template (else kind), and the pin
+//! schedule = "0 3 * * SUN"         # or start = "2026-12-06T03:00:00Z"
+//! duration = "30m"                 # the window: the whole test must fit in it
+//! max_rate = "500mbit"             # within the reflector's capacity_max_rate
+//! settings = { steps = 5, direction = "both" }   # the rest of agent.toml's [[capacity]]
+//! ```
+//!
+//! A `[[capacity]]` goes to its agent at the occurrence under way or next. Two whose
+//! windows overlap may not load the same reflector, or be run by the same agent: a far
+//! end runs one test at a time, and two tests on one path would measure each other.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
-use pathprobe_proto::plan::{FleetPlan, PathSection, ReflectorSection};
+use pathprobe_proto::plan::{
+    CapacitySection, DEFAULT_CAPACITY_MAX_RATE, DEFAULT_CAPACITY_MAX_STAGE, DrillSection,
+    FleetPlan, PathSection, ReflectorSection,
+};
+use pathprobe_proto::rate::{self, Rate};
 use pathprobe_proto::report::{PathKind, ProbeProtocol, check_name};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -63,6 +83,28 @@ struct FleetFile {
     meshes: Vec<Spanned<Mesh>>,
     #[serde(default, rename = "drill")]
     drills: Vec<Spanned<Drill>>,
+    #[serde(default, rename = "capacity")]
+    capacity: Vec<Spanned<Capacity>>,
+}
+
+/// A capacity test: one agent loads one reflector that consents, in a window, once
+/// (`start`) or repeating (`schedule`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Capacity {
+    name: String,
+    agent: String,
+    reflector: String,
+    /// Which of the reflector's addresses it loads: by template name, else path kind. A
+    /// template also gives the agent's pinning.
+    via: String,
+    schedule: Option<String>,
+    start: Option<String>,
+    duration: String,
+    max_rate: String,
+    /// The rest of agent.toml's `[[capacity]]` (`start_rate`, `steps`, `direction`...).
+    #[serde(default)]
+    settings: toml::Table,
 }
 
 /// A failover drill for the agents it selects, in a maintenance window: once (`start`) or
@@ -184,7 +226,7 @@ pub struct FleetError {
 }
 
 /// One agent's plan as served: the plan, its JSON and its entity tag.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub struct Served {
     pub plan: FleetPlan,
     pub json: Vec<u8>,
@@ -238,30 +280,9 @@ pub fn expand_at(file: &str, text: &str, now_ns: u64) -> Result<Fleet, FleetErro
     for mesh in &f.meshes {
         expand_mesh(&ctx, mesh, text, &err, &mut paths)?;
     }
-    let mut drills: BTreeMap<String, Vec<pathprobe_proto::plan::DrillSection>> = BTreeMap::new();
     let mut next_change_ns: Option<u64> = None;
-    for d in &f.drills {
-        let Some((section, ends)) =
-            drill_occurrence(d.get_ref(), now_ns).map_err(|m| err(d.span().start, m))?
-        else {
-            continue;
-        };
-        next_change_ns = Some(next_change_ns.map_or(ends, |n| n.min(ends)));
-        let what = format!("drill `{}`", section.name);
-        for a in ctx
-            .select(&d.get_ref().agents, &what, "agents")
-            .map_err(|m| err(d.span().start, m))?
-        {
-            let mine = drills.entry(a.clone()).or_default();
-            if mine.iter().any(|x| x.name == section.name) {
-                return Err(err(
-                    d.span().start,
-                    format!("{what} is given to agent {a} twice: drill names are one per agent"),
-                ));
-            }
-            mine.push(section.clone());
-        }
-    }
+    let mut drills = plan_drills(&ctx, &f, &paths, now_ns, &err, &mut next_change_ns)?;
+    let mut tests = plan_capacity(&ctx, &f, &paths, &drills, now_ns, &err, &mut next_change_ns)?;
     let budget = f.budget.max_rate_per_agent;
     let mut plans = BTreeMap::new();
     for (agent, site) in &ctx.site_of {
@@ -293,6 +314,7 @@ pub fn expand_at(file: &str, text: &str, now_ns: u64) -> Result<Fleet, FleetErro
                 .map(|r| r.settings.clone().unwrap_or_default()),
             paths: mine,
             drills: drills.remove(agent).unwrap_or_default(),
+            capacity: tests.remove(agent).unwrap_or_default(),
         };
         plans.insert(agent.clone(), Arc::new(served(plan)));
     }
@@ -302,26 +324,136 @@ pub fn expand_at(file: &str, text: &str, now_ns: u64) -> Result<Fleet, FleetErro
     })
 }
 
-/// The occurrence of drill `d` planned at `now_ns` (the one under way, else the next) as
-/// agent.toml's `[[drill]]`, and when its window ends; `None` for a one-off drill whose
-/// window has passed.
-fn drill_occurrence(
-    d: &Drill,
+/// A capacity test's window as planned: start, end (ns) and the test's name.
+type Window<'n> = (u64, u64, &'n str);
+
+/// Per agent, the drills or capacity tests planned for it.
+type Planned<T> = BTreeMap<String, Vec<T>>;
+
+/// Whether agent `a` has a path or drill named `name` already: every name is one per
+/// agent, since its reports are found by it.
+fn taken(paths: &AgentPaths, drills: &Planned<DrillSection>, a: &str, name: &str) -> bool {
+    paths.get(a).is_some_and(|m| m.contains_key(name))
+        || drills
+            .get(a)
+            .is_some_and(|d| d.iter().any(|x| x.name == name))
+}
+
+/// The occurrence of each `[[drill]]` planned at `now_ns`, for the agents it selects;
+/// `next_change_ns` is brought forward to the first window's end.
+fn plan_drills(
+    ctx: &Context<'_>,
+    f: &FleetFile,
+    paths: &AgentPaths,
     now_ns: u64,
-) -> Result<Option<(pathprobe_proto::plan::DrillSection, u64)>, String> {
-    let what = format!("drill `{}`", d.name);
-    check_name("drill", &d.name).map_err(|e| e.to_string())?;
-    let length = humantime::parse_duration(&d.duration).map_err(|e| {
-        format!(
-            "{what}: duration `{}` is not a duration ({e}): write it like 30m",
-            d.duration
-        )
+    err: Err<'_>,
+    next_change_ns: &mut Option<u64>,
+) -> Result<Planned<DrillSection>, FleetError> {
+    let mut drills = Planned::new();
+    for d in &f.drills {
+        let at = d.span().start;
+        let Some((section, ends)) =
+            drill_occurrence(d.get_ref(), now_ns).map_err(|m| err(at, m))?
+        else {
+            continue;
+        };
+        *next_change_ns = Some(next_change_ns.map_or(ends, |n| n.min(ends)));
+        let what = format!("drill `{}`", section.name);
+        for a in ctx
+            .select(&d.get_ref().agents, &what, "agents")
+            .map_err(|m| err(at, m))?
+        {
+            if taken(paths, &drills, &a, &section.name) {
+                return Err(err(
+                    at,
+                    format!(
+                        "{what} is named like another path or drill of agent {a}: names are one per agent, since reports are found by them"
+                    ),
+                ));
+            }
+            drills.entry(a).or_default().push(section.clone());
+        }
+    }
+    Ok(drills)
+}
+
+/// The occurrence of each `[[capacity]]` planned at `now_ns`, for its agent: never two
+/// at once on one reflector or by one agent. `next_change_ns` as for drills.
+fn plan_capacity(
+    ctx: &Context<'_>,
+    f: &FleetFile,
+    paths: &AgentPaths,
+    drills: &Planned<DrillSection>,
+    now_ns: u64,
+    err: Err<'_>,
+    next_change_ns: &mut Option<u64>,
+) -> Result<Planned<CapacitySection>, FleetError> {
+    let mut tests: Planned<CapacitySection> = Planned::new();
+    // The windows planned so far, (start, end, name): by reflector, then by agent.
+    let mut busy: [BTreeMap<&str, Vec<Window<'_>>>; 2] = Default::default();
+    for c in &f.capacity {
+        let at = c.span().start;
+        let cap = c.get_ref();
+        let Some((section, start, end)) = ctx.capacity(cap, now_ns).map_err(|m| err(at, m))? else {
+            continue;
+        };
+        *next_change_ns = Some(next_change_ns.map_or(end, |n| n.min(end)));
+        for (side, who) in [cap.reflector.as_str(), cap.agent.as_str()]
+            .into_iter()
+            .enumerate()
+        {
+            let planned = busy[side].entry(who).or_default();
+            if let Some((_, _, other)) = planned.iter().find(|(s, e, _)| start < *e && *s < end) {
+                let whom = if side == 1 {
+                    format!("be run by agent {who}")
+                } else {
+                    format!("load reflector {who}")
+                };
+                return Err(err(
+                    at,
+                    format!(
+                        "capacity `{}` and capacity `{other}` would {whom} at once (their windows overlap): a far end runs one test at a time, and two on one path measure each other; move one's start or schedule",
+                        cap.name
+                    ),
+                ));
+            }
+            planned.push((start, end, &cap.name));
+        }
+        let mine = tests.entry(cap.agent.clone()).or_default();
+        if taken(paths, drills, &cap.agent, &section.name)
+            || mine.iter().any(|x| x.name == section.name)
+        {
+            return Err(err(
+                at,
+                format!(
+                    "capacity `{}` is named like another path, drill or test of agent {}: names are one per agent, since reports are found by them",
+                    cap.name, cap.agent
+                ),
+            ));
+        }
+        mine.push(section);
+    }
+    Ok(tests)
+}
+
+/// The window of a drill or capacity test (`what`) planned at `now_ns`: the one under
+/// way, else the next, as its start (RFC 3339 and ns) and end (ns); `None` for a one-off
+/// whose window has passed.
+fn occurrence(
+    what: &str,
+    schedule: Option<&String>,
+    start: Option<&String>,
+    duration: &str,
+    now_ns: u64,
+) -> Result<Option<(String, u64, u64)>, String> {
+    let length = humantime::parse_duration(duration).map_err(|e| {
+        format!("{what}: duration `{duration}` is not a duration ({e}): write it like 30m")
     })?;
     let length_ns = u64::try_from(length.as_nanos()).unwrap_or(u64::MAX);
-    let start_ns = match (&d.schedule, &d.start) {
+    let start_ns = match (schedule, start) {
         (Some(_), Some(_)) | (None, None) => {
             return Err(format!(
-                "{what}: give `schedule` (a cron pattern, UTC) for a repeating drill or `start` (RFC 3339) for one, not both"
+                "{what}: give `schedule` (a cron pattern, UTC) to repeat it or `start` (RFC 3339) for once, not both"
             ));
         }
         (None, Some(start)) => {
@@ -346,6 +478,25 @@ fn drill_occurrence(
         std::time::UNIX_EPOCH + std::time::Duration::from_nanos(start_ns),
     )
     .to_string();
+    Ok(Some((start, start_ns, start_ns.saturating_add(length_ns))))
+}
+
+/// The occurrence of drill `d` planned at `now_ns` (the one under way, else the next) as
+/// agent.toml's `[[drill]]`, and when its window ends; `None` for a one-off drill whose
+/// window has passed.
+fn drill_occurrence(d: &Drill, now_ns: u64) -> Result<Option<(DrillSection, u64)>, String> {
+    let what = format!("drill `{}`", d.name);
+    check_name("drill", &d.name).map_err(|e| e.to_string())?;
+    let Some((start, _, end)) = occurrence(
+        &what,
+        d.schedule.as_ref(),
+        d.start.as_ref(),
+        &d.duration,
+        now_ns,
+    )?
+    else {
+        return Ok(None);
+    };
     let mut table = d.settings.clone();
     for key in ["name", "start", "duration"] {
         if table.contains_key(key) {
@@ -357,10 +508,10 @@ fn drill_occurrence(
     table.insert("name".into(), toml::Value::String(d.name.clone()));
     table.insert("start".into(), toml::Value::String(start));
     table.insert("duration".into(), toml::Value::String(d.duration.clone()));
-    let section: pathprobe_proto::plan::DrillSection = toml::Value::Table(table)
+    let section: DrillSection = toml::Value::Table(table)
         .try_into()
         .map_err(|e: toml::de::Error| format!("{what}: settings: {}", e.message()))?;
-    Ok(Some((section, start_ns.saturating_add(length_ns))))
+    Ok(Some((section, end)))
 }
 
 /// The first time at or after `from_ns` that the cron `pattern` (UTC; seconds optional)
@@ -712,6 +863,114 @@ impl<'f> Context<'f> {
         Ok(reflecting)
     }
 
+    /// The occurrence of capacity test `c` planned at `now_ns` (under way, else next) as
+    /// agent.toml's `[[capacity]]`, with its window (ns); `None` for a one-off whose
+    /// window has passed. The far end must consent, within its caps, and the test must
+    /// fit its window.
+    fn capacity(
+        &self,
+        c: &Capacity,
+        now_ns: u64,
+    ) -> Result<Option<(CapacitySection, u64, u64)>, String> {
+        let what = format!("capacity `{}`", c.name);
+        check_name("capacity", &c.name).map_err(|e| e.to_string())?;
+        if !self.site_of.contains_key(&c.agent) {
+            return Err(format!(
+                "{what}: agent {} is in no [[site]]: add it to the agents of its site",
+                c.agent
+            ));
+        }
+        if c.agent == c.reflector {
+            return Err(format!(
+                "{what}: agent {} would load itself: name another agent's reflector",
+                c.agent
+            ));
+        }
+        let Some(refl) = self.reflectors.get(&c.reflector) else {
+            return Err(format!(
+                "{what}: agent {} does not reflect: add a [[reflector]] for it (with allow_capacity = true in its settings), or test another",
+                c.reflector
+            ));
+        };
+        let consent = refl.settings.as_ref().filter(|s| s.allow_capacity);
+        let Some(consent) = consent else {
+            return Err(format!(
+                "{what}: reflector {} does not take part in capacity tests: a far end must consent, so add allow_capacity = true (and capacity_max_rate) to its settings, or test another",
+                c.reflector
+            ));
+        };
+        let template = self.templates.get(c.via.as_str());
+        let Some(target) = refl
+            .addresses
+            .get(&c.via)
+            .or_else(|| template.and_then(|t| refl.addresses.get(&t.kind.to_string())))
+        else {
+            return Err(format!(
+                "{what}: reflector {} has no address for `{}`: add it to its addresses, or name a template or path kind it has",
+                c.reflector, c.via
+            ));
+        };
+        let Some((start, start_ns, end_ns)) = occurrence(
+            &what,
+            c.schedule.as_ref(),
+            c.start.as_ref(),
+            &c.duration,
+            now_ns,
+        )?
+        else {
+            return Ok(None);
+        };
+        let mut table = c.settings.clone();
+        for key in ["name", "start", "duration", "target", "max_rate"] {
+            if table.contains_key(key) {
+                return Err(format!(
+                    "{what}: settings must not set `{key}`: it is the test's own"
+                ));
+            }
+        }
+        let pin = template.and_then(|t| t.pin.iter().find(|p| p.agent == c.agent));
+        if let Some(p) = pin
+            && !["bind", "interface", "fwmark"]
+                .iter()
+                .any(|k| table.contains_key(*k))
+        {
+            if let Some(b) = p.bind {
+                table.insert("bind".into(), toml::Value::String(b.to_string()));
+            }
+            if let Some(i) = &p.interface {
+                table.insert("interface".into(), toml::Value::String(i.clone()));
+            }
+            if let Some(m) = p.fwmark {
+                table.insert("fwmark".into(), toml::Value::Integer(i64::from(m)));
+            }
+        }
+        for (key, value) in [
+            ("name", &c.name),
+            ("start", &start),
+            ("duration", &c.duration),
+            ("target", target),
+            ("max_rate", &c.max_rate),
+        ] {
+            table.insert(key.into(), toml::Value::String(value.clone()));
+        }
+        let section: CapacitySection = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("{what}: settings: {}", e.message()))?;
+        let shape = section
+            .shape()
+            .map_err(|(field, reason)| format!("{what}: {field}: {reason}"))?;
+        within_consent(&what, &c.reflector, consent, &shape)?;
+        let window = std::time::Duration::from_nanos(end_ns - start_ns);
+        if shape.longest() > window {
+            return Err(format!(
+                "{what}: the test can take up to {} (every stage measured twice when an RTT spike fails it, with the idle and TCP stages), longer than its window of {}: lengthen duration, or shorten stage_duration or steps",
+                humantime::format_duration(shape.longest()),
+                humantime::format_duration(window)
+            ));
+        }
+        Ok(Some((section, start_ns, end_ns)))
+    }
+
     /// Template `t` from agent `a` to reflector `r`.
     fn path(&self, t: &Template, a: &str, r: &str) -> Result<PathSection, String> {
         let refl = self.reflectors[r];
@@ -746,6 +1005,43 @@ impl<'f> Context<'f> {
             ssid: t.ssid,
         })
     }
+}
+
+/// Whether the stages of test `what` stay within the caps reflector `r` consents to.
+fn within_consent(
+    what: &str,
+    r: &str,
+    consent: &ReflectorSection,
+    shape: &pathprobe_proto::capacity::Shape,
+) -> Result<(), String> {
+    let cap_text = consent
+        .capacity_max_rate
+        .as_deref()
+        .unwrap_or(DEFAULT_CAPACITY_MAX_RATE);
+    let cap =
+        rate::parse(cap_text).map_err(|e| format!("reflector {r}: capacity_max_rate: {e}"))?;
+    if shape.max_bps > cap.bps() {
+        return Err(format!(
+            "{what}: max_rate {} is above what reflector {} allows ({}): lower max_rate, or raise its capacity_max_rate",
+            Rate(shape.max_bps),
+            r,
+            cap
+        ));
+    }
+    let stage_text = consent
+        .capacity_max_stage
+        .as_deref()
+        .unwrap_or(DEFAULT_CAPACITY_MAX_STAGE);
+    let max_stage = humantime::parse_duration(stage_text)
+        .map_err(|e| format!("reflector {r}: capacity_max_stage: {e}"))?;
+    if shape.stage > max_stage {
+        return Err(format!(
+            "{what}: stage_duration {} is longer than reflector {} allows ({stage_text}): shorten it, or raise its capacity_max_stage",
+            humantime::format_duration(shape.stage),
+            r
+        ));
+    }
+    Ok(())
 }
 
 /// How the plans of `new` differ from those of `old`, agent by agent: a line each for an
@@ -798,8 +1094,13 @@ fn plan_diff(agent: &str, a: &FleetPlan, b: &FleetPlan) -> Vec<String> {
             .drills
             .iter()
             .map(|x| (format!("drill {}", x.name), serde_json::to_value(x)));
+        let tests = p
+            .capacity
+            .iter()
+            .map(|x| (format!("capacity {}", x.name), serde_json::to_value(x)));
         paths
             .chain(drills)
+            .chain(tests)
             .map(|(k, v)| (k, v.unwrap_or_default()))
             .collect()
     };
@@ -1018,6 +1319,101 @@ templates = ["vpn"]
 
     fn error(text: &str) -> String {
         expand("fleet.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_capacity_test_needs_a_far_end_that_consents_and_a_window_it_fits() {
+        let consenting = EXAMPLE.replace(
+            "settings = { stateful = true }",
+            "settings = { stateful = true, allow_capacity = true, capacity_max_rate = \"1gbit\" }",
+        );
+        let test = "\n[[capacity]]\nname = \"er-size\"\nagent = \"ams-1\"\nreflector = \"weu-1\"\nvia = \"er\"\nschedule = \"0 3 * * SUN\"\nduration = \"30m\"\nmax_rate = \"500mbit\"\nsettings = { steps = 5, direction = \"both\" }\n";
+        let thursday = 1_796_299_200_000_000_000;
+        let planned = format!("{consenting}{test}");
+        let f = expand_at("fleet.toml", &planned, thursday).unwrap();
+        let c = &f.plans["ams-1"].plan.capacity[0];
+        assert_eq!(c.start.as_deref(), Some("2026-12-06T03:00:00Z"));
+        assert_eq!(
+            (c.target.as_str(), c.max_rate.as_str()),
+            ("10.1.0.4:862", "500mbit")
+        );
+        assert_eq!(
+            c.interface.as_deref(),
+            Some("eth1"),
+            "the template's pin for ams-1"
+        );
+        assert!(f.plans["ams-2"].plan.capacity.is_empty(), "its agent alone");
+        let sunday_0300 = 1_796_526_000_000_000_000;
+        assert_eq!(f.next_change_ns, Some(sunday_0300 + 1_800_000_000_000));
+        let e = |t: &str| {
+            expand_at("fleet.toml", t, thursday)
+                .unwrap_err()
+                .to_string()
+        };
+
+        let no_consent = e(&format!("{EXAMPLE}{test}"));
+        assert!(
+            no_consent.starts_with("fleet.toml:49:")
+                && no_consent.contains("reflector weu-1 does not take part in capacity tests")
+                && no_consent.contains("allow_capacity = true"),
+            "{no_consent}"
+        );
+        let too_fast = e(&format!("{consenting}{}", test.replace("500mbit", "2gbit")));
+        assert!(
+            too_fast.contains(
+                "max_rate 2.00 Gbit/s is above what reflector weu-1 allows (1.00 Gbit/s)"
+            ),
+            "{too_fast}"
+        );
+        let too_short = e(&format!("{consenting}{}", test.replace("30m", "1m")));
+        assert!(
+            too_short.contains("can take up to 1m 20s") && too_short.contains("window of 1m"),
+            "{too_short}"
+        );
+        let long_stage = e(&format!(
+            "{consenting}{}",
+            test.replace("steps = 5", "steps = 5, stage_duration = \"2m\"")
+        ));
+        assert!(
+            long_stage.contains("stage_duration 2m is longer than reflector weu-1 allows (60s)"),
+            "{long_stage}"
+        );
+        let not_reflecting = e(&format!(
+            "{consenting}{}",
+            test.replace("reflector = \"weu-1\"", "reflector = \"ams-2\"")
+        ));
+        assert!(
+            not_reflecting.contains("agent ams-2 does not reflect"),
+            "{not_reflecting}"
+        );
+        let no_address = e(&format!(
+            "{consenting}{}",
+            test.replace("via = \"er\"", "via = \"internet\"")
+        ));
+        assert!(
+            no_address.contains("reflector weu-1 has no address for `internet`"),
+            "{no_address}"
+        );
+        let overlap = e(&format!(
+            "{consenting}{test}{}",
+            test.replace("er-size", "er-size-2")
+                .replace("ams-1", "ams-2")
+        ));
+        assert!(
+            overlap.starts_with("fleet.toml:59:")
+                && overlap.contains(
+                    "capacity `er-size-2` and capacity `er-size` would load reflector weu-1 at once"
+                ),
+            "{overlap}"
+        );
+        let own_field = e(&format!(
+            "{consenting}{}",
+            test.replace("steps = 5", "target = \"10.9.9.9:862\"")
+        ));
+        assert!(
+            own_field.contains("settings must not set `target`"),
+            "{own_field}"
+        );
     }
 
     #[test]

@@ -1549,3 +1549,74 @@ fn sighup_without_tls_does_not_stop_the_collector() {
     let (status, body) = http(s.addr, "GET", "/v1/paths", Some(READER), b"");
     assert_eq!(status, 200, "{body}");
 }
+
+/// `GET /v1/plan`: an agent's token gets its own plan (and a 304 for its `ETag`); a reader's
+/// token, another agent's id, no token and an absurd query are refused with the reason,
+/// and none of them stops the collector.
+#[test]
+fn the_fleet_plan_goes_to_its_agent_alone() {
+    let d = dir("plan");
+    let fleet = d.join("fleet.toml");
+    std::fs::write(
+        &fleet,
+        "[[site]]\nname = \"ams\"\nagents = [\"ams-01\", \"fra-01\"]\n\n[[site]]\nname = \"weu\"\nagents = [\"weu-01\"]\n\n[[reflector]]\nagent = \"weu-01\"\naddresses = { vpn = \"10.2.0.4:862\" }\n\n[[template]]\nname = \"vpn\"\nkind = \"vpn\"\n\n[[mesh]]\nfrom = { sites = [\"ams\"] }\nto = { sites = [\"weu\"] }\ntemplates = [\"vpn\"]\n",
+    )
+    .unwrap();
+    let fleet_arg = fleet.to_str().unwrap();
+    let s = Server::start_with(&d, &["--fleet", fleet_arg]);
+    let (status, body) = http(s.addr, "GET", "/v1/plan", Some(TOKEN), b"");
+    assert_eq!(status, 200, "{body}");
+    let plan: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(plan["agent_id"], "ams-01");
+    assert_eq!(plan["path"][0]["name"], "vpn-weu-01");
+    let version = plan["version"].as_str().unwrap().to_string();
+
+    // Its ETag again: nothing changed.
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    write!(
+        c,
+        "GET /v1/plan HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {TOKEN}\r\nIf-None-Match: \"{version}\"\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 304"), "{resp}");
+
+    let refused = [
+        ("/v1/plan", None, 401, "token"),
+        (
+            "/v1/plan",
+            Some(READER),
+            403,
+            "may query but not send reports",
+        ),
+        (
+            "/v1/plan?agent=fra-01",
+            Some(TOKEN),
+            403,
+            "not the agent asked for",
+        ),
+        (
+            &format!("/v1/plan?agent={}", "x".repeat(8000)),
+            Some(TOKEN),
+            403,
+            "not the agent asked for",
+        ),
+        (
+            "/v1/plan?agent=%ff%fe",
+            Some(TOKEN),
+            403,
+            "not the agent asked for",
+        ),
+    ];
+    for (path, token, want, says) in refused {
+        let (status, body) = http(s.addr, "GET", path, token, b"");
+        let shown = &path[..path.len().min(40)];
+        assert_eq!(status, want, "{shown}: {body}");
+        assert!(body.contains(says), "{shown}: {body}");
+    }
+    // The other agent gets its own, the collector still answers.
+    let (status, body) = http(s.addr, "GET", "/v1/plan", Some(OTHER_TOKEN), b"");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"agent_id\":\"fra-01\""), "{body}");
+}

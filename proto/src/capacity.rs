@@ -12,10 +12,62 @@
 //!   `hello` answer carries a fresh `challenge` and the slot waits for an `auth` whose
 //!   `proof` is [`hello_proof`] under that key.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use crate::stamp::AuthKey;
 use crate::{Error, Result};
+
+/// After a stage's load stops, the near end waits this long for the last datagrams.
+pub const SETTLE: Duration = Duration::from_millis(300);
+/// A knee search stops after this many rates (a rate measured again after a spike is one).
+pub const MAX_SEARCH_STAGES: usize = 12;
+/// Time the control exchange of a stage may take on top of the stage itself (the request,
+/// the far end's count, a long path's round trips), for [`Shape::longest`].
+pub const STAGE_OVERHEAD: Duration = Duration::from_secs(2);
+
+/// The offered rates of a staircase of `steps` stages from `start` to `max` (bits/s).
+pub fn staircase(start: u64, max: u64, steps: u32) -> Vec<u64> {
+    if steps <= 1 || max <= start {
+        return vec![max.max(start)];
+    }
+    let n = u64::from(steps - 1);
+    (0..=n).map(|i| start + (max - start) * i / n).collect()
+}
+
+/// The stages a test runs, and how long each lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub start_bps: u64,
+    pub max_bps: u64,
+    pub steps: u32,
+    pub search: bool,
+    pub stage: Duration,
+    pub direction: Direction,
+    /// Numbers of TCP streams tried (one TCP stage per number and direction).
+    pub tcp_stages: usize,
+}
+
+impl Shape {
+    /// The longest the test can take: the idle stage, every load stage measured twice (a
+    /// stage that fails on an RTT spike alone is measured again), and the TCP stages. A
+    /// scheduled test must fit its window by this bound.
+    pub fn longest(&self) -> Duration {
+        let rates = if self.search {
+            MAX_SEARCH_STAGES
+        } else {
+            staircase(self.start_bps, self.max_bps, self.steps).len()
+        };
+        let ways = usize::from(self.direction.up()) + usize::from(self.direction.down());
+        let load = u32::try_from(2 * rates).unwrap_or(u32::MAX);
+        let tcp = u32::try_from(self.tcp_stages * ways).unwrap_or(u32::MAX);
+        self.stage
+            .saturating_add(STAGE_OVERHEAD)
+            .saturating_add((self.stage + SETTLE + STAGE_OVERHEAD).saturating_mul(load))
+            .saturating_add((self.stage + STAGE_OVERHEAD).saturating_mul(tcp))
+    }
+}
 
 /// Octets of a `hello` challenge.
 pub const CHALLENGE_LEN: usize = 16;
@@ -250,6 +302,35 @@ impl SinkCount {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_staircase_spans_start_to_max() {
+        assert_eq!(staircase(10, 50, 5), [10, 20, 30, 40, 50]);
+        assert_eq!(staircase(10, 50, 1), [50]);
+        assert_eq!(staircase(50, 50, 4), [50]);
+    }
+
+    #[test]
+    fn the_longest_test_counts_every_stage_measured_twice() {
+        let shape = Shape {
+            start_bps: 10,
+            max_bps: 50,
+            steps: 5,
+            search: false,
+            stage: Duration::from_secs(5),
+            direction: Direction::Both,
+            tcp_stages: 2,
+        };
+        // Idle 5+2, ten load stages of 5+0.3+2, two stream counts both ways of 5+2.
+        assert_eq!(shape.longest(), Duration::from_secs(7 + 73 + 28));
+        let search = Shape {
+            search: true,
+            tcp_stages: 0,
+            direction: Direction::Up,
+            ..shape
+        };
+        assert_eq!(search.longest(), Duration::from_millis(7_000 + 24 * 7_300));
+    }
 
     #[test]
     fn a_hello_proof_holds_only_for_its_key_challenge_and_session() {

@@ -8,6 +8,8 @@
 //! - [`event`]: a path's signature (hop counts, DSCP) and the events it raises.
 //! - [`ingest`]: what the collector answers to a batch of reports.
 //! - [`capacity`]: the load datagram and the control messages of a capacity test.
+//! - [`rate`]: bit rates (`50mbit`) and fractions (`95%`) as people write them.
+//! - [`plan`]: agent.toml's sections, which the fleet planner serves too.
 //!
 //! No sockets, threads or clock reads: time is always an argument.
 
@@ -19,6 +21,7 @@ pub mod event;
 pub mod hist;
 pub mod ingest;
 pub mod plan;
+pub mod rate;
 pub mod report;
 pub mod secrets;
 pub mod stamp;

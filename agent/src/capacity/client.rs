@@ -22,15 +22,14 @@ use super::knee::{self, Judgement, Knee, StageOutcome, Thresholds};
 use super::pacer::{Load, pace};
 use super::server::{self, overhead, tcp_receive, tcp_send};
 use super::sink::Sink;
-use super::wire::{Direction, Reply, Request, SinkCount, VERSION};
+pub use super::wire::staircase;
+use super::wire::{
+    Direction, MAX_SEARCH_STAGES, Reply, Request, SETTLE, Shape, SinkCount, VERSION,
+};
 use crate::engine::session::WindowStats;
 use crate::probe::{ProbeConfig, Prober};
 use crate::{Error, Result, output};
 
-/// After a stage's load stops, wait this long for the last datagrams to land.
-const SETTLE: Duration = Duration::from_millis(300);
-/// A search stops after this many rates (a rate measured again after a spike is one).
-const MAX_SEARCH_STAGES: usize = 12;
 /// A search stops when pass and fail are this close (a fraction of the fail rate).
 const SEARCH_RESOLUTION: f64 = 0.05;
 /// A staircase stops after this many failed stages in a row: the knee is behind it, and
@@ -38,7 +37,7 @@ const SEARCH_RESOLUTION: f64 = 0.05;
 const MAX_FAILED_IN_A_ROW: usize = 2;
 
 /// What to run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     /// The far agent's reflector (STAMP, and control on TCP at the same port).
     pub target: SocketAddr,
@@ -65,6 +64,26 @@ pub struct Plan {
     /// The far reflector's key: it proves the test may run, and authenticates the STAMP
     /// stream under load.
     pub key: Option<pathprobe_proto::stamp::AuthKey>,
+}
+
+impl Plan {
+    /// Its stages, and how long each lasts.
+    pub fn shape(&self) -> Shape {
+        Shape {
+            start_bps: self.start_bps,
+            max_bps: self.max_bps,
+            steps: self.steps,
+            search: self.search,
+            stage: self.stage,
+            direction: self.direction,
+            tcp_stages: self.tcp_streams.len(),
+        }
+    }
+
+    /// The longest this test can take ([`Shape::longest`]).
+    pub fn longest(&self) -> Duration {
+        self.shape().longest()
+    }
 }
 
 /// What one direction of a stage delivered.
@@ -540,15 +559,6 @@ fn tcp(
     })
 }
 
-/// The rates of the staircase: `steps` from start to max, evenly spaced.
-pub fn staircase(start: u64, max: u64, steps: u32) -> Vec<u64> {
-    if steps <= 1 || max <= start {
-        return vec![max.max(start)];
-    }
-    let n = u64::from(steps - 1);
-    (0..=n).map(|i| start + (max - start) * i / n).collect()
-}
-
 /// A test in progress: the control connection, the stages so far.
 struct Runner<'a> {
     plan: &'a Plan,
@@ -725,16 +735,4 @@ pub fn run(plan: &Plan, stop: &AtomicBool, on_event: &mut dyn FnMut(Event<'_>)) 
         tcp,
         stopped_early,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_staircase_spans_start_to_max() {
-        assert_eq!(staircase(10, 50, 5), [10, 20, 30, 40, 50]);
-        assert_eq!(staircase(10, 50, 1), [50]);
-        assert_eq!(staircase(50, 50, 4), [50]);
-    }
 }

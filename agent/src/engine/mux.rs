@@ -2050,6 +2050,7 @@ mod tests {
             reply_dscp: ReplyDscp::Copy,
             admission: Admission::default(),
             refuse_replays: false,
+            capacity: None,
         };
         s.spawn(move || reflector::run(&sock, &cfg, stop, stats));
         addr

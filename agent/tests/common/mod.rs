@@ -61,16 +61,16 @@ impl Reflector {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find_map(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix("listen=").map(str::to_string))
-            })
-            .expect("the reflector printed no listen=")
-            .parse()
-            .unwrap();
+        let mut said = Vec::new();
+        let addr = loop {
+            let Some(Ok(l)) = lines.next() else {
+                panic!("the reflector printed no listen=: {}", said.join("\n"));
+            };
+            if let Some(a) = l.split_whitespace().find_map(|w| w.strip_prefix("listen=")) {
+                break a.parse().unwrap();
+            }
+            said.push(l);
+        };
         // Keep draining stderr so the reflector never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
         Self { child, addr }

@@ -701,8 +701,20 @@ fn run_fleet(command: &FleetCommand) -> anyhow::Result<()> {
                         )
                     })
                     .collect();
+                let tests: Vec<String> = p
+                    .plan
+                    .capacity
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            ", capacity {} at {}",
+                            c.name,
+                            c.start.as_deref().unwrap_or("?")
+                        )
+                    })
+                    .collect();
                 println!(
-                    "  {} (site {}): {n} path{}{}{}",
+                    "  {} (site {}): {n} path{}{}{}{}",
                     p.plan.agent_id,
                     p.plan.site,
                     if n == 1 { "" } else { "s" },
@@ -711,7 +723,8 @@ fn run_fleet(command: &FleetCommand) -> anyhow::Result<()> {
                     } else {
                         ""
                     },
-                    drills.concat()
+                    drills.concat(),
+                    tests.concat()
                 );
             }
         }

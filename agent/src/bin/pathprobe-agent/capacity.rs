@@ -23,17 +23,7 @@ pub fn rate_arg(v: &str) -> Result<Rate, String> {
 
 /// `95%` or `0.95`.
 fn fraction(v: &str) -> Result<f64, String> {
-    let (num, scale) = v.strip_suffix('%').map_or((v, 1.0), |n| (n, 100.0));
-    let x: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{v}` is not a fraction: write 95% or 0.95"))?;
-    let f = x / scale;
-    if (0.0..=1.0).contains(&f) {
-        Ok(f)
-    } else {
-        Err(format!("`{v}` is not between 0% and 100%"))
-    }
+    rate::parse_fraction(v)
 }
 
 /// Which way to load the path.

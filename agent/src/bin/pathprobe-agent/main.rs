@@ -17,7 +17,6 @@ mod outbox;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use pathprobe_agent::capacity::rate::Rate;
-use pathprobe_agent::capacity::server::{Server as CapacityServer, ServerConfig};
 use pathprobe_agent::decode::{self, Direction};
 use pathprobe_agent::emulate::link::{LinkConfig, Profile};
 use pathprobe_agent::emulate::nfqueue::{NfqueueConfig, NfqueueEmulator};
@@ -776,8 +775,13 @@ fn run_reflect(args: &ReflectArgs) -> anyhow::Result<ExitCode> {
             max_rate_others: args.max_rate_others,
         },
         refuse_replays: args.refuse_replays,
+        capacity: args.allow_capacity.then(|| reflector::CapacityCaps {
+            max_rate_bps: args.capacity_max_rate.bps(),
+            max_stage: args.capacity_max_stage,
+        }),
     };
-    let sock = reflector::bind(cfg.listen)?;
+    // Bound before the first log line, so whoever waits for it finds every port open.
+    let (sock, capacity) = reflector::bind_with_capacity(&cfg)?;
     let stop = stop_on_signals()?;
     let stats = ReflectorStats::default();
     let bound = sock
@@ -785,24 +789,14 @@ fn run_reflect(args: &ReflectArgs) -> anyhow::Result<ExitCode> {
         .ok()
         .and_then(|a| a.as_socket())
         .unwrap_or(cfg.listen);
-    // Bound before the first log line, so whoever waits for it finds every port open.
-    let capacity = if args.allow_capacity {
-        let server = CapacityServer::bind(ServerConfig {
-            listen: bound,
-            max_rate_bps: args.capacity_max_rate.bps(),
-            max_stage: args.capacity_max_stage,
-            keys: cfg.keys.clone(),
-        })?;
+    if capacity.is_some() {
         tracing::info!(
             control = %bound,
             max_rate = %args.capacity_max_rate,
             max_stage = ?args.capacity_max_stage,
             "capacity tests allowed"
         );
-        Some(server)
-    } else {
-        None
-    };
+    }
     tracing::info!(
         listen = %bound,
         mode = if cfg.keys.is_some() { "authenticated" } else { "unauthenticated" },

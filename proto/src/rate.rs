@@ -55,6 +55,21 @@ pub fn parse(v: &str) -> Result<Rate, String> {
     Ok(Rate(bits.round() as u64))
 }
 
+/// Parses a fraction as `95%` or `0.95`, between 0 and 1.
+pub fn parse_fraction(v: &str) -> Result<f64, String> {
+    let (num, scale) = v.strip_suffix('%').map_or((v, 1.0), |n| (n, 100.0));
+    let x: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{v}` is not a fraction: write 95% or 0.95"))?;
+    let f = x / scale;
+    if (0.0..=1.0).contains(&f) {
+        Ok(f)
+    } else {
+        Err(format!("`{v}` is not between 0% and 100%"))
+    }
+}
+
 impl fmt::Display for Rate {
     #[allow(clippy::cast_precision_loss)]
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -96,6 +111,18 @@ mod tests {
         assert!(parse("50furlongs").unwrap_err().contains("unknown unit"));
         assert!(parse("0mbit").unwrap_err().contains("out of range"));
         assert!(parse("").is_err());
+    }
+
+    #[test]
+    fn fractions_parse_as_percentages_or_decimals() {
+        assert_eq!(parse_fraction("95%"), Ok(0.95));
+        assert_eq!(parse_fraction("0.25"), Ok(0.25));
+        assert!(
+            parse_fraction("120%")
+                .unwrap_err()
+                .contains("between 0% and 100%")
+        );
+        assert!(parse_fraction("most").unwrap_err().contains("95% or 0.95"));
     }
 
     #[test]
