@@ -1620,3 +1620,48 @@ fn the_fleet_plan_goes_to_its_agent_alone() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"agent_id\":\"fra-01\""), "{body}");
 }
+
+/// A service manager's soft open-files limit (1,024 under systemd; 256 here) would refuse
+/// connections long before `--max-connections`: serve raises it to fit them.
+#[test]
+fn serve_raises_its_open_files_limit_to_fit_max_connections() {
+    let d = dir("nofile");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 256 && exec {COLLECTOR} serve --listen 127.0.0.1:0 --open-read --max-connections 2000 --db {}",
+            d.join("store.db").display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut said = String::new();
+    while !said.contains("listen=") {
+        let line = lines.next().unwrap().unwrap();
+        said.push_str(&line);
+        said.push('\n');
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let hard = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap();
+    if hard >= 2064 {
+        assert!(soft >= 2064, "soft limit {soft}: {said}");
+    } else {
+        assert_eq!(soft, hard, "raised as far as it goes");
+        assert!(said.contains("raise it (LimitNOFILE="), "{said}");
+    }
+}

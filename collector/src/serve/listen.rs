@@ -24,6 +24,49 @@ use tower_service::Service as _;
 
 use super::tls::{self, Tls};
 
+/// Descriptors beyond the connections: the store, its WAL, the listener, logs.
+const SPARE_FILES: u64 = 64;
+
+/// Raises this process's open-files limit (`RLIMIT_NOFILE`) so that `max_connections`
+/// connections fit beside the store: a service manager's soft default of 1,024 would
+/// otherwise refuse connections long before `--max-connections` does. A hard limit too
+/// low for it is logged with the fix. Returns the soft limit now in force.
+#[allow(
+    unsafe_code,
+    reason = "getrlimit and setrlimit on a local struct: no safe wrapper in the tree"
+)]
+pub fn raise_open_files(max_connections: usize) -> u64 {
+    let want = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(SPARE_FILES);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limit into `lim`, which lives across the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        return 0;
+    }
+    if lim.rlim_cur < want {
+        let raised = libc::rlimit {
+            rlim_cur: want.min(lim.rlim_max),
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads `raised`, which lives across the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } == 0 {
+            lim.rlim_cur = raised.rlim_cur;
+        }
+    }
+    if lim.rlim_cur < want {
+        tracing::warn!(
+            open_files = lim.rlim_cur,
+            max_connections,
+            "the open-files limit holds fewer connections than --max-connections: raise it (LimitNOFILE= in the systemd unit, or ulimit -Hn), or lower --max-connections"
+        );
+    }
+    lim.rlim_cur
+}
+
 /// The connection limits (`serve --max-connections --header-timeout --idle-timeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnLimits {

@@ -302,6 +302,7 @@ pub async fn serve_store(
         .merge(reads)
         .layer(DefaultBodyLimit::max(cfg.limits.max_body))
         .with_state(Arc::clone(&state));
+    listen::raise_open_files(cfg.conn.max_connections);
     let bound = listener.local_addr().unwrap_or(listen);
     tracing::info!(
         listen = %bound,
