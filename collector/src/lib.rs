@@ -2,6 +2,7 @@
 //! and answers how paths compare.
 
 pub mod compare;
+pub mod dash;
 mod error;
 pub mod export;
 pub mod fleet;

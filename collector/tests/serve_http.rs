@@ -1665,3 +1665,180 @@ fn serve_raises_its_open_files_limit_to_fit_max_connections() {
         assert!(said.contains("raise it (LimitNOFILE="), "{said}");
     }
 }
+
+/// Window `i`'s RTTs in the dashboard tests: 10 from 1 ms, spread by `i`.
+fn dash_samples(i: u64) -> Vec<u64> {
+    (0..10)
+        .map(|j| 1_000_000 + j * (1_000 + 50_000 * i))
+        .collect()
+}
+
+/// A collector holding 30 windows of 10 s of `expressroute` at `ams` (window `i` with
+/// [`dash_samples`]), and their range as a query.
+fn dash_server(name: &str) -> (Server, String) {
+    let s = Server::start(&dir(name));
+    let reports: Vec<WindowReport> = (0..30_u32)
+        .map(|i| {
+            let at = T0 + u64::from(i) * W;
+            report(
+                9_000 + i,
+                "ams-01",
+                "er",
+                PathKind::Expressroute,
+                at,
+                &dash_samples(i.into()),
+            )
+        })
+        .collect();
+    let (status, body) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &batch(&reports));
+    assert_eq!(status, 200, "{body}");
+    let range = format!(
+        "from={}&to={}",
+        T0 / 1_000_000_000,
+        (T0 + 30 * W) / 1_000_000_000
+    );
+    (s, range)
+}
+
+fn get_json(s: &Server, q: &str) -> serde_json::Value {
+    let (status, body) = http(s.addr, "GET", q, Some(READER), b"");
+    assert_eq!(status, 200, "{q}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn rtt_hist(values: &[u64]) -> hdrhistogram::Histogram<u64> {
+    let mut h = Metric::Rtt.new_histogram();
+    for &v in values {
+        h.record(v).unwrap();
+    }
+    h
+}
+
+#[allow(clippy::cast_precision_loss, reason = "test figures far below 2^52")]
+fn micros(ns: u64) -> f64 {
+    ns as f64 / 1_000.0
+}
+
+/// `/v1/series`, against figures computed here from the samples sent: per window, and per
+/// rollup bucket, where it agrees with `/v1/compare`.
+#[test]
+fn the_series_is_exact_per_window_and_per_rollup_bucket() {
+    let (s, range) = dash_server("dash-series");
+    let per_window = get_json(
+        &s,
+        &format!("/v1/series?path=expressroute&site=ams&columns=100&{range}"),
+    );
+    assert_eq!(per_window["resolution"], "window");
+    let cols = per_window["columns"].as_array().unwrap();
+    assert_eq!(cols.len(), 30);
+    for (i, c) in (0_u64..).zip(cols) {
+        let h = rtt_hist(&dash_samples(i));
+        assert_eq!(c["start_ns"].as_u64(), Some(T0 + i * W));
+        assert_eq!(
+            c["rtt_us"]["p99"].as_f64(),
+            Some(micros(h.value_at_quantile(0.99))),
+            "window {i}"
+        );
+        assert_eq!(
+            c["rtt_us"]["p50"].as_f64(),
+            Some(micros(h.value_at_quantile(0.5)))
+        );
+        assert_eq!(c["loss_pct"].as_f64(), Some(100.0 / 11.0));
+        assert_eq!(c["owd_clock"], "unavailable");
+    }
+    // Three columns at most: one ten-minute bucket holds all 30 windows, merged exactly.
+    let all: Vec<u64> = (0..30).flat_map(dash_samples).collect();
+    let merged = rtt_hist(&all);
+    let coarse = get_json(
+        &s,
+        &format!("/v1/series?path=expressroute&columns=3&{range}"),
+    );
+    assert_eq!(coarse["resolution"], "10m");
+    let c = &coarse["columns"][0];
+    assert_eq!(
+        (c["windows"].as_u64(), c["received"].as_u64()),
+        (Some(30), Some(300))
+    );
+    assert_eq!(
+        c["rtt_us"]["p99"].as_f64(),
+        Some(micros(merged.value_at_quantile(0.99)))
+    );
+    let cmp = get_json(&s, &format!("/v1/compare?a=expressroute&b=vpn&{range}"));
+    let p99 = cmp["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["figure"] == "RTT p99 µs")
+        .unwrap()["a"]
+        .as_f64();
+    assert_eq!(
+        c["rtt_us"]["p99"].as_f64(),
+        p99,
+        "the series agrees with compare"
+    );
+    for (q, says) in [
+        (
+            format!("/v1/series?path=er&columns=0&{range}"),
+            "columns=0 is out of range",
+        ),
+        (
+            format!("/v1/heatmap?path=er&bins=5000&{range}"),
+            "bins=5000 is out of range",
+        ),
+        ("/v1/series?columns=5".to_string(), "path"),
+    ] {
+        let (status, body) = http(s.addr, "GET", &q, Some(READER), b"");
+        assert_eq!(status, 400, "{q}: {body}");
+        assert!(body.contains(says), "{q}: {body}");
+    }
+}
+
+/// `/v1/cdf` and `/v1/heatmap`, against the histogram of every sample sent: the CDF has
+/// every bucket and compare's p99, the heatmap counts every sample in one bin.
+#[test]
+fn the_cdf_and_the_heatmap_hold_every_sample() {
+    let (s, range) = dash_server("dash-cdf");
+    let all: Vec<u64> = (0..30).flat_map(dash_samples).collect();
+    let merged = rtt_hist(&all);
+    let cdf = get_json(&s, &format!("/v1/cdf?path=expressroute&{range}"));
+    assert_eq!(cdf["count"].as_u64(), Some(300));
+    assert_eq!(
+        cdf["rtt_us"]["p99"].as_f64(),
+        Some(micros(merged.value_at_quantile(0.99)))
+    );
+    let points = cdf["points"].as_array().unwrap();
+    assert_eq!(points.len(), merged.iter_recorded().count());
+    assert_eq!(points.last().unwrap()[1].as_f64(), Some(1.0));
+    let fractions: Vec<f64> = points.iter().map(|p| p[1].as_f64().unwrap()).collect();
+    assert!(
+        fractions.windows(2).all(|w| w[0] < w[1]),
+        "rising: {fractions:?}"
+    );
+
+    let heat = get_json(
+        &s,
+        &format!("/v1/heatmap?path=expressroute&columns=100&bins=12&{range}"),
+    );
+    let edges = heat["edges_us"].as_array().unwrap();
+    assert_eq!(edges.len(), 13);
+    assert_eq!(
+        edges[0].as_f64(),
+        Some(micros(merged.lowest_equivalent(merged.min())))
+    );
+    assert_eq!(edges[12].as_f64(), Some(micros(merged.max())));
+    let columns = heat["columns"].as_array().unwrap();
+    assert_eq!(columns.len(), 30);
+    for c in columns {
+        let counts: u64 = c["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .sum();
+        assert_eq!(counts, 10, "every sample in one bin: {c}");
+    }
+    // Window 0's RTTs are all within 10 µs of 1 ms: all in the first bin; the widest
+    // window reaches the last.
+    assert_eq!(columns[0]["counts"][0].as_u64(), Some(10));
+    assert!(columns[29]["counts"][11].as_u64().unwrap() >= 1);
+}

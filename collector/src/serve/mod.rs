@@ -284,6 +284,9 @@ pub async fn serve_store(
         .route("/v1/compare", get(queries::compare))
         .route("/v1/histogram", get(queries::histogram))
         .route("/v1/events", get(queries::events))
+        .route("/v1/series", get(queries::series))
+        .route("/v1/cdf", get(queries::cdf))
+        .route("/v1/heatmap", get(queries::heatmap))
         .route("/v1/agents", get(plan::agents_list))
         .route("/metrics", get(metrics::metrics))
         .layer(middleware::from_fn_with_state(

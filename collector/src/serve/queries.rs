@@ -1,4 +1,5 @@
-//! The questions: `/v1/paths`, `/v1/compare`, `/v1/histogram` and `/v1/events`, each
+//! The questions: `/v1/paths`, `/v1/compare`, `/v1/histogram`, `/v1/events`, and the
+//! dashboard's `/v1/series`, `/v1/cdf` and `/v1/heatmap` ([`crate::dash`]), each
 //! answered from the [`crate::store::Store`] on a query thread ([`super::pool`]), within
 //! the query limits: the range (`--max-query-range`), `limit=`, a place among
 //! `--max-concurrent-queries` and `--query-timeout`; each refusal is a clear 400 or 503
@@ -17,7 +18,7 @@ use serde::Deserialize;
 use super::pool::{Outcome, QueryRefusal};
 use super::{AppState, error, now_ns};
 use crate::store::Selector;
-use crate::{Error, compare};
+use crate::{Error, compare, dash};
 
 /// Runs `work` on a query thread and answers with `ok` of its result; a store error is a
 /// 503, a bad question (`Error::Config`) a 400, no free place or no answer in time a 503
@@ -217,5 +218,88 @@ pub(super) async fn events(
         move || store.events(&sel, from, to, kind, limit),
         |events| axum::Json(events).into_response(),
     )
+    .await
+}
+
+/// A dashboard question: a path name or kind, a site, a range, and how finely to cut it.
+#[derive(Debug, Deserialize)]
+pub(super) struct DashQuery {
+    path: String,
+    site: Option<String>,
+    columns: Option<usize>,
+    bins: Option<usize>,
+    #[serde(flatten)]
+    range: RangeQuery,
+}
+
+impl DashQuery {
+    fn selector(&self) -> Selector {
+        Selector {
+            name_or_kind: self.path.clone(),
+            site: self.site.clone(),
+        }
+    }
+}
+
+/// Answers a dashboard question with `work` over the store, the selector, the range and
+/// the question.
+async fn dash_answer<T: serde::Serialize + Send + 'static>(
+    st: &AppState,
+    q: DashQuery,
+    work: impl FnOnce(&dyn crate::store::Store, &Selector, u64, u64, &DashQuery) -> crate::Result<T>
+    + Send
+    + 'static,
+) -> Response {
+    let (from, to) = match q.range.resolve(st) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let (store, sel) = (Arc::clone(&st.store), q.selector());
+    answer(
+        st,
+        move || work(&*store, &sel, from, to, &q),
+        |v| axum::Json(v).into_response(),
+    )
+    .await
+}
+
+pub(super) async fn series(
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<DashQuery>,
+) -> Response {
+    dash_answer(&st, q, |store, sel, from, to, q| {
+        dash::series(
+            store,
+            sel,
+            from,
+            to,
+            q.columns.unwrap_or(dash::DEFAULT_COLUMNS),
+        )
+    })
+    .await
+}
+
+pub(super) async fn cdf(State(st): State<Arc<AppState>>, Query(q): Query<DashQuery>) -> Response {
+    dash_answer(&st, q, |store, sel, from, to, _| {
+        dash::cdf(store, sel, from, to)
+    })
+    .await
+}
+
+pub(super) async fn heatmap(
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<DashQuery>,
+) -> Response {
+    dash_answer(&st, q, |store, sel, from, to, q| {
+        let columns = q.columns.unwrap_or(dash::DEFAULT_COLUMNS);
+        dash::heatmap(
+            store,
+            sel,
+            from,
+            to,
+            columns,
+            q.bins.unwrap_or(dash::DEFAULT_BINS),
+        )
+    })
     .await
 }

@@ -77,6 +77,20 @@ pub trait Store: Send + Sync {
     /// return) against the stored path `path_id`; the same event twice is stored once.
     fn record_event(&self, path_id: i64, event: &PathEvent) -> Result<()>;
 
+    /// The windows of the paths `sel` matches, starting in `[from_ns, to_ns)`, cut into
+    /// columns and merged exactly within each, with the `metrics` asked for: each window
+    /// its own column when there are at most `max_columns`, else the buckets of the finest
+    /// rollup level that gives at most `max_columns` (the first and last bucket may reach
+    /// past the range: each column says what it covers).
+    fn series(
+        &self,
+        sel: &Selector,
+        from_ns: u64,
+        to_ns: u64,
+        max_columns: usize,
+        metrics: &[pathprobe_proto::hist::Metric],
+    ) -> Result<Series>;
+
     /// Windows stored, and windows not yet rolled up.
     fn counts(&self) -> Result<(u64, u64)>;
 
@@ -135,6 +149,33 @@ pub struct EventRow {
 pub struct Selector {
     pub name_or_kind: String,
     pub site: Option<String>,
+}
+
+/// How finely a series is cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resolution {
+    /// Each stored window is a column.
+    Window,
+    /// The buckets of a rollup level (ns): one minute, ten minutes, one hour.
+    Rollup(i64),
+}
+
+/// One column of a series: the windows starting in `[start_ns, end_ns)`, merged exactly.
+#[derive(Debug, Clone, Default)]
+pub struct Column {
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub merged: accumulate::Accumulator,
+}
+
+/// A series: its resolution and its columns, oldest first.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub resolution: Resolution,
+    pub columns: Vec<Column>,
+    /// The paths that matched.
+    pub paths: Vec<i64>,
 }
 
 /// Windows merged exactly, with how many came from where.

@@ -955,6 +955,182 @@ impl Db {
         Ok(total.into_merged(paths))
     }
 
+    /// See [`super::Store::series`].
+    pub fn series(
+        &self,
+        sel: &Selector,
+        from_ns: u64,
+        to_ns: u64,
+        max_columns: usize,
+        metrics: &[Metric],
+    ) -> Result<super::Series> {
+        let paths = self.select(sel)?;
+        let (from, to) = (i64_of(from_ns), i64_of(to_ns));
+        let max = i64::try_from(max_columns.max(1)).unwrap_or(i64::MAX);
+        let mut count = 0_i64;
+        for &id in &paths {
+            count += self
+                .conn
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM reports WHERE path_id = ?1 AND start_ns >= ?2 AND start_ns < ?3",
+                )
+                .and_then(|mut st| st.query_row(params![id, from, to], |r| r.get::<_, i64>(0)))
+                .map_err(db("count windows"))?;
+        }
+        let level = if count <= max {
+            None
+        } else {
+            let span = to.saturating_sub(from).max(1);
+            Some(
+                LEVELS
+                    .iter()
+                    .copied()
+                    .find(|l| (span + l - 1) / l <= max)
+                    .unwrap_or(LEVELS[LEVELS.len() - 1]),
+            )
+        };
+        let mut columns: BTreeMap<(i64, i64), Accumulator> = BTreeMap::new();
+        for &id in &paths {
+            match level {
+                None => self.raw_columns(&mut columns, id, from, to, None, metrics)?,
+                Some(l) => {
+                    // Whole buckets: the first and last may reach past the range.
+                    let (first, last) = (from.div_euclid(l) * l, (to + l - 1).div_euclid(l) * l);
+                    self.rollup_columns(&mut columns, id, l, first, last, metrics)?;
+                    self.raw_columns(&mut columns, id, first, last, Some(l), metrics)?;
+                }
+            }
+        }
+        Ok(super::Series {
+            resolution: level.map_or(super::Resolution::Window, super::Resolution::Rollup),
+            columns: columns
+                .into_iter()
+                .map(|((start, end), merged)| super::Column {
+                    start_ns: u64_of(start),
+                    end_ns: u64_of(end),
+                    merged,
+                })
+                .collect(),
+            paths,
+        })
+    }
+
+    /// Adds path `id`'s windows starting in `[from, to)` to `columns`: each its own column
+    /// (keyed by its start and end), or, with `level`, only those not yet rolled up, each
+    /// into its bucket's column.
+    fn raw_columns(
+        &self,
+        columns: &mut BTreeMap<(i64, i64), Accumulator>,
+        id: i64,
+        from: i64,
+        to: i64,
+        level: Option<i64>,
+        metrics: &[Metric],
+    ) -> Result<()> {
+        let sql = if level.is_some() {
+            "SELECT id, start_ns, end_ns, owd_clock, counters FROM reports
+             WHERE path_id = ?1 AND start_ns >= ?2 AND start_ns < ?3 AND rolled = 0"
+        } else {
+            "SELECT id, start_ns, end_ns, owd_clock, counters FROM reports
+             WHERE path_id = ?1 AND start_ns >= ?2 AND start_ns < ?3"
+        };
+        let rows: Vec<(Vec<u8>, i64, i64, String, String)> = self
+            .conn
+            .prepare_cached(sql)
+            .and_then(|mut st| {
+                st.query_map(params![id, from, to], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect()
+            })
+            .map_err(db("read windows"))?;
+        let mut blob = self
+            .conn
+            .prepare_cached(
+                "SELECT blob FROM report_histograms WHERE report_id = ?1 AND metric = ?2",
+            )
+            .map_err(db("read windows"))?;
+        for (report, start, end, clock, counters) in rows {
+            let key = level.map_or((start, end), |l| {
+                let b = start.div_euclid(l) * l;
+                (b, b + l)
+            });
+            let acc = columns.entry(key).or_default();
+            acc.windows += 1;
+            acc.add_counters(&counters)?;
+            acc.add_clock(serde_json::from_str(&clock).unwrap_or(ClockState::Unavailable));
+            for m in metrics {
+                let found: Option<Vec<u8>> = blob
+                    .query_row(params![report, m.key()], |r| r.get(0))
+                    .optional()
+                    .map_err(db("read windows"))?;
+                if let Some(b) = found {
+                    acc.add_blob(m.key(), &b)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds path `id`'s `level` rollup buckets in `[from, to)` to `columns`, each into its
+    /// own column.
+    fn rollup_columns(
+        &self,
+        columns: &mut BTreeMap<(i64, i64), Accumulator>,
+        id: i64,
+        level: i64,
+        from: i64,
+        to: i64,
+        metrics: &[Metric],
+    ) -> Result<()> {
+        let heads: Vec<(i64, i64, String, i64, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT bucket_ns, windows, counters, synchronized, estimated FROM rollups
+                 WHERE path_id = ?1 AND level = ?2 AND bucket_ns >= ?3 AND bucket_ns < ?4",
+            )
+            .and_then(|mut st| {
+                st.query_map(params![id, level, from, to], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect()
+            })
+            .map_err(db("read rollups"))?;
+        for (bucket, windows, counters, synchronized, estimated) in heads {
+            let acc = columns.entry((bucket, bucket + level)).or_default();
+            acc.windows += u64_of(windows);
+            acc.synchronized += u64_of(synchronized);
+            acc.estimated += u64_of(estimated);
+            acc.add_counters(&counters)?;
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT bucket_ns, metric, blob FROM rollup_histograms
+                 WHERE path_id = ?1 AND level = ?2 AND bucket_ns >= ?3 AND bucket_ns < ?4",
+            )
+            .map_err(db("read rollups"))?;
+        let rows = stmt
+            .query_map(params![id, level, from, to], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            })
+            .map_err(db("read rollups"))?;
+        for row in rows {
+            let (bucket, metric, blob) = row.map_err(db("read rollups"))?;
+            if metrics.iter().any(|m| m.key() == metric) {
+                columns
+                    .entry((bucket, bucket + level))
+                    .or_default()
+                    .add_blob(&metric, &blob)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The events of the paths `sel` matches, seen in `[from_ns, to_ns)`, of `kind` if
     /// given, oldest first; at most `limit`.
     pub fn events(
@@ -1119,6 +1295,18 @@ impl Store for SqliteStore {
 
     fn counts(&self) -> Result<(u64, u64)> {
         self.reader()?.counts()
+    }
+
+    fn series(
+        &self,
+        sel: &Selector,
+        from_ns: u64,
+        to_ns: u64,
+        max_columns: usize,
+        metrics: &[Metric],
+    ) -> Result<super::Series> {
+        self.reader()?
+            .series(sel, from_ns, to_ns, max_columns, metrics)
     }
 
     fn latest(&self) -> Result<Vec<super::Latest>> {
@@ -1408,6 +1596,80 @@ mod tests {
             while s.roll_up(1_000).unwrap() > 0 {}
         }
         assert_eq!(s.counts().unwrap(), (2_160, 0));
+    }
+
+    #[test]
+    fn series_columns_are_exact_whatever_has_been_rolled_up() {
+        let mut s = Db::open(&temp_db("series")).unwrap();
+        // Two hours of 10 s windows on two ExpressRoute paths.
+        let mut all = Vec::new();
+        for i in 0..720_u32 {
+            // Names of other lengths: the helper's report ids tell paths apart by it.
+            for name in ["er", "er-b"] {
+                let seed = u64::from(i) * 2 + u64::from(name == "er-b");
+                all.push(report(
+                    i,
+                    name,
+                    PathKind::Expressroute,
+                    T0 + u64::from(i) * W,
+                    seed,
+                ));
+            }
+        }
+        s.ingest(&all, 0).unwrap();
+        s.roll_up(700).unwrap();
+        let sel = Selector {
+            name_or_kind: "expressroute".into(),
+            site: None,
+        };
+        // A ragged range: the minute buckets at its edges reach past it.
+        let (from, to) = (T0 + 3 * W + 1, T0 + 5_000_000_000_000);
+        let metrics = [Metric::Rtt, Metric::LossRun];
+        for pass in 0..2 {
+            for (columns, want) in [
+                (2_000, super::super::Resolution::Window),
+                (100, super::super::Resolution::Rollup(LEVELS[0])),
+                (5, super::super::Resolution::Rollup(LEVELS[2])),
+            ] {
+                let got = s.series(&sel, from, to, columns, &metrics).unwrap();
+                assert_eq!(got.resolution, want, "{columns} columns");
+                assert!(got.columns.len() <= columns);
+                for c in &got.columns {
+                    let mut expect = Aggregate::default();
+                    for r in all.iter().filter(|r| {
+                        let start = r.window.start_unix_ns;
+                        start >= c.start_ns
+                            && start < c.end_ns
+                            && (want != super::super::Resolution::Window
+                                || (start >= from && start < to))
+                    }) {
+                        expect.add(r).unwrap();
+                    }
+                    let merged = c.merged.clone().into_merged(Vec::new()).aggregate;
+                    let brief = |a: &Aggregate| {
+                        let hs: Vec<(Metric, u64)> =
+                            a.histograms.iter().map(|(m, h)| (*m, h.len())).collect();
+                        (a.windows, a.counters.sent, a.counters.lost, hs)
+                    };
+                    assert_eq!(
+                        brief(&merged),
+                        brief(&expect),
+                        "pass {pass}, {columns} columns, at {}",
+                        c.start_ns
+                    );
+                    assert!(
+                        merged == expect,
+                        "pass {pass}, {columns} columns, at {}",
+                        c.start_ns
+                    );
+                }
+                let windows: u64 = got.columns.iter().map(|c| c.merged.windows).sum();
+                if want == super::super::Resolution::Window {
+                    assert_eq!(windows, 2 * 496, "the windows starting in the range");
+                }
+            }
+            while s.roll_up(1_000).unwrap() > 0 {}
+        }
     }
 
     #[test]
