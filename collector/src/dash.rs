@@ -10,7 +10,7 @@
 
 use hdrhistogram::Histogram;
 use pathprobe_proto::hist::{Metric, Summary};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::store::accumulate::Accumulator;
 use crate::store::{Resolution, Selector, Store};
@@ -32,7 +32,7 @@ const SERIES_METRICS: [Metric; 4] = [
 ];
 
 /// Percentiles in microseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Micros {
     pub min: f64,
     pub p50: f64,
@@ -171,7 +171,7 @@ pub fn series(
 }
 
 /// The RTT distribution of a range, exact.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CdfAnswer {
     pub paths: usize,
     pub windows: u64,

@@ -1842,3 +1842,78 @@ fn the_cdf_and_the_heatmap_hold_every_sample() {
     assert_eq!(columns[0]["counts"][0].as_u64(), Some(10));
     assert!(columns[29]["counts"][11].as_u64().unwrap() >= 1);
 }
+
+/// `compare --plot`: the SVG of both sides' RTT distributions, from the store and from a
+/// collector, with compare's p99 in its legend; nothing to plot is an error that says so.
+#[test]
+fn compare_plots_both_distributions_as_svg() {
+    let (s, _) = dash_server("dash-plot");
+    let d = dir("dash-plot-out");
+    let from = (T0 / 1_000_000_000).to_string();
+    let to = ((T0 + 30 * W) / 1_000_000_000).to_string();
+    let reader = d.join("reader.token");
+    write_secret(&reader, READER);
+    let url = format!("http://{}", s.addr);
+    let store = std::env::temp_dir()
+        .join(format!("pathprobe-serve-dash-plot-{}", std::process::id()))
+        .join("store.db");
+    let store = store.to_str().unwrap();
+    let token = reader.to_str().unwrap();
+    for (name, source) in [
+        ("db.svg", vec!["--db", store]),
+        (
+            "remote.svg",
+            vec!["--collector", &url, "--token-file", token],
+        ),
+    ] {
+        let svg = d.join(name);
+        let out = Command::new(COLLECTOR)
+            .args([
+                "compare",
+                "--a",
+                "expressroute",
+                "--b",
+                "vpn",
+                "--from",
+                &from,
+                "--to",
+                &to,
+            ])
+            .args(&source)
+            .arg("--plot")
+            .arg(&svg)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(&svg).unwrap();
+        assert!(
+            text.starts_with("<svg") && text.trim_end().ends_with("</svg>"),
+            "{name}"
+        );
+        let all: Vec<u64> = (0..30).flat_map(dash_samples).collect();
+        let p99 = pathprobe_collector::plot::latency_label(micros(
+            rtt_hist(&all).value_at_quantile(0.99),
+        ));
+        assert!(
+            text.contains("expressroute: p50 ")
+                && text.contains(&format!("p99 {p99} (300 probes)")),
+            "{name}: the legend has compare's p99 {p99}"
+        );
+        assert!(text.contains("vpn: no RTT in the range"), "{name}");
+    }
+    let out = Command::new(COLLECTOR)
+        .args([
+            "compare", "--a", "vpn", "--b", "internet", "--from", &from, "--to", &to, "--db", store,
+        ])
+        .arg("--plot")
+        .arg(d.join("empty.svg"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nothing to plot"), "{err}");
+}

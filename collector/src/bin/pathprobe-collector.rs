@@ -298,6 +298,10 @@ enum Command {
         /// Print CSV.
         #[arg(long)]
         csv: bool,
+        /// Also write the RTT distributions of both sides, on one plot, as SVG to this file
+        /// (for a ticket or a report).
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
     /// List the fleet's agents: site, plan version, when each last fetched its plan and
     /// last reported, and the paths of its plan that do not report.
@@ -512,17 +516,27 @@ fn run_compare(
     range: &RangeArgs,
     db: &DbArg,
     remote: &RemoteArgs,
-    json: bool,
-    csv: bool,
+    (json, csv): (bool, bool),
+    plot: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
-    let c = if let Some(r) = remote.remote()? {
+    use pathprobe_collector::dash::{self, CdfAnswer};
+    let (c, cdfs) = if let Some(r) = remote.remote()? {
         let mut q = vec![
             ("a", Some(a.as_str())),
             ("b", Some(b.as_str())),
             ("site", site.map(String::as_str)),
         ];
         q.extend(range.query());
-        r.get_json::<compare::Comparison>("/v1/compare", &q)?
+        let c = r.get_json::<compare::Comparison>("/v1/compare", &q)?;
+        let cdf = |path: &str| -> anyhow::Result<CdfAnswer> {
+            let mut q = vec![("path", Some(path)), ("site", site.map(String::as_str))];
+            q.extend(range.query());
+            Ok(r.get_json::<CdfAnswer>("/v1/cdf", &q)?)
+        };
+        let cdfs = plot
+            .map(|_| Ok::<_, anyhow::Error>((cdf(a)?, cdf(b)?)))
+            .transpose()?;
+        (c, cdfs)
     } else {
         let (from, to) = range.resolve()?;
         let store = SqliteStore::open_read_only(&db.db)?;
@@ -530,8 +544,32 @@ fn run_compare(
             name_or_kind: n.clone(),
             site: site.cloned(),
         };
-        compare::compare(&store, &sel(a), &sel(b), from, to)?
+        let c = compare::compare(&store, &sel(a), &sel(b), from, to)?;
+        let cdfs = plot
+            .map(|_| {
+                Ok::<_, anyhow::Error>((
+                    dash::cdf(&store, &sel(a), from, to)?,
+                    dash::cdf(&store, &sel(b), from, to)?,
+                ))
+            })
+            .transpose()?;
+        (c, cdfs)
     };
+    if let (Some(file), Some((ca, cb))) = (plot, cdfs) {
+        let title = format!(
+            "RTT distribution{}, {} to {}",
+            site.map(|s| format!(" at {s}")).unwrap_or_default(),
+            c.from,
+            c.to
+        );
+        let svg = pathprobe_collector::plot::cdf_svg(&title, &[(a, &ca), (b, &cb)])?;
+        std::fs::write(file, svg)
+            .with_context(|| format!("cannot write the plot to {}", file.display()))?;
+        eprintln!(
+            "pathprobe-collector: wrote the RTT distributions to {}",
+            file.display()
+        );
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&c)?);
     } else if csv {
@@ -782,7 +820,17 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             remote,
             json,
             csv,
-        } => run_compare(a, b, site.as_ref(), range, db, remote, *json, *csv),
+            plot,
+        } => run_compare(
+            a,
+            b,
+            site.as_ref(),
+            range,
+            db,
+            remote,
+            (*json, *csv),
+            plot.as_deref(),
+        ),
         Command::Events {
             path,
             site,
