@@ -1,5 +1,6 @@
 //! The dashboard's data, exact from the merged histograms: a path's series
-//! (`/v1/series`), its RTT distribution (`/v1/cdf`) and its RTT heatmap (`/v1/heatmap`).
+//! (`/v1/series`), its RTT distribution (`/v1/cdf`), its RTT heatmap (`/v1/heatmap`), and
+//! the fleet grid (`/v1/grid`): each site's paths by kind, judged by a stated rule.
 //! Each is plain code over the [`Store`]: the HTTP layer only parses the question.
 //!
 //! A series is cut into columns ([`Store::series`]): every window while there are at most
@@ -277,6 +278,222 @@ pub fn heatmap(
     })
 }
 
+/// The thresholds of one path kind, in Connection Monitor's terms: a round-trip time and
+/// a share of checks (probes) failed.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Threshold {
+    pub rtt_ms: f64,
+    pub loss_pct: f64,
+}
+
+/// Connection Monitor's usual success thresholds, for every kind unless told otherwise:
+/// 100 ms round trip, 5% of checks failed.
+pub const DEFAULT_THRESHOLD: Threshold = Threshold {
+    rtt_ms: 100.0,
+    loss_pct: 5.0,
+};
+
+/// The colouring rule of the grid: a threshold per path kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GridRule {
+    pub thresholds: std::collections::BTreeMap<String, Threshold>,
+}
+
+impl Default for GridRule {
+    fn default() -> Self {
+        Self {
+            thresholds: ["expressroute", "vpn", "internet", "other"]
+                .into_iter()
+                .map(|k| (k.to_string(), DEFAULT_THRESHOLD))
+                .collect(),
+        }
+    }
+}
+
+impl GridRule {
+    /// The rule with `KIND=RTT,LOSS%` (like `expressroute=20ms,1%`) over the defaults.
+    pub fn with(mut self, spec: &str) -> std::result::Result<Self, String> {
+        let bad = || {
+            format!("`{spec}` is not a threshold: write KIND=RTT,LOSS%, like expressroute=20ms,1%")
+        };
+        let (kind, rest) = spec.split_once('=').ok_or_else(bad)?;
+        let (rtt, loss) = rest.split_once(',').ok_or_else(bad)?;
+        let kind = kind.trim();
+        if kind.parse::<pathprobe_proto::report::PathKind>().is_err() {
+            return Err(format!(
+                "`{kind}` is not a path kind: use expressroute, vpn, internet or other"
+            ));
+        }
+        let rtt = humantime::parse_duration(rtt.trim()).map_err(|_| bad())?;
+        let loss = pathprobe_proto::rate::parse_fraction(loss.trim())
+            .map_err(|e| format!("{spec}: {e}"))?;
+        self.thresholds.insert(
+            kind.to_string(),
+            Threshold {
+                rtt_ms: rtt.as_secs_f64() * 1e3,
+                loss_pct: loss * 100.0,
+            },
+        );
+        Ok(self)
+    }
+
+    /// The rule in words, as the page shows it.
+    pub fn describe(&self) -> String {
+        let each: Vec<String> = self
+            .thresholds
+            .iter()
+            .map(|(k, t)| format!("{k} {} ms, {}%", t.rtt_ms, t.loss_pct))
+            .collect();
+        format!(
+            "fail: p50 RTT above the kind's RTT, or loss above its loss; warning: p99 RTT above its RTT, or loss above half its loss; silent: no report for 3 windows, never green; thresholds: {}",
+            each.join("; ")
+        )
+    }
+
+    fn judge(&self, kind: &str, c: &Cell) -> &'static str {
+        let t = self
+            .thresholds
+            .get(kind)
+            .copied()
+            .unwrap_or(DEFAULT_THRESHOLD);
+        let rtt = |us: Option<f64>| us.is_some_and(|v| v / 1e3 > t.rtt_ms);
+        let loss = c.loss_pct.unwrap_or(0.0);
+        if !c.silent_paths.is_empty() {
+            "silent"
+        } else if c.windows == 0 {
+            "no_data"
+        } else if loss > t.loss_pct || rtt(c.rtt_p50_us) {
+            "fail"
+        } else if loss > t.loss_pct / 2.0 || rtt(c.rtt_p99_us) {
+            "warning"
+        } else {
+            "ok"
+        }
+    }
+}
+
+/// One cell of the grid: a site's paths of one kind over the range.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cell {
+    /// `ok`, `warning`, `fail`, `silent` or `no_data` (paths known, no window in the range).
+    pub state: &'static str,
+    pub paths: usize,
+    pub windows: u64,
+    pub rtt_p50_us: Option<f64>,
+    pub rtt_p99_us: Option<f64>,
+    pub loss_pct: Option<f64>,
+    /// The end of the newest window of these paths, and how long ago that was (s).
+    pub last_report_ns: u64,
+    pub age_s: f64,
+    /// Paths (agent/name) with no report for 3 of their windows.
+    pub silent_paths: Vec<String>,
+}
+
+/// A site's row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SiteRow {
+    pub site: String,
+    /// By path kind.
+    pub cells: std::collections::BTreeMap<String, Cell>,
+}
+
+/// The fleet grid.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GridAnswer {
+    pub kinds: Vec<String>,
+    pub sites: Vec<SiteRow>,
+    pub rule: GridRule,
+    pub rule_text: String,
+}
+
+/// Silence: no report for this many windows (and a few seconds for delivery).
+const SILENT_WINDOWS: u64 = 3;
+const SILENT_GRACE_NS: u64 = 5_000_000_000;
+
+/// The grid over `[from_ns, to_ns)`, as at `now_ns`: a row per site, a cell per path kind
+/// it has, judged by `rule`.
+pub fn grid(
+    store: &dyn Store,
+    from_ns: u64,
+    to_ns: u64,
+    now_ns: u64,
+    rule: &GridRule,
+) -> Result<GridAnswer> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut groups: BTreeMap<(String, String), Vec<crate::store::Latest>> = BTreeMap::new();
+    for l in store.latest()? {
+        groups
+            .entry((l.site.clone(), l.kind.clone()))
+            .or_default()
+            .push(l);
+    }
+    let mut kinds = BTreeSet::new();
+    let mut sites: BTreeMap<String, SiteRow> = BTreeMap::new();
+    for ((site, kind), paths) in groups {
+        let m = store.query(
+            &Selector {
+                name_or_kind: kind.clone(),
+                site: Some(site.clone()),
+            },
+            from_ns,
+            to_ns,
+        )?;
+        let k = &m.aggregate.counters;
+        let decided = k.received + k.lost;
+        let rtt = m
+            .aggregate
+            .histograms
+            .get(&Metric::Rtt)
+            .and_then(Summary::of);
+        let last = paths.iter().map(|p| p.last_ns).max().unwrap_or(0);
+        let silent_paths = paths
+            .iter()
+            .filter(|p| {
+                let window = p.last_ns.saturating_sub(p.last_start_ns);
+                p.last_ns > 0 && now_ns > p.last_ns + SILENT_WINDOWS * window + SILENT_GRACE_NS
+            })
+            .map(|p| format!("{}/{}", p.agent_id, p.name))
+            .collect();
+        #[allow(clippy::cast_precision_loss)]
+        let mut cell = Cell {
+            state: "",
+            paths: paths.len(),
+            windows: m.aggregate.windows,
+            rtt_p50_us: rtt.map(|s| us(s.p50)),
+            rtt_p99_us: rtt.map(|s| us(s.p99)),
+            loss_pct: (decided > 0).then(|| 100.0 * k.lost as f64 / decided as f64),
+            last_report_ns: last,
+            age_s: now_ns.saturating_sub(last) as f64 / 1e9,
+            silent_paths,
+        };
+        cell.state = rule.judge(&kind, &cell);
+        kinds.insert(kind.clone());
+        sites
+            .entry(site.clone())
+            .or_insert_with(|| SiteRow {
+                site,
+                cells: BTreeMap::new(),
+            })
+            .cells
+            .insert(kind, cell);
+    }
+    // ExpressRoute first, then the VPN, then the rest: the order people compare them in.
+    let order = |k: &String| match k.as_str() {
+        "expressroute" => 0,
+        "vpn" => 1,
+        "internet" => 2,
+        _ => 3,
+    };
+    let mut kinds: Vec<String> = kinds.into_iter().collect();
+    kinds.sort_by_key(|k| (order(k), k.clone()));
+    Ok(GridAnswer {
+        kinds,
+        sites: sites.into_values().collect(),
+        rule: rule.clone(),
+        rule_text: rule.describe(),
+    })
+}
+
 /// At most `bins + 1` edges (ns) from `lo` to `hi`, logarithmically spaced and rising;
 /// none without samples, two when every sample has one value.
 #[allow(
@@ -315,6 +532,45 @@ fn bin_of(edges: &[u64], v: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cell(p50_ms: f64, p99_ms: f64, loss: f64) -> Cell {
+        Cell {
+            state: "",
+            paths: 1,
+            windows: 10,
+            rtt_p50_us: Some(p50_ms * 1e3),
+            rtt_p99_us: Some(p99_ms * 1e3),
+            loss_pct: Some(loss),
+            last_report_ns: 0,
+            age_s: 0.0,
+            silent_paths: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_grid_rule_judges_by_the_kinds_thresholds() {
+        let rule = GridRule::default().with("expressroute=20ms,1%").unwrap();
+        assert_eq!(rule.judge("expressroute", &cell(5.0, 10.0, 0.0)), "ok");
+        assert_eq!(rule.judge("expressroute", &cell(5.0, 25.0, 0.0)), "warning");
+        assert_eq!(rule.judge("expressroute", &cell(5.0, 10.0, 0.6)), "warning");
+        assert_eq!(rule.judge("expressroute", &cell(21.0, 25.0, 0.0)), "fail");
+        assert_eq!(rule.judge("expressroute", &cell(5.0, 10.0, 1.5)), "fail");
+        assert_eq!(
+            rule.judge("vpn", &cell(30.0, 90.0, 2.0)),
+            "ok",
+            "the VPN's 100 ms, 5%"
+        );
+        let mut silent = cell(5.0, 10.0, 0.0);
+        silent.silent_paths.push("ams-1/er".into());
+        assert_eq!(rule.judge("expressroute", &silent), "silent", "never green");
+        let mut none = cell(5.0, 10.0, 0.0);
+        none.windows = 0;
+        assert_eq!(rule.judge("vpn", &none), "no_data");
+        assert!(rule.describe().contains("expressroute 20 ms, 1%"));
+        for bad in ["expressroute", "er=20ms,1%", "vpn=fast,1%", "vpn=20ms,300%"] {
+            assert!(GridRule::default().with(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn log_edges_span_the_range_and_every_value_has_one_bin() {

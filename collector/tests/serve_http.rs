@@ -1917,3 +1917,84 @@ fn compare_plots_both_distributions_as_svg() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("nothing to plot"), "{err}");
 }
+
+/// `/v1/grid`: each site's paths by kind over the last 15 minutes, judged by the stated
+/// rule: a degraded ExpressRoute is a warning, a healthy one ok, a path gone quiet silent.
+#[test]
+fn the_grid_judges_each_site_and_kind_by_the_stated_rule() {
+    let d = dir("grid");
+    let s = Server::start_with(&d, &["--grid-threshold", "expressroute=20ms,5%"]);
+    let now = pathprobe_collector::now_ns();
+    let ms = 1_000_000;
+    let healthy: Vec<u64> = vec![2 * ms; 100];
+    let degraded: Vec<u64> = (0..100)
+        .map(|i| if i < 90 { 10 * ms } else { 25 * ms })
+        .collect();
+    let mut fra = report(
+        1,
+        "fra-01",
+        "er",
+        PathKind::Expressroute,
+        now - 2 * W,
+        &healthy,
+    );
+    fra.site = Some("fra".into());
+    let (status, body) = http(
+        s.addr,
+        "POST",
+        "/v1/reports",
+        Some(OTHER_TOKEN),
+        &batch(&[fra]),
+    );
+    assert_eq!(status, 200, "{body}");
+    let reports = [
+        report(
+            2,
+            "ams-01",
+            "er",
+            PathKind::Expressroute,
+            now - 2 * W,
+            &degraded,
+        ),
+        // The VPN's last window ended ten minutes ago: silent, whatever its figures.
+        report(3, "ams-01", "vpn", PathKind::Vpn, now - 60 * W, &healthy),
+    ];
+    let (status, body) = http(s.addr, "POST", "/v1/reports", Some(TOKEN), &batch(&reports));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http(s.addr, "GET", "/v1/grid", Some(READER), b"");
+    assert_eq!(status, 200, "{body}");
+    let g: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(g["kinds"], serde_json::json!(["expressroute", "vpn"]));
+    let cell = |site: &str, kind: &str| {
+        g["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["site"] == site)
+            .unwrap()["cells"][kind]
+            .clone()
+    };
+    assert_eq!(cell("fra", "expressroute")["state"], "ok", "{body}");
+    let ams = cell("ams", "expressroute");
+    assert_eq!(ams["state"], "warning", "p99 25 ms over 20 ms: {body}");
+    let p50 = micros(rtt_hist(&degraded).value_at_quantile(0.5));
+    assert_eq!(
+        ams["rtt_p50_us"].as_f64(),
+        Some(p50),
+        "10 ms, as its histogram holds it"
+    );
+    assert_eq!(cell("ams", "vpn")["state"], "silent", "{body}");
+    assert_eq!(
+        cell("ams", "vpn")["silent_paths"],
+        serde_json::json!(["ams-01/vpn"])
+    );
+    assert!(
+        g["rule_text"]
+            .as_str()
+            .unwrap()
+            .contains("expressroute 20 ms, 5%"),
+        "{body}"
+    );
+    let (status, body) = http(s.addr, "GET", "/v1/grid", None, b"");
+    assert_eq!(status, 401, "{body}");
+}

@@ -111,9 +111,29 @@ struct AccessArgs {
     /// The longest range a query may ask for; longer is a 400.
     #[arg(long, default_value = "31d", env = "PATHPROBE_MAX_QUERY_RANGE", value_parser = humantime::parse_duration)]
     max_query_range: std::time::Duration,
+    /// A path kind's thresholds on the fleet grid (/v1/grid), KIND=RTT,LOSS% like
+    /// expressroute=20ms,1%; repeat for each kind. [default: 100ms,5% for every kind,
+    /// Connection Monitor's usual round-trip time and checks-failed thresholds]
+    #[arg(
+        long,
+        value_name = "KIND=RTT,LOSS%",
+        env = "PATHPROBE_GRID_THRESHOLD",
+        value_delimiter = ';'
+    )]
+    grid_threshold: Vec<String>,
 }
 
 impl AccessArgs {
+    fn grid(&self) -> anyhow::Result<pathprobe_collector::dash::GridRule> {
+        let mut rule = pathprobe_collector::dash::GridRule::default();
+        for t in &self.grid_threshold {
+            rule = rule
+                .with(t)
+                .map_err(|e| anyhow::anyhow!("--grid-threshold: {e}"))?;
+        }
+        Ok(rule)
+    }
+
     fn queries(&self) -> QueryLimits {
         QueryLimits {
             max_concurrent: self.max_concurrent_queries,
@@ -438,6 +458,7 @@ fn run_serve(
         queries: access.queries(),
         tls: tls.clone(),
         open_read: access.open_read,
+        grid: access.grid()?,
         fleet: access
             .fleet
             .clone()

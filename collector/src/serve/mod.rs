@@ -82,6 +82,8 @@ pub struct ServeConfig {
     pub open_read: bool,
     /// The fleet file's plans (`--fleet`), served at `GET /v1/plan`.
     pub fleet: Option<Arc<plan::FleetState>>,
+    /// How the fleet grid (`/v1/grid`) colours its cells.
+    pub grid: crate::dash::GridRule,
 }
 
 impl ServeConfig {
@@ -98,6 +100,7 @@ impl ServeConfig {
             tls: None,
             open_read: true,
             fleet: None,
+            grid: crate::dash::GridRule::default(),
         }
     }
 
@@ -128,6 +131,7 @@ struct AppState {
     conns: Arc<listen::ConnCounts>,
     queries: pool::QueryPool,
     fleet: Option<Arc<plan::FleetState>>,
+    grid: crate::dash::GridRule,
 }
 
 /// How often the fleet's paths are looked at for silence.
@@ -264,6 +268,7 @@ pub async fn serve_store(
         conns: Arc::clone(&conns),
         queries: pool::QueryPool::new(cfg.queries),
         fleet: cfg.fleet.clone(),
+        grid: cfg.grid.clone(),
     });
     if let Some(f) = &cfg.fleet {
         plan::watch(Arc::clone(f));
@@ -287,6 +292,7 @@ pub async fn serve_store(
         .route("/v1/series", get(queries::series))
         .route("/v1/cdf", get(queries::cdf))
         .route("/v1/heatmap", get(queries::heatmap))
+        .route("/v1/grid", get(queries::grid))
         .route("/v1/agents", get(plan::agents_list))
         .route("/metrics", get(metrics::metrics))
         .layer(middleware::from_fn_with_state(

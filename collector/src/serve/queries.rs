@@ -1,5 +1,5 @@
 //! The questions: `/v1/paths`, `/v1/compare`, `/v1/histogram`, `/v1/events`, and the
-//! dashboard's `/v1/series`, `/v1/cdf` and `/v1/heatmap` ([`crate::dash`]), each
+//! dashboard's `/v1/series`, `/v1/cdf`, `/v1/heatmap` and `/v1/grid` ([`crate::dash`]), each
 //! answered from the [`crate::store::Store`] on a query thread ([`super::pool`]), within
 //! the query limits: the range (`--max-query-range`), `limit=`, a place among
 //! `--max-concurrent-queries` and `--query-timeout`; each refusal is a clear 400 or 503
@@ -301,5 +301,30 @@ pub(super) async fn heatmap(
             q.bins.unwrap_or(dash::DEFAULT_BINS),
         )
     })
+    .await
+}
+
+/// The fleet grid's range: 15 minutes back unless asked.
+#[derive(Debug, Deserialize)]
+pub(super) struct GridQuery {
+    #[serde(flatten)]
+    range: RangeQuery,
+}
+
+pub(super) async fn grid(State(st): State<Arc<AppState>>, Query(q): Query<GridQuery>) -> Response {
+    let mut range = q.range;
+    if range.since.is_none() && range.from.is_none() {
+        range.since = Some("15m".to_string());
+    }
+    let (from, to) = match range.resolve(&st) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let (store, rule) = (Arc::clone(&st.store), st.grid.clone());
+    answer(
+        &st,
+        move || dash::grid(&*store, from, to, now_ns(), &rule),
+        |g| axum::Json(g).into_response(),
+    )
     .await
 }

@@ -124,12 +124,16 @@ pub struct PathRow {
     pub last_ns: u64,
 }
 
-/// A stored path and the end of its newest window (0 for none).
+/// A stored path and its newest window (0 for none).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Latest {
     pub path_id: i64,
     pub agent_id: String,
+    pub site: String,
     pub name: String,
+    pub kind: String,
+    /// The newest window's start and end.
+    pub last_start_ns: u64,
     pub last_ns: u64,
 }
 

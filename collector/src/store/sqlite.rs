@@ -449,7 +449,9 @@ impl Db {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT p.id, p.agent_id, p.name,
+                "SELECT p.id, p.agent_id, p.site, p.name, p.kind,
+                        COALESCE((SELECT r.start_ns FROM reports r WHERE r.path_id = p.id
+                                  ORDER BY r.start_ns DESC LIMIT 1), 0),
                         COALESCE((SELECT r.end_ns FROM reports r WHERE r.path_id = p.id
                                   ORDER BY r.start_ns DESC LIMIT 1), 0)
                  FROM paths p",
@@ -460,8 +462,11 @@ impl Db {
                 Ok(super::Latest {
                     path_id: r.get(0)?,
                     agent_id: r.get(1)?,
-                    name: r.get(2)?,
-                    last_ns: u64_of(r.get(3)?),
+                    site: r.get(2)?,
+                    name: r.get(3)?,
+                    kind: r.get(4)?,
+                    last_start_ns: u64_of(r.get(5)?),
+                    last_ns: u64_of(r.get(6)?),
                 })
             })
             .map_err(db("list the paths' newest windows"))?;
