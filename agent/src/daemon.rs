@@ -5,8 +5,8 @@
 //!
 //! The daemon is a supervisor of handles: one per path, one per drill, one per scheduled
 //! capacity test, the reflector (with the far end of capacity tests beside it when it
-//! takes part in them) and the uploader. Paths, whatever their kind (STAMP, `tcp-syn`, `tcp-connect`), are
-//! handles on one shared probe engine ([`crate::engine::mux`]: three threads for all of
+//! takes part in them) and the uploader. Paths, whatever their kind (STAMP, `tcp-syn`,
+//! `tcp-connect`), are handles on one shared probe engine ([`crate::engine::mux`]: three threads for all of
 //! them, and one reporter thread that turns their windows into log lines and reports);
 //! drills, capacity tests, the reflector and the uploader are each a thread with a stop
 //! flag of its own.
