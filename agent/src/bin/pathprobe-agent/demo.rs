@@ -81,6 +81,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
                 "verdict": f.verdict,
                 "events": f.run.events,
                 "fell_behind": f.fell_behind,
+                "uncertainty_ms": f.uncertainty_ms,
             }),
             Some(Err(e)) => serde_json::json!({ "error": e }),
             None => serde_json::Value::Null,
