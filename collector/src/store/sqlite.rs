@@ -985,12 +985,13 @@ impl Db {
         let level = if count <= max {
             None
         } else {
-            let span = to.saturating_sub(from).max(1);
+            // Whole buckets from the one `from` is in to the one before `to` ends in.
+            let buckets = |l: i64| (to.max(from + 1) + l - 1).div_euclid(l) - from.div_euclid(l);
             Some(
                 LEVELS
                     .iter()
                     .copied()
-                    .find(|l| (span + l - 1) / l <= max)
+                    .find(|&l| buckets(l) <= max)
                     .unwrap_or(LEVELS[LEVELS.len() - 1]),
             )
         };
@@ -1635,6 +1636,10 @@ mod tests {
                 (2_000, super::super::Resolution::Window),
                 (100, super::super::Resolution::Rollup(LEVELS[0])),
                 (5, super::super::Resolution::Rollup(LEVELS[2])),
+                // 00:00:30 to 01:23:20 touches 84 minute buckets (the first and last partly)
+                // and 9 ten-minute ones: 83 columns are too few for minutes.
+                (84, super::super::Resolution::Rollup(LEVELS[0])),
+                (83, super::super::Resolution::Rollup(LEVELS[1])),
             ] {
                 let got = s.series(&sel, from, to, columns, &metrics).unwrap();
                 assert_eq!(got.resolution, want, "{columns} columns");
