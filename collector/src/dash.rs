@@ -286,8 +286,9 @@ pub struct Threshold {
     pub loss_pct: f64,
 }
 
-/// Connection Monitor's usual success thresholds, for every kind unless told otherwise:
-/// 100 ms round trip, 5% of checks failed.
+/// The thresholds of every kind unless told otherwise: 100 ms round trip, 5% of checks
+/// failed. They are pathprobe's choice, in Connection Monitor's two terms; its own
+/// defaults were not at hand to copy.
 pub const DEFAULT_THRESHOLD: Threshold = Threshold {
     rtt_ms: 100.0,
     loss_pct: 5.0,

@@ -112,8 +112,8 @@ struct AccessArgs {
     #[arg(long, default_value = "31d", env = "PATHPROBE_MAX_QUERY_RANGE", value_parser = humantime::parse_duration)]
     max_query_range: std::time::Duration,
     /// A path kind's thresholds on the fleet grid (/v1/grid), KIND=RTT,LOSS% like
-    /// expressroute=20ms,1%; repeat for each kind. [default: 100ms,5% for every kind,
-    /// Connection Monitor's usual round-trip time and checks-failed thresholds]
+    /// expressroute=20ms,1%, in Connection Monitor's terms (round-trip time, checks
+    /// failed); repeat for each kind. [default: 100ms,5% for every kind]
     #[arg(
         long,
         value_name = "KIND=RTT,LOSS%",
