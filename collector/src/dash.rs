@@ -10,7 +10,7 @@
 //! answer says which resolution it is.
 
 use hdrhistogram::Histogram;
-use pathprobe_proto::hist::{Metric, Summary};
+use pathprobe_proto::hist::{Metric, Micros, Summary};
 use serde::{Deserialize, Serialize};
 
 use crate::store::accumulate::Accumulator;
@@ -32,28 +32,9 @@ const SERIES_METRICS: [Metric; 4] = [
     Metric::OwdReverse,
 ];
 
-/// Percentiles in microseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Micros {
-    pub min: f64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub max: f64,
-}
-
-impl Micros {
-    fn of(h: Option<&Histogram<u64>>) -> Option<Self> {
-        let s = Summary::of(h?)?;
-        let us = |v: u64| us(v);
-        Some(Self {
-            min: us(s.min),
-            p50: us(s.p50),
-            p90: us(s.p90),
-            p99: us(s.p99),
-            max: us(s.max),
-        })
-    }
+/// A histogram's percentiles in microseconds, as `compare` gives them; `None` when empty.
+fn micros(h: Option<&Histogram<u64>>) -> Option<Micros> {
+    Summary::of(h?).map(|s| s.micros())
 }
 
 #[allow(clippy::cast_precision_loss)]
@@ -156,10 +137,10 @@ pub fn series(
                 received: k.received,
                 lost: k.lost,
                 loss_pct,
-                rtt_us: Micros::of(m.histograms.get(&Metric::Rtt)),
-                ipdv_us: Micros::of(m.histograms.get(&Metric::Ipdv)),
-                owd_forward_us: Micros::of(m.histograms.get(&Metric::OwdForward)),
-                owd_reverse_us: Micros::of(m.histograms.get(&Metric::OwdReverse)),
+                rtt_us: micros(m.histograms.get(&Metric::Rtt)),
+                ipdv_us: micros(m.histograms.get(&Metric::Ipdv)),
+                owd_forward_us: micros(m.histograms.get(&Metric::OwdForward)),
+                owd_reverse_us: micros(m.histograms.get(&Metric::OwdReverse)),
                 owd_clock: clock(m),
             }
         })
@@ -182,7 +163,6 @@ pub struct CdfAnswer {
     pub points: Vec<[f64; 2]>,
     /// The percentiles `compare` prints, from the same histogram.
     pub rtt_us: Option<Micros>,
-    pub p999_us: Option<f64>,
 }
 
 /// The RTT distribution of the paths `sel` matches over `[from_ns, to_ns)`.
@@ -204,8 +184,7 @@ pub fn cdf(store: &dyn Store, sel: &Selector, from_ns: u64, to_ns: u64) -> Resul
         windows: m.aggregate.windows,
         count,
         points,
-        rtt_us: Micros::of(h),
-        p999_us: h.and_then(Summary::of).map(|s| us(s.p999)),
+        rtt_us: micros(h),
     })
 }
 

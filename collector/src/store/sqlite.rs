@@ -450,11 +450,9 @@ impl Db {
             .conn
             .prepare(
                 "SELECT p.id, p.agent_id, p.site, p.name, p.kind,
-                        COALESCE((SELECT r.start_ns FROM reports r WHERE r.path_id = p.id
-                                  ORDER BY r.start_ns DESC LIMIT 1), 0),
-                        COALESCE((SELECT r.end_ns FROM reports r WHERE r.path_id = p.id
-                                  ORDER BY r.start_ns DESC LIMIT 1), 0)
-                 FROM paths p",
+                        COALESCE(r.start_ns, 0), COALESCE(r.end_ns, 0)
+                 FROM paths p LEFT JOIN reports r ON r.rowid =
+                     (SELECT rowid FROM reports WHERE path_id = p.id ORDER BY start_ns DESC LIMIT 1)",
             )
             .map_err(db("list the paths' newest windows"))?;
         let rows = stmt
