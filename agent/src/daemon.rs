@@ -914,12 +914,6 @@ fn capacity_test(
                     passed = st.judgement.passed(),
                     "capacity stage"
                 );
-                match present::stage_report(&labels, st).and_then(|r| Ok(r.to_json()?)) {
-                    Ok(json) => {
-                        let _ = tx.send(json);
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot build a stage report"),
-                }
             }
         });
         done.store(true, Ordering::Relaxed);
@@ -929,8 +923,33 @@ fn capacity_test(
     if halt.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
         tracing::warn!(capacity = %c.name, "the capacity test reached the end of its window and was stopped there");
     }
-    log_capacity_result(c, &run);
+    let rec = recommendation(c, &run);
+    log_capacity_result(c, &run, rec.as_ref());
+    // The stages' reports go once the run is over, the last with the run's result (its
+    // knee and what to buy), so the collector never holds a result without its stages.
+    let at = crate::sys::realtime_ns();
+    match present::reports(&labels, &run, &c.test.thresholds, rec.as_ref(), at) {
+        Ok(reports) => {
+            for r in reports {
+                match r.to_json() {
+                    Ok(json) => {
+                        let _ = tx.send(json);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot encode a stage report"),
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot build the stage reports"),
+    }
     Ok(())
+}
+
+/// What the capacity test's result (or the need given) asks to buy.
+fn recommendation(c: &CapacityPlan, run: &capacity_client::Run) -> Option<sizing::Recommendation> {
+    let ip_packet = c.test.size + if c.test.target.is_ipv4() { 28 } else { 48 };
+    c.need_bps
+        .or(run.knee.capacity_bps)
+        .map(|n| sizing::recommend(Rate(n), c.headroom, ip_packet))
 }
 
 /// The labels of a capacity test's stage reports.
@@ -967,10 +986,11 @@ fn capacity_labels(agent: &Agent, c: &CapacityPlan) -> Labels {
 }
 
 /// The capacity found, and the circuit and gateway sizes it needs, in one log line.
-fn log_capacity_result(c: &CapacityPlan, run: &capacity_client::Run) {
-    let ip_packet = c.test.size + if c.test.target.is_ipv4() { 28 } else { 48 };
-    let need = c.need_bps.or(run.knee.capacity_bps).map(Rate);
-    let rec = need.map(|n| sizing::recommend(n, c.headroom, ip_packet));
+fn log_capacity_result(
+    c: &CapacityPlan,
+    run: &capacity_client::Run,
+    rec: Option<&sizing::Recommendation>,
+) {
     tracing::info!(
         capacity = %c.name,
         capacity_found = %match (run.knee.capacity_bps, run.knee.saturated) {
@@ -979,9 +999,9 @@ fn log_capacity_result(c: &CapacityPlan, run: &capacity_client::Run) {
             (Some(b), false) => format!("at least {} (no stage failed: raise max_rate to find the knee)", Rate(b)),
         },
         rtt_inflates_at = %run.knee.rtt_inflates_at_bps.map_or_else(|| "not seen".to_string(), |b| Rate(b).to_string()),
-        er_circuit = %rec.as_ref().and_then(|r| r.er_circuit_bps).map_or_else(|| "none".to_string(), |b| Rate(b).to_string()),
-        er_gateway = rec.as_ref().and_then(|r| r.er_gateway.as_ref()).map_or("none", |g| g.sku),
-        vpn_gateway = rec.as_ref().and_then(|r| r.vpn_gateway.as_ref()).map_or("none", |g| g.sku),
+        er_circuit = %rec.and_then(|r| r.er_circuit_bps).map_or_else(|| "none".to_string(), |b| Rate(b).to_string()),
+        er_gateway = rec.and_then(|r| r.er_gateway.as_ref()).map_or("none", |g| g.sku),
+        vpn_gateway = rec.and_then(|r| r.vpn_gateway.as_ref()).map_or("none", |g| g.sku),
         stopped_early = run.stopped_early.as_deref().unwrap_or("no"),
         "capacity test done"
     );

@@ -20,18 +20,24 @@ use pathprobe_proto::report::{Counters, PathKind, ProbeProtocol};
 
 use crate::capacity::client::{self, Plan};
 use crate::capacity::knee::Thresholds;
+use crate::capacity::present;
 use crate::capacity::rate::Rate;
 use crate::capacity::server::{Server as CapacityServer, ServerConfig};
 use crate::capacity::sizing::{self, Recommendation};
 use crate::capacity::wire::Direction;
+use crate::delivery::spool::Queued;
+use crate::delivery::upload::{Delivery, Uploader};
 use crate::emulate::link::{LinkConfig, Profile};
 use crate::emulate::{Emulator, EmulatorConfig, EmulatorStats, LATE_LOG2, Timeliness};
 use crate::failover::{
     self, Failover, FailoverConfig, FailoverRun, PinnedPath, StreamTiming, Verdict,
 };
+use crate::output::{self, Labels};
 use crate::plan::{AgentFile, AgentPlan, CollectorSection, Overrides, PathSection};
 use crate::reflector::{self, ReflectorConfig, ReflectorStats};
 use crate::{Error, Result, daemon};
+use pathprobe_proto::client::TlsClient;
+use pathprobe_proto::report::PathInfo;
 
 /// The emulated circuit of the capacity test: 1 ms each way, a bottleneck of this many
 /// bits per second with a 50 ms queue.
@@ -49,6 +55,8 @@ pub struct DemoConfig {
     pub failover: bool,
     /// Length of each capacity stage; `None` skips the capacity test.
     pub capacity_stage: Option<Duration>,
+    /// Keep the collector (and its dashboard) running after the demo ([`Serving`]).
+    pub serve: bool,
 }
 
 /// More than this many per thousand packets late through an emulator (by `2^LATE_LOG2` ns,
@@ -57,7 +65,7 @@ pub struct DemoConfig {
 pub const LATE_PERMILLE: u64 = 10;
 
 /// What it leaves behind.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DemoOutcome {
     pub db: PathBuf,
     pub comparison: Comparison,
@@ -69,6 +77,44 @@ pub struct DemoOutcome {
     pub failover: Option<std::result::Result<FailoverDemo, String>>,
     /// The capacity test, or why it did not run.
     pub capacity: Option<std::result::Result<CapacityDemo, String>>,
+    /// The collector's dashboard: `http://127.0.0.1:PORT/`.
+    pub dashboard: String,
+    /// The collector, still serving (with [`DemoConfig::serve`]).
+    pub serving: Option<Serving>,
+}
+
+/// The demo's collector, left running after the demo so that its dashboard can be looked
+/// at.
+#[derive(Debug)]
+pub struct Serving {
+    rt: tokio::runtime::Runtime,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: CollectorTask,
+}
+
+impl Serving {
+    /// Itself if `keep`, else `None` once the collector has stopped.
+    fn keep(self, keep: bool) -> Option<Self> {
+        if keep {
+            return Some(self);
+        }
+        let _ = self.stop.send(());
+        let _ = self.rt.block_on(self.task);
+        None
+    }
+
+    /// Serves until `stop` is set (Ctrl-C), then stops the collector.
+    pub fn wait(self, stop: &AtomicBool) -> Result<()> {
+        while !stop.load(Ordering::Relaxed) && !self.task.is_finished() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = self.stop.send(());
+        match self.rt.block_on(self.task) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::Config(format!("the collector stopped: {e}"))),
+            Err(e) => Err(Error::Config(format!("the collector's task failed: {e}"))),
+        }
+    }
 }
 
 /// The capacity test's result and what it recommends.
@@ -79,10 +125,52 @@ pub struct CapacityDemo {
     pub recommendation: Option<Recommendation>,
 }
 
+/// Sends the capacity test's stages and result to the collector, as a scheduled test's go:
+/// the dashboard shows them on the demo site's page.
+fn deliver_capacity(
+    collector: SocketAddr,
+    plan: &Plan,
+    run: &client::Run,
+    rec: Option<&Recommendation>,
+) {
+    let labels = Labels {
+        path: PathInfo {
+            name: "capacity".to_string(),
+            kind: PathKind::Other,
+            local: SocketAddr::from(([127, 0, 0, 1], 0)),
+            remote: plan.target,
+            protocol: ProbeProtocol::Stamp,
+            dscp: 0,
+            packet_size: 44,
+        },
+        agent_id: DEMO_AGENT.to_string(),
+        site: Some(DEMO_SITE.to_string()),
+        timestamping: pathprobe_proto::report::Timestamping {
+            rx: pathprobe_proto::report::TimestampSource::Userspace,
+            tx: pathprobe_proto::report::TimestampSource::Userspace,
+        },
+    };
+    let reports = present::reports(&labels, run, &plan.thresholds, rec, now_ns()).and_then(|rs| {
+        rs.iter()
+            .map(|r| {
+                Ok(Queued {
+                    body: r.to_json()?,
+                    origin: "the capacity test".to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+    });
+    match reports {
+        Ok(q) => deliver(collector, &q, "capacity test's stages"),
+        Err(e) => eprintln!("pathprobe demo: cannot build the capacity test's reports: {e}"),
+    }
+}
+
 /// A knee search over an emulated [`DEMO_CIRCUIT`] in front of the demo's reflector: STAMP
 /// and load share the circuit's bottleneck; control goes straight to the reflector.
 fn capacity_demo(
     refl_addr: SocketAddr,
+    collector: SocketAddr,
     stage: Duration,
     stop: &AtomicBool,
 ) -> std::result::Result<CapacityDemo, String> {
@@ -156,6 +244,7 @@ fn capacity_demo(
         .knee
         .capacity_bps
         .map(|c| sizing::recommend(Rate(c), 0.3, plan.size + 28));
+    deliver_capacity(collector, &plan, &run, recommendation.as_ref());
     Ok(CapacityDemo {
         run,
         plan,
@@ -203,6 +292,10 @@ fn path(name: &str, kind: PathKind, target: SocketAddr, cfg: &DemoConfig) -> Pat
     }
 }
 
+/// The demo's agent id and site.
+pub const DEMO_AGENT: &str = "demo-agent";
+pub const DEMO_SITE: &str = "demo";
+
 /// The demo agent: both emulated paths, reports to the collector through the spool.
 fn agent_config(
     cfg: &DemoConfig,
@@ -212,8 +305,8 @@ fn agent_config(
     spool: PathBuf,
 ) -> Result<AgentPlan> {
     let file = AgentFile {
-        agent_id: Some("demo-agent".to_string()),
-        site: Some("demo".to_string()),
+        agent_id: Some(DEMO_AGENT.to_string()),
+        site: Some(DEMO_SITE.to_string()),
         collector: Some(CollectorSection {
             url: format!("http://{collector}"),
             token: None,
@@ -319,10 +412,42 @@ impl Router {
     }
 }
 
+/// The labels of the failover drill's service path, whose windows carry its events.
+fn drill_labels(session: &Failover, service: SocketAddr) -> Labels {
+    Labels {
+        path: PathInfo {
+            name: "failover-drill".to_string(),
+            kind: PathKind::Other,
+            local: session.service.local,
+            remote: service,
+            protocol: ProbeProtocol::Stamp,
+            dscp: 0,
+            packet_size: session.service.packet_size(),
+        },
+        agent_id: DEMO_AGENT.to_string(),
+        site: Some(DEMO_SITE.to_string()),
+        timestamping: session.service.timestamping,
+    }
+}
+
+/// Sends reports to the demo's collector, as the daemon sends its drills' and capacity
+/// tests', so that its dashboard shows them; says so when they did not get there.
+fn deliver(collector: SocketAddr, windows: &[Queued], what: &str) {
+    let delivered = Uploader::new(&format!("http://{collector}"), None, &TlsClient::default())
+        .map_err(|e| e.to_string())
+        .map(|u| u.deliver(windows));
+    if !matches!(delivered, Ok(Delivery::Delivered(_))) {
+        eprintln!(
+            "pathprobe demo: the {what} did not reach the collector ({delivered:?}): its dashboard will not show them"
+        );
+    }
+}
+
 /// A failover drill over fresh emulated paths in front of the demo's reflector, following
 /// the script above; pinned probes go straight to each path's emulator.
 fn failover_demo(
     refl_addr: SocketAddr,
+    collector: SocketAddr,
     stop: &AtomicBool,
 ) -> std::result::Result<FailoverDemo, String> {
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -374,16 +499,30 @@ fn failover_demo(
     let done = AtomicBool::new(false);
     let (er_stats, vpn_stats) = (EmulatorStats::default(), EmulatorStats::default());
     let (router, done_ref) = (&router, &done);
+    let labels = drill_labels(&session, service);
+    let mut windows = Vec::new();
     let run = std::thread::scope(|s| {
         let start = Instant::now();
         s.spawn(|| er.run(done_ref, &er_stats));
         s.spawn(|| vpn.run(done_ref, &vpn_stats));
         s.spawn(move || router.run(start, done_ref));
-        let r = session.run(stop, |_, _| {}, |_| {});
+        let r = session.run(
+            stop,
+            |w, seen| {
+                if let Ok(body) = output::report(&labels, w, seen).and_then(|r| Ok(r.to_json()?)) {
+                    windows.push(Queued {
+                        body,
+                        origin: "the failover drill".to_string(),
+                    });
+                }
+            },
+            |_| {},
+        );
         done.store(true, Ordering::Relaxed);
         r
     })
     .map_err(|e| e.to_string())?;
+    deliver(collector, &windows, "failover drill's windows");
     // An outage is measured between two answers: an emulator that sent either late moves
     // that edge by as much, so a drill over emulators that fell behind says by how much.
     let behind: Vec<_> = [("ExpressRoute", &er_stats), ("VPN", &vpn_stats)]
@@ -466,19 +605,25 @@ fn start_collector(
     Ok((rt, stop, task))
 }
 
-/// Runs the demo until `cfg.duration` has passed or `stop` is set; everything it started
-/// is stopped before it returns.
-pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
-    std::fs::create_dir_all(&cfg.dir).map_err(|source| Error::Io {
-        what: format!("create {}", cfg.dir.display()),
+/// The database and the spool in `dir`, emptied of an earlier run's.
+fn fresh_dir(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        what: format!("create {}", dir.display()),
         source,
     })?;
-    let db = cfg.dir.join("pathprobe.db");
+    let db = dir.join("pathprobe.db");
     for ext in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
     }
-    let spool = cfg.dir.join("spool");
+    let spool = dir.join("spool");
     let _ = std::fs::remove_dir_all(&spool);
+    Ok((db, spool))
+}
+
+/// Runs the demo until `cfg.duration` has passed or `stop` is set; everything it started
+/// is stopped before it returns.
+pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
+    let (db, spool) = fresh_dir(&cfg.dir)?;
 
     let refl_cfg = ReflectorConfig::plain(SocketAddr::from(([127, 0, 0, 1], 0)));
     let refl_sock = reflector::bind(refl_cfg.listen)?;
@@ -528,16 +673,20 @@ pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
             .join()
             .unwrap_or_else(|_| Err(Error::Config("the agent thread panicked".to_string())));
         let failover = (cfg.failover && result.is_ok() && !stop.load(Ordering::Relaxed))
-            .then(|| failover_demo(refl_addr, stop));
+            .then(|| failover_demo(refl_addr, collector_addr, stop));
         let capacity = cfg
             .capacity_stage
             .filter(|_| result.is_ok() && !stop.load(Ordering::Relaxed))
-            .map(|stage| capacity_demo(refl_addr, stage, stop));
+            .map(|stage| capacity_demo(refl_addr, collector_addr, stage, stop));
         relay_stop.store(true, Ordering::Relaxed);
         result.map(|()| (failover, capacity))
     });
-    let _ = collector_stop.send(());
-    let _ = rt.block_on(collector);
+    let serving = Serving {
+        rt,
+        stop: collector_stop,
+        task: collector,
+    }
+    .keep(cfg.serve && agent_result.is_ok());
     let (failover, capacity) = agent_result?;
     let store = SqliteStore::open_read_only(&db).map_err(|e| Error::Config(e.to_string()))?;
     let sel = |k: &str| Selector {
@@ -562,6 +711,12 @@ pub fn run(cfg: &DemoConfig, stop: &AtomicBool) -> Result<DemoOutcome> {
         fell_behind,
         failover,
         capacity,
+        dashboard: format!(
+            "http://{collector_addr}/site?site={DEMO_SITE}&from={}&to={}",
+            (from / 1_000_000_000).saturating_sub(5),
+            until.div_ceil(1_000_000_000) + 5
+        ),
+        serving,
     })
 }
 

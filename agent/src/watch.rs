@@ -84,6 +84,7 @@ impl Watcher {
                     summary: changes.join(", "),
                     trace: None,
                     trace_error: None,
+                    capacity: None,
                     outage: None,
                 });
             }
@@ -108,6 +109,7 @@ impl Watcher {
                 ),
                 trace: None,
                 trace_error: None,
+                capacity: None,
                 outage: None,
             });
         }

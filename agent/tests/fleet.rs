@@ -465,5 +465,32 @@ fn a_capacity_test_in_the_fleet_file_runs_against_the_reflector_that_consents() 
         "the last stage (8 Mbit/s offered) delivered {} bit/s at most",
         tput.max()
     );
+    // The last stage's report carries the run's result: every stage, and the knee.
+    let events = store
+        .events(
+            &sel,
+            0,
+            now_ns(),
+            Some(pathprobe_proto::event::EventKind::CapacityTest),
+            10,
+        )
+        .unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let rec = events[0].event.capacity.as_ref().unwrap();
+    assert_eq!(rec.stages.len() as u64, m.aggregate.windows, "{rec:?}");
+    assert!(
+        rec.stages.iter().all(|s| s.passed),
+        "loopback carries 8 Mbit/s: {rec:?}"
+    );
+    assert!(
+        !rec.saturated,
+        "no stage failed: the capacity is a lower bound"
+    );
+    assert!(rec.capacity_bps.is_some_and(|c| c >= 7_000_000), "{rec:?}");
+    assert!(
+        rec.conclusion[1].starts_with("usable capacity: at least"),
+        "{:?}",
+        rec.conclusion
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

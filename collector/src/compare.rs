@@ -101,7 +101,8 @@ fn figures(m: &Merged) -> Vec<(&'static str, Option<f64>)> {
     ]
 }
 
-fn rfc3339(ns: u64) -> String {
+/// A time as RFC 3339, to the second.
+pub fn rfc3339(ns: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
 }
 
@@ -113,6 +114,18 @@ pub fn compare(
     from_ns: u64,
     to_ns: u64,
 ) -> Result<Comparison> {
+    compare_merged(store, a, b, from_ns, to_ns).map(|(c, _, _)| c)
+}
+
+/// [`compare`], and each side's merged windows (for the dashboard's distributions, so
+/// they come from the very histograms the figures do).
+pub fn compare_merged(
+    store: &dyn Store,
+    a: &Selector,
+    b: &Selector,
+    from_ns: u64,
+    to_ns: u64,
+) -> Result<(Comparison, Merged, Merged)> {
     let ma = store.query(a, from_ns, to_ns)?;
     let mb = store.query(b, from_ns, to_ns)?;
     let mut events = store.events(a, from_ns, to_ns, None, MAX_EVENTS)?;
@@ -155,7 +168,7 @@ pub fn compare(
             ratio: a.zip(b).and_then(|(a, b)| (a != 0.0).then(|| b / a)),
         })
         .collect();
-    Ok(Comparison {
+    let c = Comparison {
         a: a.name_or_kind.clone(),
         b: b.name_or_kind.clone(),
         site: a.site.clone(),
@@ -165,10 +178,13 @@ pub fn compare(
         owd_clock_b: clock(&mb).into(),
         rows,
         events,
-    })
+    };
+    Ok((c, ma, mb))
 }
 
-fn cell(v: Option<f64>) -> String {
+/// A figure as the table prints it: `-` for none, whole numbers without decimals, else
+/// three decimals.
+pub fn cell(v: Option<f64>) -> String {
     match v {
         None => "-".to_string(),
         Some(v) if v.fract() == 0.0 && v.abs() < 1e15 => format!("{v:.0}"),

@@ -119,7 +119,21 @@ pub fn series(
     columns: usize,
 ) -> Result<SeriesAnswer> {
     check(columns, None)?;
-    let s = store.series(sel, from_ns, to_ns, columns, &SERIES_METRICS)?;
+    Ok(series_of(&store.series(
+        sel,
+        from_ns,
+        to_ns,
+        columns,
+        &SERIES_METRICS,
+    )?))
+}
+
+/// The metrics a series and its heatmap read, for one [`Store::series`] call that serves
+/// both ([`series_of`], [`heatmap_of`]).
+pub const PAGE_METRICS: [Metric; 4] = SERIES_METRICS;
+
+/// The figures of each column of `s`.
+pub fn series_of(s: &crate::store::Series) -> SeriesAnswer {
     let points = s
         .columns
         .iter()
@@ -145,11 +159,11 @@ pub fn series(
             }
         })
         .collect();
-    Ok(SeriesAnswer {
+    SeriesAnswer {
         resolution: resolution_name(s.resolution),
         paths: s.paths.len(),
         columns: points,
-    })
+    }
 }
 
 /// The RTT distribution of a range, exact.
@@ -167,7 +181,11 @@ pub struct CdfAnswer {
 
 /// The RTT distribution of the paths `sel` matches over `[from_ns, to_ns)`.
 pub fn cdf(store: &dyn Store, sel: &Selector, from_ns: u64, to_ns: u64) -> Result<CdfAnswer> {
-    let m = store.query(sel, from_ns, to_ns)?;
+    Ok(cdf_of(&store.query(sel, from_ns, to_ns)?))
+}
+
+/// The RTT distribution of merged windows.
+pub fn cdf_of(m: &crate::store::Merged) -> CdfAnswer {
     let h = m.aggregate.histograms.get(&Metric::Rtt);
     let count = h.map_or(0, Histogram::len);
     let mut points = Vec::new();
@@ -179,13 +197,13 @@ pub fn cdf(store: &dyn Store, sel: &Selector, from_ns: u64, to_ns: u64) -> Resul
             points.push([us(v.value_iterated_to()), below as f64 / count as f64]);
         }
     }
-    Ok(CdfAnswer {
+    CdfAnswer {
         paths: m.paths.len(),
         windows: m.aggregate.windows,
         count,
         points,
         rtt_us: micros(h),
-    })
+    }
 }
 
 /// One heatmap column: how many RTTs fell in each bin.
@@ -221,7 +239,16 @@ pub fn heatmap(
 ) -> Result<HeatmapAnswer> {
     check(columns, Some(bins))?;
     let s = store.series(sel, from_ns, to_ns, columns, &[Metric::Rtt])?;
-    let rtt = |c: &crate::store::Column| c.merged.histograms.get(&Metric::Rtt).cloned();
+    heatmap_of(&s, columns, bins)
+}
+
+/// The RTT heatmap of the series `s`, its columns merged exactly in runs of neighbours
+/// so that at most `columns` remain (a run's time span is its columns').
+pub fn heatmap_of(s: &crate::store::Series, columns: usize, bins: usize) -> Result<HeatmapAnswer> {
+    fn rtt(c: &crate::store::Column) -> Option<&Histogram<u64>> {
+        c.merged.histograms.get(&Metric::Rtt)
+    }
+    check(columns, Some(bins))?;
     let (lo, hi) = s
         .columns
         .iter()
@@ -230,12 +257,13 @@ pub fn heatmap(
             (lo.min(h.lowest_equivalent(h.min())), hi.max(h.max()))
         });
     let edges = log_edges(lo, hi, bins);
+    let run = s.columns.len().div_ceil(columns).max(1);
     let columns = s
         .columns
-        .iter()
-        .map(|c| {
+        .chunks(run)
+        .map(|chunk| {
             let mut counts = vec![0_u64; edges.len().saturating_sub(1)];
-            if let Some(h) = rtt(c) {
+            for h in chunk.iter().filter_map(rtt) {
                 for v in h.iter_recorded() {
                     let at = bin_of(&edges, v.value_iterated_to());
                     if let Some(n) = counts.get_mut(at) {
@@ -244,14 +272,18 @@ pub fn heatmap(
                 }
             }
             HeatColumn {
-                start_ns: c.start_ns,
-                end_ns: c.end_ns,
+                start_ns: chunk.first().map_or(0, |c| c.start_ns),
+                end_ns: chunk.last().map_or(0, |c| c.end_ns),
                 counts,
             }
         })
         .collect();
     Ok(HeatmapAnswer {
-        resolution: resolution_name(s.resolution),
+        resolution: if run == 1 {
+            resolution_name(s.resolution)
+        } else {
+            format!("{} × {run}", resolution_name(s.resolution))
+        },
         edges_us: edges.iter().map(|&e| us(e)).collect(),
         columns,
     })
@@ -401,7 +433,9 @@ pub fn grid(
 ) -> Result<GridAnswer> {
     use std::collections::{BTreeMap, BTreeSet};
     let mut groups: BTreeMap<(String, String), Vec<crate::store::Latest>> = BTreeMap::new();
-    for l in store.latest()? {
+    // A capacity test's path reports only while a test runs: it is on its site's page,
+    // never a cell that would turn silent between tests.
+    for l in store.latest()?.into_iter().filter(|l| !l.capacity) {
         groups
             .entry((l.site.clone(), l.kind.clone()))
             .or_default()

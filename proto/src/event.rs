@@ -135,6 +135,9 @@ pub enum EventKind {
     PathSilent,
     /// A silent path reports again.
     PathResumed,
+    /// A capacity test finished: its stages, knee and recommendation ([`CapacityRecord`]),
+    /// on the report of its last stage.
+    CapacityTest,
 }
 
 impl EventKind {
@@ -148,6 +151,7 @@ impl EventKind {
         Self::Outage,
         Self::PathSilent,
         Self::PathResumed,
+        Self::CapacityTest,
     ];
 
     /// The name used in JSON and queries.
@@ -161,6 +165,7 @@ impl EventKind {
             Self::Outage => "outage",
             Self::PathSilent => "path_silent",
             Self::PathResumed => "path_resumed",
+            Self::CapacityTest => "capacity_test",
         }
     }
 }
@@ -310,6 +315,120 @@ pub struct PathEvent {
     /// For a failover, failback or outage: how long traffic was lost and where it went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outage: Option<Outage>,
+    /// For a capacity test: its stages and what they came to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<CapacityRecord>,
+}
+
+/// Most stages a capacity record holds, and lines of its conclusion.
+pub const MAX_CAPACITY_STAGES: usize = 64;
+pub const MAX_CONCLUSION_LINES: usize = 16;
+
+/// One stage of a capacity test: the load offered, what arrived, and the RTT of the STAMP
+/// probes under it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityStage {
+    /// Its place in the run, from 1.
+    pub number: u32,
+    pub offered_bps: u64,
+    pub delivered_bps: u64,
+    pub loss_pct: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_p50_us: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_p99_us: Option<f64>,
+    pub passed: bool,
+    /// `ok`, or what failed (`fail: delivered, loss, RTT`), as the agent prints it.
+    pub verdict: String,
+}
+
+/// What a capacity test found: carried by its `capacity_test` event, on the report of its
+/// last stage (each stage's window is a report of the test's path).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityRecord {
+    pub stages: Vec<CapacityStage>,
+    /// The knee: what the highest passing stage delivered, the path's usable capacity;
+    /// absent when no stage passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_bps: Option<u64>,
+    /// A stage failed, so the capacity is the knee (otherwise only a lower bound).
+    pub saturated: bool,
+    /// The most any stage delivered: the bottleneck's rate under overload.
+    pub max_delivered_bps: u64,
+    /// The lowest offered rate whose RTT p99 broke its limit (bufferbloat).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_inflates_at_bps: Option<u64>,
+    /// The idle RTT p99, and the RTT p99 a stage may reach and pass.
+    pub idle_rtt_p99_us: f64,
+    pub rtt_limit_us: f64,
+    /// What to buy: the smallest ExpressRoute circuit, and the gateways, that carry the
+    /// capacity (or the need given) with the headroom asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub er_circuit_bps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub er_gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vpn_gateway: Option<String>,
+    /// The verdict and the recommendation for people, a line each, as the agent prints
+    /// them.
+    pub conclusion: Vec<String>,
+}
+
+impl CapacityRecord {
+    fn validate(&self) -> Result<()> {
+        let bad = |field, reason: String| Err(Error::InvalidField { field, reason });
+        if self.stages.len() > MAX_CAPACITY_STAGES {
+            return bad(
+                "events.capacity.stages",
+                format!(
+                    "{} stages; at most {MAX_CAPACITY_STAGES}",
+                    self.stages.len()
+                ),
+            );
+        }
+        if self.conclusion.len() > MAX_CONCLUSION_LINES {
+            return bad(
+                "events.capacity.conclusion",
+                format!(
+                    "{} lines; at most {MAX_CONCLUSION_LINES}",
+                    self.conclusion.len()
+                ),
+            );
+        }
+        let figure = |v: f64| v.is_finite() && v >= 0.0;
+        for st in &self.stages {
+            let ok = figure(st.loss_pct)
+                && st.loss_pct <= 100.0
+                && [st.rtt_p50_us, st.rtt_p99_us]
+                    .into_iter()
+                    .flatten()
+                    .all(figure);
+            if !ok {
+                return bad(
+                    "events.capacity.stages",
+                    format!(
+                        "stage {}: loss must be 0 to 100% and RTTs finite µs, 0 or more",
+                        st.number
+                    ),
+                );
+            }
+            check_text("events.capacity.stages.verdict", &st.verdict)?;
+        }
+        if !figure(self.idle_rtt_p99_us) || !figure(self.rtt_limit_us) {
+            return bad(
+                "events.capacity.idle_rtt_p99_us",
+                "RTTs must be finite µs, 0 or more".to_string(),
+            );
+        }
+        for g in [&self.er_gateway, &self.vpn_gateway].into_iter().flatten() {
+            check_text("events.capacity.gateway", g)?;
+        }
+        self.conclusion
+            .iter()
+            .try_for_each(|l| check_text("events.capacity.conclusion", l))
+    }
 }
 
 impl Outage {
@@ -379,6 +498,9 @@ impl PathEvent {
         }
         if let Some(o) = &self.outage {
             o.validate()?;
+        }
+        if let Some(c) = &self.capacity {
+            c.validate()?;
         }
         if let Some(t) = &self.trace {
             if t.hops.len() > MAX_TRACE_HOPS {
@@ -477,6 +599,7 @@ mod tests {
                 }],
             }),
             trace_error: None,
+            capacity: None,
             outage: None,
         };
         assert!(validate(None, std::slice::from_ref(&good)).is_ok());
@@ -519,5 +642,67 @@ mod tests {
                 .unwrap_err()
                 .contains("signature_change")
         );
+    }
+
+    fn capacity_event() -> PathEvent {
+        let stage = CapacityStage {
+            number: 1,
+            offered_bps: 10_000_000,
+            delivered_bps: 9_900_000,
+            loss_pct: 0.5,
+            rtt_p50_us: Some(2_000.0),
+            rtt_p99_us: Some(2_500.0),
+            passed: true,
+            verdict: "ok".into(),
+        };
+        PathEvent {
+            kind: EventKind::CapacityTest,
+            at_unix_ns: 1,
+            before: None,
+            after: None,
+            summary: "usable capacity: at least 9.9 Mbit/s".into(),
+            trace: None,
+            trace_error: None,
+            outage: None,
+            capacity: Some(CapacityRecord {
+                stages: vec![stage],
+                capacity_bps: Some(9_900_000),
+                saturated: false,
+                max_delivered_bps: 9_900_000,
+                rtt_inflates_at_bps: None,
+                idle_rtt_p99_us: 2_000.0,
+                rtt_limit_us: 6_000.0,
+                er_circuit_bps: Some(50_000_000),
+                er_gateway: Some("Standard / ErGw1Az".into()),
+                vpn_gateway: Some("VpnGw1".into()),
+                conclusion: vec!["usable capacity: at least 9.9 Mbit/s".into()],
+            }),
+        }
+    }
+
+    #[test]
+    fn a_capacity_record_round_trips_and_its_figures_are_checked() {
+        let good = capacity_event();
+        assert!(good.validate().is_ok());
+        let json = serde_json::to_string(&good).unwrap();
+        assert_eq!(serde_json::from_str::<PathEvent>(&json).unwrap(), good);
+        let edit = |f: fn(&mut CapacityRecord)| {
+            let mut e = capacity_event();
+            f(e.capacity.as_mut().unwrap());
+            e.validate()
+        };
+        assert!(edit(|c| c.stages[0].loss_pct = 101.0).is_err());
+        assert!(edit(|c| c.stages[0].rtt_p99_us = Some(f64::INFINITY)).is_err());
+        assert!(edit(|c| c.idle_rtt_p99_us = -1.0).is_err());
+        assert!(edit(|c| c.conclusion.push("a\nb".into())).is_err());
+        assert!(edit(|c| c.conclusion = vec![String::new(); MAX_CONCLUSION_LINES + 1]).is_err());
+        assert!(
+            edit(|c| {
+                let st = c.stages[0].clone();
+                c.stages = vec![st; MAX_CAPACITY_STAGES + 1];
+            })
+            .is_err()
+        );
+        assert!(edit(|c| c.vpn_gateway = Some("x".repeat(MAX_TEXT_LEN + 1))).is_err());
     }
 }

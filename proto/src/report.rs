@@ -870,6 +870,7 @@ mod tests {
                     }],
                 }),
                 trace_error: None,
+                capacity: None,
                 outage: None,
             }],
             plan_version: None,

@@ -6,6 +6,10 @@
 use std::fmt::Write as _;
 
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use pathprobe_proto::event::{
+    CapacityRecord, CapacityStage, EventKind, MAX_CAPACITY_STAGES, MAX_CONCLUSION_LINES,
+    MAX_TEXT_LEN, PathEvent,
+};
 use pathprobe_proto::hist::{Metric, Summary};
 use pathprobe_proto::report::WindowReport;
 use serde_json::{Value, json};
@@ -111,6 +115,33 @@ fn rate_cell(bps: u64) -> String {
     Rate(bps).to_string()
 }
 
+/// A stage's verdict: `ok`, or what failed, and whether this machine fell short or the
+/// stage was measured again.
+fn stage_verdict(s: &StageResult) -> String {
+    let j = s.judgement;
+    let mut verdict = if j.passed() {
+        "ok".to_string()
+    } else {
+        let why: Vec<&str> = [
+            (j.delivered_ok, "delivered"),
+            (j.loss_ok, "loss"),
+            (j.rtt_ok, "RTT"),
+        ]
+        .iter()
+        .filter(|(ok, _)| !ok)
+        .map(|(_, what)| *what)
+        .collect();
+        format!("fail: {}", why.join(", "))
+    };
+    if s.sender_short {
+        verdict.push_str(" (sender fell short)");
+    }
+    if s.outcome.remeasured {
+        verdict.push_str(" (a spike: measured again)");
+    }
+    verdict
+}
+
 /// The stage table.
 fn stage_table(run: &Run) -> Table {
     let mut t = Table::new();
@@ -126,27 +157,7 @@ fn stage_table(run: &Run) -> Table {
     ]);
     for s in &run.stages {
         let r = rtt(s.stamp.as_ref());
-        let j = s.judgement;
-        let mut verdict = if j.passed() {
-            "ok".to_string()
-        } else {
-            let why: Vec<&str> = [
-                (j.delivered_ok, "delivered"),
-                (j.loss_ok, "loss"),
-                (j.rtt_ok, "RTT"),
-            ]
-            .iter()
-            .filter(|(ok, _)| !ok)
-            .map(|(_, what)| *what)
-            .collect();
-            format!("fail: {}", why.join(", "))
-        };
-        if s.sender_short {
-            verdict.push_str(" (sender fell short)");
-        }
-        if s.outcome.remeasured {
-            verdict.push_str(" (a spike: measured again)");
-        }
+        let verdict = stage_verdict(s);
         t.add_row([
             s.number.to_string(),
             rate_cell(s.offered_bps),
@@ -296,4 +307,90 @@ pub fn stage_report(labels: &Labels, s: &StageResult) -> Result<WindowReport> {
         w.histograms.insert(Metric::Throughput, h);
     }
     output::report(&labels, &w, &crate::watch::Observed::default())
+}
+
+/// The run as the collector keeps it: every stage, the knee and the recommendation, and
+/// the lines [`text`] prints under its table.
+pub fn record(run: &Run, th: &Thresholds, rec: Option<&Recommendation>) -> CapacityRecord {
+    let k = &run.knee;
+    let mut lines = String::new();
+    let _ = verdict(&mut lines, run, th);
+    if let Some(r) = rec {
+        let _ = recommendation(&mut lines, r);
+    }
+    CapacityRecord {
+        stages: run
+            .stages
+            .iter()
+            .take(MAX_CAPACITY_STAGES)
+            .map(|s| {
+                let r = rtt(s.stamp.as_ref());
+                CapacityStage {
+                    number: u32::try_from(s.number).unwrap_or(u32::MAX),
+                    offered_bps: s.offered_bps,
+                    delivered_bps: s.outcome.delivered_bps,
+                    loss_pct: (s.outcome.loss * 100.0).clamp(0.0, 100.0),
+                    rtt_p50_us: r.map(|r| us(r.p50)),
+                    rtt_p99_us: r.map(|r| us(r.p99)),
+                    passed: s.judgement.passed(),
+                    verdict: stage_verdict(s),
+                }
+            })
+            .collect(),
+        capacity_bps: k.capacity_bps,
+        saturated: k.saturated,
+        max_delivered_bps: k.max_delivered_bps,
+        rtt_inflates_at_bps: k.rtt_inflates_at_bps,
+        idle_rtt_p99_us: us(run.idle_p99_ns),
+        rtt_limit_us: us(th.rtt_limit_ns(run.idle_p99_ns)),
+        er_circuit_bps: rec.and_then(|r| r.er_circuit_bps),
+        er_gateway: rec
+            .and_then(|r| r.er_gateway.as_ref())
+            .map(|g| g.sku.to_string()),
+        vpn_gateway: rec
+            .and_then(|r| r.vpn_gateway.as_ref())
+            .map(|g| g.sku.to_string()),
+        conclusion: lines
+            .lines()
+            .map(|l| l.chars().take(MAX_TEXT_LEN / 4).collect())
+            .take(MAX_CONCLUSION_LINES)
+            .collect(),
+    }
+}
+
+/// The stage reports of a run, in order, the last carrying the run's `capacity_test`
+/// event (raised at `at_unix_ns`, the run's end), for the collector.
+pub fn reports(
+    labels: &Labels,
+    run: &Run,
+    th: &Thresholds,
+    rec: Option<&Recommendation>,
+    at_unix_ns: u64,
+) -> Result<Vec<WindowReport>> {
+    let mut out = run
+        .stages
+        .iter()
+        .map(|s| stage_report(labels, s))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(last) = out.last_mut() {
+        let record = record(run, th, rec);
+        let summary = record
+            .conclusion
+            .iter()
+            .find(|l| l.starts_with("usable capacity") || l.starts_with("no stage passed"))
+            .cloned()
+            .unwrap_or_else(|| "capacity test done".to_string());
+        last.events.push(PathEvent {
+            kind: EventKind::CapacityTest,
+            at_unix_ns,
+            before: None,
+            after: None,
+            summary,
+            trace: None,
+            trace_error: None,
+            outage: None,
+            capacity: Some(record),
+        });
+    }
+    Ok(out)
 }

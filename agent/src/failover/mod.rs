@@ -309,6 +309,7 @@ pub fn event(t: &Transition, namer: &Namer) -> PathEvent {
         summary,
         trace: None,
         trace_error: None,
+        capacity: None,
         outage: Some(Outage {
             outage_ms: t.outage_ms(),
             start_unix_ns: t.start_unix_ns,

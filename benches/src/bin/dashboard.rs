@@ -2,7 +2,8 @@
 //! VPN) × 24 hours of 10 s windows (1,728,000 window reports). It times what a site page
 //! reads (the series of both paths, their CDFs and their heatmaps, over the 24 hours) and
 //! what the fleet grid reads (every site and kind over the last 15 minutes), each against
-//! the 1 s the page has.
+//! the 1 s the page has; then the pages themselves, rendered as `serve` renders them
+//! (`page::site_data` and `page::site`, `dash::grid` and `page::grid`).
 //!
 //! ```sh
 //! cargo build --release -p pathprobe-benches --bin dashboard
@@ -22,6 +23,7 @@ use anyhow::Result;
 use clap::Parser;
 use pathprobe_benches::{T0, W, load_report};
 use pathprobe_collector::dash::{self, GridRule};
+use pathprobe_collector::page;
 use pathprobe_collector::store::sqlite::Db;
 use pathprobe_collector::store::{Selector, SqliteStore};
 
@@ -128,15 +130,36 @@ fn main() -> Result<()> {
                 TARGET.as_secs_f64()
             );
         }
+        // The rendered pages, as `serve` answers `/site` and `/`: the reads above done once
+        // for both (one comparison and one series a side), and the HTML and SVG drawn.
+        let start = Instant::now();
+        let q = page::SiteQuery {
+            site: "site-042".to_string(),
+            ..page::SiteQuery::default()
+        };
+        let data = page::site_data(&store, &q, from, to)?;
+        let html = page::site(&data)?;
+        let took = start.elapsed();
+        println!(
+            "site page rendered, 24 h of ER against VPN ({} columns a side at {} resolution): {:.3} s ({attempt} run, {} KiB of HTML and SVG), {} the {:.0} s target",
+            data.series[0].columns.len(),
+            data.series[0].resolution,
+            took.as_secs_f64(),
+            html.len() / 1024,
+            verdict(took),
+            TARGET.as_secs_f64()
+        );
         let start = Instant::now();
         let g = dash::grid(&store, to - 900_000_000_000, to, to, &GridRule::default())?;
+        let grid_html = page::grid(&g, "15m");
         let took = start.elapsed();
         let cells: usize = g.sites.iter().map(|r| r.cells.len()).sum();
         println!(
-            "fleet grid, {} sites × {} kinds over the last 15 min: {:.3} s ({attempt} run, {cells} cells), {} the {:.0} s target",
+            "fleet grid page rendered, {} sites × {} kinds over the last 15 min: {:.3} s ({attempt} run, {cells} cells, {} KiB of HTML), {} the {:.0} s target",
             g.sites.len(),
             g.kinds.len(),
             took.as_secs_f64(),
+            grid_html.len() / 1024,
             verdict(took),
             TARGET.as_secs_f64()
         );

@@ -219,11 +219,17 @@ impl AppState {
         }
     }
 
-    /// Whether this request may query: a reader's token, or `--open-read`. The refusal
+    /// Whether this request may query: a reader's token, a dashboard session, or
+    /// `--open-read`. The refusal
     /// is a 401 without a reader token, a 403 with an agent's.
     #[allow(clippy::result_large_err)]
     pub(super) fn authorize_read(&self, headers: &HeaderMap) -> std::result::Result<(), Response> {
         if self.open_read {
+            return Ok(());
+        }
+        if super::pages::session_cookie(headers)
+            .is_some_and(|id| self.sessions.reader(id).is_some())
+        {
             return Ok(());
         }
         let role = match (&self.tokens, bearer(headers)) {

@@ -10,6 +10,8 @@
 //! | `GET /v1/plan?agent=` | the agent's fleet plan (`--fleet`), with its `ETag`; `304` while it has not changed ([`plan`]) |
 //! | `GET /v1/agents` | the fleet's agents: plan version, last fetch and report, plan paths not reporting |
 //! | `GET /metrics` | Prometheus text exposition |
+//! | `GET /`, `GET /site?site=&a=&b=&since=|from=&to=` | the dashboard: the fleet grid, a site's page ([`pages`]) |
+//! | `GET /login`, `POST /login`, `POST /logout` | the dashboard's sign-in with a reader token: a session cookie |
 //!
 //! Ingest and the plan take an agent's token (or, with `--client-ca`, its client
 //! certificate); every query and `/metrics` take a reader's token, unless `--open-read`
@@ -27,14 +29,15 @@
 //!
 //! The server is split by concern: [`auth`] (tokens and roles), [`listen`] (connections,
 //! TLS and their limits), [`tls`] (certificates), [`ingest`] (the gate, the limits,
-//! reading and storing a batch), [`queries`] (paths, compare, histogram, events) and
-//! [`metrics`] (`/metrics`). It holds its [`Store`] as a trait object: SQLite today
+//! reading and storing a batch), [`queries`] (paths, compare, histogram, events),
+//! [`pages`] (the dashboard and its sessions) and [`metrics`] (`/metrics`). It holds its [`Store`] as a trait object: SQLite today
 //! ([`serve`]), any backend through [`serve_store`].
 
 mod auth;
 mod ingest;
 pub mod listen;
 mod metrics;
+pub mod pages;
 pub mod plan;
 pub mod pool;
 mod queries;
@@ -132,6 +135,8 @@ struct AppState {
     queries: pool::QueryPool,
     fleet: Option<Arc<plan::FleetState>>,
     grid: crate::dash::GridRule,
+    /// The dashboard's signed-in browsers.
+    sessions: pages::Sessions,
 }
 
 /// How often the fleet's paths are looked at for silence.
@@ -269,6 +274,7 @@ pub async fn serve_store(
         queries: pool::QueryPool::new(cfg.queries),
         fleet: cfg.fleet.clone(),
         grid: cfg.grid.clone(),
+        sessions: pages::Sessions::default(),
     });
     if let Some(f) = &cfg.fleet {
         plan::watch(Arc::clone(f));
@@ -309,6 +315,7 @@ pub async fn serve_store(
         )
         .route("/v1/plan", get(plan::plan))
         .merge(reads)
+        .merge(pages::routes(&state))
         .layer(DefaultBodyLimit::max(cfg.limits.max_body))
         .with_state(Arc::clone(&state));
     listen::raise_open_files(cfg.conn.max_connections);

@@ -423,6 +423,7 @@ pub fn watch_silence(
                     summary,
                     trace: None,
                     trace_error: None,
+                    capacity: None,
                     outage: None,
                 };
                 let raised = if quiet > limit && !silent.contains_key(&key) {

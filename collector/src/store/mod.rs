@@ -135,6 +135,9 @@ pub struct Latest {
     /// The newest window's start and end.
     pub last_start_ns: u64,
     pub last_ns: u64,
+    /// The path is a capacity test's (its windows are stages, reported only when a test
+    /// runs), not one probed all the time.
+    pub capacity: bool,
 }
 
 /// A stored event and the path it happened to.

@@ -450,7 +450,8 @@ impl Db {
             .conn
             .prepare(
                 "SELECT p.id, p.agent_id, p.site, p.name, p.kind,
-                        COALESCE(r.start_ns, 0), COALESCE(r.end_ns, 0)
+                        COALESCE(r.start_ns, 0), COALESCE(r.end_ns, 0),
+                        EXISTS (SELECT 1 FROM events e WHERE e.path_id = p.id AND e.kind = 'capacity_test')
                  FROM paths p LEFT JOIN reports r ON r.rowid =
                      (SELECT rowid FROM reports WHERE path_id = p.id ORDER BY start_ns DESC LIMIT 1)",
             )
@@ -465,6 +466,7 @@ impl Db {
                     kind: r.get(4)?,
                     last_start_ns: u64_of(r.get(5)?),
                     last_ns: u64_of(r.get(6)?),
+                    capacity: r.get(7)?,
                 })
             })
             .map_err(db("list the paths' newest windows"))?;
@@ -1444,6 +1446,7 @@ mod tests {
             summary: summary.into(),
             trace: None,
             trace_error: None,
+            capacity: None,
             outage: None,
         }
     }

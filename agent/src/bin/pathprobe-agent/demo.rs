@@ -35,6 +35,10 @@ pub struct DemoArgs {
     /// Skip the failover drill (about 7 s).
     #[arg(long)]
     pub no_failover: bool,
+    /// Keep the collector running afterwards, so that its dashboard (the URL printed) can
+    /// be looked at; Ctrl-C stops it.
+    #[arg(long)]
+    pub serve: bool,
 }
 
 /// Runs the demo and prints what it found.
@@ -49,6 +53,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         window: args.window,
         failover: !args.no_failover,
         capacity_stage: (!args.capacity_stage.is_zero()).then_some(args.capacity_stage),
+        serve: args.serve,
     };
     let json = args.json;
     let stop = stop_on_signals()?;
@@ -76,6 +81,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         let mut v = serde_json::to_value(&out.comparison)?;
         v["capacity"] = cap;
         v["fell_behind"] = serde_json::json!(out.fell_behind);
+        v["dashboard"] = serde_json::json!(out.dashboard);
         v["failover"] = match &out.failover {
             Some(Ok(f)) => serde_json::json!({
                 "verdict": f.verdict,
@@ -127,9 +133,32 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
             None => {}
         }
     }
+    finish(&out.db, &out.dashboard, out.serving, &stop)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where to look further: the database, and the dashboard (served until `stop` when the
+/// demo keeps its collector).
+fn finish(
+    db: &std::path::Path,
+    dashboard: &str,
+    serving: Option<demo::Serving>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<()> {
     eprintln!(
         "\nThe database is {db}. Query it further with, for example:\n  cargo run -p pathprobe-collector -- compare --db {db} --a expressroute --b vpn --since 1h\n  cargo run -p pathprobe-collector -- histogram --db {db} --path vpn --format log --since 1h",
-        db = out.db.display()
+        db = db.display()
     );
-    Ok(ExitCode::SUCCESS)
+    eprintln!("\nDashboard: {dashboard} (the fleet grid is at /)");
+    match serving {
+        Some(serving) => {
+            eprintln!("The collector keeps serving it until Ctrl-C.");
+            serving.wait(stop)?;
+        }
+        None => eprintln!(
+            "The demo's collector stopped with it: run the demo with --serve to keep it running, or serve this database:\n  cargo run -p pathprobe-collector -- serve --db {db} --listen 127.0.0.1:8080 --open-read\nand open http://127.0.0.1:8080/",
+            db = db.display()
+        ),
+    }
+    Ok(())
 }
