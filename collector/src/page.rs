@@ -186,6 +186,8 @@ pub fn grid(g: &GridAnswer, since: &str) -> String {
 /// A site's page question.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 pub struct SiteQuery {
+    /// Empty when not given: the fleet grid is shown instead.
+    #[serde(default)]
     pub site: String,
     /// The two sides: a path name or kind each (ExpressRoute and the VPN unless asked).
     pub a: Option<String>,

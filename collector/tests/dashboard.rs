@@ -87,6 +87,9 @@ fn the_dashboard_asks_for_a_reader_token_and_gives_a_secure_session() {
     assert!(body.contains("agent `ams-01`"), "{body}");
     let (status, _, _) = raw(s.addr, post, &form("not-a-token-at-all-0000"));
     assert_eq!(status, 401);
+    let (status, _, body) = raw(s.addr, post, "");
+    assert_eq!(status, 401, "no token field: the form again, {body}");
+    assert!(body.contains("Unknown token"), "{body}");
     let (status, headers, _) = raw(s.addr, post, &form(READER));
     assert_eq!(status, 303, "{headers}");
     let cookie = header(&headers, "set-cookie").unwrap().to_string();
@@ -106,6 +109,15 @@ fn the_dashboard_asks_for_a_reader_token_and_gives_a_secure_session() {
     assert!(body.contains("Fleet"), "{body}");
     let (status, _, _) = with("/v1/grid");
     assert_eq!(status, 200, "the session reads the JSON too");
+    let (status, headers, _) = with("/site");
+    assert_eq!(
+        (status, header(&headers, "location")),
+        (303, Some("/")),
+        "no site: the grid"
+    );
+    let (status, _, body) = with("/site?site=ams&from=yesterday");
+    assert_eq!(status, 400);
+    assert!(body.contains("`yesterday` is not a time"), "{body}");
     let (status, _, _) = raw(
         s.addr,
         &format!("POST /logout HTTP/1.1\r\nCookie: {session}"),

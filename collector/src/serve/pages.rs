@@ -241,6 +241,9 @@ async fn grid(State(st): State<Arc<AppState>>, Query(q): Query<GridQuery>) -> Re
 }
 
 async fn site(State(st): State<Arc<AppState>>, Query(mut q): Query<SiteQuery>) -> Response {
+    if q.site.is_empty() {
+        return Redirect::to("/").into_response();
+    }
     if q.since.is_none() && q.from.is_none() {
         q.since = Some("1h".to_string());
     }
@@ -268,6 +271,8 @@ async fn login_form(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Resp
 
 #[derive(Debug, Deserialize)]
 pub(super) struct LoginForm {
+    /// Absent from a hand-made request: refused as an unknown token, on the form.
+    #[serde(default)]
     token: String,
 }
 
