@@ -7,6 +7,7 @@ mod error;
 pub mod export;
 pub mod fleet;
 pub mod inspect;
+pub mod native;
 pub mod page;
 pub mod plot;
 pub mod remote;
