@@ -893,6 +893,10 @@ fn capacity_test(
     // The test stops at the window's end, or with the agent, whichever comes first.
     let halt = AtomicBool::new(false);
     let done = AtomicBool::new(false);
+    // Each stage's report, kept until the run is over: then they go, the last with the
+    // run's result (its knee and what to buy), so the collector never holds a result
+    // without its stages; a run that fails still sends the stages it measured.
+    let mut built = Vec::new();
     let result = std::thread::scope(|s| {
         s.spawn(|| {
             while !done.load(Ordering::Relaxed) {
@@ -914,33 +918,47 @@ fn capacity_test(
                     passed = st.judgement.passed(),
                     "capacity stage"
                 );
+                match present::stage_report(&labels, st) {
+                    Ok(r) => built.push(r),
+                    Err(e) => tracing::error!(error = %e, "cannot build a stage report"),
+                }
             }
         });
         done.store(true, Ordering::Relaxed);
         run
     });
-    let run = result?;
+    let send = |reports: Vec<pathprobe_proto::report::WindowReport>| {
+        for r in reports {
+            match r.to_json() {
+                Ok(json) => {
+                    let _ = tx.send(json);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode a stage report"),
+            }
+        }
+    };
+    let run = match result {
+        Ok(run) => run,
+        Err(e) => {
+            send(built);
+            return Err(e);
+        }
+    };
     if halt.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
         tracing::warn!(capacity = %c.name, "the capacity test reached the end of its window and was stopped there");
     }
     let rec = recommendation(c, &run);
     log_capacity_result(c, &run, rec.as_ref());
-    // The stages' reports go once the run is over, the last with the run's result (its
-    // knee and what to buy), so the collector never holds a result without its stages.
-    let at = crate::sys::realtime_ns();
-    match present::reports(&labels, &run, &c.test.thresholds, rec.as_ref(), at) {
-        Ok(reports) => {
-            for r in reports {
-                match r.to_json() {
-                    Ok(json) => {
-                        let _ = tx.send(json);
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot encode a stage report"),
-                }
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "cannot build the stage reports"),
+    if let Some(last) = built.last_mut() {
+        let at = crate::sys::realtime_ns();
+        last.events.push(present::result_event(
+            &run,
+            &c.test.thresholds,
+            rec.as_ref(),
+            at,
+        ));
     }
+    send(built);
     Ok(())
 }
 

@@ -358,8 +358,36 @@ pub fn record(run: &Run, th: &Thresholds, rec: Option<&Recommendation>) -> Capac
     }
 }
 
+/// The run's `capacity_test` event, raised at `at_unix_ns` (the run's end): its record,
+/// and the capacity line as its summary.
+pub fn result_event(
+    run: &Run,
+    th: &Thresholds,
+    rec: Option<&Recommendation>,
+    at_unix_ns: u64,
+) -> PathEvent {
+    let record = record(run, th, rec);
+    let summary = record
+        .conclusion
+        .iter()
+        .find(|l| l.starts_with("usable capacity") || l.starts_with("no stage passed"))
+        .cloned()
+        .unwrap_or_else(|| "capacity test done".to_string());
+    PathEvent {
+        kind: EventKind::CapacityTest,
+        at_unix_ns,
+        before: None,
+        after: None,
+        summary,
+        trace: None,
+        trace_error: None,
+        outage: None,
+        capacity: Some(record),
+    }
+}
+
 /// The stage reports of a run, in order, the last carrying the run's `capacity_test`
-/// event (raised at `at_unix_ns`, the run's end), for the collector.
+/// event ([`result_event`]), for the collector.
 pub fn reports(
     labels: &Labels,
     run: &Run,
@@ -373,24 +401,7 @@ pub fn reports(
         .map(|s| stage_report(labels, s))
         .collect::<Result<Vec<_>>>()?;
     if let Some(last) = out.last_mut() {
-        let record = record(run, th, rec);
-        let summary = record
-            .conclusion
-            .iter()
-            .find(|l| l.starts_with("usable capacity") || l.starts_with("no stage passed"))
-            .cloned()
-            .unwrap_or_else(|| "capacity test done".to_string());
-        last.events.push(PathEvent {
-            kind: EventKind::CapacityTest,
-            at_unix_ns,
-            before: None,
-            after: None,
-            summary,
-            trace: None,
-            trace_error: None,
-            outage: None,
-            capacity: Some(record),
-        });
+        last.events.push(result_event(run, th, rec, at_unix_ns));
     }
     Ok(out)
 }
