@@ -332,7 +332,7 @@ type Curve<'a> = (&'a str, u32, f64, fn(&dash::Point) -> Option<f64>);
 
 /// A column's midpoint.
 fn mid(p: &dash::Point) -> u64 {
-    p.start_ns + (p.end_ns - p.start_ns) / 2
+    p.start_ns + p.end_ns.saturating_sub(p.start_ns) / 2
 }
 
 impl Site {
