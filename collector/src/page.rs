@@ -212,9 +212,6 @@ pub struct Site {
     pub cdf: [CdfAnswer; 2],
     pub series: [SeriesAnswer; 2],
     pub heatmap: [HeatmapAnswer; 2],
-    /// The site's events in the range (both sides', and every failover of the site),
-    /// oldest first.
-    pub events: Vec<EventRow>,
     /// The site's newest capacity tests (up to [`CAPACITY_SHOWN`], within
     /// [`CAPACITY_LOOKBACK`] of the range's end), newest first.
     pub capacity: Vec<EventRow>,
@@ -275,7 +272,6 @@ pub fn site_data(store: &dyn Store, q: &SiteQuery, from_ns: u64, to_ns: u64) -> 
     let [sa, sb]: [SeriesAnswer; 2] = series
         .try_into()
         .map_err(|_| crate::Error::Config("two sides".into()))?;
-    let events = comparison.events.clone();
     let mut capacity = store.events(
         &Selector {
             name_or_kind: String::new(),
@@ -305,7 +301,6 @@ pub fn site_data(store: &dyn Store, q: &SiteQuery, from_ns: u64, to_ns: u64) -> 
         series: [sa, sb],
         heatmap: [ha, hb],
         comparison,
-        events,
         capacity,
     })
 }
@@ -367,7 +362,8 @@ impl Site {
     }
 
     fn marks(&self) -> Vec<Mark> {
-        self.events
+        self.comparison
+            .events
             .iter()
             .map(|e| Mark {
                 at_ns: e
@@ -736,7 +732,7 @@ pub fn site(s: &Site) -> Result<String> {
         }
         section #events {
             h2 { "Events" }
-            (events_table(&s.events))
+            (events_table(&s.comparison.events))
         }
         section #capacity {
             h2 { "Capacity tests" }

@@ -484,6 +484,22 @@ fn check_text(field: &'static str, text: &str) -> Result<()> {
 }
 
 impl PathEvent {
+    /// An event of `kind` at `at_unix_ns` with its summary, and none of the optional
+    /// parts (signatures, trace, outage, capacity record).
+    pub fn new(kind: EventKind, at_unix_ns: u64, summary: String) -> Self {
+        Self {
+            kind,
+            at_unix_ns,
+            before: None,
+            after: None,
+            summary,
+            trace: None,
+            trace_error: None,
+            outage: None,
+            capacity: None,
+        }
+    }
+
     /// Checks the fields that JSON typing alone does not.
     pub fn validate(&self) -> Result<()> {
         if let Some(s) = &self.before {

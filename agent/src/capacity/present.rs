@@ -374,15 +374,8 @@ pub fn result_event(
         .cloned()
         .unwrap_or_else(|| "capacity test done".to_string());
     PathEvent {
-        kind: EventKind::CapacityTest,
-        at_unix_ns,
-        before: None,
-        after: None,
-        summary,
-        trace: None,
-        trace_error: None,
-        outage: None,
         capacity: Some(record),
+        ..PathEvent::new(EventKind::CapacityTest, at_unix_ns, summary)
     }
 }
 

@@ -415,17 +415,7 @@ pub fn watch_silence(
                 }
                 let key = (agent.to_string(), path.name.clone());
                 let quiet = now.saturating_sub(at);
-                let event = |kind, at_unix_ns, summary: String| PathEvent {
-                    kind,
-                    at_unix_ns,
-                    before: None,
-                    after: None,
-                    summary,
-                    trace: None,
-                    trace_error: None,
-                    capacity: None,
-                    outage: None,
-                };
+                let event = PathEvent::new;
                 let raised = if quiet > limit && !silent.contains_key(&key) {
                     silent.insert(key, at + limit);
                     Some(event(
