@@ -10,9 +10,11 @@ pub mod inspect;
 pub mod native;
 pub mod page;
 pub mod plot;
+pub mod promwire;
 pub mod remote;
 pub mod serve;
 pub mod store;
+pub mod totals;
 
 pub use error::{Error, Result};
 

@@ -280,6 +280,22 @@ pub fn for_each_bucket(
     })
 }
 
+/// As [`for_each_bucket`], with each bucket's lowest and highest value:
+/// `each(lowest, highest, count)`.
+pub fn for_each_range(
+    metric: Metric,
+    bytes: &[u8],
+    each: &mut dyn FnMut(u64, u64, u64),
+) -> Result<u64> {
+    let v2 = v2_bytes(metric, bytes)?;
+    scan_v2(metric, &v2, &mut |_, _| {})?;
+    let c = metric.config();
+    scan_v2(metric, &v2, &mut |index, count| {
+        let lowest = value_at_index(c, index);
+        each(lowest, lowest + bucket_width(c, index) - 1, count);
+    })
+}
+
 /// Adds `from` into `into`, exactly. Both must have `metric`'s configuration, and the total
 /// count must fit in 64 bits.
 pub fn merge(metric: Metric, into: &mut Histogram<u64>, from: &Histogram<u64>) -> Result<()> {
@@ -540,6 +556,8 @@ pub struct Compact {
     sorted: usize,
     dense: Option<Box<Histogram<u64>>>,
     len: u64,
+    /// The exact sum of the values recorded (each at most the configuration's highest).
+    sum: u128,
 }
 
 /// Equal when they hold the same counts, however their lists were appended to.
@@ -573,6 +591,7 @@ impl Compact {
             sorted: 0,
             dense: None,
             len: 0,
+            sum: 0,
         }
     }
 
@@ -591,6 +610,11 @@ impl Compact {
         self.len == 0
     }
 
+    /// The exact sum of the values recorded, where the buckets hold each only to 0.1%.
+    pub const fn sum(&self) -> u128 {
+        self.sum
+    }
+
     /// Octets of bucket storage it holds.
     pub fn footprint(&self) -> usize {
         self.dense
@@ -605,6 +629,7 @@ impl Compact {
         let c = self.metric.config();
         let value = value.min(c.highest);
         self.len = self.len.saturating_add(1);
+        self.sum = self.sum.saturating_add(u128::from(value));
         if let Some(h) = self.dense.as_mut() {
             h.saturating_record(value);
             return;
@@ -911,6 +936,26 @@ mod tests {
         assert!(plain.len() > DEFLATE_ABOVE && bytes.len() < plain.len());
         assert_eq!(bytes[..4], [0x1c, 0x84, 0x93, 0x14], "V2+DEFLATE");
         assert_eq!(decode(Metric::Rtt, &bytes).unwrap(), long);
+    }
+
+    #[test]
+    fn ranges_are_the_buckets_equivalence_ranges() {
+        for m in [Metric::Rtt, Metric::Ipdv, Metric::LossRun] {
+            let h = recorded(m, &[0, 1, 999, 1_000, 2_047, 2_048, 5_000_000, 77_777_777]);
+            let blob = encode(m, &h).unwrap();
+            let mut seen = 0;
+            for_each_range(m, &blob, &mut |lo, hi, n| {
+                assert_eq!(
+                    (lo, hi),
+                    (h.lowest_equivalent(lo), h.highest_equivalent(lo)),
+                    "{m:?}"
+                );
+                assert_eq!(n, h.count_at(lo));
+                seen += n;
+            })
+            .unwrap();
+            assert_eq!(seen, h.len());
+        }
     }
 
     #[test]

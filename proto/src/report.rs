@@ -218,6 +218,22 @@ pub struct Counters {
     pub bytes_sent: u64,
     /// Probe octets received (UDP payload).
     pub bytes_received: u64,
+    /// The exact sums of the samples of the RTT, IPDV and one-way delay histograms, ns
+    /// (the histograms hold each sample only to 0.1%): what an exported histogram's `sum`
+    /// is. 0 from agents older than these fields.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub rtt_sum_ns: u128,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub ipdv_sum_ns: u128,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub owd_fwd_sum_ns: u128,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub owd_rev_sum_ns: u128,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
+const fn is_zero(v: &u128) -> bool {
+    *v == 0
 }
 
 impl Counters {
@@ -227,6 +243,12 @@ impl Counters {
             a.checked_add(b).ok_or_else(|| Error::Merge {
                 what: "counters",
                 reason: format!("`{name}` would exceed 2^64"),
+            })
+        };
+        let add_sum = |a: u128, b: u128, name| {
+            a.checked_add(b).ok_or_else(|| Error::Merge {
+                what: "counters",
+                reason: format!("`{name}` would exceed 2^128"),
             })
         };
         *self = Self {
@@ -247,8 +269,35 @@ impl Counters {
             refused: add(self.refused, other.refused, "refused")?,
             bytes_sent: add(self.bytes_sent, other.bytes_sent, "bytes_sent")?,
             bytes_received: add(self.bytes_received, other.bytes_received, "bytes_received")?,
+            rtt_sum_ns: add_sum(self.rtt_sum_ns, other.rtt_sum_ns, "rtt_sum_ns")?,
+            ipdv_sum_ns: add_sum(self.ipdv_sum_ns, other.ipdv_sum_ns, "ipdv_sum_ns")?,
+            owd_fwd_sum_ns: add_sum(self.owd_fwd_sum_ns, other.owd_fwd_sum_ns, "owd_fwd_sum_ns")?,
+            owd_rev_sum_ns: add_sum(self.owd_rev_sum_ns, other.owd_rev_sum_ns, "owd_rev_sum_ns")?,
         };
         Ok(())
+    }
+
+    /// The exact sum of the samples of `metric`'s histogram, ns, for the metrics that
+    /// carry one (RTT, IPDV, one-way delay).
+    pub const fn sum_of(&self, metric: Metric) -> Option<u128> {
+        match metric {
+            Metric::Rtt => Some(self.rtt_sum_ns),
+            Metric::Ipdv => Some(self.ipdv_sum_ns),
+            Metric::OwdForward => Some(self.owd_fwd_sum_ns),
+            Metric::OwdReverse => Some(self.owd_rev_sum_ns),
+            Metric::RttScheduled | Metric::LossRun | Metric::Throughput => None,
+        }
+    }
+
+    /// Sets the sum of `metric` (ignored for a metric that carries none).
+    pub const fn set_sum(&mut self, metric: Metric, sum: u128) {
+        match metric {
+            Metric::Rtt => self.rtt_sum_ns = sum,
+            Metric::Ipdv => self.ipdv_sum_ns = sum,
+            Metric::OwdForward => self.owd_fwd_sum_ns = sum,
+            Metric::OwdReverse => self.owd_rev_sum_ns = sum,
+            Metric::RttScheduled | Metric::LossRun | Metric::Throughput => {}
+        }
     }
 
     /// Lost as a percentage of probes whose fate is known (received + lost); `None` before
@@ -744,6 +793,19 @@ pub fn check_counts(c: &Counters, length_ns: u64, count_of: impl Fn(Metric) -> u
                     c.received, c.sent
                 ),
             });
+        }
+        // Each sample is at most the metric's highest value.
+        if let Some(sum) = c.sum_of(m) {
+            let most = u128::from(n) * u128::from(m.config().highest);
+            if sum > most {
+                return bad(
+                    "counters",
+                    format!(
+                        "the {} sum {sum} is more than its {n} samples can add up to ({most})",
+                        m.key()
+                    ),
+                );
+            }
         }
     }
     Ok(())

@@ -678,6 +678,7 @@ impl Tracker {
             if h.is_empty() {
                 continue;
             }
+            counters.set_sum(h.metric(), h.sum());
             if self.compact {
                 compact.insert(h.metric(), h);
             } else {
@@ -878,6 +879,9 @@ mod tests {
                 Metric::Rtt.new_histogram().highest_equivalent(5 * MS)
             )
         );
+        // The sum is the samples' own, where the histogram holds 5 ms only to 0.1%.
+        assert_eq!(c.rtt_sum_ns, 100 * u128::from(5 * MS));
+        assert_eq!(c.ipdv_sum_ns, 0, "a steady path has no delay variation");
         assert!(!w[0].histograms.contains_key(&Metric::LossRun));
         assert_eq!(w[0].start_wall_ns, cfg().start_wall_ns);
         assert_eq!(w[0].end_wall_ns, cfg().start_wall_ns + 1_000 * MS);

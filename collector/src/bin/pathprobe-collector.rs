@@ -163,6 +163,89 @@ impl AccessArgs {
     }
 }
 
+/// Where stored windows are pushed besides the store.
+#[derive(Debug, Args)]
+#[allow(
+    clippy::struct_field_names,
+    clippy::doc_markdown,
+    reason = "the fields are the flags' names; the help shows URLs as written"
+)]
+struct ExportArgs {
+    /// Push every stored window, once, to this Prometheus remote-write receiver (remote
+    /// write 1.0 with native histograms), like https://prometheus.example.net/api/v1/write.
+    /// Prometheus itself needs --web.enable-remote-write-receiver and
+    /// --enable-feature=native-histograms.
+    #[arg(long, value_name = "URL", env = "PATHPROBE_REMOTE_WRITE")]
+    remote_write: Option<String>,
+    /// A bearer token for the receiver, in this file (mode 0600).
+    #[arg(
+        long,
+        requires = "remote_write",
+        conflicts_with = "remote_write_user",
+        env = "PATHPROBE_REMOTE_WRITE_BEARER_FILE"
+    )]
+    remote_write_bearer_file: Option<PathBuf>,
+    /// Basic authentication to the receiver: the user (the password in
+    /// --remote-write-password-file).
+    #[arg(long, requires_all = ["remote_write", "remote_write_password_file"], env = "PATHPROBE_REMOTE_WRITE_USER")]
+    remote_write_user: Option<String>,
+    /// The basic-authentication password, in this file (mode 0600).
+    #[arg(
+        long,
+        requires = "remote_write_user",
+        env = "PATHPROBE_REMOTE_WRITE_PASSWORD_FILE"
+    )]
+    remote_write_password_file: Option<PathBuf>,
+    /// The CA (PEM) that signed the receiver's certificate [default: the system's CAs].
+    #[arg(
+        long,
+        requires = "remote_write",
+        env = "PATHPROBE_REMOTE_WRITE_CA_FILE"
+    )]
+    remote_write_ca_file: Option<PathBuf>,
+    /// A label added to every series pushed, NAME=VALUE (repeat for more), like
+    /// collector=weu-1.
+    #[arg(long, requires = "remote_write", value_name = "NAME=VALUE",
+          value_parser = pathprobe_collector::serve::remote_write::parse_label, env = "PATHPROBE_REMOTE_WRITE_LABEL", value_delimiter = ';')]
+    remote_write_label: Vec<(String, String)>,
+    /// The queue of requests not yet accepted, on disk: they wait there through an outage
+    /// of the receiver and a restart [default: the store's path with .remote-write].
+    #[arg(long, requires = "remote_write", env = "PATHPROBE_REMOTE_WRITE_QUEUE")]
+    remote_write_queue: Option<PathBuf>,
+    /// Most octets the queue holds; past it, the oldest requests are dropped and counted.
+    #[arg(long, requires = "remote_write", default_value_t = pathprobe_collector::serve::remote_write::DEFAULT_MAX_QUEUE,
+          env = "PATHPROBE_REMOTE_WRITE_MAX_QUEUE")]
+    remote_write_max_queue: u64,
+}
+
+impl ExportArgs {
+    fn remote_write(
+        &self,
+        db: &std::path::Path,
+    ) -> Option<pathprobe_collector::serve::remote_write::RemoteWriteConfig> {
+        let url = self.remote_write.clone()?;
+        let queue_dir = self.remote_write_queue.clone().unwrap_or_else(|| {
+            let mut p = db.as_os_str().to_owned();
+            p.push(".remote-write");
+            PathBuf::from(p)
+        });
+        Some(
+            pathprobe_collector::serve::remote_write::RemoteWriteConfig {
+                url,
+                bearer_file: self.remote_write_bearer_file.clone(),
+                basic: self
+                    .remote_write_user
+                    .clone()
+                    .zip(self.remote_write_password_file.clone()),
+                ca_file: self.remote_write_ca_file.clone(),
+                labels: self.remote_write_label.clone(),
+                queue_dir,
+                max_queue: self.remote_write_max_queue,
+            },
+        )
+    }
+}
+
 #[derive(Debug, Args)]
 struct DbArg {
     /// The store (one SQLite file).
@@ -268,6 +351,7 @@ enum FleetCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once")]
 enum Command {
     /// Receive reports over HTTP and answer queries (see the library docs for the API).
     Serve {
@@ -284,6 +368,8 @@ enum Command {
         access: AccessArgs,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        export: ExportArgs,
     },
     /// Tokens for the --tokens file.
     Token {
@@ -446,8 +532,10 @@ fn run_serve(
     tokens: Option<&PathBuf>,
     access: &AccessArgs,
     limits: Limits,
+    export: &ExportArgs,
 ) -> anyhow::Result<()> {
     let tokens = tokens.map(|p| Tokens::load(p)).transpose()?;
+    let remote_write = export.remote_write(&db);
     let tls = access.tls()?;
     let cfg = ServeConfig {
         listen,
@@ -465,6 +553,7 @@ fn run_serve(
             .map(pathprobe_collector::serve::plan::FleetState::load)
             .transpose()?
             .map(Arc::new),
+        remote_write,
     };
     cfg.check()?;
     if cfg.tokens.is_none() && !tls.as_ref().is_some_and(|t| t.mutual()) {
@@ -825,12 +914,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             tokens,
             access,
             limits,
+            export,
         } => run_serve(
             *listen,
             db.db.clone(),
             tokens.as_ref(),
             access,
             limits.limits(),
+            export,
         ),
         Command::Compare {
             a,

@@ -3,7 +3,6 @@
 //! histograms, and stored whole or not at all. Every refusal is a typed
 //! [`pathprobe_proto::ingest::Refused`].
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,16 +13,15 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::LengthLimitError;
-use pathprobe_proto::hist::Metric;
 use pathprobe_proto::ingest::{Reason, Refused};
 use pathprobe_proto::report::EncodedReport;
 use serde::de::{DeserializeSeed, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::auth::Sender;
-use super::metrics::PathMetrics;
 use super::{AppState, now_ns};
 use crate::Error;
+use crate::totals::Contribution;
 
 /// Largest request body accepted.
 pub const DEFAULT_MAX_BODY: usize = 16 << 20;
@@ -153,30 +151,13 @@ impl<'de> Visitor<'de> for Batch<'_> {
     }
 }
 
-/// The `/metrics` key of a report's path.
-fn metric_key(r: &EncodedReport) -> String {
-    format!(
-        "agent=\"{}\",site=\"{}\",path=\"{}\",kind=\"{}\"",
-        r.agent_id,
-        r.site.as_deref().unwrap_or(""),
-        r.path.name,
-        r.path.kind
-    )
-}
-
 /// Reads, checks and stores one batch; runs on a blocking thread. Each report is checked
 /// as it is read, on its encoded histograms; nothing is stored unless all pass.
 fn ingest_batch(
     st: &AppState,
     body: &[u8],
     agent: &Sender,
-) -> Result<
-    (
-        pathprobe_proto::ingest::Accepted,
-        Vec<(String, PathMetrics)>,
-    ),
-    Refused,
-> {
+) -> Result<pathprobe_proto::ingest::Accepted, Refused> {
     let over = std::cell::Cell::new(false);
     let max = st.limits.max_batch;
     let mut de = serde_json::Deserializer::from_slice(body);
@@ -247,17 +228,14 @@ fn ingest_batch(
             return Err(Refused::new(Reason::Store, format!("{e}; retry later")));
         }
     };
-    let mut figures: BTreeMap<String, PathMetrics> = BTreeMap::new();
-    for r in &reports {
-        let key = metric_key(r);
-        let p = figures.entry(key.clone()).or_default();
-        p.labels = key;
-        p.add(
-            &r.counters,
-            r.histograms.get(&Metric::Rtt).map(|e| e.blob.as_slice()),
-        );
-    }
-    Ok((outcome, figures.into_iter().collect()))
+    let fresh = outcome
+        .fresh
+        .iter()
+        .filter_map(|&i| reports.get(i))
+        .map(Contribution::of)
+        .collect();
+    st.record(fresh, outcome.accepted, outcome.duplicates);
+    Ok(outcome.ack())
 }
 
 /// True when a body was cut at the size limit (the error `to_bytes` wraps).
@@ -278,10 +256,7 @@ pub(super) async fn ingest(
     let st2 = Arc::clone(&st);
     let done = tokio::task::spawn_blocking(move || ingest_batch(&st2, &body, &agent)).await;
     match done {
-        Ok(Ok((outcome, figures))) => {
-            st.record(figures, outcome.accepted, outcome.duplicates);
-            (StatusCode::OK, axum::Json(outcome)).into_response()
-        }
+        Ok(Ok(outcome)) => (StatusCode::OK, axum::Json(outcome)).into_response(),
         Ok(Err(refused)) => st.refuse(refused),
         Err(e) => st.refuse(Refused::new(
             Reason::Store,

@@ -9,7 +9,7 @@
 //! | `GET /v1/histogram?path=&metric=&site=&since=|from=&to=&format=v2|log` | the merged histogram in HdrHistogram's formats |
 //! | `GET /v1/plan?agent=` | the agent's fleet plan (`--fleet`), with its `ETag`; `304` while it has not changed ([`plan`]) |
 //! | `GET /v1/agents` | the fleet's agents: plan version, last fetch and report, plan paths not reporting |
-//! | `GET /metrics` | Prometheus text exposition |
+//! | `GET /metrics` | every path's cumulative figures, native histograms in protobuf when `Accept` asks for it, else text with classic buckets ([`metrics`], [`crate::totals`]) |
 //! | `GET /`, `GET /site?site=&a=&b=&since=|from=&to=` | the dashboard: the fleet grid, a site's page ([`pages`]) |
 //! | `GET /login`, `POST /login`, `POST /logout` | the dashboard's sign-in with a reader token: a session cookie |
 //!
@@ -30,7 +30,8 @@
 //! The server is split by concern: [`auth`] (tokens and roles), [`listen`] (connections,
 //! TLS and their limits), [`tls`] (certificates), [`ingest`] (the gate, the limits,
 //! reading and storing a batch), [`queries`] (paths, compare, histogram, events),
-//! [`pages`] (the dashboard and its sessions) and [`metrics`] (`/metrics`). It holds its [`Store`] as a trait object: SQLite today
+//! [`pages`] (the dashboard and its sessions), [`metrics`] (`/metrics`) and
+//! [`remote_write`] (pushing every stored window, through a queue on disk). It holds its [`Store`] as a trait object: SQLite today
 //! ([`serve`]), any backend through [`serve_store`].
 
 mod auth;
@@ -41,6 +42,7 @@ pub mod pages;
 pub mod plan;
 pub mod pool;
 mod queries;
+pub mod remote_write;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -87,6 +89,8 @@ pub struct ServeConfig {
     pub fleet: Option<Arc<plan::FleetState>>,
     /// How the fleet grid (`/v1/grid`) colours its cells.
     pub grid: crate::dash::GridRule,
+    /// Push every stored window to a Prometheus remote-write receiver.
+    pub remote_write: Option<remote_write::RemoteWriteConfig>,
 }
 
 impl ServeConfig {
@@ -104,6 +108,7 @@ impl ServeConfig {
             open_read: true,
             fleet: None,
             grid: crate::dash::GridRule::default(),
+            remote_write: None,
         }
     }
 
@@ -125,6 +130,9 @@ struct AppState {
     tokens: Option<Tokens>,
     limits: Limits,
     metrics: Mutex<metrics::Metrics>,
+    /// Every path's cumulative figures (`/metrics`, remote write).
+    totals: Mutex<crate::totals::Totals>,
+    remote_write: Option<Arc<remote_write::RemoteWrite>>,
     ingests: Semaphore,
     /// Windows set aside by the rollup (and found at start).
     quarantined: AtomicU64,
@@ -246,6 +254,51 @@ async fn readers_only(
     next.run(req).await
 }
 
+/// The routes: ingest behind its gate, the plan, reads behind a reader's token, and the
+/// dashboard's pages.
+fn app(state: &Arc<AppState>, max_body: usize) -> Router {
+    let reads = Router::new()
+        .route("/v1/paths", get(queries::paths))
+        .route("/v1/compare", get(queries::compare))
+        .route("/v1/histogram", get(queries::histogram))
+        .route("/v1/events", get(queries::events))
+        .route("/v1/series", get(queries::series))
+        .route("/v1/cdf", get(queries::cdf))
+        .route("/v1/heatmap", get(queries::heatmap))
+        .route("/v1/grid", get(queries::grid))
+        .route("/v1/agents", get(plan::agents_list))
+        .route("/metrics", get(metrics::metrics))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(state),
+            readers_only,
+        ));
+    Router::new()
+        .route(
+            "/v1/reports",
+            post(ingest::ingest).layer(middleware::from_fn_with_state(
+                Arc::clone(state),
+                ingest::gate,
+            )),
+        )
+        .route("/v1/plan", get(plan::plan))
+        .merge(reads)
+        .merge(pages::routes(state))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(Arc::clone(state))
+}
+
+/// Every path's cumulative figures, from the store, before anything is ingested.
+fn read_totals(store: &dyn Store, max_paths: usize) -> Result<crate::totals::Totals> {
+    let started = std::time::Instant::now();
+    let totals = crate::totals::Totals::from_store(store, max_paths)?;
+    tracing::info!(
+        paths = totals.paths.len(),
+        ms = started.elapsed().as_millis(),
+        "cumulative figures read from the store"
+    );
+    Ok(totals)
+}
+
 /// Serves `store` with `cfg`'s settings (its `db` unused) until `shutdown`, with a
 /// rollup thread beside it.
 pub async fn serve_store(
@@ -261,12 +314,20 @@ pub async fn serve_store(
         source,
     })?;
     let conns = Arc::new(listen::ConnCounts::default());
+    let totals = read_totals(&*store, cfg.limits.max_metric_paths)?;
+    let remote_write = cfg
+        .remote_write
+        .clone()
+        .map(remote_write::RemoteWrite::open)
+        .transpose()?;
     let state = Arc::new(AppState {
         store,
         mutual_tls: cfg.tls.as_ref().is_some_and(|t| t.mutual()),
         tokens: cfg.tokens,
         limits: cfg.limits,
         metrics: Mutex::new(metrics::Metrics::default()),
+        totals: Mutex::new(totals),
+        remote_write: remote_write.clone(),
         ingests: Semaphore::new(cfg.limits.max_concurrent_ingests.max(1)),
         quarantined: AtomicU64::new(quarantined),
         open_read: cfg.open_read,
@@ -284,40 +345,16 @@ pub async fn serve_store(
         let (st, stop) = (Arc::clone(&state), Arc::clone(&stop));
         std::thread::spawn(move || roll_up(&st, &stop))
     };
+    let pusher = remote_write
+        .clone()
+        .map(|rw| std::thread::spawn(move || rw.run()));
     let silence = state.fleet.clone().map(|fleet| {
         let (st, stop) = (Arc::clone(&state), Arc::clone(&stop));
         std::thread::spawn(move || {
             plan::watch_silence(&*st.store, &fleet, &stop, SILENCE_CHECK);
         })
     });
-    let reads = Router::new()
-        .route("/v1/paths", get(queries::paths))
-        .route("/v1/compare", get(queries::compare))
-        .route("/v1/histogram", get(queries::histogram))
-        .route("/v1/events", get(queries::events))
-        .route("/v1/series", get(queries::series))
-        .route("/v1/cdf", get(queries::cdf))
-        .route("/v1/heatmap", get(queries::heatmap))
-        .route("/v1/grid", get(queries::grid))
-        .route("/v1/agents", get(plan::agents_list))
-        .route("/metrics", get(metrics::metrics))
-        .layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
-            readers_only,
-        ));
-    let app = Router::new()
-        .route(
-            "/v1/reports",
-            post(ingest::ingest).layer(middleware::from_fn_with_state(
-                Arc::clone(&state),
-                ingest::gate,
-            )),
-        )
-        .route("/v1/plan", get(plan::plan))
-        .merge(reads)
-        .merge(pages::routes(&state))
-        .layer(DefaultBodyLimit::max(cfg.limits.max_body))
-        .with_state(Arc::clone(&state));
+    let app = app(&state, cfg.limits.max_body);
     listen::raise_open_files(cfg.conn.max_connections);
     let bound = listener.local_addr().unwrap_or(listen);
     tracing::info!(
@@ -331,6 +368,12 @@ pub async fn serve_store(
     );
     listen::serve(listener, app, cfg.tls, cfg.conn, conns, shutdown).await;
     stop.store(true, Ordering::Relaxed);
+    if let Some(rw) = &remote_write {
+        rw.stop();
+    }
+    if let Some(p) = pusher {
+        let _ = p.join();
+    }
     let _ = roller.join();
     if let Some(s) = silence {
         let _ = s.join();

@@ -29,7 +29,26 @@ pub const LEVELS: [i64; 3] = [60_000_000_000, 600_000_000_000, 3_600_000_000_000
 pub const DEFAULT_MAX_PATHS_PER_AGENT: u64 = 1_000;
 
 /// What one ingest did.
-pub use pathprobe_proto::ingest::Accepted as Ingested;
+/// A stored batch: what the agent is told, and which reports were new.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ingested {
+    /// Reports stored now.
+    pub accepted: u64,
+    /// Reports already stored (retries), acknowledged and ignored.
+    pub duplicates: u64,
+    /// The indices, in the batch, of the reports stored now: what exports may add, once.
+    pub fresh: Vec<usize>,
+}
+
+impl Ingested {
+    /// The acknowledgement.
+    pub const fn ack(&self) -> pathprobe_proto::ingest::Accepted {
+        pathprobe_proto::ingest::Accepted {
+            accepted: self.accepted,
+            duplicates: self.duplicates,
+        }
+    }
+}
 
 /// Where window reports are kept, and the questions asked of them.
 pub trait Store: Send + Sync {
@@ -49,6 +68,10 @@ pub trait Store: Send + Sync {
 
     /// Every path, with its number of windows and time span.
     fn paths(&self) -> Result<Vec<PathRow>>;
+
+    /// Every window ever stored for the path `path_id`, merged exactly: what the
+    /// cumulative series of `/metrics` start from.
+    fn path_totals(&self, path_id: i64) -> Result<Merged>;
 
     /// The windows stored for the paths `sel` matches, by path and then time.
     fn windows(&self, sel: &Selector) -> Result<Vec<WindowRow>>;

@@ -438,6 +438,7 @@ impl Db {
                 .map_err(db("store a histogram"))?;
             }
             out.accepted += 1;
+            out.fresh.push(index);
         }
         tx.commit().map_err(db("commit an ingest"))?;
         Ok(out)
@@ -905,6 +906,13 @@ impl Db {
 
     /// Exactly merges every window of `path_id` starting in `[from, to)`, read as the
     /// range planner says.
+    /// Every window ever stored for the path `path_id`, merged exactly.
+    pub fn path_totals(&self, path_id: i64) -> Result<Merged> {
+        let mut acc = Accumulator::default();
+        self.merge_range(&mut acc, path_id, 0, i64::MAX)?;
+        Ok(acc.into_merged(vec![path_id]))
+    }
+
     fn merge_range(&self, acc: &mut Accumulator, path_id: i64, from: i64, to: i64) -> Result<()> {
         for piece in range::plan(from, to, &LEVELS) {
             match piece {
@@ -1280,6 +1288,10 @@ impl Store for SqliteStore {
         self.reader()?.paths()
     }
 
+    fn path_totals(&self, path_id: i64) -> Result<Merged> {
+        self.reader()?.path_totals(path_id)
+    }
+
     fn windows(&self, sel: &Selector) -> Result<Vec<WindowRow>> {
         self.reader()?.windows(sel)
     }
@@ -1424,14 +1436,16 @@ mod tests {
             s.ingest(std::slice::from_ref(&r), 0).unwrap(),
             Ingested {
                 accepted: 1,
-                duplicates: 0
+                duplicates: 0,
+                fresh: vec![0],
             }
         );
         assert_eq!(
             s.ingest(&[r.clone(), r], 0).unwrap(),
             Ingested {
                 accepted: 0,
-                duplicates: 2
+                duplicates: 2,
+                fresh: Vec::new(),
             }
         );
         assert_eq!(s.counts().unwrap(), (1, 1));

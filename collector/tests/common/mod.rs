@@ -199,6 +199,7 @@ pub fn report(
             sent: rtts.len() as u64 + 1,
             received: rtts.len() as u64,
             lost: 1,
+            rtt_sum_ns: rtts.iter().map(|&r| u128::from(r)).sum(),
             ..Counters::default()
         },
         histograms: [(Metric::Rtt, rtt)].into(),
