@@ -8,6 +8,7 @@ pub mod export;
 pub mod fleet;
 pub mod inspect;
 pub mod native;
+pub mod otlp;
 pub mod page;
 pub mod plot;
 pub mod promwire;

@@ -186,6 +186,7 @@ pub struct PathTotals {
 #[derive(Debug, Clone)]
 pub struct Contribution {
     pub key: PathKey,
+    pub start_ns: u64,
     pub end_ns: u64,
     pub totals: PathTotals,
 }
@@ -218,6 +219,7 @@ impl Contribution {
                 path: r.path.name.clone(),
                 kind: r.path.kind.to_string(),
             },
+            start_ns: r.window.start_unix_ns,
             end_ns: r.window.end_unix_ns,
             totals,
         }

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{READER, Server, TOKEN, W, batch, dir, http, report};
+use common::{READER, Server, TOKEN, W, batch, dir, exact_p99, http, report};
 use pathprobe_collector::native::RELATIVE_ERROR;
 use pathprobe_proto::report::{PathKind, WindowReport};
 
@@ -121,14 +121,11 @@ impl Prometheus {
     /// An instant query's result vector (`data.result`).
     fn query(&self, q: &str) -> Vec<serde_json::Value> {
         let enc: String = url::form_urlencoded::byte_serialize(q.as_bytes()).collect();
-        let (status, body) = http(
-            self.addr,
-            "GET",
-            &format!("/api/v1/query?query={enc}"),
-            None,
-            b"",
-        );
-        assert_eq!(status, 200, "{q}: {body}");
+        // Through ureq: Prometheus sends larger answers chunked.
+        let mut resp = ureq::get(format!("http://{}/api/v1/query?query={enc}", self.addr))
+            .call()
+            .unwrap_or_else(|e| panic!("{q}: {e}"));
+        let body = resp.body_mut().read_to_string().unwrap();
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         v["data"]["result"].as_array().cloned().unwrap_or_default()
     }
@@ -238,31 +235,6 @@ fn ingest(s: &Server, reports: &[WindowReport]) {
     }
 }
 
-/// `compare`'s exact RTT p99 of a side at site ams, in seconds.
-fn exact_p99(s: &Server, kind: &str, from_ns: u64, to_ns: u64) -> f64 {
-    let (status, body) = http(
-        s.addr,
-        "GET",
-        &format!(
-            "/v1/compare?a={kind}&b=vpn&site=ams&from={}&to={}",
-            from_ns / 1_000_000_000,
-            to_ns / 1_000_000_000 + 1
-        ),
-        Some(READER),
-        b"",
-    );
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let row = v["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["figure"] == "RTT p99 µs")
-        .unwrap()
-        .clone();
-    row["a"].as_f64().unwrap() / 1e6
-}
-
 fn assert_within(what: &str, got: f64, exact: f64) {
     let err = (got - exact).abs() / exact;
     eprintln!(
@@ -293,7 +265,7 @@ fn check_figures(s: &Server, prom: &Prometheus, first: &[WindowReport], start: u
         ),
         ("vpn", "job=\"pathprobe\",site=\"ams\",kind=\"vpn\""),
     ] {
-        let exact = exact_p99(s, kind, start, to);
+        let exact = exact_p99(s.addr, kind, start, to);
         let q = format!("histogram_quantile(0.99, sum(pathprobe_rtt_seconds{{{sel}}}))");
         assert_within(&q, prom.value(&q), exact);
         // The count is every sample, exactly; the sum the agents' exact sum.
@@ -313,6 +285,67 @@ fn check_figures(s: &Server, prom: &Prometheus, first: &[WindowReport], start: u
         let got = prom.value(&q);
         assert!(((got - sum as f64 * 1e-9) / got).abs() < 1e-9, "{q}: {got}");
     }
+}
+
+/// Every query of the Grafana dashboard (`examples/grafana/pathprobe.json`, in Grafana's
+/// provisioning format: a dashboard model with its datasource as a variable) runs on this
+/// Prometheus, with the variables filled in as Grafana would, and the panels of the data
+/// given (quantiles, heatmap, loss) have series.
+fn grafana_queries_run(prom: &Prometheus) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/grafana/pathprobe.json"
+    );
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(dash["uid"], "pathprobe-er-vpn");
+    assert!(dash["schemaVersion"].as_u64().unwrap() >= 36);
+    let vars: Vec<&str> = dash["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(vars, ["datasource", "site", "kind"]);
+    let mut ran = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        assert_eq!(
+            panel["datasource"]["uid"], "${datasource}",
+            "{}",
+            panel["title"]
+        );
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$site", "ams")
+                .replace("$kind", "expressroute")
+                .replace("$__rate_interval", "2m")
+                .replace("$__range", "1h");
+            let result = prom.query(&expr);
+            let title = panel["title"].as_str().unwrap();
+            if [
+                "RTT p50 and p99: ExpressRoute against VPN",
+                "RTT heatmap: $kind",
+                "Loss %",
+            ]
+            .contains(&title)
+            {
+                assert!(!result.is_empty(), "{title}: {expr} gives no series");
+            }
+            ran += 1;
+        }
+    }
+    assert!(ran >= 10, "{ran} queries");
+    let provisioning = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/grafana/provisioning/dashboards/pathprobe.yaml"
+    );
+    assert!(
+        std::fs::read_to_string(provisioning)
+            .unwrap()
+            .contains("apiVersion: 1")
+    );
 }
 
 #[test]
@@ -351,6 +384,7 @@ fn remote_write_and_scrape_agree_with_compare_within_the_bound_and_survive_outag
     );
 
     check_figures(&s, &prom, &first, start);
+    grafana_queries_run(&prom);
     // The scrape reached it as native histograms (protobuf), with the collector's own
     // figures beside them.
     assert!(prom.value("pathprobe_collector_reports_ingested_total{job=\"pathprobe\"}") >= 60.0);

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 use pathprobe_collector::remote::Remote;
+use pathprobe_collector::serve::push::{Protocol, PushConfig};
 use pathprobe_collector::serve::{
     ConnLimits, DEFAULT_MAX_BODY, Limits, QueryLimits, ServeConfig, Tls, TlsFiles, Tokens,
 };
@@ -206,43 +207,86 @@ struct ExportArgs {
     /// A label added to every series pushed, NAME=VALUE (repeat for more), like
     /// collector=weu-1.
     #[arg(long, requires = "remote_write", value_name = "NAME=VALUE",
-          value_parser = pathprobe_collector::serve::remote_write::parse_label, env = "PATHPROBE_REMOTE_WRITE_LABEL", value_delimiter = ';')]
+          value_parser = pathprobe_collector::serve::push::parse_label, env = "PATHPROBE_REMOTE_WRITE_LABEL", value_delimiter = ';')]
     remote_write_label: Vec<(String, String)>,
     /// The queue of requests not yet accepted, on disk: they wait there through an outage
     /// of the receiver and a restart [default: the store's path with .remote-write].
     #[arg(long, requires = "remote_write", env = "PATHPROBE_REMOTE_WRITE_QUEUE")]
     remote_write_queue: Option<PathBuf>,
     /// Most octets the queue holds; past it, the oldest requests are dropped and counted.
-    #[arg(long, requires = "remote_write", default_value_t = pathprobe_collector::serve::remote_write::DEFAULT_MAX_QUEUE,
+    #[arg(long, requires = "remote_write", default_value_t = pathprobe_collector::serve::push::DEFAULT_MAX_QUEUE,
           env = "PATHPROBE_REMOTE_WRITE_MAX_QUEUE")]
     remote_write_max_queue: u64,
+    /// Push every stored window, once, to this OTLP/HTTP receiver as delta exponential
+    /// histograms and sums, like http://127.0.0.1:4318/v1/metrics (an OpenTelemetry
+    /// Collector; the route to Azure Monitor).
+    #[arg(long, value_name = "URL", env = "PATHPROBE_OTLP")]
+    otlp: Option<String>,
+    /// A bearer token for the OTLP receiver, in this file (mode 0600).
+    #[arg(long, requires = "otlp", env = "PATHPROBE_OTLP_BEARER_FILE")]
+    otlp_bearer_file: Option<PathBuf>,
+    /// The CA (PEM) that signed the OTLP receiver's certificate [default: the system's CAs].
+    #[arg(long, requires = "otlp", env = "PATHPROBE_OTLP_CA_FILE")]
+    otlp_ca_file: Option<PathBuf>,
+    /// A resource attribute added to every agent's resource, NAME=VALUE (repeat for more),
+    /// like deployment.environment=prod.
+    #[arg(long, requires = "otlp", value_name = "NAME=VALUE",
+          value_parser = pathprobe_collector::serve::push::parse_attribute, env = "PATHPROBE_OTLP_ATTRIBUTE", value_delimiter = ';')]
+    otlp_attribute: Vec<(String, String)>,
+    /// The queue of OTLP requests not yet accepted, on disk [default: the store's path
+    /// with .otlp].
+    #[arg(long, requires = "otlp", env = "PATHPROBE_OTLP_QUEUE")]
+    otlp_queue: Option<PathBuf>,
+    /// Most octets the OTLP queue holds; past it, the oldest requests are dropped and
+    /// counted.
+    #[arg(long, requires = "otlp", default_value_t = pathprobe_collector::serve::push::DEFAULT_MAX_QUEUE,
+          env = "PATHPROBE_OTLP_MAX_QUEUE")]
+    otlp_max_queue: u64,
+}
+
+/// The store's path with `suffix` added: where a queue lives by default.
+fn beside(db: &std::path::Path, suffix: &str) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
 }
 
 impl ExportArgs {
-    fn remote_write(
-        &self,
-        db: &std::path::Path,
-    ) -> Option<pathprobe_collector::serve::remote_write::RemoteWriteConfig> {
+    fn remote_write(&self, db: &std::path::Path) -> Option<PushConfig> {
         let url = self.remote_write.clone()?;
-        let queue_dir = self.remote_write_queue.clone().unwrap_or_else(|| {
-            let mut p = db.as_os_str().to_owned();
-            p.push(".remote-write");
-            PathBuf::from(p)
-        });
-        Some(
-            pathprobe_collector::serve::remote_write::RemoteWriteConfig {
-                url,
-                bearer_file: self.remote_write_bearer_file.clone(),
-                basic: self
-                    .remote_write_user
-                    .clone()
-                    .zip(self.remote_write_password_file.clone()),
-                ca_file: self.remote_write_ca_file.clone(),
-                labels: self.remote_write_label.clone(),
-                queue_dir,
-                max_queue: self.remote_write_max_queue,
-            },
-        )
+        Some(PushConfig {
+            protocol: Protocol::RemoteWrite,
+            url,
+            bearer_file: self.remote_write_bearer_file.clone(),
+            basic: self
+                .remote_write_user
+                .clone()
+                .zip(self.remote_write_password_file.clone()),
+            ca_file: self.remote_write_ca_file.clone(),
+            labels: self.remote_write_label.clone(),
+            queue_dir: self
+                .remote_write_queue
+                .clone()
+                .unwrap_or_else(|| beside(db, ".remote-write")),
+            max_queue: self.remote_write_max_queue,
+        })
+    }
+
+    fn otlp(&self, db: &std::path::Path) -> Option<PushConfig> {
+        let url = self.otlp.clone()?;
+        Some(PushConfig {
+            protocol: Protocol::Otlp,
+            url,
+            bearer_file: self.otlp_bearer_file.clone(),
+            basic: None,
+            ca_file: self.otlp_ca_file.clone(),
+            labels: self.otlp_attribute.clone(),
+            queue_dir: self
+                .otlp_queue
+                .clone()
+                .unwrap_or_else(|| beside(db, ".otlp")),
+            max_queue: self.otlp_max_queue,
+        })
     }
 }
 
@@ -536,6 +580,7 @@ fn run_serve(
 ) -> anyhow::Result<()> {
     let tokens = tokens.map(|p| Tokens::load(p)).transpose()?;
     let remote_write = export.remote_write(&db);
+    let otlp = export.otlp(&db);
     let tls = access.tls()?;
     let cfg = ServeConfig {
         listen,
@@ -554,6 +599,7 @@ fn run_serve(
             .transpose()?
             .map(Arc::new),
         remote_write,
+        otlp,
     };
     cfg.check()?;
     if cfg.tokens.is_none() && !tls.as_ref().is_some_and(|t| t.mutual()) {

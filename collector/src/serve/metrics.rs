@@ -30,12 +30,17 @@ pub(super) struct Metrics {
 
 impl AppState {
     /// Adds the reports stored now (`fresh`, once each) to the cumulative figures, and
-    /// hands them to remote write.
+    /// hands them to remote write and OTLP.
     pub(super) fn record(&self, fresh: Vec<Contribution>, accepted: u64, duplicates: u64) {
         {
             let mut m = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
             m.ingested += accepted;
             m.duplicates += duplicates;
+        }
+        if let Some(otlp) = &self.otlp
+            && !fresh.is_empty()
+        {
+            otlp.enqueue(&crate::otlp::request(&fresh, otlp.extra_labels()).encode_to_vec());
         }
         let mut t = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
         let mut series = Vec::new();
@@ -46,11 +51,11 @@ impl AppState {
                 series.extend(t.write_series(&c.key, at_ms, rw.extra_labels()));
             }
         }
-        drop(t);
+        // Queued with the totals held: each path's samples in the order of their times.
         if let Some(rw) = &self.remote_write
             && !series.is_empty()
         {
-            rw.enqueue(series);
+            rw.enqueue_series(series);
         }
     }
 }
@@ -170,8 +175,8 @@ pub(super) async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap)
     if let Some(f) = &st.fleet {
         f.exposition(&mut own);
     }
-    if let Some(rw) = &st.remote_write {
-        rw.exposition(&mut own);
+    for push in [&st.remote_write, &st.otlp].into_iter().flatten() {
+        push.exposition(&mut own);
     }
     match paths {
         Ok(mut text) => {

@@ -31,7 +31,7 @@
 //! TLS and their limits), [`tls`] (certificates), [`ingest`] (the gate, the limits,
 //! reading and storing a batch), [`queries`] (paths, compare, histogram, events),
 //! [`pages`] (the dashboard and its sessions), [`metrics`] (`/metrics`) and
-//! [`remote_write`] (pushing every stored window, through a queue on disk). It holds its [`Store`] as a trait object: SQLite today
+//! [`push`] (remote write and OTLP: every stored window, through a queue on disk). It holds its [`Store`] as a trait object: SQLite today
 //! ([`serve`]), any backend through [`serve_store`].
 
 mod auth;
@@ -41,8 +41,8 @@ mod metrics;
 pub mod pages;
 pub mod plan;
 pub mod pool;
+pub mod push;
 mod queries;
-pub mod remote_write;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -89,8 +89,10 @@ pub struct ServeConfig {
     pub fleet: Option<Arc<plan::FleetState>>,
     /// How the fleet grid (`/v1/grid`) colours its cells.
     pub grid: crate::dash::GridRule,
-    /// Push every stored window to a Prometheus remote-write receiver.
-    pub remote_write: Option<remote_write::RemoteWriteConfig>,
+    /// Push every stored window to a Prometheus remote-write receiver, and to an OTLP
+    /// one.
+    pub remote_write: Option<push::PushConfig>,
+    pub otlp: Option<push::PushConfig>,
 }
 
 impl ServeConfig {
@@ -109,6 +111,7 @@ impl ServeConfig {
             fleet: None,
             grid: crate::dash::GridRule::default(),
             remote_write: None,
+            otlp: None,
         }
     }
 
@@ -132,7 +135,8 @@ struct AppState {
     metrics: Mutex<metrics::Metrics>,
     /// Every path's cumulative figures (`/metrics`, remote write).
     totals: Mutex<crate::totals::Totals>,
-    remote_write: Option<Arc<remote_write::RemoteWrite>>,
+    remote_write: Option<Arc<push::Push>>,
+    otlp: Option<Arc<push::Push>>,
     ingests: Semaphore,
     /// Windows set aside by the rollup (and found at start).
     quarantined: AtomicU64,
@@ -314,12 +318,10 @@ pub async fn serve_store(
         source,
     })?;
     let conns = Arc::new(listen::ConnCounts::default());
+    // The pushes' settings and secrets first: a bad flag fails before the store is read.
+    let remote_write = cfg.remote_write.clone().map(push::Push::open).transpose()?;
+    let otlp = cfg.otlp.clone().map(push::Push::open).transpose()?;
     let totals = read_totals(&*store, cfg.limits.max_metric_paths)?;
-    let remote_write = cfg
-        .remote_write
-        .clone()
-        .map(remote_write::RemoteWrite::open)
-        .transpose()?;
     let state = Arc::new(AppState {
         store,
         mutual_tls: cfg.tls.as_ref().is_some_and(|t| t.mutual()),
@@ -328,6 +330,7 @@ pub async fn serve_store(
         metrics: Mutex::new(metrics::Metrics::default()),
         totals: Mutex::new(totals),
         remote_write: remote_write.clone(),
+        otlp: otlp.clone(),
         ingests: Semaphore::new(cfg.limits.max_concurrent_ingests.max(1)),
         quarantined: AtomicU64::new(quarantined),
         open_read: cfg.open_read,
@@ -345,9 +348,11 @@ pub async fn serve_store(
         let (st, stop) = (Arc::clone(&state), Arc::clone(&stop));
         std::thread::spawn(move || roll_up(&st, &stop))
     };
-    let pusher = remote_write
-        .clone()
-        .map(|rw| std::thread::spawn(move || rw.run()));
+    let pushers: Vec<_> = [remote_write.clone(), otlp.clone()]
+        .into_iter()
+        .flatten()
+        .map(|p| std::thread::spawn(move || p.run()))
+        .collect();
     let silence = state.fleet.clone().map(|fleet| {
         let (st, stop) = (Arc::clone(&state), Arc::clone(&stop));
         std::thread::spawn(move || {
@@ -368,10 +373,10 @@ pub async fn serve_store(
     );
     listen::serve(listener, app, cfg.tls, cfg.conn, conns, shutdown).await;
     stop.store(true, Ordering::Relaxed);
-    if let Some(rw) = &remote_write {
-        rw.stop();
+    for p in [&remote_write, &otlp].into_iter().flatten() {
+        p.stop();
     }
-    if let Some(p) = pusher {
+    for p in pushers {
         let _ = p.join();
     }
     let _ = roller.join();

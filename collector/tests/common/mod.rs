@@ -216,3 +216,29 @@ pub fn batch(reports: &[WindowReport]) -> Vec<u8> {
         .collect();
     format!("[{}]", parts.join(",")).into_bytes()
 }
+
+/// `compare`'s exact RTT p99 of `kind` at site ams over `[from_ns, to_ns]` (whole seconds
+/// around it), in seconds: what an export's quantiles are held to.
+pub fn exact_p99(addr: SocketAddr, kind: &str, from_ns: u64, to_ns: u64) -> f64 {
+    let (status, body) = http(
+        addr,
+        "GET",
+        &format!(
+            "/v1/compare?a={kind}&b=vpn&site=ams&from={}&to={}",
+            from_ns / 1_000_000_000,
+            to_ns / 1_000_000_000 + 1
+        ),
+        Some(READER),
+        b"",
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let row = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["figure"] == "RTT p99 µs")
+        .unwrap()
+        .clone();
+    row["a"].as_f64().unwrap() / 1e6
+}

@@ -1,21 +1,27 @@
-//! `--remote-write URL`: every stored window pushed once to a Prometheus remote-write
-//! receiver (Prometheus, Mimir, Thanos, Azure Monitor's managed Prometheus), as its
-//! path's cumulative native histograms and counters at the window's end time
-//! ([`crate::totals::Totals::write_series`]).
+//! Pushing every stored window, once, to a metrics engine:
 //!
-//! Requests go through a queue on disk (`--remote-write-queue DIR`): one file per stored
-//! batch (a snappy-compressed `WriteRequest`, written aside and renamed in), named by a
-//! rising sequence number, sent oldest first by one thread. So they arrive in order,
-//! through an outage of the receiver and a restart of the collector.
+//! - `--remote-write URL`: a Prometheus remote-write receiver (Prometheus, Mimir, Thanos,
+//!   Azure Monitor's managed Prometheus), as the path's cumulative native histograms and
+//!   counters at the window's end ([`crate::totals::Totals::write_series`]), a
+//!   snappy-compressed `WriteRequest`;
+//! - `--otlp URL`: an OTLP/HTTP receiver (an OpenTelemetry Collector, Azure Monitor), as
+//!   the window's own exponential histograms and sums, delta temporality
+//!   ([`crate::otlp`]).
+//!
+//! Requests go through a queue on disk (`--remote-write-queue DIR`, `--otlp-queue DIR`):
+//! one file per stored batch (written aside and renamed in), named by a rising sequence
+//! number, sent oldest first by one thread. So they arrive in order, through an outage of
+//! the receiver and a restart of the collector.
 //!
 //! - 2xx: sent, the file is removed.
-//! - 429, 5xx, or no answer: retried after a back-off (half a second, doubling to
-//!   [`MAX_BACKOFF`]).
-//! - Another 4xx (the receiver refuses the request, say an out-of-order sample): dropped,
-//!   counted and logged with the receiver's reason, and the queue goes on.
-//! - The queue past `--remote-write-max-queue` octets: the oldest requests are dropped,
-//!   counted and logged. Since each sample is cumulative, a dropped request loses that
-//!   time's resolution, not its counts: the next sample carries them.
+//! - No answer, 429, or a 5xx (remote write) or 502/503/504 (OTLP, as its specification
+//!   says): retried after a back-off (half a second, doubling to [`MAX_BACKOFF`]).
+//! - Any other refusal (say an out-of-order sample): dropped, counted and logged with the
+//!   receiver's reason, and the queue goes on.
+//! - The queue past its bound (`--remote-write-max-queue`, `--otlp-max-queue`): the oldest
+//!   requests are dropped, counted and logged. A remote-write sample is cumulative, so a
+//!   dropped one loses that time's resolution, not its counts (the next sample carries
+//!   them); an OTLP request is a delta, so its windows are lost to that receiver.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -39,9 +45,45 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// The default bound of the queue on disk.
 pub const DEFAULT_MAX_QUEUE: u64 = 512 << 20;
 
+/// What a receiver speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Prometheus remote write 1.0.
+    RemoteWrite,
+    /// OTLP/HTTP, protobuf.
+    Otlp,
+}
+
+impl Protocol {
+    /// Its flag, for messages.
+    pub const fn flag(self) -> &'static str {
+        match self {
+            Self::RemoteWrite => "--remote-write",
+            Self::Otlp => "--otlp",
+        }
+    }
+
+    /// Its name in log lines and in `/metrics`.
+    const fn name(self) -> &'static str {
+        match self {
+            Self::RemoteWrite => "remote_write",
+            Self::Otlp => "otlp",
+        }
+    }
+
+    /// Whether an answer `status` (not 2xx) is worth a retry.
+    const fn retries(self, status: u16) -> bool {
+        match self {
+            Self::RemoteWrite => status == 429 || status >= 500,
+            Self::Otlp => matches!(status, 429 | 502 | 503 | 504),
+        }
+    }
+}
+
 /// Where and how to push.
 #[derive(Debug, Clone)]
-pub struct RemoteWriteConfig {
+pub struct PushConfig {
+    pub protocol: Protocol,
     /// The receiver: `https://`, or `http://` (beyond loopback only without credentials,
     /// which would cross in clear).
     pub url: String,
@@ -51,7 +93,7 @@ pub struct RemoteWriteConfig {
     pub basic: Option<(String, PathBuf)>,
     /// CA certificates (PEM) to check the receiver against, in place of the system's.
     pub ca_file: Option<PathBuf>,
-    /// Labels added to every series (`region=westeurope`).
+    /// Labels added to every series (`region=westeurope`); OTLP resource attributes.
     pub labels: Vec<(String, String)>,
     /// The queue's directory.
     pub queue_dir: PathBuf,
@@ -84,6 +126,18 @@ pub fn parse_label(s: &str) -> std::result::Result<(String, String), String> {
     Ok((name.to_string(), value.to_string()))
 }
 
+/// Parses an `--otlp-attribute NAME=VALUE`.
+pub fn parse_attribute(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() && !name.contains(char::is_whitespace) => {
+            Ok((name.to_string(), value.to_string()))
+        }
+        _ => Err(format!(
+            "--otlp-attribute {s}: write it as NAME=VALUE, like deployment.environment=prod"
+        )),
+    }
+}
+
 #[derive(Debug, Default)]
 struct Queue {
     /// `(sequence, octets)` of the files waiting, oldest first.
@@ -105,8 +159,8 @@ struct Figures {
 
 /// The queue and its sender.
 #[derive(Debug)]
-pub struct RemoteWrite {
-    cfg: RemoteWriteConfig,
+pub struct Push {
+    cfg: PushConfig,
     auth: Option<String>,
     http: ureq::Agent,
     queue: Mutex<Queue>,
@@ -137,13 +191,15 @@ fn file_of(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:020}.rw"))
 }
 
-impl RemoteWrite {
+impl Push {
     /// Checks the settings and the secrets' files, and reads back the queue left on disk.
-    pub fn open(cfg: RemoteWriteConfig) -> Result<Arc<Self>> {
+    pub fn open(cfg: PushConfig) -> Result<Arc<Self>> {
+        let flag = cfg.protocol.flag();
         let uri: ureq::http::Uri = cfg.url.parse().map_err(|e| {
             Error::Config(format!(
-                "--remote-write {} is not a URL ({e}): write it like https://prometheus.example.net/api/v1/write",
-                cfg.url
+                "{flag} {} is not a URL ({e}): write it like {}",
+                cfg.url,
+                example(cfg.protocol)
             ))
         })?;
         match uri.scheme_str() {
@@ -152,30 +208,31 @@ impl RemoteWrite {
             Some("http") if cfg.bearer_file.is_none() && cfg.basic.is_none() => {}
             Some("http") => {
                 return Err(Error::Config(format!(
-                    "--remote-write {} would send its credentials in clear beyond this host: use https://",
+                    "{flag} {} would send its credentials in clear beyond this host: use https://",
                     cfg.url
                 )));
             }
             _ => {
                 return Err(Error::Config(format!(
-                    "--remote-write {}: write it like https://prometheus.example.net/api/v1/write",
-                    cfg.url
+                    "{flag} {}: write it like {}",
+                    cfg.url,
+                    example(cfg.protocol)
                 )));
             }
         }
         let auth = match (&cfg.bearer_file, &cfg.basic) {
             (Some(_), Some(_)) => {
-                return Err(Error::Config(
-                    "--remote-write-bearer-file and --remote-write-user go apart: give one way to sign in".to_string(),
-                ));
+                return Err(Error::Config(format!(
+                    "{flag}-bearer-file and {flag}-user go apart: give one way to sign in"
+                )));
             }
             (Some(f), None) => Some(format!(
                 "Bearer {}",
-                read_secret(f, "--remote-write-bearer-file")?
+                read_secret(f, &format!("{flag}-bearer-file"))?
             )),
             (None, Some((user, f))) => {
                 use base64::Engine as _;
-                let pass = read_secret(f, "--remote-write-password-file")?;
+                let pass = read_secret(f, &format!("{flag}-password-file"))?;
                 Some(format!(
                     "Basic {}",
                     base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
@@ -188,13 +245,14 @@ impl RemoteWrite {
             ..TlsClient::default()
         };
         let http = tls.agent(&cfg.url, TIMEOUT).map_err(Error::Config)?;
-        let queue = Self::recover(&cfg.queue_dir)?;
+        let queue = Self::recover(&cfg.queue_dir, flag)?;
         if !queue.files.is_empty() {
             tracing::info!(
+                to = flag,
                 requests = queue.files.len(),
                 octets = queue.bytes,
                 dir = %cfg.queue_dir.display(),
-                "remote write resumes its queue"
+                "the push resumes its queue"
             );
         }
         Ok(Arc::new(Self {
@@ -210,17 +268,17 @@ impl RemoteWrite {
 
     /// The queue's files, oldest first; a file cut short by a crash (never renamed in)
     /// is removed.
-    fn recover(dir: &Path) -> Result<Queue> {
+    fn recover(dir: &Path, flag: &str) -> Result<Queue> {
         std::fs::create_dir_all(dir).map_err(|e| {
             Error::Config(format!(
-                "cannot create the remote-write queue {}: {e}; give --remote-write-queue a directory the collector may write",
+                "cannot create the queue {} of {flag}: {e}; give {flag}-queue a directory the collector may write",
                 dir.display()
             ))
         })?;
         let mut q = Queue::default();
         let entries = std::fs::read_dir(dir).map_err(|e| {
             Error::Config(format!(
-                "cannot read the remote-write queue {}: {e}",
+                "cannot read the queue {} of {flag}: {e}",
                 dir.display()
             ))
         })?;
@@ -249,25 +307,28 @@ impl RemoteWrite {
         &self.cfg.labels
     }
 
-    /// Queues `series` as one request, after every request queued before it. Called
-    /// with the totals held, so that each path's samples are queued in the order of their
-    /// times.
-    pub fn enqueue(&self, series: Vec<write::TimeSeries>) {
+    /// Queues `series` as one remote-write request (snappy-compressed).
+    pub fn enqueue_series(&self, series: Vec<write::TimeSeries>) {
         let body = write::WriteRequest {
             timeseries: series,
             metadata: crate::totals::metadata(),
         }
         .encode_to_vec();
-        let compressed = match snap::raw::Encoder::new().compress_vec(&body) {
-            Ok(c) => c,
+        match snap::raw::Encoder::new().compress_vec(&body) {
+            Ok(c) => self.enqueue(&c),
             Err(e) => {
                 tracing::error!(error = %e, "remote write: cannot compress a request; it is dropped");
                 self.figures
                     .dropped_unreadable
                     .fetch_add(1, Ordering::Relaxed);
-                return;
             }
-        };
+        }
+    }
+
+    /// Queues `body` as one request, after every request queued before it. Remote write
+    /// calls it with the totals held, so that each path's samples are queued in the order
+    /// of their times.
+    pub fn enqueue(&self, body: &[u8]) {
         let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         let seq = q.next;
         q.next += 1;
@@ -275,15 +336,13 @@ impl RemoteWrite {
             self.cfg.queue_dir.join(format!("{seq:020}.tmp")),
             file_of(&self.cfg.queue_dir, seq),
         );
-        if let Err(e) =
-            std::fs::write(&tmp, &compressed).and_then(|()| std::fs::rename(&tmp, &path))
-        {
-            tracing::error!(error = %e, dir = %self.cfg.queue_dir.display(), "remote write: cannot queue a request (disk full?); it is dropped");
+        if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, &path)) {
+            tracing::error!(error = %e, to = self.cfg.protocol.flag(), dir = %self.cfg.queue_dir.display(), "cannot queue a request (disk full?); it is dropped");
             let _ = std::fs::remove_file(&tmp);
             self.figures.dropped_full.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let len = compressed.len() as u64;
+        let len = body.len() as u64;
         q.files.push_back((seq, len));
         q.bytes += len;
         let mut dropped = 0_u64;
@@ -301,14 +360,15 @@ impl RemoteWrite {
                 .fetch_add(dropped, Ordering::Relaxed);
             tracing::warn!(
                 dropped,
+                to = self.cfg.protocol.flag(),
                 max = self.cfg.max_queue,
-                "remote write: the queue is full; its oldest requests are dropped (the receiver is away: their counts reach it with the next samples)"
+                "the queue is full; its oldest requests are dropped (the receiver is away)"
             );
         }
         self.wake.notify_one();
     }
 
-    /// Sends the queue, oldest first, until [`RemoteWrite::stop`].
+    /// Sends the queue, oldest first, until [`Push::stop`].
     pub fn run(&self) {
         let mut backoff = FIRST_BACKOFF;
         loop {
@@ -345,7 +405,7 @@ impl RemoteWrite {
         }
     }
 
-    /// Ends [`RemoteWrite::run`] (the queue stays on disk).
+    /// Ends [`Push::run`] (the queue stays on disk).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
         self.wake.notify_all();
@@ -365,7 +425,7 @@ impl RemoteWrite {
         let body = match std::fs::read(file_of(&self.cfg.queue_dir, seq)) {
             Ok(b) => b,
             Err(e) => {
-                tracing::error!(error = %e, seq, "remote write: a queued request cannot be read; it is dropped");
+                tracing::error!(error = %e, seq, to = self.cfg.protocol.flag(), "a queued request cannot be read; it is dropped");
                 self.figures
                     .dropped_unreadable
                     .fetch_add(1, Ordering::Relaxed);
@@ -375,20 +435,27 @@ impl RemoteWrite {
         let mut req = self
             .http
             .post(&self.cfg.url)
-            .header("Content-Encoding", "snappy")
-            .header("Content-Type", "application/x-protobuf")
-            .header("X-Prometheus-Remote-Write-Version", "0.1.0")
-            .header(
-                "User-Agent",
-                concat!("pathprobe-collector/", env!("CARGO_PKG_VERSION")),
-            );
+            .header("Content-Type", "application/x-protobuf");
+        if self.cfg.protocol == Protocol::RemoteWrite {
+            req = req
+                .header("Content-Encoding", "snappy")
+                .header("X-Prometheus-Remote-Write-Version", "0.1.0");
+        }
+        req = req.header(
+            "User-Agent",
+            concat!("pathprobe-collector/", env!("CARGO_PKG_VERSION")),
+        );
         if let Some(a) = &self.auth {
             req = req.header("Authorization", a);
         }
         let resp = match req.send(&body[..]) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!("remote write: {}; retrying", explain(&e, &self.cfg.url));
+                tracing::warn!(
+                    to = self.cfg.protocol.flag(),
+                    "{}; retrying",
+                    explain(&e, &self.cfg.url)
+                );
                 return Sent::Retry;
             }
         };
@@ -407,15 +474,16 @@ impl RemoteWrite {
             .chars()
             .take(300)
             .collect();
-        if status == 429 || status >= 500 {
+        if self.cfg.protocol.retries(status) {
             tracing::warn!(
                 status,
                 said = said.trim(),
-                "remote write: the receiver is busy or failing; retrying"
+                to = self.cfg.protocol.flag(),
+                "the receiver is busy or failing; retrying"
             );
             Sent::Retry
         } else {
-            tracing::error!(status, said = said.trim(), url = %self.cfg.url, "remote write: the receiver refused a request; it is dropped");
+            tracing::error!(status, said = said.trim(), url = %self.cfg.url, "the receiver refused a request; it is dropped");
             self.figures
                 .dropped_rejected
                 .fetch_add(1, Ordering::Relaxed);
@@ -439,47 +507,49 @@ impl RemoteWrite {
             let q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
             (q.files.len() as u64, q.bytes)
         };
-        for (name, kind, help, value) in [
+        let p = self.cfg.protocol.name();
+        for (what, kind, help, value) in [
             (
-                "pathprobe_collector_remote_write_requests_sent_total",
+                "requests_sent_total",
                 "counter",
-                "Remote-write requests the receiver accepted.",
+                "Requests the receiver accepted.",
                 f.sent.load(Ordering::Relaxed),
             ),
             (
-                "pathprobe_collector_remote_write_failed_tries_total",
+                "failed_tries_total",
                 "counter",
                 "Tries that failed and were retried (no answer, 429 or 5xx).",
                 f.failed_tries.load(Ordering::Relaxed),
             ),
             (
-                "pathprobe_collector_remote_write_queue_requests",
+                "queue_requests",
                 "gauge",
                 "Requests waiting in the queue on disk.",
                 depth,
             ),
             (
-                "pathprobe_collector_remote_write_queue_bytes",
+                "queue_bytes",
                 "gauge",
-                "Octets the queue holds (at most --remote-write-max-queue).",
+                "Octets the queue holds (at most its --...-max-queue).",
                 bytes,
             ),
             (
-                "pathprobe_collector_remote_write_last_sent_seconds",
+                "last_sent_seconds",
                 "gauge",
                 "When the receiver last accepted a request (seconds since 1970; 0 for never).",
                 f.last_sent_ns.load(Ordering::Relaxed) / 1_000_000_000,
             ),
         ] {
+            let name = format!("pathprobe_collector_{p}_{what}");
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
-        let name = "pathprobe_collector_remote_write_dropped_total";
+        let name = format!("pathprobe_collector_{p}_dropped_total");
         let _ = writeln!(
             out,
-            "# HELP {name} Remote-write requests dropped, by reason (rejected: a 4xx from the receiver; queue_full; unreadable).\n# TYPE {name} counter"
+            "# HELP {name} Requests dropped, by reason (rejected: a 4xx from the receiver; queue_full; unreadable).\n# TYPE {name} counter"
         );
         for (reason, n) in [
             ("rejected", &f.dropped_rejected),
@@ -492,6 +562,14 @@ impl RemoteWrite {
                 n.load(Ordering::Relaxed)
             );
         }
+    }
+}
+
+/// A URL to show in a message.
+const fn example(p: Protocol) -> &'static str {
+    match p {
+        Protocol::RemoteWrite => "https://prometheus.example.net/api/v1/write",
+        Protocol::Otlp => "https://otel-collector.example.net:4318/v1/metrics",
     }
 }
 
@@ -525,8 +603,9 @@ mod tests {
         assert!(parse_label("site=x").unwrap_err().contains("own labels"));
     }
 
-    fn cfg(dir: &Path, max_queue: u64) -> RemoteWriteConfig {
-        RemoteWriteConfig {
+    fn cfg(dir: &Path, max_queue: u64) -> PushConfig {
+        PushConfig {
+            protocol: Protocol::RemoteWrite,
             url: "http://127.0.0.1:9/api/v1/write".to_string(),
             bearer_file: None,
             basic: None,
@@ -554,13 +633,13 @@ mod tests {
     fn the_queue_survives_a_restart_in_order_and_drops_its_oldest_when_full() {
         let dir = std::env::temp_dir().join(format!("pathprobe-rwq-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let rw = RemoteWrite::open(cfg(&dir, u64::MAX)).unwrap();
+        let rw = Push::open(cfg(&dir, u64::MAX)).unwrap();
         for n in 1..=3 {
-            rw.enqueue(series(n));
+            rw.enqueue_series(series(n));
         }
         std::fs::write(dir.join("00000000000000000009.tmp"), b"cut short").unwrap();
         drop(rw);
-        let rw = RemoteWrite::open(cfg(&dir, u64::MAX)).unwrap();
+        let rw = Push::open(cfg(&dir, u64::MAX)).unwrap();
         let q = rw.queue.lock().unwrap();
         assert_eq!(
             q.files.iter().map(|f| f.0).collect::<Vec<_>>(),
@@ -572,8 +651,8 @@ mod tests {
         drop(q);
         drop(rw);
         // A bound of one request's size keeps only the newest.
-        let rw = RemoteWrite::open(cfg(&dir, 1)).unwrap();
-        rw.enqueue(series(4));
+        let rw = Push::open(cfg(&dir, 1)).unwrap();
+        rw.enqueue_series(series(4));
         assert_eq!(rw.depth(), 1);
         assert_eq!(rw.figures.dropped_full.load(Ordering::Relaxed), 3);
         let mut text = String::new();
