@@ -192,13 +192,20 @@ pub struct Contribution {
 }
 
 impl Contribution {
-    /// The report's figures (its histograms read from their checked blobs).
+    /// The report's figures (its histograms read from their checked blobs). A capacity
+    /// test's stage (a report with a throughput histogram) measured the path under a load
+    /// of its own making: only its events count, not its probes.
     pub fn of(r: &EncodedReport) -> Self {
+        let stage = r.histograms.contains_key(&Metric::Throughput);
         let mut totals = PathTotals {
-            counters: r.counters,
+            counters: if stage {
+                Counters::default()
+            } else {
+                r.counters
+            },
             ..PathTotals::default()
         };
-        for (m, _, _) in HISTOGRAMS {
+        for &(m, _, _) in HISTOGRAMS.iter().filter(|_| !stage) {
             let Some(e) = r.histograms.get(&m) else {
                 continue;
             };
@@ -312,11 +319,20 @@ impl Totals {
         let mut t = Self::new(max_paths);
         for row in store.paths()? {
             let merged = store.path_totals(row.id)?;
+            // A capacity test's path: its stages' probes ran under its own load.
+            let stages = merged
+                .aggregate
+                .histograms
+                .contains_key(&Metric::Throughput);
             let mut p = PathTotals {
-                counters: merged.aggregate.counters,
+                counters: if stages {
+                    Counters::default()
+                } else {
+                    merged.aggregate.counters
+                },
                 ..PathTotals::default()
             };
-            for (m, _, _) in HISTOGRAMS {
+            for &(m, _, _) in HISTOGRAMS.iter().filter(|_| !stages) {
                 if let Some(h) = merged.aggregate.histograms.get(&m) {
                     p.histograms.insert(
                         m,
@@ -639,4 +655,92 @@ pub fn metadata() -> Vec<write::MetricMetadata> {
                 .map(|&(n, h, _)| meta(write::MetadataType::Gauge, n, h)),
         )
         .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "test code")]
+mod tests {
+    use super::*;
+    use pathprobe_proto::report::{
+        ClockState, PathInfo, PathKind, ProbeProtocol, ReportId, TimestampSource, Timestamping,
+        Window, WindowReport,
+    };
+
+    const T0: u64 = 1_795_680_000_000_000_000;
+
+    fn report(id: u8, throughput: bool, events: Vec<PathEvent>) -> EncodedReport {
+        let mut rtt = Metric::Rtt.new_histogram();
+        for v in [2_000_000, 2_100_000, 9_000_000] {
+            rtt.record(v).unwrap();
+        }
+        let mut histograms: BTreeMap<Metric, hdrhistogram::Histogram<u64>> =
+            [(Metric::Rtt, rtt)].into();
+        if throughput {
+            let mut t = Metric::Throughput.new_histogram();
+            t.record(50_000_000).unwrap();
+            histograms.insert(Metric::Throughput, t);
+        }
+        let r = WindowReport {
+            report_id: ReportId([id; 16]),
+            agent_id: "ams-01".into(),
+            site: Some("ams".into()),
+            path: PathInfo {
+                name: "er".into(),
+                kind: PathKind::Expressroute,
+                local: "10.0.0.1:40000".parse().unwrap(),
+                remote: "10.1.0.4:862".parse().unwrap(),
+                protocol: ProbeProtocol::Stamp,
+                dscp: 46,
+                packet_size: 44,
+            },
+            window: Window {
+                start_unix_ns: T0,
+                end_unix_ns: T0 + 10_000_000_000,
+            },
+            timestamping: Timestamping {
+                rx: TimestampSource::Kernel,
+                tx: TimestampSource::Kernel,
+            },
+            owd_clock: ClockState::Unavailable,
+            counters: Counters {
+                sent: 4,
+                received: 3,
+                lost: 1,
+                rtt_sum_ns: 13_100_000,
+                ..Counters::default()
+            },
+            histograms,
+            signature: None,
+            events,
+            plan_version: None,
+        };
+        EncodedReport::from_json(&r.to_json().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_window_adds_its_counts_sum_and_events() {
+        let failover = PathEvent::new(EventKind::Failover, T0, "failover".into());
+        let c = Contribution::of(&report(1, false, vec![failover]));
+        assert_eq!(c.totals.counters.sent, 4);
+        let rtt = &c.totals.histograms[&Metric::Rtt];
+        assert_eq!(rtt.count, 3);
+        assert!((rtt.sum - 0.0131).abs() < 1e-12, "{}", rtt.sum);
+        assert_eq!(c.totals.failovers, 1);
+        let mut t = Totals::new(1);
+        assert!(t.add(c.key.clone(), &c.totals));
+        assert!(t.add(c.key.clone(), &c.totals));
+        assert_eq!(t.paths[&c.key].counters.sent, 8);
+        assert_eq!(t.paths[&c.key].histograms[&Metric::Rtt].count, 6);
+        let mut other = c.key.clone();
+        other.path = "vpn".into();
+        assert!(!t.add(other, &c.totals), "past max_paths");
+        assert_eq!(t.left_out, 1);
+    }
+
+    #[test]
+    fn a_capacity_stage_adds_its_result_not_its_probes_under_load() {
+        let c = Contribution::of(&report(2, true, Vec::new()));
+        assert_eq!(c.totals.counters, Counters::default());
+        assert!(c.totals.histograms.is_empty());
+    }
 }
