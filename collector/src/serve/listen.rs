@@ -17,7 +17,7 @@ use axum::extract::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower_service::Service as _;
@@ -209,6 +209,21 @@ async fn connection(
         )
         .await;
         let _ = stream.shutdown().await;
+        // A lingering close: read what the client is still sending (its request body)
+        // before closing, for at most 2 s and 16 MiB. Closed with unread data, the socket
+        // would answer with a reset, and a client still writing its body would lose the
+        // answer above with it (seen beside stress-ng: "Broken pipe" in place of the fix).
+        let mut sink = vec![0u8; 16 * 1024];
+        let mut left: usize = 16 << 20;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while left > 0 {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
         return;
     }
     let accepted = tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await;
