@@ -395,10 +395,22 @@ impl Push {
                 }
                 Sent::Retry => {
                     self.figures.failed_tries.fetch_add(1, Ordering::Relaxed);
-                    let q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-                    if !self.stop.load(Ordering::Relaxed) {
-                        let _ = self.wake.wait_timeout(q, backoff);
+                    // The whole back-off: requests queued meanwhile (which wake this
+                    // thread) must not turn it into a retry per ingested batch.
+                    let until = std::time::Instant::now() + backoff;
+                    let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                    while !self.stop.load(Ordering::Relaxed) {
+                        let left = until.saturating_duration_since(std::time::Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        q = self
+                            .wake
+                            .wait_timeout(q, left)
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0;
                     }
+                    drop(q);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
