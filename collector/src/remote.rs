@@ -42,16 +42,12 @@ impl Remote {
                 )));
             }
         }
-        pathprobe_proto::secrets::check_mode(token_file, "--token-file").map_err(Error::Config)?;
-        let token = std::fs::read_to_string(token_file)
-            .map_err(|e| {
-                Error::Config(format!(
-                    "cannot read --token-file {}: {e}; put a reader token of the collector's tokens file in it",
-                    token_file.display()
-                ))
-            })?
-            .trim()
-            .to_string();
+        let token = pathprobe_proto::secrets::read_trimmed(
+            token_file,
+            "--token-file",
+            "put a reader token of the collector's tokens file in it",
+        )
+        .map_err(Error::Config)?;
         let tls = TlsClient {
             ca_file: ca_file.map(Path::to_owned),
             ..TlsClient::default()

@@ -317,8 +317,12 @@ impl Totals {
     /// Everything `store` holds, merged exactly per path.
     pub fn from_store(store: &dyn Store, max_paths: usize) -> Result<Self> {
         let mut t = Self::new(max_paths);
-        for row in store.paths()? {
-            let merged = store.path_totals(row.id)?;
+        // Every stored path, through the index (`paths` would count each one's windows
+        // too), in `paths`' order: the label sets kept past `max_paths` are the same.
+        let mut rows = store.latest()?;
+        rows.sort_by(|a, b| (&a.site, &a.name, &a.agent_id).cmp(&(&b.site, &b.name, &b.agent_id)));
+        for row in rows {
+            let merged = store.path_totals(row.path_id)?;
             // A capacity test's path: its stages' probes ran under its own load.
             let stages = merged
                 .aggregate

@@ -35,6 +35,16 @@ pub fn check_mode(path: &Path, what: &str) -> Result<(), String> {
     ))
 }
 
+/// A secret's file (a token or a password) read whole and trimmed, once [`check_mode`]
+/// has passed; a file that cannot be read is named (`what`, the way the user gave it)
+/// with `fix`.
+pub fn read_trimmed(path: &Path, what: &str, fix: &str) -> Result<String, String> {
+    check_mode(path, what)?;
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("cannot read {what} {}: {e}; {fix}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -170,14 +170,9 @@ pub struct Push {
 }
 
 fn read_secret(path: &Path, what: &str) -> Result<String> {
-    pathprobe_proto::secrets::check_mode(path, what).map_err(Error::Config)?;
-    let s = std::fs::read_to_string(path).map_err(|e| {
-        Error::Config(format!(
-            "cannot read {what} {}: {e}; check the path and its permissions",
-            path.display()
-        ))
-    })?;
-    let s = s.trim().to_string();
+    let s =
+        pathprobe_proto::secrets::read_trimmed(path, what, "check the path and its permissions")
+            .map_err(Error::Config)?;
     if s.is_empty() {
         return Err(Error::Config(format!(
             "{what} {} is empty: put the secret in it",
